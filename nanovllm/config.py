@@ -1,0 +1,193 @@
+"""Configuration schemas. The engine's dataclass validates itself; the Hydra schemas (registered in
+Hydra's ConfigStore by `register_configs`) make typos in config keys fail when the config is composed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "float64": torch.float64, "fp64": torch.float64}
+
+
+@dataclass
+class KernelConfig:
+    """Which backend implements each op: `layers[N][op]` beats `ops[op]` beats `default`."""
+
+    default: str = "eager"
+    ops: dict[str, str] = field(default_factory=dict)
+    layers: dict[str, dict[str, str]] = field(default_factory=dict)
+    plugin_dirs: list[str] = field(default_factory=list)
+    allow_fallback: bool = True
+
+
+@dataclass
+class EngineConfig:
+    model: str = "default"
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"             # auto: bfloat16 on GPU, float32 on CPU
+    max_model_len: int = 4096
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    kvcache_block_size: int = 16
+    num_kvcache_blocks: int = -1    # -1: size from gpu_memory_utilization (GPU) or cpu_kvcache_gib (CPU)
+    gpu_memory_utilization: float = 0.9
+    cpu_kvcache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+
+    def __post_init__(self):
+        if isinstance(self.kernels, dict):
+            self.kernels = KernelConfig(**self.kernels)
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but no CUDA GPU is available; use device=cpu")
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kvcache_block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
+            raise ValueError(f"num_kvcache_blocks must be -1 (auto) or >= 1, got {self.num_kvcache_blocks}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; valid: {sorted(known - {'model'})}")
+        return cls(model=model, **kwargs)
+
+
+# ---- Hydra schema of `python -m nanovllm.run` (configs/config.yaml) ------------------------------------
+# Engine args that live at the top level of the run config (device, dtype) or in their own node (kernels)
+# are left out of EngineArgs; a test keeps EngineArgs in step with EngineConfig.
+RUN_TOP_LEVEL_ENGINE_ARGS = ("model", "device", "dtype", "kernels")
+
+
+@dataclass
+class ModelSchema:
+    name: str = "default"           # "default" (Qwen3-0.6B, random weights) or a local Hugging Face folder
+    chat_template: bool = False     # wrap the demo prompts in the tokenizer's chat template
+
+
+@dataclass
+class EngineArgs:
+    max_model_len: int = 4096
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    kvcache_block_size: int = 16
+    num_kvcache_blocks: int = -1
+    gpu_memory_utilization: float = 0.9
+    cpu_kvcache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+
+
+@dataclass
+class BenchSizes:
+    num_prompts: int = 8            # demo generation: how many built-in prompts
+    max_tokens: int = 64            # demo generation: new tokens per prompt
+    decode_tokens: int = 256        # batch-1 decode benchmark: new tokens measured
+    prefill_len: int = 1024         # prompt tokens of the prefill (TTFT) measure
+    warmup: int = 2                 # untimed runs before measuring
+    repeats: int = 3                # timed prefill runs (median)
+
+
+@dataclass
+class BenchSchema:
+    # None: take the size from `cpu` or `gpu` below, by the device the engine resolved.
+    num_prompts: int | None = None
+    max_tokens: int | None = None
+    decode_tokens: int | None = None
+    prefill_len: int | None = None
+    warmup: int | None = None
+    repeats: int | None = None
+    temperature: float = 0.0        # demo generation sampling (0: greedy)
+    gpu: BenchSizes = field(default_factory=BenchSizes)
+    cpu: BenchSizes = field(default_factory=BenchSizes)
+
+
+@dataclass
+class OutputSchema:
+    results_file: str = "results.json"  # written into the Hydra run dir
+    show_chars: int = 60                # prompt/completion characters printed per demo line
+
+
+@dataclass
+class RunConfig:
+    model: ModelSchema = field(default_factory=ModelSchema)
+    engine: EngineArgs = field(default_factory=EngineArgs)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    device: str = "auto"            # auto | cpu | cuda | cuda:N  (auto: cuda when available)
+    dtype: str = "auto"             # auto: bfloat16 on GPU, float32 on CPU
+    bench: BenchSchema = field(default_factory=BenchSchema)
+    output: OutputSchema = field(default_factory=OutputSchema)
+
+
+RUN_SCHEMA_NAME = "nanovllm_run_schema"
+
+
+def run_schema():
+    """The schema as an OmegaConf node. kernels.ops and kernels.layers stay open so that plain overrides
+    such as `kernels.ops.rms_norm=compile` can add keys (Hydra only lets `+key=` add to struct nodes);
+    op and backend names are checked against the registry instead (`check_kernel_names`)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(RunConfig)
+    OmegaConf.set_struct(node.kernels.ops, False)
+    OmegaConf.set_struct(node.kernels.layers, False)
+    return node
+
+
+def register_configs() -> None:
+    """Store the schema in Hydra's ConfigStore; configs/config.yaml extends it in its defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=RUN_SCHEMA_NAME, node=run_schema())
+
+
+def check_schema(cfg) -> None:
+    """Re-check a composed config against the schema: `+engine.typo=1` slips through Hydra's compose
+    (`+` opens the node) but fails here."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.merge(run_schema(), cfg)
+
+
+def check_kernel_names(kernels) -> None:
+    """Fail before the model is built on an unknown op, backend or layer key; errors list valid names."""
+    from nanovllm.ops import MODEL_SCOPE, RegistryError, load_plugins
+    from nanovllm.ops.registry import all_backends, check_backend
+
+    load_plugins(kernels.get("plugin_dirs") or ())
+    if kernels.get("default") not in all_backends():
+        raise RegistryError(f"unknown kernels.default backend {kernels.get('default')!r}; "
+                            f"valid backends: {', '.join(all_backends())}")
+    for op, backend in (kernels.get("ops") or {}).items():
+        check_backend(op, backend)
+    for layer, table in (kernels.get("layers") or {}).items():
+        if not (str(layer).isdigit() or layer == MODEL_SCOPE):
+            raise RegistryError(f"kernels.layers has key {layer!r}; valid keys: layer indices and {MODEL_SCOPE!r}")
+        for op, backend in (table or {}).items():
+            check_backend(op, backend)
+
+
+def bench_sizes(bench, device: str) -> dict[str, int]:
+    """Benchmark sizes for a resolved device: a size set in `bench` wins, else the device profile's."""
+    profile = bench.cpu if device == "cpu" else bench.gpu
+    return {k: bench[k] if bench[k] is not None else profile[k] for k in profile}

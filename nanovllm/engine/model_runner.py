@@ -1,0 +1,175 @@
+"""Owns the model and its KV cache on the device; turns a scheduled batch into input tensors and
+sampled tokens."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.scheduler import ScheduledSeq
+from nanovllm.models.loader import count_tensors, iter_tensors, load_hf_config, load_weights, weight_files
+from nanovllm.models.registry import build_model
+from nanovllm.ops import AttentionMetadata, OpResolver, Target
+from nanovllm.utils.progress import progress_bar
+
+log = logging.getLogger("nanovllm")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.hf_config = load_hf_config(model_path)
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with torch.device(self.device):
+            self.resolver = OpResolver(vars(config.kernels), self._target(), self.hf_config.num_hidden_layers)
+            self.model = build_model(self.hf_config, self.resolver)
+        for p in self.model.parameters():
+            p.data = p.data.to(self.dtype)
+        files = weight_files(model_path)
+        with progress_bar("loading weights", total=count_tensors(files)) as advance:
+            load_weights(self.model, iter_tensors(files), self.dtype, progress=advance)
+        self.timings["load_s"] = time.perf_counter() - t0
+        self.args = self.model.args
+        self.block_size = config.kvcache_block_size
+        self.num_blocks = self._num_kv_blocks()
+        self._allocate_kv_cache()
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+
+    def _target(self) -> Target:
+        c = self.hf_config
+        heads = c.num_attention_heads
+        shapes = dict(hidden=c.hidden_size, heads=heads, kv_heads=getattr(c, "num_key_value_heads", heads),
+                      head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+                      intermediate=getattr(c, "intermediate_size", 0), vocab=c.vocab_size)
+        return Target(self.device.type, self.dtype, shapes)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        a = self.args
+        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def _num_kv_blocks(self) -> int:
+        c = self.config
+        if c.num_kvcache_blocks > 0:
+            return c.num_kvcache_blocks
+        block_bytes = self.kv_bytes_per_token * self.block_size
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - total * (1 - c.gpu_memory_utilization) - 2 * self._activation_bytes()
+        else:
+            budget = c.cpu_kvcache_gib * 2**30
+        wanted = c.max_num_seqs * -(-c.max_model_len // self.block_size)
+        blocks = int(min(budget // block_bytes, wanted))
+        if blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
+                               "lower max_num_batched_tokens or raise gpu_memory_utilization")
+        return blocks
+
+    def _activation_bytes(self) -> int:
+        a, c = self.args, self.config
+        width = max(a.hidden_size * 4, (a.num_heads + 2 * a.num_kv_heads) * a.head_dim, 2 * a.intermediate_size)
+        return c.max_num_batched_tokens * width * 4 + c.max_num_seqs * a.vocab_size * 4 * 4
+
+    def _allocate_kv_cache(self) -> None:
+        a = self.args
+        # One extra block at the end is a scratch target for padded slots (never handed out).
+        shape = (2, a.num_layers, self.num_blocks + 1, self.block_size, a.num_kv_heads, a.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def prepare(self, batch: list[ScheduledSeq]):
+        bs = self.block_size
+        ids, pos, slots, pad = [], [], [], []
+        max_q = max(item.num_new_tokens for item in batch)
+        max_blocks = max(len(item.seq.block_table) for item in batch)
+        tables = np.zeros((len(batch), max_blocks), dtype=np.int64)
+        seq_lens, cu, rows = [], [0], []
+        for b, item in enumerate(batch):
+            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            p = np.arange(start, start + n)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            ids.append(np.asarray(seq.token_ids[start:start + n], dtype=np.int64))
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            pad.append(b * max_q + np.arange(n))
+            tables[b, :len(table)] = table
+            seq_lens.append(start + n)
+            cu.append(cu[-1] + n)
+            if item.completes:
+                rows.append(cu[-1] - 1)
+
+        def dev(x):
+            return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
+
+        positions = dev(np.concatenate(pos))
+        meta = AttentionMetadata(
+            positions=positions, slot_mapping=dev(np.concatenate(slots)), seq_lens=dev(np.array(seq_lens)),
+            block_tables=dev(tables), cu_seqlens_q=dev(np.array(cu)), pad_index=dev(np.concatenate(pad)),
+            max_seqlen_q=max_q, max_seqlen_k=max(seq_lens))
+        return dev(np.concatenate(ids)), positions, meta, dev(np.array(rows, dtype=np.int64))
+
+    def sampling_tensors(self, seqs):
+        params = [s.params for s in seqs]
+        dev = self.device
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+        noise = None
+        if any(not p.greedy for p in params):
+            noise = torch.empty(len(seqs), self.args.vocab_size, device=dev).exponential_(generator=self.generator)
+            for i, s in enumerate(seqs):
+                if s.params.seed is not None:
+                    if s.generator is None:
+                        s.generator = torch.Generator(device=dev).manual_seed(s.params.seed)
+                    noise[i].exponential_(generator=s.generator)
+        return temperature, top_k, top_p, min_p, noise
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Final hidden state of each completing sequence (the rows whose logits are wanted)."""
+        input_ids, positions, meta, rows = self.prepare(batch)
+        return self.model(input_ids, positions, meta)[rows]
+
+    @torch.inference_mode()
+    def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        return self.model.compute_logits(self.hidden_states(batch))
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[dict | None]]:
+        """One forward pass; returns the new token (and logprobs, if asked) of each completing sequence."""
+        hidden = self.hidden_states(batch)
+        seqs = [item.seq for item in batch if item.completes]
+        if not seqs:
+            return [], []
+        sampling = self.sampling_tensors(seqs)
+        want = [s.params.logprobs for s in seqs]
+        if all(k is None for k in want):
+            return self.model.sample(hidden, *sampling).tolist(), [None] * len(seqs)
+        logits = self.model.compute_logits(hidden)
+        tokens = self.model.ops.sample(logits, *sampling)
+        return tokens.tolist(), self._logprobs(logits, tokens, want)
+
+    @staticmethod
+    def _logprobs(logits, tokens, want) -> list[dict | None]:
+        logp = logits.float().log_softmax(dim=-1)
+        chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
+        k = max(w or 0 for w in want)
+        top_v, top_i = logp.topk(k, dim=-1) if k else (None, None)
+        out = []
+        for i, w in enumerate(want):
+            if w is None:
+                out.append(None)
+                continue
+            top = dict(zip(top_i[i, :w].tolist(), top_v[i, :w].tolist())) if w else {}
+            out.append({"token_logprob": chosen[i], "top": top})
+        return out
+

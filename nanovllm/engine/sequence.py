@@ -1,0 +1,59 @@
+"""A request's token stream and its progress through the engine."""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+from itertools import count
+
+from nanovllm.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """Tokens [0, num_computed_tokens) have K/V in the cache; the rest are computed by coming steps.
+
+    A decoding sequence has exactly one uncomputed token: the one sampled last.
+    """
+
+    _ids = count()
+
+    def __init__(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None):
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.num_hashed_blocks = 0     # leading full blocks registered in the prefix cache
+        self.params = params
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.generator = None          # torch.Generator when params.seed is set (made by the runner)
+        self.logprobs: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def block_tokens(self, i: int, block_size: int) -> tuple[int, ...]:
+        return tuple(self.token_ids[i * block_size:(i + 1) * block_size])

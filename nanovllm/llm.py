@@ -1,0 +1,119 @@
+"""The offline API, nano-vllm compatible: LLM(model).generate(prompts, sampling_params)."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+
+import torch
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.progress import progress_bar
+
+
+class LLM:
+    def __init__(self, model: str = "default", **engine_args):
+        self.config = EngineConfig.from_kwargs(model, **engine_args)
+        self.engine = LLMEngine(self.config)
+        self.tokenizer = self.engine.tokenizer
+
+    # -- requests -------------------------------------------------------------------------------------
+    def _add_all(self, prompts, sampling_params) -> list[str]:
+        """Check every request before adding any, so a bad one leaves the engine untouched."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(sampling_params, list):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            try:
+                self.engine.tokenize(prompt)
+                if not isinstance(params, SamplingParams):
+                    raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+            except ValueError as e:
+                raise ValueError(f"request {i}: {e}") from None
+        return [self.engine.add_request(p, sp) for p, sp in zip(prompts, sampling_params)]
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[dict]:
+        """Run the requests to completion; one dict per prompt with text, token_ids and finish_reason."""
+        ids = self._add_all(prompts, sampling_params)
+        index = {rid: i for i, rid in enumerate(ids)}
+        results = [{"text": "", "token_ids": [], "finish_reason": None} for _ in ids]
+        with progress_bar("generating", total=len(ids)) if use_tqdm else _null() as advance:
+            for out in self._drain():
+                r = results[index[out.request_id]]
+                r["text"] += out.text
+                r["token_ids"] += out.token_ids
+                if out.logprobs:
+                    r.setdefault("logprobs", []).extend(out.logprobs)
+                if out.finished:
+                    r["finish_reason"] = out.finish_reason
+                    advance()
+        return results
+
+    def stream(self, prompts, sampling_params=None) -> Iterator[dict]:
+        """Yield each request's new tokens as they are produced: {index, token_ids, text, finished}."""
+        ids = self._add_all(prompts, sampling_params)
+        index = {rid: i for i, rid in enumerate(ids)}
+        try:
+            for out in self._drain():
+                yield {"index": index[out.request_id], "token_ids": out.token_ids, "text": out.text,
+                       "finished": out.finished, "finish_reason": out.finish_reason}
+        finally:  # a consumer that stops early must not leave requests holding KV blocks
+            for rid in ids:
+                self.engine.abort_request(rid)
+
+    def chat(self, messages, sampling_params=None, enable_thinking: bool = True, **kwargs) -> list[dict]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, enable_thinking) for c in convs]
+        return self.generate(prompts, sampling_params, **kwargs)
+
+    def apply_chat_template(self, messages, enable_thinking: bool = True) -> str:
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"model {self.config.model!r} has no chat template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=enable_thinking)
+
+    def _drain(self):
+        while self.engine.has_unfinished():
+            yield from self.engine.step()
+
+    # -- facts for results files ----------------------------------------------------------------------
+    @property
+    def kernel_table(self) -> dict[str, dict[str, str]]:
+        return {k: dict(v) for k, v in self.engine.runner.resolver.table.items()}
+
+    @property
+    def device_name(self) -> str:
+        dev = torch.device(self.config.device)
+        if dev.type == "cuda":
+            return torch.cuda.get_device_name(dev)
+        return f"cpu ({platform.processor() or platform.machine()})"
+
+    @property
+    def model_info(self) -> dict:
+        runner = self.engine.runner
+        model, args = runner.model, runner.args
+        params = {id(p): p for p in model.parameters()}.values()  # a tied LM head counts once
+        weight_bytes = sum(p.numel() * p.element_size() for p in params)
+        if not args.tie_word_embeddings:  # an untied embedding is only looked up, not read whole
+            weight_bytes -= model.embed.numel() * model.embed.element_size()
+        path = self.engine.model_path
+        readme = path / "README.md"
+        return dict(name=self.config.model, path=str(path),
+                    architecture=(runner.hf_config.architectures or ["?"])[0],
+                    num_params=sum(p.numel() for p in params), weight_bytes=weight_bytes,
+                    kv_bytes_per_token=runner.kv_bytes_per_token,
+                    random_weights=readme.is_file() and "random" in readme.read_text().lower())
+
+
+class _null:
+    def __enter__(self):
+        return lambda n=1: None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,103 @@
+"""Loads a local Hugging Face folder: config.json and safetensors weights (one file or sharded)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+
+def load_hf_config(path: Path):
+    from transformers import AutoConfig
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"model folder {str(path)!r} has no config.json")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed config.json in {str(path)!r}: {e}") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ValueError(f"malformed config.json in {str(path)!r}: it needs a JSON object with a 'model_type'")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"config.json in {str(path)!r} could not be read: {e}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"malformed {index}: {e}") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model folder {str(path)!r} has no *.safetensors weights")
+    return files
+
+
+def _open(f: Path):
+    try:
+        return safe_open(str(f), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"truncated or corrupt safetensors file {str(f)!r}: {e}") from None
+
+
+def count_tensors(files: list[Path]) -> int:
+    """Reads only the headers, so a damaged file is reported before any weight is loaded."""
+    total = 0
+    for f in files:
+        with _open(f) as sf:
+            total += len(list(sf.keys()))
+    return total
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        with _open(f) as sf:
+            for name in sf.keys():
+                try:
+                    yield name, sf.get_tensor(name)
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise ValueError(f"truncated or corrupt safetensors file {str(f)!r} ({name}): {e}") from None
+
+
+def load_weights(model: torch.nn.Module, tensors, dtype: torch.dtype, progress=None) -> None:
+    """Copy HF tensors into the model's parameters, packing shards; every parameter must be filled."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    filled: dict[str, set] = {}
+    for hf_name, tensor in tensors:
+        target = model.param_name(hf_name)
+        if target is None:
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(model).__name__}")
+        name, shard = target
+        param = params[name]
+        if shard is None:
+            dest = param.data
+        else:
+            sizes = model.shard_sizes(name)
+            dest = param.data.narrow(0, sum(sizes[:shard]), sizes[shard])
+        if dest.shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(dest.shape)}")
+        dest.copy_(tensor.to(dtype))
+        filled.setdefault(name, set()).add(shard)
+        if progress:
+            progress()
+    if getattr(model.args, "tie_word_embeddings", False):
+        filled.setdefault("lm_head", {None})
+    missing = [n for n in params if n not in filled or
+               (n.endswith(("qkv_proj", "qkv_bias", "gate_up_proj")) and len(filled[n]) < len(model.shard_sizes(n)))]
+    if missing:
+        raise ValueError(f"checkpoint lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}")

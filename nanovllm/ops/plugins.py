@@ -1,0 +1,41 @@
+"""Plugin discovery: every .py file under kernels/ (and extra directories) registers implementations.
+
+`kernels/` is a plugin directory, not a package: files are imported by path under private module
+names, so a researcher's kernel file can live anywhere and be named in `kernels.plugin_dirs`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("nanovllm.ops")
+
+BUILTIN_DIR = Path(__file__).resolve().parents[2] / "kernels"
+_loaded: dict[Path, str | None] = {}  # file -> error message, None when it loaded
+
+
+def load_plugins(extra_dirs=()) -> dict[Path, str | None]:
+    """Import each plugin file once. A file that fails to import is reported, the rest still load."""
+    dirs = [BUILTIN_DIR, *(Path(d).expanduser().resolve() for d in extra_dirs)]
+    for d in dirs:
+        if not d.is_dir():
+            if d != BUILTIN_DIR:
+                raise FileNotFoundError(f"kernel plugin directory {str(d)!r} does not exist")
+            continue
+        for path in sorted(d.rglob("*.py")):
+            if path in _loaded or path.name.startswith("_"):
+                continue
+            name = "nanovllm_plugins." + "_".join(path.relative_to(d).with_suffix("").parts) + f"_{len(_loaded)}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+                _loaded[path] = None
+            except Exception as e:  # a broken plugin must not take the others down
+                _loaded[path] = f"{type(e).__name__}: {e}"
+                log.warning("kernel plugin %s failed to load: %s", path, _loaded[path])
+    return dict(_loaded)

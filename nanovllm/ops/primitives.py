@@ -1,0 +1,127 @@
+"""Native references of the primitive ops: plain PyTorch, the semantics every backend must match."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nanovllm.ops.meta import AttentionMetadata
+from nanovllm.ops.registry import define_op
+
+
+@define_op("rms_norm")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in float32 and cast back before the weight (as HF does)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@define_op("add_rms_norm")
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Residual add then RMSNorm: returns (rms_norm(x + residual), x + residual)."""
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
+@define_op("rope")
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+    """Rotary embedding, NeoX layout (rotate halves). q: (N, Hq, D), k: (N, Hk, D), cos_sin: (P, D) fp32."""
+    cos, sin = cos_sin[positions].chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rot(q), rot(k)
+
+
+@define_op("silu_and_mul")
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for x = [gate | up] along the last dim."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@define_op("linear")
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias, weight (out, in) as stored by Hugging Face."""
+    return F.linear(x, weight, bias)
+
+
+@define_op("store_kv")
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write new K/V rows (N, Hk, D) into the paged cache (blocks, block_size, Hk, D) at flat slots."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """Causal attention of packed queries over each request's paged KV, in float32.
+
+    Queries are scattered into a (B, max_q) padded layout; keys are gathered per request from its
+    block table. A key is visible when its position <= the query's (and within `window` if > 0).
+    """
+    num_seqs, max_q = meta.num_seqs, meta.max_seqlen_q
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    k = k_cache[meta.block_tables].flatten(1, 2).float().transpose(1, 2)  # (B, Hk, Lk, D)
+    v = v_cache[meta.block_tables].flatten(1, 2).float().transpose(1, 2)
+    group = n_heads // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    qp = q.new_zeros(num_seqs * max_q, n_heads, head_dim).index_copy_(0, meta.pad_index, q)
+    qp = qp.view(num_seqs, max_q, n_heads, head_dim).float().transpose(1, 2)  # (B, H, Lq, D)
+    q_pos = meta.positions.new_zeros(num_seqs * max_q).index_copy_(0, meta.pad_index, meta.positions)
+    q_pos = q_pos.view(num_seqs, 1, max_q, 1)
+    k_pos = torch.arange(k.shape[2], device=q.device).view(1, 1, 1, -1)
+    visible = k_pos <= q_pos
+    if window > 0:
+        visible = visible & (k_pos > q_pos - window)
+    scores = (qp @ k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    out = (probs @ v).transpose(1, 2).reshape(num_seqs * max_q, n_heads, head_dim)
+    return out[meta.pad_index].to(q.dtype)
+
+
+@define_op("attention_prefill")
+def attention_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int = 0,
+                      softcap: float = 0.0) -> torch.Tensor:
+    """Attention for a step with prompt chunks (any query lengths, prefix-cache hits included)."""
+    return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)
+
+
+@define_op("attention_decode")
+def attention_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int = 0,
+                     softcap: float = 0.0) -> torch.Tensor:
+    """Attention for a pure decode step: one query per request."""
+    return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)
+
+
+@define_op("sample")
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           min_p: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """Next token per row. temperature 0 is greedy; top_k <= 0, top_p 1, min_p 0 disable their filter.
+
+    Sampling is argmax(probs / noise) with noise ~ Exp(1) drawn by the caller (the exponential race:
+    exact categorical sampling, no host sync, reproducible from per-request generators).
+    """
+    greedy = logits.argmax(dim=-1)
+    if noise is None:
+        return greedy
+    scaled = logits.float() / temperature.clamp_min(1e-5).unsqueeze(1)
+    sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    rank = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab).unsqueeze(1)
+    drop = rank >= k
+    probs = sorted_logits.softmax(dim=-1)
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)  # keep the smallest set reaching top_p
+    drop |= probs < min_p.unsqueeze(1) * probs[:, :1]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    filtered = torch.empty_like(scaled).scatter_(1, sorted_idx, sorted_logits)
+    sampled = (filtered.softmax(dim=-1) / noise).argmax(dim=-1)
+    return torch.where(temperature == 0, greedy, sampled)

@@ -1,0 +1,199 @@
+"""The op registry: named ops with a native reference, and backend implementations registered against them.
+
+An op's native function is its semantics, its fallback and its test oracle. A backend registers an
+implementation for an op under a name and says what it supports. Resolution happens once, when the
+model is built, per op and per layer; nothing is looked up inside the forward pass.
+
+Fusion sites (`parts` non-empty) are ops whose native function composes primitive ops. Their native
+takes the primitives as keyword arguments, so the unfused path ("eager" for a site) calls the
+primitives exactly as they were resolved for that layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("nanovllm.ops")
+
+NATIVE = "eager"
+COMPILE = "compile"
+
+
+class RegistryError(ValueError):
+    """A bad op or backend name, or a backend that cannot serve the request and may not fall back."""
+
+
+@dataclass(frozen=True)
+class Support:
+    """What an implementation can run. `None` means any. `check(shapes)` returns a reason or None."""
+
+    devices: tuple[str, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    check: Callable[[dict], str | None] | None = None
+    needs: Callable[[], str | None] | None = None  # availability (an importable library, a GPU ...)
+
+    def reason_unsupported(self, device: str, dtype: torch.dtype, shapes: dict) -> str | None:
+        if self.needs is not None and (why := self.needs()):
+            return why
+        if self.devices is not None and device not in self.devices:
+            return f"device {device!r} not in {list(self.devices)}"
+        if self.dtypes is not None and dtype not in self.dtypes:
+            return f"dtype {dtype} not in {[str(d) for d in self.dtypes]}"
+        if self.check is not None:
+            return self.check(shapes)
+        return None
+
+    def describe(self) -> str:
+        parts = []
+        if self.devices is not None:
+            parts.append("/".join(self.devices))
+        if self.dtypes is not None:
+            parts.append("/".join(str(d).removeprefix("torch.") for d in self.dtypes))
+        if self.check is not None:
+            parts.append((self.check.__doc__ or "shape limits").strip().splitlines()[0])
+        return ", ".join(parts) or "any"
+
+
+@dataclass
+class Impl:
+    op: str
+    backend: str
+    fn: Callable
+    support: Support = field(default_factory=Support)
+    # build(site_parts) -> callable; used by backends that wrap a composition (e.g. compile of a site)
+    build: Callable[[dict[str, Callable]], Callable] | None = None
+
+
+@dataclass
+class OpDef:
+    name: str
+    native: Callable
+    doc: str
+    parts: tuple[str, ...] = ()
+    impls: dict[str, Impl] = field(default_factory=dict)
+
+    @property
+    def is_site(self) -> bool:
+        return bool(self.parts)
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def define_op(name: str, parts: tuple[str, ...] = ()):
+    """Declare an op by its native function; the native is registered as backend `eager`."""
+
+    def deco(fn: Callable) -> Callable:
+        if name in OPS:
+            raise RegistryError(f"op {name!r} is defined twice")
+        for p in parts:
+            get_op(p)
+        op = OpDef(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "", parts)
+        op.impls[NATIVE] = Impl(name, NATIVE, fn)
+        op.impls[COMPILE] = Impl(name, COMPILE, fn, build=functools.partial(_compiled, op))
+        OPS[name] = op
+        return fn
+
+    return deco
+
+
+def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=None, needs=None,
+                  build=None, replace: bool = False):
+    """Register `fn` as backend `backend` of `op` (decorator). Raises on unknown ops and on clashes."""
+
+    def deco(fn: Callable) -> Callable:
+        opdef = get_op(op)
+        if backend in (NATIVE, COMPILE):
+            raise RegistryError(f"backend name {backend!r} is built in for every op ({op!r})")
+        if backend in opdef.impls and not replace:
+            raise RegistryError(f"backend {backend!r} of op {op!r} is registered twice")
+        support = Support(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None, check, needs)
+        opdef.impls[backend] = Impl(op, backend, fn, support, build)
+        return fn
+
+    return deco
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def _compiled(op: OpDef, parts: dict[str, Callable]) -> Callable:
+    """torch.compile of the native (of the site composed with its parts), shared by equal requests."""
+    key = (op.name, *sorted((k, id(v)) for k, v in parts.items()))
+    if key not in _COMPILED:
+        fn = functools.partial(op.native, **parts) if parts else op.native
+        _COMPILED[key] = torch.compile(fn, dynamic=True)
+    return _COMPILED[key]
+
+
+def get_op(name: str) -> OpDef:
+    if name not in OPS:
+        raise RegistryError(f"unknown op {name!r}; valid ops: {', '.join(sorted(OPS))}")
+    return OPS[name]
+
+
+def backends_of(name: str) -> list[str]:
+    return sorted(get_op(name).impls)
+
+
+def all_backends() -> list[str]:
+    return sorted({b for op in OPS.values() for b in op.impls})
+
+
+def check_backend(op: str, backend: str) -> None:
+    opdef = get_op(op)
+    if backend not in opdef.impls:
+        raise RegistryError(
+            f"unknown backend {backend!r} for op {op!r}; valid backends: {', '.join(sorted(opdef.impls))}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a resolution is for: the device type, the dtype and the layer's shapes."""
+
+    device: str
+    dtype: torch.dtype
+    shapes: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def resolve(op: str, backend: str, target: Target, *, allow_fallback: bool = True,
+            parts: dict[str, Callable] | None = None, where: str = "") -> tuple[Callable, str]:
+    """Pick the callable for `op` on `backend`. Returns (fn, backend actually used).
+
+    For a fusion site, `parts` holds the resolved primitives of the same layer; the native site
+    composes them. An unsupported backend falls back to the native with a logged warning, if allowed.
+    """
+    check_backend(op, backend)
+    opdef = get_op(op)
+    impl = opdef.impls[backend]
+    why = impl.support.reason_unsupported(target.device, target.dtype, target.shapes)
+    if why is not None:
+        msg = f"{where}op {op!r}: backend {backend!r} unsupported here ({why})"
+        if not allow_fallback:
+            raise RegistryError(msg + "; set kernels.allow_fallback=true to use the native op instead")
+        log.warning("%s; falling back to %r", msg, NATIVE)
+        impl, backend = opdef.impls[NATIVE], NATIVE
+    if opdef.is_site:
+        missing = [p for p in opdef.parts if parts is None or p not in parts]
+        if missing:
+            raise RegistryError(f"site {op!r} needs resolved parts {missing}")
+        site_parts = {p: parts[p] for p in opdef.parts}
+        if impl.build is not None:
+            return impl.build(site_parts), backend
+        if backend == NATIVE:
+            return functools.partial(opdef.native, **site_parts), backend
+    elif impl.build is not None:
+        return impl.build({}), backend
+    return impl.fn, backend
+
+
+def native_site(op: str) -> Callable:
+    """The fully native composition of a site (every part native): the test oracle."""
+    opdef = get_op(op)
+    parts = {p: native_site(p) if get_op(p).is_site else get_op(p).native for p in opdef.parts}
+    return functools.partial(opdef.native, **parts) if opdef.is_site else opdef.native

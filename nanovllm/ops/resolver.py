@@ -1,0 +1,80 @@
+"""Resolves the kernel table of a config into callables, once per layer, and records what was used."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import SimpleNamespace
+
+from nanovllm.ops.plugins import load_plugins
+from nanovllm.ops.registry import NATIVE, OPS, RegistryError, Target, check_backend, get_op, resolve
+
+MODEL_SCOPE = "model"  # ops outside the decoder layers: final norm, LM head, sampling
+
+
+class OpResolver:
+    """Backend for (layer, op) = layers[layer][op], else ops[op], else `default` where the op has it.
+
+    kernels: a mapping with keys default, ops, layers, plugin_dirs, allow_fallback (see config.py).
+    """
+
+    def __init__(self, kernels: Mapping, target: Target, num_layers: int):
+        load_plugins(kernels.get("plugin_dirs") or ())
+        self.target, self.num_layers = target, num_layers
+        self.default = kernels.get("default") or NATIVE
+        self.ops = dict(kernels.get("ops") or {})
+        self.layers = {str(k): dict(v or {}) for k, v in (kernels.get("layers") or {}).items()}
+        self.allow_fallback = bool(kernels.get("allow_fallback", True))
+        self.table: dict[str, dict[str, str]] = {}
+        self._validate()
+
+    def _validate(self) -> None:
+        known = sorted({b for op in OPS.values() for b in op.impls})
+        if self.default not in known:
+            raise RegistryError(f"unknown default backend {self.default!r}; valid backends: {', '.join(known)}")
+        for op, backend in self.ops.items():
+            check_backend(op, backend)
+        valid_layers = [str(i) for i in range(self.num_layers)] + [MODEL_SCOPE]
+        for layer, table in self.layers.items():
+            if layer not in valid_layers:
+                raise RegistryError(
+                    f"kernels.layers has key {layer!r}; valid keys: 0..{self.num_layers - 1} and {MODEL_SCOPE!r}")
+            for op, backend in table.items():
+                check_backend(op, backend)
+
+    def backend_for(self, scope: str, op: str) -> str:
+        if op in self.layers.get(scope, {}):
+            return self.layers[scope][op]
+        if op in self.ops:
+            return self.ops[op]
+        return self.default if self.default in get_op(op).impls else NATIVE
+
+    def scope(self, scope: int | str, names: tuple[str, ...] | None = None) -> SimpleNamespace:
+        """Resolved callables for one layer (or MODEL_SCOPE), each site built from that scope's parts."""
+        scope = str(scope)
+        names = names or tuple(OPS)
+        done: dict = {}
+        used = self.table.setdefault(scope, {})
+        for op in _sites_last(list(names)):
+            parts = {p: done[p] for p in get_op(op).parts}
+            where = f"layer {scope}: " if scope != MODEL_SCOPE else ""
+            done[op], used[op] = resolve(op, self.backend_for(scope, op), self.target,
+                                         allow_fallback=self.allow_fallback, parts=parts, where=where)
+        return SimpleNamespace(**{n: done[n] for n in names})
+
+
+def _sites_last(names: list[str]) -> list[str]:
+    """Order so that each op comes after its parts (sites may be built from other sites)."""
+    out: list[str] = []
+
+    def visit(n: str, stack: tuple = ()):
+        if n in out:
+            return
+        if n in stack:
+            raise RegistryError(f"op {n!r} is part of itself")
+        for p in get_op(n).parts:
+            visit(p, stack + (n,))
+        out.append(n)
+
+    for n in names:
+        visit(n)
+    return out

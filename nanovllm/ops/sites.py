@@ -1,0 +1,44 @@
+"""Fusion sites: ops whose native function composes primitives passed in as resolved for the layer."""
+
+from __future__ import annotations
+
+import torch
+
+from nanovllm.ops.registry import define_op
+
+
+@define_op("norm_qkv", parts=("rms_norm", "linear"))
+def norm_qkv(x, norm_w, qkv_w, qkv_b, eps: float, *, rms_norm, linear) -> torch.Tensor:
+    """RMSNorm of the residual stream, then the packed QKV projection."""
+    return linear(rms_norm(x, norm_w, eps), qkv_w, qkv_b)
+
+
+@define_op("qk_norm_rope", parts=("rms_norm", "rope", "store_kv"))
+def qk_norm_rope(q, k, v, q_norm_w, k_norm_w, eps: float, positions, cos_sin, k_cache, v_cache, slot_mapping,
+                 *, rms_norm, rope, store_kv) -> torch.Tensor:
+    """Per-head q/k RMSNorm (when the model has it), RoPE, and the K/V write into the paged cache."""
+    if q_norm_w is not None:
+        q, k = rms_norm(q, q_norm_w, eps), rms_norm(k, k_norm_w, eps)
+    q, k = rope(q, k, positions, cos_sin)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+@define_op("attn_out", parts=("linear", "add_rms_norm"))
+def attn_out(o, o_w, residual, norm_w, eps: float, *, linear, add_rms_norm):
+    """O projection, residual add and the post-attention RMSNorm: returns (normed, new residual)."""
+    return add_rms_norm(linear(o, o_w), residual, norm_w, eps)
+
+
+@define_op("mlp", parts=("linear", "silu_and_mul"))
+def mlp(h, gate_up_w, down_w, residual, *, linear, silu_and_mul) -> torch.Tensor:
+    """Packed gate/up projection, SiLU * up, down projection, plus the residual when given."""
+    out = linear(silu_and_mul(linear(h, gate_up_w)), down_w)
+    return out if residual is None else residual + out
+
+
+@define_op("lm_head_sample", parts=("rms_norm", "linear", "sample"))
+def lm_head_sample(h, norm_w, eps: float, lm_w, temperature, top_k, top_p, min_p, noise,
+                   *, rms_norm, linear, sample) -> torch.Tensor:
+    """Final RMSNorm, LM head and sampling, for steps that need no logits back."""
+    return sample(linear(rms_norm(h, norm_w, eps), lm_w), temperature, top_k, top_p, min_p, noise)
