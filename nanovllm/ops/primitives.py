@@ -12,7 +12,7 @@ from nanovllm.ops.registry import define_op
 @define_op("rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in float32 and cast back before the weight (as HF does)."""
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
@@ -31,7 +31,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
     cos, sin = cos[:, None, :], sin[:, None, :]
 
     def rot(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
+        x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     return rot(q), rot(k)
@@ -60,19 +60,20 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
-    """Causal attention of packed queries over each request's paged KV, in float32.
+    """Causal attention of packed queries over each request's paged KV, in float32 (or float64).
 
     Queries are scattered into a (B, max_q) padded layout; keys are gathered per request from its
     block table. A key is visible when its position <= the query's (and within `window` if > 0).
     """
     num_seqs, max_q = meta.num_seqs, meta.max_seqlen_q
     n_heads, head_dim = q.shape[1], q.shape[2]
-    k = k_cache[meta.block_tables].flatten(1, 2).float().transpose(1, 2)  # (B, Hk, Lk, D)
-    v = v_cache[meta.block_tables].flatten(1, 2).float().transpose(1, 2)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    k = k_cache[meta.block_tables].flatten(1, 2).to(acc).transpose(1, 2)  # (B, Hk, Lk, D)
+    v = v_cache[meta.block_tables].flatten(1, 2).to(acc).transpose(1, 2)
     group = n_heads // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     qp = q.new_zeros(num_seqs * max_q, n_heads, head_dim).index_copy_(0, meta.pad_index, q)
-    qp = qp.view(num_seqs, max_q, n_heads, head_dim).float().transpose(1, 2)  # (B, H, Lq, D)
+    qp = qp.view(num_seqs, max_q, n_heads, head_dim).to(acc).transpose(1, 2)  # (B, H, Lq, D)
     q_pos = meta.positions.new_zeros(num_seqs * max_q).index_copy_(0, meta.pad_index, meta.positions)
     q_pos = q_pos.view(num_seqs, 1, max_q, 1)
     k_pos = torch.arange(k.shape[2], device=q.device).view(1, 1, 1, -1)

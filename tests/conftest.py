@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random Qwen3 checkpoints in Hugging Face format, and engines over them."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from nanovllm.models.catalog import qwen3_config
+
+# Tiny models run faster on one thread than on two that wait on each other.
+torch.set_num_threads(1)
+
+TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=96, max_position_embeddings=1024)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on the lent GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from nanovllm.assets.qwen_tokenizer import write_qwen3_tokenizer
+
+    d = tmp_path_factory.mktemp("qwen3_tokenizer")
+    write_qwen3_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory, tokenizer_dir):
+    """make_checkpoint(seed=0, **qwen3 overrides) -> folder. Norm weights are randomized too, so a
+    swapped or skipped norm shows up in the logits."""
+    made = {}
+
+    def make(seed: int = 0, **overrides):
+        key = (seed, tuple(sorted(overrides.items())))
+        if key in made:
+            return made[key]
+        from transformers import AutoModelForCausalLM
+
+        config = qwen3_config(**{**TINY, **overrides})
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).float()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(1 + 0.2 * torch.randn_like(p))
+                elif name.endswith("bias"):
+                    p.copy_(0.05 * torch.randn_like(p))
+        d = tmp_path_factory.mktemp("ckpt")
+        model.save_pretrained(d)
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, d / f.name)
+        made[key] = d
+        return d
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(make_checkpoint):
+    return make_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_model):
+    """A float64 engine: batched and single runs then agree exactly, so tests compare outputs bit for bit."""
+    from nanovllm import LLM
+
+    return LLM(str(tiny_model), dtype="float64", max_model_len=512, num_kvcache_blocks=256,
+               kvcache_block_size=16, max_num_seqs=64)
