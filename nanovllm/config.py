@@ -166,7 +166,7 @@ def check_schema(cfg) -> None:
     (`+` opens the node) but fails here."""
     from omegaconf import OmegaConf
 
-    OmegaConf.merge(run_schema(), cfg)
+    OmegaConf.merge(run_schema(), OmegaConf.to_container(cfg))  # plain values: the schema checks each key
 
 
 def check_kernel_names(kernels) -> None:
@@ -182,7 +182,8 @@ def check_kernel_names(kernels) -> None:
         check_backend(op, backend)
     for layer, table in (kernels.get("layers") or {}).items():
         if not (str(layer).isdigit() or layer == MODEL_SCOPE):
-            raise RegistryError(f"kernels.layers has key {layer!r}; valid keys: layer indices and {MODEL_SCOPE!r}")
+            raise RegistryError(f"kernels.layers has key {layer!r}; "
+                                f"valid keys: layer indices and {MODEL_SCOPE!r}")
         for op, backend in (table or {}).items():
             check_backend(op, backend)
 

@@ -19,6 +19,18 @@ class LLM:
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
 
+    def close(self) -> None:
+        """Free the model and KV cache now (e.g. between jobs of a sweep in one process)."""
+        if self.engine is not None:
+            self.engine.runner.close()
+            self.engine = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- requests -------------------------------------------------------------------------------------
     def _add_all(self, prompts, sampling_params) -> list[str]:
         """Check every request before adding any, so a bad one leaves the engine untouched."""

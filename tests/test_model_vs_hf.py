@@ -30,8 +30,8 @@ def run_case(path, config, backend, dtype, seed=0, block_size=16, chunk=8192):
     vocab = config.get("vocab_size", 151936)
     prompt = torch.randint(0, vocab, (37,)).tolist()
     forced = torch.randint(0, vocab, (32,)).tolist()
-    llm = LLM(str(path), dtype=dtype, max_model_len=256, num_kvcache_blocks=512 // block_size, kvcache_block_size=block_size,
-              max_num_batched_tokens=chunk, kernels={"default": backend})
+    llm = LLM(str(path), dtype=dtype, max_model_len=256, num_kvcache_blocks=512 // block_size,
+              kvcache_block_size=block_size, max_num_batched_tokens=chunk, kernels={"default": backend})
     ours = teacher_forced_logits(llm.engine, prompt, forced)
     return ours, hf_logits(path, prompt + forced, len(prompt), llm.config.torch_dtype)
 

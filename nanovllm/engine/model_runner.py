@@ -13,7 +13,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.models.loader import count_tensors, iter_tensors, load_hf_config, load_weights, weight_files
 from nanovllm.models.registry import build_model
-from nanovllm.ops import AttentionMetadata, OpResolver, Target
+from nanovllm.ops import AttentionMetadata, OpResolver, PlanContext, Target
 from nanovllm.utils.progress import progress_bar
 
 log = logging.getLogger("nanovllm")
@@ -40,7 +40,20 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
+        a = self.args
+        self.plan_context = PlanContext(
+            num_qo_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, page_size=self.block_size,
+            dtype=self.dtype, device=self.device, max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len, windows=tuple(sorted(set(a.sliding_window or (0,)))))
+        self.plans = self.resolver.plans
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+
+    def close(self) -> None:
+        for layer in self.model.layers:
+            layer.k_cache = layer.v_cache = None
+        del self.model, self.kv_cache
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _target(self) -> Target:
         c = self.hf_config
@@ -110,10 +123,14 @@ class ModelRunner:
             return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
 
         positions = dev(np.concatenate(pos))
+        host = dict(seq_lens=np.array(seq_lens), cu_seqlens_q=np.array(cu), block_tables=tables,
+                    num_blocks=np.array([len(item.seq.block_table) for item in batch]))
         meta = AttentionMetadata(
-            positions=positions, slot_mapping=dev(np.concatenate(slots)), seq_lens=dev(np.array(seq_lens)),
-            block_tables=dev(tables), cu_seqlens_q=dev(np.array(cu)), pad_index=dev(np.concatenate(pad)),
-            max_seqlen_q=max_q, max_seqlen_k=max(seq_lens))
+            positions=positions, slot_mapping=dev(np.concatenate(slots)), seq_lens=dev(host["seq_lens"]),
+            block_tables=dev(tables), cu_seqlens_q=dev(host["cu_seqlens_q"]), pad_index=dev(np.concatenate(pad)),
+            max_seqlen_q=max_q, max_seqlen_k=max(seq_lens), host=host)
+        for plan in self.plans:
+            plan(meta, self.plan_context)
         return dev(np.concatenate(ids)), positions, meta, dev(np.array(rows, dtype=np.int64))
 
     def sampling_tensors(self, seqs):

@@ -1,7 +1,7 @@
 """The op registry. Importing this package defines every built-in op (primitives and fusion sites)."""
 
 from nanovllm.ops import primitives, sites  # noqa: F401  (define the ops)
-from nanovllm.ops.meta import AttentionMetadata
+from nanovllm.ops.meta import AttentionMetadata, PlanContext
 from nanovllm.ops.plugins import load_plugins
 from nanovllm.ops.registry import (
     COMPILE,
@@ -18,6 +18,7 @@ from nanovllm.ops.registry import (
 from nanovllm.ops.resolver import MODEL_SCOPE, OpResolver
 
 __all__ = [
-    "AttentionMetadata", "COMPILE", "MODEL_SCOPE", "NATIVE", "OPS", "OpResolver", "RegistryError", "Target",
+    "AttentionMetadata", "COMPILE", "PlanContext", "MODEL_SCOPE", "NATIVE", "OPS", "OpResolver", "RegistryError",
+    "Target",
     "define_op", "get_op", "load_plugins", "native_site", "register_impl", "resolve",
 ]

@@ -17,7 +17,10 @@ class AttentionMetadata:
     block_tables:  (B, max_blocks) KV-cache block ids, padded with 0 (masked by position)
     pad_index:     (N,) row of each token in a (B * max_seqlen_q) padded layout
     max_seqlen_q:  longest new-token run in the step; 1 for a pure decode step
+    host:          the same facts as numpy arrays on the host (seq_lens, cu_seqlens_q, block_tables,
+                   num_blocks per request), for plan hooks; never read inside the forward pass
     plans:         backend state planned once per step outside any graph (e.g. FlashInfer wrappers)
+    graph_batch:   the captured batch size when this step replays a CUDA graph, else None
     """
 
     positions: torch.Tensor
@@ -28,7 +31,9 @@ class AttentionMetadata:
     pad_index: torch.Tensor
     max_seqlen_q: int
     max_seqlen_k: int
+    host: dict = field(default_factory=dict)
     plans: dict = field(default_factory=dict)
+    graph_batch: int | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -37,3 +42,19 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """Static facts a plan hook needs, fixed for the engine's life."""
+
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    dtype: torch.dtype
+    device: torch.device
+    max_num_seqs: int
+    max_model_len: int
+    windows: tuple[int, ...] = (0,)   # the distinct sliding windows of the model's layers (0 = full)
+    softcap: float = 0.0

@@ -67,6 +67,9 @@ class Impl:
     support: Support = field(default_factory=Support)
     # build(site_parts) -> callable; used by backends that wrap a composition (e.g. compile of a site)
     build: Callable[[dict[str, Callable]], Callable] | None = None
+    # plan(meta, ctx): called once per step, outside any CUDA graph, before the forward pass; it may
+    # store per-step state (e.g. a FlashInfer wrapper's plan) in meta.plans. See ops/meta.py.
+    plan: Callable | None = None
 
 
 @dataclass
@@ -103,8 +106,12 @@ def define_op(name: str, parts: tuple[str, ...] = ()):
 
 
 def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=None, needs=None,
-                  build=None, replace: bool = False):
-    """Register `fn` as backend `backend` of `op` (decorator). Raises on unknown ops and on clashes."""
+                  build=None, plan=None, replace: bool = False):
+    """Register `fn` as backend `backend` of `op` (decorator). Raises on unknown ops and on clashes.
+
+    devices/dtypes: what it runs on; check(shapes) -> reason it cannot serve these model shapes, or None;
+    needs() -> reason it is unavailable (a missing library), or None; plan: see Impl.plan.
+    """
 
     def deco(fn: Callable) -> Callable:
         opdef = get_op(op)
@@ -113,22 +120,21 @@ def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=Non
         if backend in opdef.impls and not replace:
             raise RegistryError(f"backend {backend!r} of op {op!r} is registered twice")
         support = Support(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None, check, needs)
-        opdef.impls[backend] = Impl(op, backend, fn, support, build)
+        opdef.impls[backend] = Impl(op, backend, fn, support, build, plan)
         return fn
 
     return deco
 
 
-_COMPILED: dict[tuple, Callable] = {}
+_COMPILED: dict[str, Callable] = {}
 
 
 def _compiled(op: OpDef, parts: dict[str, Callable]) -> Callable:
-    """torch.compile of the native (of the site composed with its parts), shared by equal requests."""
-    key = (op.name, *sorted((k, id(v)) for k, v in parts.items()))
-    if key not in _COMPILED:
-        fn = functools.partial(op.native, **parts) if parts else op.native
-        _COMPILED[key] = torch.compile(fn, dynamic=True)
-    return _COMPILED[key]
+    """torch.compile of the native, one per op. Parts are passed as keyword arguments rather than bound
+    in a partial, because dynamo caches by code object and every compiled partial shares one."""
+    if op.name not in _COMPILED:
+        _COMPILED[op.name] = torch.compile(op.native, dynamic=True)
+    return functools.partial(_COMPILED[op.name], **parts) if parts else _COMPILED[op.name]
 
 
 def get_op(name: str) -> OpDef:

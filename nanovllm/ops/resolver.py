@@ -27,6 +27,17 @@ class OpResolver:
         self.table: dict[str, dict[str, str]] = {}
         self._validate()
 
+    @property
+    def plans(self) -> list:
+        """The per-step plan hooks of every implementation in use, each once."""
+        hooks = {}
+        for used in self.table.values():
+            for op, backend in used.items():
+                hook = get_op(op).impls[backend].plan
+                if hook is not None:
+                    hooks[(op, backend)] = hook
+        return list(dict.fromkeys(hooks.values()))
+
     def _validate(self) -> None:
         known = sorted({b for op in OPS.values() for b in op.impls})
         if self.default not in known:
