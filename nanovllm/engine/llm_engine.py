@@ -25,7 +25,9 @@ class RequestOutput:
     text: str                       # new text this step
     finished: bool = False
     finish_reason: str | None = None
-    logprobs: list[dict] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)  # per new token: {"token_logprob", "top": {id: lp}}
+    num_prompt_tokens: int = 0
+    num_completion_tokens: int = 0
 
 
 class LLMEngine:
@@ -135,4 +137,5 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
         return RequestOutput(seq.request_id, [token], detok.delta(reason is not None), reason is not None, reason,
-                             [logprobs] if logprobs is not None else [])
+                             [logprobs] if logprobs is not None else [], seq.num_prompt_tokens,
+                             seq.num_completion_tokens)
