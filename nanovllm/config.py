@@ -36,7 +36,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kvcache_gib: float = 1.0
     enable_prefix_caching: bool = True
-    enforce_eager: bool = False
+    enforce_eager: bool = False     # no CUDA graphs
+    compile_model: bool = False     # torch.compile the whole forward pass (fullgraph), registry ops inside
     seed: int = 0
     kernels: KernelConfig = field(default_factory=KernelConfig)
 
@@ -94,7 +95,8 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     cpu_kvcache_gib: float = 1.0
     enable_prefix_caching: bool = True
-    enforce_eager: bool = False
+    enforce_eager: bool = False     # no CUDA graphs
+    compile_model: bool = False     # torch.compile the whole forward pass (fullgraph), registry ops inside
     seed: int = 0
 
 

@@ -10,7 +10,10 @@ import numpy as np
 import torch
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.scheduler import ScheduledSeq
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
 from nanovllm.models.loader import count_tensors, iter_tensors, load_hf_config, load_weights, weight_files
 from nanovllm.models.registry import build_model
 from nanovllm.ops import AttentionMetadata, OpResolver, PlanContext, Target
@@ -36,22 +39,29 @@ class ModelRunner:
         with progress_bar("loading weights", total=count_tensors(files)) as advance:
             load_weights(self.model, iter_tensors(files), self.dtype, progress=advance)
         self.timings["load_s"] = time.perf_counter() - t0
-        self.args = self.model.args
+        self.args = a = self.model.args
         self.block_size = config.kvcache_block_size
-        self.num_blocks = self._num_kv_blocks()
-        self._allocate_kv_cache()
-        a = self.args
         self.plan_context = PlanContext(
             num_qo_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, page_size=self.block_size,
             dtype=self.dtype, device=self.device, max_num_seqs=config.max_num_seqs,
             max_model_len=config.max_model_len, windows=tuple(sorted(set(a.sliding_window or (0,)))))
         self.plans = self.resolver.plans
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        # Whole-model compile: one fullgraph trace of the forward pass, registry ops included.
+        self.forward = torch.compile(self.model, fullgraph=True, dynamic=True) if config.compile_model else self.model
+        self.num_blocks = self._num_kv_blocks()
+        self._allocate_kv_cache()
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self, self.forward)
+            with progress_bar(f"capturing CUDA graphs ({len(self.graphs.sizes)} batch sizes)"):
+                self.timings["cuda_graphs_s"] = self.graphs.capture()
 
     def close(self) -> None:
+        self.graphs = None
         for layer in self.model.layers:
             layer.k_cache = layer.v_cache = None
-        del self.model, self.kv_cache
+        del self.model, self.kv_cache, self.forward
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -74,8 +84,12 @@ class ModelRunner:
             return c.num_kvcache_blocks
         block_bytes = self.kv_bytes_per_token * self.block_size
         if self.device.type == "cuda":
+            t0 = time.perf_counter()
+            with progress_bar("warmup (largest batch, to measure activation memory)"):
+                activations = self._warmup_peak()
+            self.timings["warmup_s"] = time.perf_counter() - t0
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1 - c.gpu_memory_utilization) - 2 * self._activation_bytes()
+            budget = total * c.gpu_memory_utilization - (total - free) - activations
         else:
             budget = c.cpu_kvcache_gib * 2**30
         wanted = c.max_num_seqs * -(-c.max_model_len // self.block_size)
@@ -85,10 +99,40 @@ class ModelRunner:
                                "lower max_num_batched_tokens or raise gpu_memory_utilization")
         return blocks
 
-    def _activation_bytes(self) -> int:
-        a, c = self.args, self.config
-        width = max(a.hidden_size * 4, (a.num_heads + 2 * a.num_kv_heads) * a.head_dim, 2 * a.intermediate_size)
-        return c.max_num_batched_tokens * width * 4 + c.max_num_seqs * a.vocab_size * 4 * 4
+    @torch.inference_mode()
+    def _warmup_peak(self) -> int:
+        """Run the largest step the scheduler can form (a full token budget of prompts, then sampling for
+        max_num_seqs rows) over a temporary KV cache; returns the activation memory it peaked at. This also
+        triggers kernel JIT and autotuning before the first request."""
+        c, bs = self.config, self.block_size
+        seq_len = min(c.max_model_len - 1, c.max_num_batched_tokens)
+        n_seqs = max(1, min(c.max_num_seqs, c.max_num_batched_tokens // seq_len))
+        per_seq = -(-seq_len // bs)
+        self.num_blocks = n_seqs * per_seq
+        self._allocate_kv_cache()
+        batch = []
+        for i in range(n_seqs):
+            seq = Sequence([0] * seq_len, SamplingParams(temperature=1.0))
+            seq.block_table = list(range(i * per_seq, (i + 1) * per_seq))
+            batch.append(ScheduledSeq(seq, seq_len))
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        hidden = self.hidden_states(batch)
+        rows = hidden[:1].expand(c.max_num_seqs, -1).contiguous()
+        logits = self.model.compute_logits(rows)
+        self.model.ops.sample(logits, *self.sampling_tensors([batch[0].seq] * c.max_num_seqs))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del hidden, rows, logits
+        self._free_kv_cache()
+        return peak
+
+    def _free_kv_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.k_cache = layer.v_cache = None
+        self.kv_cache = None
+        torch.cuda.empty_cache()
 
     def _allocate_kv_cache(self) -> None:
         a = self.args
@@ -153,8 +197,10 @@ class ModelRunner:
     @torch.inference_mode()
     def hidden_states(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Final hidden state of each completing sequence (the rows whose logits are wanted)."""
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch)[0]
         input_ids, positions, meta, rows = self.prepare(batch)
-        return self.model(input_ids, positions, meta)[rows]
+        return self.forward(input_ids, positions, meta)[rows]
 
     @torch.inference_mode()
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
@@ -163,12 +209,18 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[dict | None]]:
         """One forward pass; returns the new token (and logprobs, if asked) of each completing sequence."""
-        hidden = self.hidden_states(batch)
         seqs = [item.seq for item in batch if item.completes]
+        want = [s.params.logprobs for s in seqs]
+        plain_greedy = all(s.params.greedy and s.params.logprobs is None for s in seqs)
+        if self.graphs is not None and self.graphs.fits(batch):
+            hidden, greedy = self.graphs.run(batch)
+            if plain_greedy:  # the graph already sampled: the one host sync of the step
+                return greedy.tolist(), [None] * len(seqs)
+        else:
+            hidden = self.hidden_states(batch)
         if not seqs:
             return [], []
         sampling = self.sampling_tensors(seqs)
-        want = [s.params.logprobs for s in seqs]
         if all(k is None for k in want):
             return self.model.sample(hidden, *sampling).tolist(), [None] * len(seqs)
         logits = self.model.compute_logits(hidden)

@@ -1,0 +1,126 @@
+"""CUDA graphs for decode steps: one graph per batch size, replayed with fresh inputs.
+
+Every per-step input lives in one device buffer whose host twin is pinned memory, so a step costs a
+single host-to-device copy. A batch is padded up to the next captured size; padded rows write their
+K/V to the scratch block and read only it. Backends' plan hooks run before each replay, outside the
+graph, with `meta.graph_batch` set so they can keep graph-safe state per batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from nanovllm.ops import AttentionMetadata
+
+log = logging.getLogger("nanovllm")
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16))
+    return sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
+
+
+class DecodeGraphs:
+    """Captured decode forward passes (through greedy sampling) for a set of batch sizes."""
+
+    FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens")
+
+    def __init__(self, runner, forward):
+        self.runner, self.forward = runner, forward
+        self.sizes = graph_batch_sizes(runner.config.max_num_seqs)
+        self.max_bs = self.sizes[-1]
+        self.max_blocks = -(-runner.config.max_model_len // runner.block_size)
+        self.scratch_block = runner.num_blocks  # the extra block the KV cache keeps for padding
+        width = len(self.FIELDS) * self.max_bs + self.max_bs * self.max_blocks
+        self.host = torch.zeros(width, dtype=torch.int64, pin_memory=True)
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros(width, dtype=torch.int64, device=runner.device)
+        self.arange = torch.arange(self.max_bs + 1, device=runner.device)
+        zeros = torch.zeros(self.max_bs, device=runner.device)
+        # Greedy sampling inside the graph; sampled rows are redone outside it from the hidden states.
+        self.greedy = (zeros, zeros.long() - 1, zeros + 1, zeros, None)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pool = None
+
+    def _views(self, buf, b: int):
+        n = self.max_bs
+        views = {name: buf[i * n:i * n + b] for i, name in enumerate(self.FIELDS)}
+        start = len(self.FIELDS) * n
+        views["block_tables"] = buf[start:start + n * self.max_blocks].view(n, self.max_blocks)[:b]
+        return views
+
+    def _meta(self, b: int, host: dict) -> AttentionMetadata:
+        v = self._views(self.dev, b)
+        return AttentionMetadata(
+            positions=v["positions"], slot_mapping=v["slot_mapping"], seq_lens=v["seq_lens"],
+            block_tables=v["block_tables"], cu_seqlens_q=self.arange[:b + 1], pad_index=self.arange[:b],
+            max_seqlen_q=1, max_seqlen_k=self.max_blocks * self.runner.block_size, host=host, graph_batch=b)
+
+    def _fill(self, b: int, rows: list[tuple[int, int, list[int]]]) -> dict:
+        """rows: (token id, position, block table) per real request; pads up to b. Returns host arrays."""
+        bs = self.runner.block_size
+        v = self._views(self.host_np, b)
+        for name in self.FIELDS:
+            v[name][:] = 0
+        v["slot_mapping"][:] = self.scratch_block * bs
+        v["seq_lens"][:] = 1
+        v["block_tables"][:] = 0
+        v["block_tables"][:, 0] = self.scratch_block
+        num_blocks = np.ones(b, dtype=np.int64)
+        for i, (token, pos, table) in enumerate(rows):
+            v["input_ids"][i] = token
+            v["positions"][i] = pos
+            v["slot_mapping"][i] = table[pos // bs] * bs + pos % bs
+            v["seq_lens"][i] = pos + 1
+            v["block_tables"][i, :len(table)] = table
+            num_blocks[i] = len(table)
+        # One copy, of the used prefix: the fields lie side by side, the block tables last.
+        end = len(self.FIELDS) * self.max_bs + b * self.max_blocks
+        self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        return dict(seq_lens=v["seq_lens"].copy(), cu_seqlens_q=np.arange(b + 1), block_tables=v["block_tables"],
+                    num_blocks=num_blocks)
+
+    def _run(self, b: int, meta: AttentionMetadata):
+        v = self._views(self.dev, b)
+        hidden = self.forward(v["input_ids"], v["positions"], meta)
+        return hidden, self.runner.model.sample(hidden, *[t[:b] if t is not None else None for t in self.greedy])
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        t0 = time.perf_counter()
+        for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            host = self._fill(b, [])
+            meta = self._meta(b, host)
+            for plan in self.runner.plans:
+                plan(meta, self.runner.plan_context)
+            for _ in range(2):  # warm up: JIT, autotuning and lazy allocations happen outside capture
+                self._run(b, meta)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[b] = self._run(b, meta)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def fits(self, batch) -> bool:
+        return len(batch) <= self.max_bs and all(item.num_new_tokens == 1 and item.completes for item in batch)
+
+    def run(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, greedy tokens) of the real rows of a decode batch."""
+        n = len(batch)
+        b = next(s for s in self.sizes if s >= n)
+        rows = [(item.seq.token_ids[-1], item.seq.num_computed_tokens, item.seq.block_table) for item in batch]
+        meta = self._meta(b, self._fill(b, rows))
+        for plan in self.runner.plans:
+            plan(meta, self.runner.plan_context)
+        self.graphs[b].replay()
+        hidden, tokens = self.outputs[b]
+        return hidden[:n], tokens[:n]
