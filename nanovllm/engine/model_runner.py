@@ -49,9 +49,9 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         # Whole-model compile: one fullgraph trace of the forward pass, registry ops included.
         self.forward = torch.compile(self.model, fullgraph=True, dynamic=True) if config.compile_model else self.model
+        self.graphs = None
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
-        self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self, self.forward)
             with progress_bar(f"capturing CUDA graphs ({len(self.graphs.sizes)} batch sizes)"):
