@@ -29,21 +29,23 @@ class DecodeGraphs:
 
     FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens")
 
-    def __init__(self, runner, forward):
-        self.runner, self.forward = runner, forward
+    def __init__(self, runner, forward, capture_graphs: bool = True):
+        # capture_graphs=False replays by running the forward pass eagerly on the same padded buffers:
+        # the padding and buffer logic then runs (and is tested) on machines without a GPU.
+        self.runner, self.forward, self.capture_graphs = runner, forward, capture_graphs
         self.sizes = graph_batch_sizes(runner.config.max_num_seqs)
         self.max_bs = self.sizes[-1]
         self.max_blocks = -(-runner.config.max_model_len // runner.block_size)
         self.scratch_block = runner.num_blocks  # the extra block the KV cache keeps for padding
         width = len(self.FIELDS) * self.max_bs + self.max_bs * self.max_blocks
-        self.host = torch.zeros(width, dtype=torch.int64, pin_memory=True)
+        self.host = torch.zeros(width, dtype=torch.int64, pin_memory=runner.device.type == "cuda")
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(width, dtype=torch.int64, device=runner.device)
         self.arange = torch.arange(self.max_bs + 1, device=runner.device)
         zeros = torch.zeros(self.max_bs, device=runner.device)
         # Greedy sampling inside the graph; sampled rows are redone outside it from the hidden states.
         self.greedy = (zeros, zeros.long() - 1, zeros + 1, zeros, None)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool = None
 
@@ -51,7 +53,7 @@ class DecodeGraphs:
         n = self.max_bs
         views = {name: buf[i * n:i * n + b] for i, name in enumerate(self.FIELDS)}
         start = len(self.FIELDS) * n
-        views["block_tables"] = buf[start:start + n * self.max_blocks].view(n, self.max_blocks)[:b]
+        views["block_tables"] = buf[start:start + n * self.max_blocks].reshape(n, self.max_blocks)[:b]
         return views
 
     def _meta(self, b: int, host: dict) -> AttentionMetadata:
@@ -93,6 +95,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> float:
         t0 = time.perf_counter()
+        if not self.capture_graphs:
+            return 0.0
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             host = self._fill(b, [])
             meta = self._meta(b, host)
@@ -121,6 +125,9 @@ class DecodeGraphs:
         meta = self._meta(b, self._fill(b, rows))
         for plan in self.runner.plans:
             plan(meta, self.runner.plan_context)
+        if not self.capture_graphs:
+            hidden, tokens = self._run(b, meta)
+            return hidden[:n], tokens[:n]
         self.graphs[b].replay()
         hidden, tokens = self.outputs[b]
         return hidden[:n], tokens[:n]

@@ -1,21 +1,26 @@
-"""The dense decoder-only transformer shared by the Qwen3, Qwen2, Llama and Mistral families.
+"""The decoder-only transformer shared by every family: Qwen3, Qwen2, Llama, Mistral, Gemma 3, Qwen3-MoE.
 
 Every op goes through the registry: a layer holds the callables resolved for it at construction,
 so the forward pass has no dispatch. Q/K/V and gate/up are packed into one weight each at load time.
+Families differ only by DenseArgs flags (norm placement, activation, MoE, rope per layer type ...)
+and small subclasses that rename checkpoint tensors.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+import nanovllm.ops.family_ops  # noqa: F401  (defines gelu_mlp, moe ...; until ops/__init__ imports it)
 from nanovllm.layers.rotary import cos_sin_table
 from nanovllm.ops import MODEL_SCOPE, AttentionMetadata, OpResolver
 
 LAYER_OPS = ("norm_qkv", "qk_norm_rope", "attention_prefill", "attention_decode", "attn_out", "mlp")
 MODEL_OPS = ("rms_norm", "linear", "sample", "lm_head_sample")
+_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
 @dataclass
@@ -33,6 +38,21 @@ class DenseArgs:
     qk_norm: bool = False
     qkv_bias: bool = False
     sliding_window: tuple[int, ...] = ()  # per layer; 0 = full attention
+    # Gemma-style options
+    activation: str = "silu"              # "silu" (mlp site) or "gelu_tanh" (gelu_mlp site)
+    sandwich_norms: bool = False          # RMSNorm after attention and after the MLP too
+    norm_offset: float = 0.0              # added to norm weights at load time ((1 + w) norms become plain)
+    embed_scale: float = 0.0              # embeddings times this (in the activation dtype); 0 = none
+    attn_scale: float = 0.0               # 0: head_dim ** -0.5
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    rope_types: tuple[str, ...] = ()      # per layer: the rope parameters' layer type (one table per type)
+    # sparse MoE options (Qwen3-MoE)
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: tuple[bool, ...] = ()     # per layer: MoE block instead of the dense MLP
 
     @classmethod
     def from_hf(cls, c, **family) -> DenseArgs:
@@ -60,6 +80,21 @@ def _param(*shape) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def layer_ops(args: DenseArgs, idx: int) -> tuple[str, ...]:
+    """The ops a layer resolves: the Qwen3 set, with the family's sites swapped in."""
+    ops = list(LAYER_OPS)
+    if args.sandwich_norms:
+        ops[ops.index("attn_out")] = "post_norm_attn_out"
+        ops.append("post_norm_residual")
+    if args.moe_layers and args.moe_layers[idx]:
+        ops[ops.index("mlp")] = "moe_mlp"
+    elif args.activation == "gelu_tanh":
+        ops[ops.index("mlp")] = "gelu_mlp"
+    elif args.activation != "silu":
+        raise ValueError(f"unsupported MLP activation {args.activation!r}; supported: silu, gelu_tanh")
+    return tuple(ops)
+
+
 class DenseLayer(nn.Module):
     def __init__(self, args: DenseArgs, ops, idx: int):
         super().__init__()
@@ -72,12 +107,30 @@ class DenseLayer(nn.Module):
         self.q_norm = _param(args.head_dim) if args.qk_norm else None
         self.k_norm = _param(args.head_dim) if args.qk_norm else None
         self.o_proj = _param(args.hidden_size, q)
-        self.post_norm = _param(args.hidden_size)
-        self.gate_up_proj = _param(2 * args.intermediate_size, args.hidden_size)
-        self.down_proj = _param(args.hidden_size, args.intermediate_size)
-        self.scale = args.head_dim ** -0.5
+        self.post_attn_norm = _param(args.hidden_size) if args.sandwich_norms else None
+        self.post_norm = _param(args.hidden_size)  # the norm before the MLP
+        self.post_mlp_norm = _param(args.hidden_size) if args.sandwich_norms else None
+        self.moe = bool(args.moe_layers and args.moe_layers[idx])
+        if self.moe:
+            e, i = args.num_experts, args.moe_intermediate_size
+            self.router = _param(e, args.hidden_size)
+            self.experts_gate_up = _param(e, 2 * i, args.hidden_size)
+            self.experts_down = _param(e, args.hidden_size, i)
+        else:
+            self.gate_up_proj = _param(2 * args.intermediate_size, args.hidden_size)
+            self.down_proj = _param(args.hidden_size, args.intermediate_size)
+            self.mlp = ops.gelu_mlp if args.activation == "gelu_tanh" else ops.mlp
+        self.scale = args.attn_scale or args.head_dim ** -0.5
         self.window = args.sliding_window[idx] if args.sliding_window else 0
+        self.rope_table = f"cos_sin_{args.rope_types[idx]}" if args.rope_types else "cos_sin"
         self.k_cache = self.v_cache = None  # set by the model runner
+
+    def feed_forward(self, h, residual):
+        if self.moe:
+            a = self.args
+            return self.ops.moe_mlp(h, self.router, self.experts_gate_up, self.experts_down, residual, a.top_k,
+                                    a.norm_topk_prob)
+        return self.mlp(h, self.gate_up_proj, self.down_proj, residual)
 
     def forward(self, x, positions, meta: AttentionMetadata, cos_sin):
         a, ops = self.args, self.ops
@@ -89,9 +142,13 @@ class DenseLayer(nn.Module):
         q = ops.qk_norm_rope(q, k, v, self.q_norm, self.k_norm, a.rms_norm_eps, positions, cos_sin,
                              self.k_cache, self.v_cache, meta.slot_mapping)
         attention = ops.attention_decode if meta.is_decode else ops.attention_prefill
-        o = attention(q, self.k_cache, self.v_cache, meta, self.scale, self.window, 0.0)
-        h, x = ops.attn_out(o.flatten(1), self.o_proj, x, self.post_norm, a.rms_norm_eps)
-        return ops.mlp(h, self.gate_up_proj, self.down_proj, x)
+        o = attention(q, self.k_cache, self.v_cache, meta, self.scale, self.window, a.attn_softcap)
+        if not a.sandwich_norms:
+            h, x = ops.attn_out(o.flatten(1), self.o_proj, x, self.post_norm, a.rms_norm_eps)
+            return self.feed_forward(h, x)
+        h, x = ops.post_norm_attn_out(o.flatten(1), self.o_proj, x, self.post_attn_norm, self.post_norm,
+                                      a.rms_norm_eps)
+        return ops.post_norm_residual(self.feed_forward(h, None), self.post_mlp_norm, x, a.rms_norm_eps)
 
 
 class DenseCausalLM(nn.Module):
@@ -104,35 +161,58 @@ class DenseCausalLM(nn.Module):
                "self_attn.qkv_proj.weight": "qkv_proj", "self_attn.qkv_proj.bias": "qkv_bias",
                "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
                "self_attn.o_proj.weight": "o_proj", "mlp.gate_up_proj.weight": "gate_up_proj",
-               "mlp.down_proj.weight": "down_proj"}
+               "mlp.down_proj.weight": "down_proj", "mlp.gate.weight": "router",
+               "mlp.experts.gate_up_proj": "experts_gate_up", "mlp.experts.down_proj": "experts_down"}
 
     def __init__(self, args: DenseArgs, resolver: OpResolver, hf_config):
         super().__init__()
         self.args = args
-        self.layers = nn.ModuleList(DenseLayer(args, resolver.scope(i, LAYER_OPS), i)
+        self.layers = nn.ModuleList(DenseLayer(args, resolver.scope(i, layer_ops(args, i)), i)
                                     for i in range(args.num_layers))
         self.ops = resolver.scope(MODEL_SCOPE, MODEL_OPS)
         self.embed = _param(args.vocab_size, args.hidden_size)
         self.final_norm = _param(args.hidden_size)
         self.lm_head = self.embed if args.tie_word_embeddings else _param(args.vocab_size, args.hidden_size)
-        self.register_buffer("cos_sin", cos_sin_table(hf_config, args.head_dim, args.max_positions),
-                             persistent=False)
+        for layer_type in sorted(set(args.rope_types)) or [None]:  # one table per rope layer type
+            name = f"cos_sin_{layer_type}" if layer_type else "cos_sin"
+            self.register_buffer(name, cos_sin_table(hf_config, args.head_dim, args.max_positions, layer_type),
+                                 persistent=False)
+        # HF multiplies by sqrt(hidden) rounded to the activation dtype; keep it as a float32 buffer and cast.
+        self.register_buffer("embed_scale", torch.tensor(args.embed_scale or 1.0), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         x = self.embed[input_ids]
+        if self.args.embed_scale:
+            x = x * self.embed_scale.to(x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, meta, self.cos_sin)
+            x = layer(x, positions, meta, getattr(self, layer.rope_table))
         return x
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.ops.linear(self.ops.rms_norm(h, self.final_norm, self.args.rms_norm_eps), self.lm_head)
+        logits = self.ops.linear(self.ops.rms_norm(h, self.final_norm, self.args.rms_norm_eps), self.lm_head)
+        cap = self.args.final_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def sample(self, h: torch.Tensor, temperature, top_k, top_p, min_p, noise) -> torch.Tensor:
+        if self.args.final_softcap:  # lm_head_sample has no soft-capping: sample from capped logits
+            return self.ops.sample(self.compute_logits(h), temperature, top_k, top_p, min_p, noise)
         return self.ops.lm_head_sample(h, self.final_norm, self.args.rms_norm_eps, self.lm_head,
                                        temperature, top_k, top_p, min_p, noise)
 
-    def param_name(self, hf_name: str) -> tuple[str, int | None] | None:
-        """Our parameter for an HF tensor name, and the shard index for packed weights."""
+    def convert_tensor(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint tensor in our convention: (1 + w) norms become plain norm weights."""
+        if self.args.norm_offset and hf_name.endswith("norm.weight"):
+            return tensor.float() + self.args.norm_offset
+        return tensor
+
+    def param_name(self, hf_name: str) -> tuple[str, int | tuple | None] | None:
+        """Our parameter for an HF tensor name, and the shard for packed weights: an index into
+        shard_sizes, or (expert, index or None) for per-expert MoE tensors."""
+        if (m := _EXPERT.search(hf_name)) and hf_name.startswith("model.layers."):
+            idx, expert, proj = hf_name.split(".")[2], int(m[1]), m[2]
+            if proj == "down":
+                return f"layers.{idx}.experts_down", (expert, None)
+            return f"layers.{idx}.experts_gate_up", (expert, 0 if proj == "gate" else 1)
         name, shard = hf_name, None
         for src, (dst, idx) in self.packed.items():
             if f".{src}." in name:
@@ -149,4 +229,26 @@ class DenseCausalLM(nn.Module):
         a = self.args
         if param.endswith(("qkv_proj", "qkv_bias")):
             return [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
+        if param.endswith("experts_gate_up"):
+            return [a.moe_intermediate_size, a.moe_intermediate_size]
         return [a.intermediate_size, a.intermediate_size]
+
+    def shard_view(self, param: str, shard, data: torch.Tensor) -> torch.Tensor:
+        """The part of a parameter's data that one checkpoint tensor fills."""
+        if shard is None:
+            return data
+        if isinstance(shard, tuple):
+            data, shard = data[shard[0]], shard[1]
+            if shard is None:
+                return data
+        sizes = self.shard_sizes(param)
+        return data.narrow(0, sum(sizes[:shard]), sizes[shard])
+
+    def num_shards(self, param: str) -> int:
+        """How many checkpoint tensors fill a parameter (loading checks that all came)."""
+        experts = self.args.num_experts
+        if param.endswith(("qkv_proj", "qkv_bias")):
+            return 3
+        if param.endswith("gate_up_proj"):
+            return 2
+        return {"experts_gate_up": 2 * experts, "experts_down": experts}.get(param.rsplit(".", 1)[-1], 1)

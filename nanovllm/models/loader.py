@@ -82,22 +82,17 @@ def load_weights(model: torch.nn.Module, tensors, dtype: torch.dtype, progress=N
                 continue
             raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(model).__name__}")
         name, shard = target
-        param = params[name]
-        if shard is None:
-            dest = param.data
-        else:
-            sizes = model.shard_sizes(name)
-            dest = param.data.narrow(0, sum(sizes[:shard]), sizes[shard])
+        dest = model.shard_view(name, shard, params[name].data)
         if dest.shape != tensor.shape:
             raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
                              f"expected {tuple(dest.shape)}")
-        dest.copy_(tensor.to(dtype))
+        dest.copy_(model.convert_tensor(hf_name, tensor).to(dtype))
         filled.setdefault(name, set()).add(shard)
         if progress:
             progress()
     if getattr(model.args, "tie_word_embeddings", False):
         filled.setdefault("lm_head", {None})
     missing = [n for n in params if n not in filled or
-               (n.endswith(("qkv_proj", "qkv_bias", "gate_up_proj")) and len(filled[n]) < len(model.shard_sizes(n)))]
+               (None not in filled[n] and len(filled[n]) < model.num_shards(n))]
     if missing:
         raise ValueError(f"checkpoint lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}")

@@ -7,6 +7,11 @@ import importlib
 # architecture -> module under nanovllm.models with a `build(hf_config, resolver)` function
 ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Gemma3ForCausalLM": "gemma3",
 }
 
 
