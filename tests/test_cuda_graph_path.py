@@ -56,5 +56,7 @@ def test_warmup_peak_runs_the_largest_step(tiny_model, monkeypatch):
     forward = runner.forward
     runner.forward = lambda ids, pos, meta: seen.append(meta.host["seq_lens"].tolist()) or forward(ids, pos, meta)
     assert runner._warmup_peak() == 250
-    assert seen == [[63, 63]]  # two prompts of max_model_len - 1 fill the 150-token budget
+    # two prompts of max_model_len - 1 fill the 150-token budget; then a decode step of the largest graph
+    # batch (max_num_seqs) over full-length block tables, the shape graphs are captured at
+    assert seen == [[63, 63], [64, 64, 64]]
     assert runner.kv_cache is None

@@ -101,32 +101,39 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warmup_peak(self) -> int:
-        """Run the largest step the scheduler can form (a full token budget of prompts, then sampling for
-        max_num_seqs rows) over a temporary KV cache; returns the activation memory it peaked at. This also
-        triggers kernel JIT and autotuning before the first request."""
+        """Run the largest steps the engine can form over a temporary KV cache and return the activation
+        memory they peaked at: a full token budget of prompts, sampling for max_num_seqs rows, and (when
+        CUDA graphs are on) a decode step of the largest graph batch over full-length block tables, which is
+        the shape every graph is captured at. This also runs kernel JIT and autotuning before any request."""
         c, bs = self.config, self.block_size
         seq_len = min(c.max_model_len - 1, c.max_num_batched_tokens)
         n_seqs = max(1, min(c.max_num_seqs, c.max_num_batched_tokens // seq_len))
         per_seq = -(-seq_len // bs)
-        self.num_blocks = n_seqs * per_seq
+        max_blocks = -(-c.max_model_len // bs)
+        self.num_blocks = max(n_seqs * per_seq, max_blocks)
         self._allocate_kv_cache()
-        batch = []
-        for i in range(n_seqs):
-            seq = Sequence([0] * seq_len, SamplingParams(temperature=1.0))
-            seq.block_table = list(range(i * per_seq, (i + 1) * per_seq))
-            batch.append(ScheduledSeq(seq, seq_len))
+        prefill = [self._dummy(seq_len, list(range(i * per_seq, (i + 1) * per_seq)), 0) for i in range(n_seqs)]
+        graph_rows = 0 if c.enforce_eager else c.max_num_seqs
+        decode = [self._dummy(max_blocks * bs, list(range(max_blocks)), max_blocks * bs - 1)] * graph_rows
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        hidden = self.hidden_states(batch)
+        hidden = self.hidden_states(prefill)
         rows = hidden[:1].expand(c.max_num_seqs, -1).contiguous()
-        logits = self.model.compute_logits(rows)
-        self.model.ops.sample(logits, *self.sampling_tensors([batch[0].seq] * c.max_num_seqs))
+        self.model.ops.sample(self.model.compute_logits(rows), *self.sampling_tensors([prefill[0].seq] * len(rows)))
+        del hidden, rows
+        if decode:
+            self.hidden_states(decode)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        del hidden, rows, logits
         self._free_kv_cache()
         return peak
+
+    @staticmethod
+    def _dummy(num_tokens: int, block_table: list[int], computed: int) -> ScheduledSeq:
+        seq = Sequence([0] * num_tokens, SamplingParams(temperature=1.0))
+        seq.block_table, seq.num_computed_tokens = block_table, computed
+        return ScheduledSeq(seq, num_tokens - computed)
 
     def _free_kv_cache(self) -> None:
         for layer in self.model.layers:

