@@ -75,7 +75,7 @@ class EngineConfig:
 
 # ---- Hydra schema of `python -m nanovllm.run` (configs/config.yaml) ------------------------------------
 # Engine args that live at the top level of the run config (device, dtype) or in their own node (kernels)
-# are left out of EngineArgs; a test keeps EngineArgs in step with EngineConfig.
+# are left out of EngineArgs, which is derived from EngineConfig.
 RUN_TOP_LEVEL_ENGINE_ARGS = ("model", "device", "dtype", "kernels")
 
 
@@ -85,19 +85,17 @@ class ModelSchema:
     chat_template: bool = False     # wrap the demo prompts in the tokenizer's chat template
 
 
-@dataclass
-class EngineArgs:
-    max_model_len: int = 4096
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    kvcache_block_size: int = 16
-    num_kvcache_blocks: int = -1
-    gpu_memory_utilization: float = 0.9
-    cpu_kvcache_gib: float = 1.0
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False     # no CUDA graphs
-    compile_model: bool = False     # torch.compile the whole forward pass (fullgraph), registry ops inside
-    seed: int = 0
+def _engine_args():
+    """EngineConfig's fields minus the run config's top-level ones, same types and defaults: one source."""
+    import typing
+    from dataclasses import make_dataclass
+
+    hints = typing.get_type_hints(EngineConfig)
+    return make_dataclass("EngineArgs", [(f.name, hints[f.name], field(default=f.default)) for f in fields(EngineConfig)
+                                         if f.name not in RUN_TOP_LEVEL_ENGINE_ARGS])
+
+
+EngineArgs = _engine_args()
 
 
 @dataclass

@@ -39,3 +39,21 @@ def load_plugins(extra_dirs=()) -> dict[Path, str | None]:
                 _loaded[path] = f"{type(e).__name__}: {e}"
                 log.warning("kernel plugin %s failed to load: %s", path, _loaded[path])
     return dict(_loaded)
+
+
+def load_sibling(plugin_file: str, name: str):
+    """Import a shared helper file (`_name.py`, skipped by discovery) beside a plugin file, once per process.
+
+    kernels/ is not a package, so plugins cannot use relative imports; this gives helpers a stable module
+    name per directory instead."""
+    path = Path(plugin_file).resolve().with_name(f"{name}.py")
+    mod_name = f"nanovllm_plugins.{path.parent.name}.{name}"
+    if mod_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        sys.modules[mod_name] = module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[mod_name]
+            raise
+    return sys.modules[mod_name]
