@@ -25,26 +25,63 @@ CONFIGS = {
 }
 
 
-def correctness(base_kwargs) -> dict:
-    """Teacher-forced logits and greedy outputs: CUDA graphs against eager on the same engine weights."""
+def preset(*names: str) -> dict:
+    """The kernel table of configs/kernels presets stacked over the baseline, as `+kernels=[...]` gives."""
+    from omegaconf import OmegaConf
+
+    table = OmegaConf.create({"default": "eager", "ops": {}, "layers": {}})
+    for name in names:
+        table = OmegaConf.merge(table, OmegaConf.load(f"configs/kernels/{name}.yaml"))
+    return OmegaConf.to_container(table)
+
+
+for _name in ("sdpa", "fi_attn", "flashinfer", "fi_cascade"):
+    CONFIGS[f"graphs_{_name}"] = dict(kernels=preset(_name))
+CONFIGS["graphs_fi_attn_compile_model"] = dict(kernels=preset("fi_attn"), compile_model=True)
+
+
+MODEL, DEVICE = "default", "cuda"
+CHECKED = ("eager_nographs", "graphs", "graphs_sdpa", "graphs_fi_attn", "graphs_flashinfer", "graphs_compile_model")
+
+
+def hf_logits(path: str, ids: list[int], start: int, dtype) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEVICE)
+    with torch.no_grad():
+        out = model(torch.tensor([ids], device=DEVICE)).logits[0, start - 1:].float().cpu()
+    del model
+    return out
+
+
+def correctness() -> list[dict]:
+    """Teacher-forced logits of every path against transformers on the same weights, and greedy outputs
+    against the eager path, in bf16 and in fp32."""
     torch.manual_seed(0)
     prompt = torch.randint(0, 151000, (50,)).tolist()
-    forced = torch.randint(0, 151000, (32,)).tolist()
-    out = {}
-    ref = None
-    for name in ("eager_nographs", "graphs"):
-        llm = LLM("default", **base_kwargs, **CONFIGS[name])
-        logits = teacher_forced_logits(llm.engine, prompt, forced)
-        greedy = llm.generate([prompt, prompt[:7], prompt[:31]],
-                              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-        if ref is None:
-            ref = (logits, [g["token_ids"] for g in greedy])
-        else:
-            err = ((logits - ref[0]).norm() / ref[0].norm()).item()
-            agree = (logits.argmax(-1) == ref[0].argmax(-1)).float().mean().item()
-            out = dict(rel_err=err, argmax_agree=agree, greedy_equal=[g["token_ids"] for g in greedy] == ref[1])
-        llm.close()
-    return out
+    forced = torch.randint(0, 151000, (64,)).tolist()
+    rows = []
+    for dtype in ("bfloat16", "float32"):
+        ref, greedy_ref = None, None
+        for name in CHECKED:
+            try:
+                llm = LLM(MODEL, device=DEVICE, dtype=dtype, max_model_len=1024, max_num_seqs=8,
+                          enable_prefix_caching=False, **CONFIGS[name])
+                if ref is None:
+                    ref = hf_logits(llm.model_info["path"], prompt + forced, len(prompt), llm.config.torch_dtype)
+                logits = teacher_forced_logits(llm.engine, prompt, forced)
+                greedy = [g["token_ids"] for g in llm.generate(
+                    [prompt, prompt[:7], prompt[:31]], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))]
+                greedy_ref = greedy_ref or greedy
+                rows.append(dict(dtype=dtype, config=name,
+                                 rel_err_vs_hf=((logits - ref).norm() / ref.norm()).item(),
+                                 argmax_agree_vs_hf=(logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                                 greedy_equal_eager=greedy == greedy_ref))
+                llm.close()
+            except Exception:
+                rows.append(dict(dtype=dtype, config=name, error=traceback.format_exc()))
+                print(rows[-1]["error"])
+    return rows
 
 
 def main():
@@ -52,19 +89,20 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--decode-tokens", type=int, default=256)
+    p.add_argument("--check", action="store_true", help="compare every path's logits with transformers first")
+    p.add_argument("--model", default="default")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (use --model tiny)")
     args = p.parse_args()
+    global MODEL, DEVICE
+    MODEL, DEVICE = args.model, args.device
     base = dict(max_model_len=4096, max_num_seqs=64)
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    try:
-        results["graphs_vs_eager"] = correctness(base)
-    except Exception:
-        results["graphs_vs_eager"] = {"error": traceback.format_exc()}
-        print(results["graphs_vs_eager"]["error"])
+    results = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__}
+    results["correctness"] = correctness() if args.check else []
     rows = []
     for name in args.configs.split(","):
         t0 = time.perf_counter()
         try:
-            llm = LLM("default", **base, **CONFIGS[name])
+            llm = LLM(MODEL, device=DEVICE, **base, **CONFIGS[name])
             build = time.perf_counter() - t0
             speed = measure(llm, args.decode_tokens, 1024, 2, 3)
             rows.append(dict(config=name, build_s=build, timings=llm.engine.runner.timings,
@@ -76,7 +114,12 @@ def main():
     results["speed"] = rows
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2, default=str)
-    print(json.dumps(results["graphs_vs_eager"]))
+    for r in results["correctness"]:
+        if "error" in r:
+            print(f"{r['dtype']:9s} {r['config']:24s} ERROR {r['error'].splitlines()[-1]}")
+        else:
+            print(f"{r['dtype']:9s} {r['config']:24s} rel_err {r['rel_err_vs_hf']:.2e} "
+                  f"argmax {r['argmax_agree_vs_hf']:.3f} greedy==eager {r['greedy_equal_eager']}")
     print(f"{'config':24s} {'decode tok/s':>12s} {'ms/tok':>8s} {'ttft ms':>8s} {'prefill tok/s':>14s} {'build s':>8s}")
     for r in rows:
         if "error" in r:

@@ -1,0 +1,166 @@
+"""python -m nanovllm.bench COMMAND [options] [hydra overrides]
+
+  all         every part below in one process (one engine per preset), under --budget-s
+  latency     batch-1 decode at contexts 128/1024/4096: median and p90 ms/token per preset
+  throughput  nano-vllm's offline workload (256 random requests): output tok/s
+  ops         per-op microbenchmarks of every registered implementation: GB/s and % of bandwidth
+  peers       transformers eager and transformers + StaticCache + torch.compile on the same weights
+  roofline    bytes per token over the device's bandwidth
+  profile     kernel launches per decode step, time per op kind, top kernels, Chrome trace
+  compare     compare A.json B.json [--threshold 0.05]: B/A per entry, exit 1 on a regression
+  plot        plot RUN.json --out x.png: tok/s per preset against targets, peers and roofline
+
+Hydra overrides apply to every preset, as in `python -m nanovllm.run`: model=tiny device=cpu engine.enforce_eager=true.
+Example (CPU smoke run): python -m nanovllm.bench all --quick --out-dir /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+RUN_COMMANDS = ("all", "latency", "throughput", "ops", "peers", "roofline")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: model=tiny device=cpu, tiny sizes")
+    p.add_argument("--out-dir", type=Path, default=None, help="where results, traces and plots go "
+                   "(default benchmarks/results)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every preset (model=..., device=..., ...)")
+
+
+def _run_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help=f"run the {name} part" if name != "all" else "run every part")
+    _common(p)
+    p.add_argument("--presets", type=_names, default=None, help="comma list of configs/kernels presets; "
+                   "a+b stacks two (default: baseline)")
+    p.add_argument("--budget-s", type=float, default=None, help="skip parts that would start after this many s")
+    if name == "all":
+        p.add_argument("--skip", type=_names, default=(), help="parts to leave out, e.g. peers,ops")
+    p.add_argument("--contexts", type=_ints, default=None, help="latency contexts (default 128,1024,4096)")
+    p.add_argument("--new-tokens", type=int, default=None, help="latency: new tokens per context (default 256)")
+    p.add_argument("--throughput-preset", default=None, help="preset for the throughput run (default: the first)")
+    p.add_argument("--num-requests", type=int, default=None, help="throughput requests (default 256)")
+    p.add_argument("--profile-steps", type=int, default=None, help="profiled decode steps per preset (default 8)")
+    p.add_argument("--no-traces", dest="traces", action="store_false", default=None, help="no Chrome traces")
+    p.add_argument("--op-batches", type=_ints, default=None, help="ops: batch sizes (default 1,64)")
+    p.add_argument("--op-skip-backends", type=_names, default=None, help="ops: backends not to time")
+    p.add_argument("--peer-backend", default=None, help="torch.compile backend of the compiled peer (inductor)")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="no PNG next to the results")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nanovllm.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in RUN_COMMANDS:
+        _run_parser(sub, name)
+    p = sub.add_parser("profile", help="profile batch-1 decode steps of one preset")
+    _common(p)
+    p.add_argument("--preset", default="baseline")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--context", type=int, default=None, help="prompt tokens before the profiled steps (128)")
+    p = sub.add_parser("compare", help="B/A per entry; exit 1 on a regression beyond --threshold")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--threshold", type=float, default=0.05)
+    p = sub.add_parser("plot", help="bar chart of tok/s per preset")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default: next to RUN)")
+    p.add_argument("--context", type=int, default=128)
+    return parser
+
+
+def _options(args):
+    from nanovllm.bench.suite import PARTS, QUICK, Options
+
+    given = {k: getattr(args, k) for k in ("presets", "budget_s", "contexts", "new_tokens", "throughput_preset",
+                                           "num_requests", "profile_steps", "traces", "op_batches",
+                                           "op_skip_backends", "peer_backend", "out_dir")}
+    kwargs = {**(QUICK if args.quick else {}), **{k: v for k, v in given.items() if v is not None}}
+    unknown = set(getattr(args, "skip", ())) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"--skip: unknown part(s) {sorted(unknown)}; parts: {', '.join(PARTS)}")
+    parts = tuple(p for p in PARTS if p not in args.skip) if args.command == "all" else (args.command,)
+    return Options(**kwargs, parts=parts, overrides=tuple(args.overrides), quick=args.quick)
+
+
+def run_command(args, console: Console) -> int:
+    from nanovllm.bench.plot import plot
+    from nanovllm.bench.report import print_summary
+    from nanovllm.bench.suite import Suite
+
+    suite = Suite(_options(args), console)
+    r = suite.run()
+    print_summary(r, console)
+    if args.plot and r["latency"]:
+        try:
+            console.print(f"plot: {plot(r, suite.path.with_suffix('.png'))}")
+        except Exception as e:  # a plot is a convenience; the results file is what matters
+            console.print(f"[yellow]plot failed: {e}[/]")
+    console.print(f"results: {suite.path}")
+    return 0
+
+
+def profile_command(args, console: Console) -> int:
+    from nanovllm.bench import presets, results
+    from nanovllm.bench.profiling import profile_llm
+    from nanovllm.bench.report import print_profile
+    from nanovllm.bench.suite import QUICK, QUICK_OVERRIDES
+
+    overrides = presets.merge_overrides(QUICK_OVERRIDES if args.quick else (), args.overrides)
+    context = args.context or (QUICK["profile_context"] if args.quick else 128)
+    out_dir = args.out_dir or results.RESULTS_DIR
+    cfg = presets.compose_config(args.preset, overrides)
+    llm = presets.build_llm(cfg, min_model_len=context + args.warmup + 3 * args.steps + 16)  # + eager steps
+    try:
+        trace = Path(out_dir) / f"trace_{results.slug(args.preset)}.json.gz"
+        summary = profile_llm(llm, args.steps, args.warmup, context, trace)
+        summary.update(preset=args.preset, gpu=llm.device_name, kernel_table=llm.kernel_table)
+    finally:
+        presets.release(llm)
+    print_profile(summary, console)
+    path = results.save(summary, Path(out_dir) / f"profile_{results.slug(args.preset)}.json")
+    console.print(f"trace: {trace}\nsummary: {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # logs of a GPU run are read later: tables there get a wide page rather than a cut one
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 180)
+    if args.command == "compare":
+        from nanovllm.bench.compare import main as compare_main
+
+        return compare_main(str(args.a), str(args.b), args.threshold, console)
+    if args.command == "plot":
+        from nanovllm.bench.plot import plot
+        from nanovllm.bench.results import load
+
+        try:
+            console.print(f"plot: {plot(load(args.run), args.out or args.run.with_suffix('.png'), args.context)}")
+        except ValueError as e:
+            console.print(f"[red]{e}[/]")
+            return 2
+        return 0
+    if args.command == "profile":
+        return profile_command(args, console)
+    return run_command(args, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

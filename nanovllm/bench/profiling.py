@@ -1,0 +1,165 @@
+"""Profile batch-1 decode steps with torch.profiler: kernel launches per step (CUDA kernel events per
+step; on the CPU, top-level aten ops), time per op kind, the top kernels, and a Chrome trace.
+
+Kernels replayed from a CUDA graph are reported by CUPTI as ordinary kernel events on recent torch, so
+one count covers eager and graph steps. If a graph was launched but no kernel was seen, the count is
+flagged as not covering graph kernels instead of reporting a silent zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import re
+import shutil
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+
+# First match wins, so the specific kinds come before the catch-alls (a fused Triton norm kernel is
+# named after its pieces, e.g. triton_red_fused_add_mean_mul_pow_rsqrt).
+KINDS = (
+    ("attention", r"attn|attention|flash|fmha|sdpa|softmax|paged|batchdecode|batchprefill|merge_state|split_?kv"),
+    ("gemm", r"gemm|gemv|matmul|cublas|cutlass|nvjet|xmma|aten::(addmm|mm|bmm|linear)\b|splitk"),
+    ("norm", r"norm|rsqrt"),
+    ("rope", r"rope|rotary"),
+    ("sampling", r"argmax|argmin|sort|topk|sample|exponential|multinomial"),
+    ("elementwise", r"elementwise|vectorized|unrolled|copy|fill|index|gather|scatter|cat|add|mul|silu|neg|"
+                    r"where|triton_poi|aten::"),
+)
+_KIND_RES = tuple((k, re.compile(p, re.IGNORECASE)) for k, p in KINDS)
+GRAPH_LAUNCH = ("cudaGraphLaunch", "cuGraphLaunch")
+HOST_LAUNCH = re.compile(r"^(cuda|cu)(LaunchKernel|LaunchCooperativeKernel|GraphLaunch)")  # runtime/driver APIs
+TOP = 15
+
+
+def kind(name: str) -> str:
+    return next((k for k, rx in _KIND_RES if rx.search(name)), "other")
+
+
+def _duration_us(e) -> float:
+    return e.time_range.end - e.time_range.start
+
+
+def _is_top_level_aten(e) -> bool:
+    if e.device_type != DeviceType.CPU or not e.name.startswith("aten::"):
+        return False
+    parent = e.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def summarize(events, steps: int, on_cuda: bool) -> dict:
+    if on_cuda:
+        device_events = [e for e in events if e.device_type == DeviceType.CUDA]
+        copies = [e for e in device_events if e.name.startswith(("Memcpy", "Memset"))]
+        launched = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset"))]
+        durations = {id(e): _duration_us(e) for e in device_events}
+        unit = "CUDA kernels"
+    else:
+        copies = []
+        launched = [e for e in events if _is_top_level_aten(e)]
+        durations = {id(e): e.cpu_time_total for e in launched}
+        unit = "top-level aten ops (CPU)"
+    host = [e.name for e in events if e.device_type == DeviceType.CPU]
+    graph_launches = sum(name in GRAPH_LAUNCH for name in host)
+    host_launches = sum(bool(HOST_LAUNCH.match(name)) for name in host)
+    by_kind, by_name = defaultdict(float), defaultdict(lambda: [0, 0.0])
+    for e in launched:
+        by_kind[kind(e.name)] += durations[id(e)]
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += durations[id(e)]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:TOP]
+    out = dict(
+        unit=unit, steps=steps, launches_per_step=len(launched) / steps,
+        copies_per_step=len(copies) / steps, graph_launches_per_step=graph_launches / steps,
+        # what the host paid: one call per eager kernel, one per graph replay
+        host_launches_per_step=host_launches / steps,
+        busy_us_per_step=sum(durations[id(e)] for e in launched) / steps,
+        us_per_step_by_kind={k: v / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        top=[dict(name=n, kind=kind(n), calls_per_step=c / steps, us_per_step=t / steps, mean_us=t / c)
+             for n, (c, t) in top],
+    )
+    out["graph_kernels_visible"] = not (on_cuda and graph_launches and not launched)
+    if not out["graph_kernels_visible"]:
+        out["note"] = ("CUDA graphs were launched but the profiler reported no kernels: launches_per_step does not "
+                       "count kernels inside graphs on this torch/CUPTI")
+    return out
+
+
+def profile_steps(step: Callable[[], None], steps: int, device, trace_path: Path | None = None) -> dict:
+    """Profile `steps` calls of `step` (warm it up first); writes a Chrome trace if `trace_path` is given."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    if on_cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if on_cuda:
+            torch.cuda.synchronize()
+    summary = summarize(prof.events(), steps, on_cuda)
+    if trace_path is not None:
+        summary["trace"] = str(write_trace(prof, Path(trace_path)))
+    return summary
+
+
+def write_trace(prof, path: Path) -> Path:
+    """A Chrome trace; gzipped when the name ends in .gz (Perfetto and chrome://tracing open both)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix != ".gz":
+        prof.export_chrome_trace(str(path))
+        return path
+    plain = path.with_suffix("")
+    prof.export_chrome_trace(str(plain))
+    with plain.open("rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    plain.unlink()
+    return path
+
+
+@contextlib.contextmanager
+def _without_graphs(llm):
+    """Decode steps run eagerly inside (ModelRunner.graphs set aside), for a reference count."""
+    runner = llm.engine.runner
+    graphs = getattr(runner, "graphs", None)
+    runner.graphs = None
+    try:
+        yield
+    finally:
+        runner.graphs = graphs
+
+
+def profile_llm(llm, steps: int = 8, warmup: int = 4, context: int = 128, trace_path: Path | None = None) -> dict:
+    """Batch-1 decode steps of an engine, after `warmup` unprofiled steps. When the engine replays CUDA
+    graphs, a few steps are also profiled eagerly: if the graph steps show far fewer kernels than the
+    eager ones, the profiler is missing kernels inside graphs and the count is flagged."""
+    from nanovllm.bench.steps import DecodeSteps
+
+    graphs = getattr(llm.engine.runner, "graphs", None) is not None
+    eager_steps = min(steps, 4) if graphs else 0
+    with DecodeSteps(llm, context, max_steps=warmup + steps + 2 * eager_steps) as decode:
+        for _ in range(warmup):
+            decode.step()
+        summary = profile_steps(decode.step, steps, llm.config.device, trace_path)
+        if eager_steps:
+            with _without_graphs(llm):
+                for _ in range(eager_steps):  # warm up the eager path (allocator, lazy inits)
+                    decode.step()
+                eager = profile_steps(decode.step, eager_steps, llm.config.device)
+            summary["eager"] = {k: eager[k] for k in ("launches_per_step", "host_launches_per_step",
+                                                      "busy_us_per_step", "us_per_step_by_kind")}
+            if summary["launches_per_step"] < 0.5 * eager["launches_per_step"]:
+                summary["graph_kernels_visible"] = False
+                summary["note"] = (f"graph steps show {summary['launches_per_step']:.0f} kernels, eager steps "
+                                   f"{eager['launches_per_step']:.0f}: the profiler misses kernels inside CUDA graphs; "
+                                   "use eager.launches_per_step")
+    return dict(summary, context=context, warmup=warmup, cuda_graphs=graphs)
