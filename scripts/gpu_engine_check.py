@@ -47,9 +47,10 @@ CHECKED = ("eager_nographs", "graphs", "graphs_sdpa", "graphs_fi_attn", "graphs_
 def hf_logits(path: str, ids: list[int], start: int, dtype) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEVICE)
+    # On the CPU: the reference should not share the GPU path (or its compile caches) with what it checks.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     with torch.no_grad():
-        out = model(torch.tensor([ids], device=DEVICE)).logits[0, start - 1:].float().cpu()
+        out = model(torch.tensor([ids])).logits[0, start - 1:].float()
     del model
     return out
 

@@ -31,8 +31,8 @@ from nanovllm.models import pypi_models
 
 logger = logging.getLogger(__name__)
 
-RANDOM_NOTE = ("weights are random; for real weights pass LLM(\"/path/to/hf/folder\") or, with python -m "
-               "nanovllm.run, model.name=/path/to/hf/folder")
+RANDOM_NOTE = ("weights are random; pass model=/path/to/hf/folder for real weights (LLM(\"/path\") or, with "
+               "python -m nanovllm.run, model.name=/path), or a real small model: smollm2-135m, gemma3-270m")
 QWEN3_EOS_IDS = [151645, 151643]  # <|im_end|> ends a chat turn, <|endoftext|> a document
 QWEN3_BOS_ID = 151643
 

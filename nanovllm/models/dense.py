@@ -205,6 +205,10 @@ class DenseCausalLM(nn.Module):
             return tensor.float() + self.args.norm_offset
         return tensor
 
+    def skips(self, hf_name: str) -> bool:
+        """Checkpoint tensors this model leaves out on purpose (a multimodal model's vision tower)."""
+        return False
+
     def param_name(self, hf_name: str) -> tuple[str, int | tuple | None] | None:
         """Our parameter for an HF tensor name, and the shard for packed weights: an index into
         shard_sizes, or (expert, index or None) for per-expert MoE tensors."""

@@ -23,9 +23,27 @@ def load_hf_config(path: Path):
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ValueError(f"malformed config.json in {str(path)!r}: it needs a JSON object with a 'model_type'")
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
         raise ValueError(f"config.json in {str(path)!r} could not be read: {e}") from None
+    return text_only(config)
+
+
+# multimodal architecture -> the text model its language weights load into
+TEXT_ONLY = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+
+
+def text_only(config):
+    """The text config of a multimodal checkpoint whose language model we run (vision weights are skipped)."""
+    archs = [TEXT_ONLY[a] for a in getattr(config, "architectures", None) or [] if a in TEXT_ONLY]
+    if not archs:
+        return config
+    text = config.get_text_config()
+    text.architectures = archs
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(text, key, None) is None and getattr(config, key, None) is not None:
+            setattr(text, key, getattr(config, key))
+    return text
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -78,7 +96,7 @@ def load_weights(model: torch.nn.Module, tensors, dtype: torch.dtype, progress=N
     for hf_name, tensor in tensors:
         target = model.param_name(hf_name)
         if target is None:
-            if hf_name.endswith("rotary_emb.inv_freq"):
+            if hf_name.endswith("rotary_emb.inv_freq") or model.skips(hf_name):
                 continue
             raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(model).__name__}")
         name, shard = target
