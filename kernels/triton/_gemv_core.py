@@ -1,0 +1,293 @@
+"""Shared GEMV machinery for the Triton plugins: the weight-streaming tile loop, the general GEMV kernel
+(optional RMSNorm prologue, bias and residual epilogues, split-K), and registration helpers.
+
+Weights stay in Hugging Face's (out, in) row-major layout: each program streams BLOCK_N contiguous rows
+over its K range, which is the coalesced order for a GEMV. One row of x (batch 1) runs elementwise FMAs;
+2..16 rows run tl.dot with 16-row tiles. More rows than that are a GEMM and go to cuBLAS (the callers).
+On Hopper every kernel launches with PDL (programmatic dependent launch): it lets the next kernel start
+while it drains, and a GEMV issues its first weight tile before waiting for the kernel before it, so
+the launch gap and the DRAM latency hide behind the previous kernel (see `pdl` and `prefetch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from nanovllm.ops import get_op, register_impl
+from nanovllm.ops.plugins import load_sibling
+
+tuning = load_sibling(__file__, "_tuning")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+try:  # programmatic dependent launch (Hopper+); the intrinsics are no-ops in a kernel launched without it
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_GDC = True
+except ImportError:  # an older Triton: PDL stays off
+    HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
+def pdl(*tensors: torch.Tensor) -> bool:
+    """Launch with PDL: the next kernel's programs start (and prefetch weights) while this one drains, and
+    wait (gdc_wait) before reading activations or storing anything. CUDA sm90+, eager or CUDA-graph
+    launches only (not while torch.compile traces), NANOVLLM_TRITON_PDL=0 turns it off."""
+    t = tensors[0]
+    if tuning.INTERPRET or t.device.type != "cuda" or not HAS_GDC or os.environ.get("NANOVLLM_TRITON_PDL") == "0":
+        return False
+    if torch.compiler.is_compiling() or any(type(x) not in (torch.Tensor, torch.nn.Parameter) for x in tensors):
+        return False
+    return torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def prefetch(use_pdl: bool, w: torch.Tensor) -> bool:
+    """Load the first weight tile before waiting on the previous kernel: only for Parameters, which no
+    kernel in flight writes (a plain tensor may be the output of the very kernel we overlap with)."""
+    return use_pdl and isinstance(w, torch.nn.Parameter)
+
+
+def launch_opts(use_pdl: bool) -> dict:
+    return {"launch_pdl": True} if use_pdl else {}
+
+
+@triton.jit
+def dot_acc(acc, x, w, DOT_F32: tl.constexpr):
+    """acc += x @ w.T on tensor cores; fp32 operands in IEEE mode, so fp32 models stay exact (the
+    interpreter also needs fp32 operands: its dot of bf16 is wrong)."""
+    if DOT_F32:
+        acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, eps, pid_m, pid_n, up_off,
+              HAS_NORM: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+              PREFETCH: tl.constexpr):
+    """(x[rows] @ w[cols, k_lo:k_hi].T, same against rows up_off + cols if GATED), fp32 (BLOCK_M, BLOCK_N).
+
+    GATED streams a second weight tile per step against the same x loads (gate and up of an MLP).
+    HAS_NORM applies RMSNorm to x on the fly: x * norm_w per column, and 1/rms per row at the end (the
+    row scale factors out of the dot product, so one pass over x gives both; needs k_lo=0, k_hi=K).
+    PDL: waits for the previous kernel (programmatic dependent launch) before touching activations;
+    PREFETCH (weights that no kernel in flight writes) issues the first weight tile before that wait.
+    One row double-buffers the weight tiles (the next tile's loads are in flight during the FMAs);
+    more rows leave the pipelining of the tl.dot operands to Triton (num_stages)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # int64: big vocab x hidden
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        ss = tl.zeros((BLOCK_K,), tl.float32)
+        if PDL and not PREFETCH:
+            gdc_wait()
+        w = tl.load(w_ptrs + k_lo, mask=mask_n[:, None] & ((k_lo + offs_k) < k_hi)[None, :], other=0.0)
+        w2 = w
+        if GATED:
+            w2 = tl.load(w_ptrs + up_off + k_lo, mask=mask_n[:, None] & ((k_lo + offs_k) < k_hi)[None, :], other=0.0)
+        if PDL and PREFETCH:
+            gdc_wait()
+        for k in range(k_lo, k_hi, BLOCK_K):
+            mask_k = (k + offs_k) < k_hi
+            x = tl.load(x_ptr + pid_m * stride_xm + k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                nw = tl.load(nw_ptr + k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                ss += x * x
+                x = x * nw
+            nxt = mask_n[:, None] & ((k + BLOCK_K + offs_k) < k_hi)[None, :]  # all false on the last step
+            w_next = tl.load(w_ptrs + k + BLOCK_K, mask=nxt, other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+            w = w_next
+            if GATED:
+                w2_next = tl.load(w_ptrs + up_off + k + BLOCK_K, mask=nxt, other=0.0)
+                acc2 += w2.to(tl.float32) * x[None, :]
+                w2 = w2_next
+        out, out2 = tl.sum(acc, axis=1)[None, :], tl.sum(acc2, axis=1)[None, :]
+        if HAS_NORM:
+            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+            out, out2 = out * rstd, out2 * rstd
+    else:
+        if PDL:
+            gdc_wait()
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        ss = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            mask_k = (k + offs_k) < k_hi
+            x = tl.load(x_ptrs + k, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if HAS_NORM:
+                nw = tl.load(nw_ptr + k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                xf = x.to(tl.float32)
+                ss += xf * xf
+                x = (xf * nw[None, :]).to(x.dtype)
+            if EVEN_K:
+                w = tl.load(w_ptrs + k, mask=mask_n[:, None], other=0.0)
+            else:
+                w = tl.load(w_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc = dot_acc(acc, x, w, DOT_F32)
+            if GATED:
+                if EVEN_K:
+                    w2 = tl.load(w_ptrs + up_off + k, mask=mask_n[:, None], other=0.0)
+                else:
+                    w2 = tl.load(w_ptrs + up_off + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                acc2 = dot_acc(acc2, x, w2, DOT_F32)
+        out, out2 = acc, acc2
+        if HAS_NORM:
+            rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
+            out, out2 = out * rstd[:, None], out2 * rstd[:, None]
+    return out, out2
+
+
+@triton.jit
+def store_out(acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, offs_m, offs_n, M, N,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """y = round(acc + bias), then round(y + residual): the roundings of F.linear followed by `residual + y`."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(y_ptr.dtype.element_ty)
+    if HAS_RES:
+        r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, b_ptr, r_ptr, nw_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm,
+                 eps, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, PARTIAL: tl.constexpr,
+                 SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    """Grid (N blocks, SPLIT_K, M blocks). PARTIAL: y is an fp32 (SPLIT_K, M, N) workspace of partial sums."""
+    if PDL:
+        gdc_launch_dependents()  # the next kernel may start its programs once all of ours are running
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * span
+    k_hi = tl.minimum(K, k_lo + span)
+    acc, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, eps, pid_m, pid_n, 0,
+                       HAS_NORM, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PARTIAL:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(y_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+    else:
+        store_out(acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, offs_m, offs_n, M, N, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def _splitk_sum_kernel(ws_ptr, y_ptr, b_ptr, r_ptr, M, N, stride_ym, stride_rm, SPLIT_K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Grid (M, N blocks): sum the split-K partials (fixed order, deterministic), then the epilogue."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    offs_m = tl.program_id(0) + tl.arange(0, 1)
+    offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs_n[None, :] < N
+    acc = tl.zeros((1, BLOCK), tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0)
+    store_out(acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, offs_m, offs_n, M, N, HAS_BIAS, HAS_RES)
+
+
+def dot_f32(x: torch.Tensor) -> bool:
+    return tuning.INTERPRET or x.dtype == torch.float32
+
+
+def check_config(cfg, m: int) -> None:
+    if tuning.block_m(m) > 1 and min(cfg.BLOCK_N, cfg.BLOCK_K) < 16:
+        raise ValueError(f"{cfg}: the tl.dot path ({m} rows) needs BLOCK_N and BLOCK_K >= 16")
+
+
+def launch_gemv(x, w, out, cfg, bias=None, residual=None, norm_w=None, eps=0.0, partial=False, ws=None):
+    """out = epilogue(x @ w.T) (or fp32 partials into `out` if partial). ws: (SPLIT_K, M, N) fp32 when split."""
+    (m, k), n = x.shape, w.shape[0]
+    bm, sk = tuning.block_m(m), cfg.SPLIT_K
+    check_config(cfg, m)
+    split_out = out if partial else ws
+    grid = (triton.cdiv(n, cfg.BLOCK_N), sk, triton.cdiv(m, bm))
+    res_stride = residual.stride(0) if residual is not None else 0
+    use_pdl = pdl(x, w)
+    wrap_triton(_gemv_kernel)[grid](
+        x, w, split_out if (partial or sk > 1) else out, bias, residual, norm_w, m, n, k, x.stride(0), w.stride(0),
+        out.stride(0), res_stride, eps, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        HAS_NORM=norm_w is not None, PARTIAL=partial or sk > 1, SPLIT_K=sk, EVEN_K=k % (sk * cfg.BLOCK_K) == 0,
+        BLOCK_M=bm, DOT_F32=dot_f32(x), PDL=use_pdl, PREFETCH=prefetch(use_pdl, w), **cfg.meta(),
+        **launch_opts(use_pdl))
+    if sk > 1 and not partial:
+        block = min(1024, triton.next_power_of_2(n))
+        wrap_triton(_splitk_sum_kernel)[(m, triton.cdiv(n, block))](
+            ws, out, bias, residual, m, n, out.stride(0), res_stride, SPLIT_K=sk, HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, BLOCK=block, PDL=use_pdl, num_warps=4, **launch_opts(use_pdl))
+
+
+def bencher(w: torch.Tensor, run):
+    """`make_bench` for tuning.choose: times run(cfg, weight) over rotating copies of `w` in a CUDA graph."""
+    def make_bench():
+        copies = tuning.weight_copies(w)
+        return lambda cfg: tuning.graph_time(lambda i: run(cfg, copies[i]), len(copies))
+    return make_bench
+
+
+@triton_op("nanovllm_triton::gemv", mutates_args=())
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+         norm_w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """rms_norm(x) (if norm_w) @ w.T + bias (+ residual), for x with at most MAX_M rows, w (N, K) row-major."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    (m, k), n = x.shape, w.shape[0]
+
+    def run(cfg, weight):
+        out = x.new_empty(m, n)
+        ws = x.new_empty(cfg.SPLIT_K, m, n, dtype=torch.float32) if cfg.SPLIT_K > 1 else None
+        launch_gemv(x, weight, out, cfg, bias, residual, norm_w, eps, ws=ws)
+        return out
+
+    name = "gemv" + ("_norm" if norm_w is not None else "") + ("_res" if residual is not None else "")
+    cfg = tuning.choose(name, n, k, m, x, w, bencher(w, run), split=norm_w is None)
+    if norm_w is not None and cfg.SPLIT_K > 1:  # the norm's 1/rms needs the whole row in one program
+        cfg = dataclasses.replace(cfg, SPLIT_K=1)
+    return run(cfg, w)
+
+
+def register_site(op: str, fused, *, check=None, gemv_rows: bool = True) -> None:
+    """Register `fused(*args, parts=...)` as backend `triton` of site `op`. With gemv_rows, steps with more
+    than MAX_M rows (prefill: a GEMM) run the site's native composition of the layer's resolved parts."""
+    native = get_op(op).native
+
+    def build(parts: dict):
+        fallback = functools.partial(native, **parts)
+
+        def run(*args):
+            if gemv_rows and not 0 < args[0].shape[0] <= tuning.MAX_M:
+                return fallback(*args)
+            return fused(*args, parts=parts)
+        run.__doc__ = fused.__doc__
+        return run
+
+    native_parts = {p: get_op(p).native for p in get_op(op).parts}
+    register_impl(op, "triton", devices=devices(), dtypes=DTYPES, check=check, build=build)(build(native_parts))
+
+
+def devices() -> tuple[str, ...]:
+    """CUDA; also CPU under TRITON_INTERPRET=1 (the tests run every kernel that way)."""
+    return ("cuda", "cpu") if tuning.INTERPRET else ("cuda",)

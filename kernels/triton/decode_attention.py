@@ -1,0 +1,158 @@
+"""Backend `triton` of `attention_decode`: split-KV flash decoding over the paged cache (one query per request).
+
+Kernel 1, grid (request, kv head, split): the program loads the GQA group's query heads as one tile,
+walks its share of the request's keys page by page through the block table (online softmax, exp2), and
+writes its partial output and log-sum-exp. Kernel 2, grid (request, q head): merges the splits.
+The split count depends only on shapes (batch, heads, block-table width), never on the step's lengths,
+so a captured CUDA graph stays valid as contexts grow; splits past a request's keys exit at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from nanovllm.ops import register_impl
+from nanovllm.ops.plugins import load_sibling
+
+core = load_sibling(__file__, "_gemv_core")
+gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
+BLOCK_KV = 64
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, stride_qb, stride_qh,
+                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, page, group,
+                         head_dim, qk_scale, softcap, window, num_splits, stride_ob, stride_oh,
+                         HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_F32: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # the K/V of this step are written by the kernel before: wait before any load
+        gdc_launch_dependents()
+        gdc_wait()
+    b, kh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
+    lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)  # sliding window: the last `window` keys
+    span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
+    start = lo + split * span
+    stop = tl.minimum(kv_len, start + span)
+    offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_KV)
+    heads = kh * group + offs_g
+    mask_g, mask_d = offs_g < group, offs_d < head_dim
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    for n0 in range(start, stop, BLOCK_KV):
+        pos = n0 + offs_n
+        mask_n = pos < stop
+        blk = tl.load(bt_ptr + b * stride_bt + pos // page, mask=mask_n, other=0).to(tl.int64)
+        row = pos % page
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(kc_ptr + blk[:, None] * stride_kb + row[:, None] * stride_ks + kh * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if HAS_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh through exp2 (no tanh in tl core)
+            t = tl.exp2(s * (qk_scale * 2 * LOG2E / softcap))
+            s = softcap * (1 - 2 / (t + 1)) * LOG2E
+        else:
+            s = s * (qk_scale * LOG2E)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + blk[:, None] * stride_vb + row[:, None] * stride_vs + kh * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if DOT_F32:
+            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    has = l_i > 0  # an empty split (past the keys) contributes weight 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    if DIRECT:  # one split: this is the answer, no merge launch
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+    else:
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        base = (b * tl.num_programs(1) * group + heads) * num_splits + split  # o: (B, Hq, S, D), lse: (B, Hq, S)
+        tl.store(o_ptr + base[:, None] * BLOCK_D + offs_d[None, :], out, mask=mask_g[:, None])
+        tl.store(lse_ptr + base, lse, mask=mask_g)
+
+
+@triton.jit
+def _decode_merge_kernel(o_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, num_splits, head_dim,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """Grid (request, q head): out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    b, h = tl.program_id(0), tl.program_id(1)
+    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+    base = (b * tl.num_programs(1) + h) * num_splits
+    lse = tl.load(lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))
+    o = tl.load(o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=(offs_s < num_splits)[:, None],
+                other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < head_dim)
+
+
+def num_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -> int:
+    """About two programs per SM, each with at least two key blocks of the widest possible context."""
+    sms = core.tuning.num_sms(device)
+    return max(1, min(triton.cdiv(2 * sms, batch * kv_heads), triton.cdiv(capacity, 2 * BLOCK_KV), 64))
+
+
+@triton_op("nanovllm_triton::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     positions: torch.Tensor, scale: float, window: int, softcap: float, splits: int) -> torch.Tensor:
+    """Attention of one query per request (q: (B, Hq, D)) over its paged keys; splits=0 picks the count."""
+    batch, hq, d = q.shape
+    page, hk = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hk
+    splits = splits or num_splits(batch, hk, block_tables.shape[1] * page, q.device)
+    block_d = max(16, triton.next_power_of_2(d))
+    o = q.new_empty(batch, hq, splits, block_d, dtype=torch.float32)
+    lse = q.new_empty(batch, hq, splits, dtype=torch.float32)
+    out = q.new_empty(batch, hq, d)
+    pdl = core.pdl(q, k_cache)
+    if batch:
+        wrap_triton(_decode_split_kernel)[(batch, hk, splits)](
+            q, k_cache, v_cache, block_tables, positions, o, lse, out, q.stride(0), q.stride(1), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0), page, group, d, scale, softcap, window, splits, out.stride(0), out.stride(1),
+            HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1,
+            BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_KV=BLOCK_KV, BLOCK_D=block_d,
+            DOT_F32=core.dot_f32(q), PDL=pdl, num_warps=4, num_stages=2, **core.launch_opts(pdl))
+    if batch and splits > 1:
+        wrap_triton(_decode_merge_kernel)[(batch, hq)](
+            o, lse, out, out.stride(0), out.stride(1), splits, d, BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_D=block_d, PDL=pdl, num_warps=4, **core.launch_opts(pdl))
+    return out
+
+
+def attention_decode(q, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0):
+    """Split-KV paged decode attention (GQA groups share their K/V loads)."""
+    return torch.ops.nanovllm_triton.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.positions,
+                                                      float(scale), int(window), float(softcap), 0)
+
+
+def _check(shapes: dict) -> str | None:
+    """head_dim <= 256, heads a multiple of kv_heads"""
+    d, h, hk = shapes.get("head_dim", 128), shapes.get("heads", 1), shapes.get("kv_heads", 1)
+    if d > 256:
+        return f"head_dim {d} > 256"
+    return f"{h} heads are not a multiple of {hk} kv heads" if h % hk else None
+
+
+register_impl("attention_decode", "triton", devices=core.devices(), dtypes=core.DTYPES, check=_check)(attention_decode)

@@ -1,0 +1,73 @@
+"""Hydra entry point: python -m nanovllm.serve [overrides]
+
+Takes the same model/engine/kernel overrides as `python -m nanovllm.run`, plus `server.*`:
+    python -m nanovllm.serve model=tiny server.host=127.0.0.1 server.port=8000
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nanovllm.config import check_kernel_names
+from nanovllm.serve.schema import check_serve_schema, register_serve_configs
+
+log = logging.getLogger("nanovllm.serve")
+
+register_serve_configs()  # before @hydra.main composes: serve.yaml extends the schema stored here
+
+
+def build_engine(cfg: DictConfig):
+    from nanovllm.config import EngineConfig
+    from nanovllm.engine.llm_engine import LLMEngine
+
+    config = EngineConfig.from_kwargs(cfg.model.name, device=cfg.device, dtype=cfg.dtype,
+                                      kernels=OmegaConf.to_container(cfg.kernels, resolve=True),
+                                      **OmegaConf.to_container(cfg.engine, resolve=True))
+    t0 = time.perf_counter()
+    engine = LLMEngine(config)
+    log.info("built %s on %s (%s) in %.1f s; KV cache: %d blocks of %d tokens", cfg.model.name, config.device,
+             config.dtype, time.perf_counter() - t0, engine.block_manager.num_blocks, config.kvcache_block_size)
+    return engine
+
+
+def warmup(engine) -> None:
+    """One greedy and one sampled request with logprobs, so the first client does not pay for lazy
+    initialisation (torch.compile, allocator growth) of either sampling path."""
+    from nanovllm.sampling_params import SamplingParams
+
+    t0 = time.perf_counter()
+    engine.add_request("warmup", SamplingParams(temperature=0.0, max_tokens=4))
+    engine.add_request("warmup", SamplingParams(temperature=1.0, max_tokens=4, logprobs=1, seed=0))
+    for _ in range(1000):  # bounded: two 4-token requests finish in a handful of steps
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    log.info("warmup done in %.1f s", time.perf_counter() - t0)
+
+
+@hydra.main(config_path="../../configs", config_name="serve", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    import uvicorn
+
+    from nanovllm.serve.app import create_app
+
+    check_serve_schema(cfg)
+    check_kernel_names(cfg.kernels)
+    server = cfg.server
+    engine = build_engine(cfg)
+    try:
+        if server.warmup:
+            warmup(engine)
+        app = create_app(engine, model_name=server.served_model_name or str(cfg.model.name),
+                         api_key=server.api_key, max_queued_requests=server.max_queued_requests)
+        uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.runner.close()
+
+
+if __name__ == "__main__":
+    main()

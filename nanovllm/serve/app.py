@@ -1,0 +1,110 @@
+"""The FastAPI app: OpenAI-compatible routes, /health, /metrics, optional API key, OpenAI-style errors.
+
+`create_app(engine, ...)` wraps an LLMEngine; the app's lifespan starts the engine thread and stops it.
+"""
+
+from __future__ import annotations
+
+import hmac
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.serve.async_engine import AsyncEngine, EngineDeadError
+from nanovllm.serve.chat import create_chat_completion
+from nanovllm.serve.completions import create_completion
+from nanovllm.serve.errors import error_body, install_error_handlers
+from nanovllm.serve.metrics import Metrics
+from nanovllm.serve.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from nanovllm.serve.state import ServeState
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
+
+
+class APIKeyMiddleware:
+    """Pure ASGI (unlike BaseHTTPMiddleware it leaves streaming and disconnects alone): /v1/* needs
+    `Authorization: Bearer <key>`; /health and /metrics stay open for probes and scrapers."""
+
+    def __init__(self, app, api_key: str, on_reject):
+        self.app, self.expected, self.on_reject = app, f"Bearer {api_key}".encode(), on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.on_reject(401)
+                body = error_body(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                  code="invalid_api_key")
+                await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
+               max_queued_requests: int = 256) -> FastAPI:
+    metrics = Metrics()
+    async_engine = AsyncEngine(engine, metrics, max_queued_requests)
+    state = ServeState(async_engine, model_name, engine.config.max_model_len, engine.tokenizer)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        try:
+            yield
+        finally:
+            async_engine.shutdown()
+
+    app = FastAPI(title="nano-vllm", summary="OpenAI-compatible completions and chat completions",
+                  lifespan=lifespan)
+    app.state.serve, app.state.metrics = state, metrics
+
+    def on_reject(status: int) -> None:
+        metrics.requests.labels("rejected").inc()
+
+    install_error_handlers(app, on_reject)
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, e: EngineDeadError):
+        return JSONResponse(error_body(503, str(e), code="engine_dead"), 503)
+
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, on_reject=on_reject)
+
+    @app.get("/health", summary="200 while the engine runs, 503 once it has failed")
+    async def health():
+        if async_engine.alive:
+            return {"status": "ok"}
+        return JSONResponse(error_body(503, f"the engine is not running: {async_engine.error!r}"), 503)
+
+    @app.get("/metrics", summary="Prometheus metrics (docs/deployment.md)")
+    async def prometheus():
+        return Response(metrics.render(async_engine.stats), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def models():
+        return ModelList(data=[ModelCard(id=model_name, created=state.created, max_model_len=state.max_model_len)])
+
+    @app.post("/v1/completions", response_model=None,
+              responses={200: {"model": CompletionResponse, "description": "or an SSE stream when stream=true"},
+                         **_ERRORS})
+    async def completions(req: CompletionRequest, request: Request):
+        return await create_completion(req, request, state)
+
+    @app.post("/v1/chat/completions", response_model=None,
+              responses={200: {"model": ChatCompletionResponse, "description": "or an SSE stream of "
+                               "chat.completion.chunk when stream=true"}, **_ERRORS})
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await create_chat_completion(req, request, state)
+
+    return app

@@ -1,0 +1,101 @@
+"""POST /v1/chat/completions: messages rendered by the model's chat template, n choices, whole or streamed.
+
+Qwen3's thinking is switched with `chat_template_kwargs: {"enable_thinking": false}`, as in vLLM."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import Request
+
+from nanovllm.serve.async_engine import ChatText
+from nanovllm.serve.errors import APIError
+from nanovllm.serve.generation import Choices, cancel_on_disconnect, sse, sse_response
+from nanovllm.serve.logprobs import chat_logprobs
+from nanovllm.serve.params import check_supported, sampling_params
+from nanovllm.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+)
+from nanovllm.serve.state import ServeState
+
+# apply_chat_template's own arguments: a request must not reach them (e.g. swap in its own template).
+_RESERVED = {"conversation", "chat_template", "tokenize", "tools", "documents", "add_generation_prompt",
+             "continue_final_message", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+             "tokenizer_kwargs", "padding", "truncation", "max_length"}
+
+
+def render(state: ServeState, req: ChatCompletionRequest) -> str:
+    tok = state.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, f"the model {state.model_name!r} has no chat template; use /v1/completions", "messages")
+    kwargs = dict(req.chat_template_kwargs or {})
+    plain = (str, int, float, bool, type(None))
+    bad = sorted(k for k, v in kwargs.items() if k in _RESERVED or not isinstance(v, plain))
+    if bad:
+        raise APIError(400, f"chat_template_kwargs may not set {bad}: only plain template variables such as "
+                       "enable_thinking are allowed", "chat_template_kwargs")
+    messages = []
+    for m in req.messages:
+        content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    except Exception as e:  # the template's own checks (jinja raise_exception) and rendering errors
+        raise APIError(400, f"could not apply the chat template: {e}", "messages") from None
+
+
+async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: ServeState):
+    state.check_model(req.model)
+    check_supported(req)
+    n = req.n or 1
+    max_tokens = req.max_completion_tokens or req.max_tokens or state.max_model_len
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    params = [sampling_params(req, max_tokens, top, j) for j in range(n)]
+    prompt = ChatText(render(state, req))
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    stream = await state.open(rid, [prompt] * n, params, "messages")
+    head = dict(id=rid, object="chat.completion.chunk", created=int(time.time()), model=state.model_name)
+    if req.stream:
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        return sse_response(_events(stream, head, state, n, top, usage), stream)
+    return await cancel_on_disconnect(request, _collect(stream, head, state, n, top))
+
+
+async def _collect(stream, head: dict, state: ServeState, n: int, top: int | None) -> ChatCompletionResponse:
+    choices = Choices(n, n)
+    try:
+        async for i, out in stream:
+            choices.add(i, out)
+    finally:
+        stream.close()
+    return ChatCompletionResponse(**{**head, "object": "chat.completion"}, usage=choices.usage(), choices=[
+        ChatChoice(index=i, message=AssistantMessage(content=choices.text[i]), finish_reason=choices.finish_reason[i],
+                   logprobs=None if top is None else ChatLogprobs(
+                       content=chat_logprobs(state.token_text, choices.token_ids[i], choices.logprobs[i], top)))
+        for i in range(n)])
+
+
+async def _events(stream, head: dict, state: ServeState, n: int, top: int | None, include_usage: bool):
+    choices = Choices(n, n)
+    extra = {"usage": None} if include_usage else {}
+    for i in range(n):  # OpenAI opens each choice with the assistant role
+        yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}], **extra})
+    async for i, out in stream:
+        choices.add(i, out)
+        if not (out.text or out.finished or out.logprobs):
+            continue  # text held back (a partial character or a possible stop string)
+        lp = None
+        if top is not None and out.logprobs:
+            tokens = chat_logprobs(state.token_text, out.token_ids, out.logprobs, top)
+            lp = {"content": [t.model_dump() for t in tokens]}
+        delta = {"content": out.text} if out.text else {}
+        yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": lp,
+                                        "finish_reason": out.finish_reason}], **extra})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": choices.usage().model_dump()})

@@ -1,0 +1,63 @@
+"""Hydra schema of `python -m nanovllm.serve` (configs/serve.yaml): the run schema plus a `server` node.
+
+Registered from here rather than in nanovllm/config.py so the run entry's schema stays untouched;
+serve.yaml lists this schema first, then `config` (which brings the model/engine groups and the
+baseline kernel table), so `+kernels=<preset>` and every `run` override work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nanovllm.config import register_configs
+
+SERVE_SCHEMA_NAME = "nanovllm_serve_schema"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"         # 0.0.0.0 to listen on every interface (put a proxy and an API key in front)
+    port: int = 8000
+    api_key: str | None = None      # when set, /v1/* needs `Authorization: Bearer <key>`
+    served_model_name: str | None = None  # the `model` clients send; default: model.name
+    max_queued_requests: int = 256  # engine requests waiting for a slot before new ones get 429
+    warmup: bool = True             # run one short request before accepting traffic
+    log_level: str = "info"         # uvicorn's log level
+
+
+def server_schema():
+    """Only the `server` node: config.yaml's run schema (a RunConfig) merges over it, and OmegaConf keeps
+    the key. A RunConfig subclass would not do: Hydra refuses to merge the run schema into it."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"server": OmegaConf.structured(ServerConfig)})
+
+
+def serve_schema():
+    """The full schema to re-check a composed config against: run schema + server."""
+    from omegaconf import OmegaConf
+
+    from nanovllm.config import run_schema
+
+    return OmegaConf.merge(server_schema(), run_schema())
+
+
+def register_serve_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    register_configs()  # config.yaml's own defaults name the run schema
+    ConfigStore.instance().store(name=SERVE_SCHEMA_NAME, node=server_schema())
+
+
+def check_serve_schema(cfg) -> None:
+    """Re-check the composed config: `+server.typo=1` gets past Hydra's compose but not past this."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.merge(serve_schema(), OmegaConf.to_container(cfg))
+    server = cfg.server
+    if not 0 <= server.port < 65536:
+        raise ValueError(f"server.port={server.port} is not a TCP port (0-65535)")
+    if server.max_queued_requests < 1:
+        raise ValueError(f"server.max_queued_requests must be >= 1, got {server.max_queued_requests}")
+    if server.api_key is not None and not server.api_key.strip():
+        raise ValueError("server.api_key is empty; leave it null to serve without a key")

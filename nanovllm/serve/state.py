@@ -1,0 +1,46 @@
+"""What the route handlers share: the async engine, the tokenizer, the served model's identity."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.serve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from nanovllm.serve.errors import APIError
+from nanovllm.serve.logprobs import TokenText
+
+
+@dataclass
+class ServeState:
+    engine: AsyncEngine
+    model_name: str
+    max_model_len: int
+    tokenizer: object
+    token_text: TokenText = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        self.token_text = TokenText(self.tokenizer)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r} "
+                           "(see /v1/models)", "model", "model_not_found")
+
+    async def open(self, request_id: str, prompts: list, params: list[SamplingParams],
+                   prompt_param: str) -> RequestStream:
+        """Add the request's engine requests, mapping refusals to OpenAI errors."""
+        limit = self.engine.max_queued_requests
+        if len(prompts) > limit:
+            raise APIError(400, f"the request asks for {len(prompts)} sequences (prompts x n) but the server "
+                           f"queues at most {limit}", "n")
+        try:
+            return await self.engine.stream(request_id, prompts, params).open()
+        except ValueError as e:
+            code = "context_length_exceeded" if "max_model_len" in str(e) else None
+            raise APIError(400, str(e), prompt_param, code) from None
+        except QueueFullError as e:
+            raise APIError(429, str(e), None, "too_many_requests") from None
+        except EngineDeadError as e:
+            raise APIError(503, str(e), None, "engine_dead") from None

@@ -1,0 +1,295 @@
+"""The Triton kernels on the GPU at Qwen3-0.6B's shapes (bf16): each against its native op, a CUDA graph of
+the fused decode chain, torch.compile(fullgraph=True) over the ops, and the all_fused model against the
+unfused one (teacher-forced logits, then greedy tokens). Run: pytest -m gpu tests/test_triton_gpu.py
+Rows > 1 use the untuned heuristic config (NANOVLLM_TRITON_TUNE=0) to keep tuning time down; one row tunes.
+Kernels launch with PDL (programmatic dependent launch) as in the engine; weights are Parameters.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovllm.ops import AttentionMetadata, get_op, load_plugins, native_site
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[1]
+H, HQ, HK, D, INTER, VOCAB, EPS = 1024, 16, 8, 128, 3072, 151936, 1e-6
+BF16 = dict(atol=2e-2, rtol=2e-2)
+PROJ = {"qkv": ((HQ + 2 * HK) * D, H), "o_proj": (H, HQ * D), "gate_up": (2 * INTER, H), "down": (H, INTER),
+        "lm_head": (VOCAB, H)}
+
+
+@pytest.fixture(scope="module")
+def core():
+    load_plugins()
+    return sys.modules["nanovllm_plugins.triton._gemv_core"]
+
+
+@pytest.fixture
+def untuned(rows, monkeypatch):
+    if rows > 1:
+        monkeypatch.setenv("NANOVLLM_TRITON_TUNE", "0")
+
+
+def randn(*shape, scale=1.0):
+    return torch.randn(*shape, device="cuda").mul_(scale).bfloat16()
+
+
+def param(*shape, scale=0.02):
+    """A weight as the model holds it (a Parameter: the GEMVs prefetch it before their PDL wait, which is
+    only valid for memory no kernel in flight writes; the synchronize keeps that true here)."""
+    w = torch.nn.Parameter(randn(*shape, scale=scale), requires_grad=False)
+    torch.cuda.synchronize()
+    return w
+
+
+def triton_impl(op: str):
+    return get_op(op).impls["triton"].fn
+
+
+def report(name, got, want):
+    err = (got.float() - want.float()).abs()
+    print(f"{name}: max abs err {err.max().item():.3g}, mean {err.mean().item():.3g}, "
+          f"max |want| {want.float().abs().max().item():.3g}")
+
+
+# -- kernels against their native ops ------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 4, 16, 40])
+@pytest.mark.parametrize("proj", list(PROJ))
+def test_linear(core, proj, rows, untuned):
+    torch.manual_seed(0)
+    n, k = PROJ[proj]
+    x, w = randn(rows, k), param(n, k)
+    bias = randn(n, scale=0.1) if proj == "qkv" else None
+    got, want = triton_impl("linear")(x, w, bias), F.linear(x, w, bias)
+    report(f"linear {proj} rows={rows}", got, want)
+    torch.testing.assert_close(got, want, **BF16)
+
+
+@pytest.mark.parametrize("cfg", [(8, 1024, 2, 4, 1), (4, 512, 4, 2, 1), (32, 128, 4, 4, 3)])
+def test_linear_split_k(core, cfg):
+    """Split-K with the reduce kernel, on both paths (one row: FMA; four rows: tl.dot)."""
+    torch.manual_seed(1)
+    rows = 1 if cfg[0] < 16 else 4
+    x, w, res = randn(rows, INTER), randn(H, INTER, scale=0.02), randn(rows, H)
+    with core.tuning.forced(core.tuning.Config(*cfg)):
+        got = torch.ops.nanovllm_triton.gemv(x, w, None, res, None, 0.0)
+    torch.testing.assert_close(got, res + F.linear(x, w), **BF16)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_norm_qkv(core, rows, untuned):
+    torch.manual_seed(2)
+    args = (randn(rows, H), randn(H, scale=0.1).add_(1), param(PROJ["qkv"][0], H), None, EPS)
+    got, want = triton_impl("norm_qkv")(*args), native_site("norm_qkv")(*args)
+    report(f"norm_qkv rows={rows}", got, want)
+    torch.testing.assert_close(got, want, **BF16)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("residual", [False, True])
+def test_mlp(core, rows, residual, untuned):
+    torch.manual_seed(3)
+    args = (randn(rows, H), param(2 * INTER, H), param(H, INTER),
+            randn(rows, H) if residual else None)
+    got, want = triton_impl("mlp")(*args), native_site("mlp")(*args)
+    report(f"mlp rows={rows}", got, want)
+    torch.testing.assert_close(got, want, **BF16)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_attn_out(core, rows, untuned):
+    torch.manual_seed(4)
+    args = (randn(rows, HQ * D), param(H, HQ * D), randn(rows, H), randn(H, scale=0.1).add_(1), EPS)
+    (normed, res), (want_normed, want_res) = triton_impl("attn_out")(*args), native_site("attn_out")(*args)
+    report(f"attn_out rows={rows}", normed, want_normed)
+    torch.testing.assert_close(res, want_res, **BF16)
+    torch.testing.assert_close(normed, want_normed, **BF16)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_lm_head_sample(core, rows, sampled, untuned):
+    torch.manual_seed(5)
+    h, norm_w, lm_w = randn(rows, H), randn(H, scale=0.1).add_(1), param(VOCAB, H)
+    temperature = torch.zeros(rows, device="cuda") if not sampled else torch.rand(rows, device="cuda") + 0.5
+    temperature[0] = 0.0
+    noise = torch.empty(rows, VOCAB, device="cuda").exponential_() if sampled else None
+    sampling = (temperature, torch.full((rows,), -1, device="cuda"), torch.ones(rows, device="cuda"),
+                torch.zeros(rows, device="cuda"), noise)
+    got = triton_impl("lm_head_sample")(h, norm_w, EPS, lm_w, *sampling)
+    want = native_site("lm_head_sample")(h, norm_w, EPS, lm_w, *sampling)
+    logits = F.linear(get_op("rms_norm").native(h, norm_w, EPS), lm_w).float()
+    gap = logits.max(-1).values - logits.gather(1, got[:, None])[:, 0]
+    print(f"lm_head_sample rows={rows} sampled={sampled}: got {got.tolist()} want {want.tolist()} gap {gap.tolist()}")
+    greedy = temperature == 0
+    assert (gap[greedy] <= 0.02 * logits.abs().max()).all()  # the argmax up to a bf16 rounding near-tie
+    if sampled:
+        assert (got[~greedy] == want[~greedy]).all()
+
+
+def paged_meta(kv_lens, page=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-k // page) for k in kv_lens)
+    perm = torch.randperm(len(kv_lens) * width + 1, generator=g)
+    tables = perm[:len(kv_lens) * width].view(len(kv_lens), width)
+    pos = torch.tensor(kv_lens) - 1
+    slots = tables[torch.arange(len(kv_lens)), pos // page] * page + pos % page
+    n = len(kv_lens)
+    meta = AttentionMetadata(pos, slots, torch.tensor(kv_lens), tables, torch.arange(n + 1), torch.arange(n), 1,
+                             max(kv_lens))
+    for f in ("positions", "slot_mapping", "seq_lens", "block_tables", "cu_seqlens_q", "pad_index"):
+        setattr(meta, f, getattr(meta, f).cuda())
+    return meta, len(kv_lens) * width + 1
+
+
+@pytest.mark.parametrize("kv_lens", [[1], [128], [4100], [1, 300, 17, 4100]])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (256, 0.0), (0, 30.0)])
+def test_attention_decode(core, kv_lens, window, softcap):
+    torch.manual_seed(6)
+    meta, blocks = paged_meta(kv_lens)
+    kc, vc, q = randn(blocks, 16, HK, D), randn(blocks, 16, HK, D), randn(len(kv_lens), HQ, D)
+    got = triton_impl("attention_decode")(q, kc, vc, meta, D ** -0.5, window, softcap)
+    want = get_op("attention_decode").native(q, kc, vc, meta, D ** -0.5, window, softcap)
+    report(f"attention_decode {kv_lens} window={window} softcap={softcap}", got, want)
+    torch.testing.assert_close(got, want, **BF16)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_qk_norm_rope(core, tokens):
+    from nanovllm.layers.rotary import cos_sin_table
+
+    class Rope:
+        rope_theta = 1e6
+
+    torch.manual_seed(7)
+    qkv = randn(tokens, (HQ + 2 * HK) * D)
+    q, k, v = (t.view(tokens, -1, D) for t in qkv.split((HQ * D, HK * D, HK * D), -1))
+    norms = randn(D, scale=0.1).add_(1), randn(D, scale=0.1).add_(1)
+    pos = torch.randint(0, 4000, (tokens,), device="cuda")
+    slots = torch.randperm(64 * 16, device="cuda")[:tokens]
+    table = cos_sin_table(Rope(), D, 4096).cuda()
+    caches = [torch.zeros(64, 16, HK, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    got = triton_impl("qk_norm_rope")(q, k, v, *norms, EPS, pos, table, caches[0], caches[1], slots)
+    want = native_site("qk_norm_rope")(q, k, v, *norms, EPS, pos, table, caches[2], caches[3], slots)
+    torch.testing.assert_close(got, want, **BF16)
+    torch.testing.assert_close(caches[0], caches[2], **BF16)
+    assert torch.equal(caches[1], caches[3])
+
+
+# -- capture (torch.compile is the last test) ---------------------------------------------------------
+def decode_chain(s, ops):
+    """One decode layer's fused ops plus the greedy head, as the model calls them (batch 1)."""
+    qkv = ops["norm_qkv"](s["x"], s["in_norm"], s["qkv_w"], None, EPS)
+    q, k, v = qkv.split((HQ * D, HK * D, HK * D), -1)
+    q = ops["qk_norm_rope"](q.view(1, HQ, D), k.view(1, HK, D), v.view(1, HK, D), s["q_norm"], s["k_norm"], EPS,
+                            s["meta"].positions, s["table"], s["kc"], s["vc"], s["meta"].slot_mapping)
+    o = ops["attention_decode"](q, s["kc"], s["vc"], s["meta"], D ** -0.5, 0, 0.0)
+    h, res = ops["attn_out"](o.flatten(1), s["o_w"], s["x"], s["post_norm"], EPS)
+    y = ops["mlp"](h, s["gate_up_w"], s["down_w"], res)
+    return y, ops["lm_head_sample"](y, s["in_norm"], EPS, s["lm_w"], None, None, None, None, None)
+
+
+CHAIN_OPS = ("norm_qkv", "qk_norm_rope", "attention_decode", "attn_out", "mlp", "lm_head_sample")
+
+
+def chain_state():
+    from nanovllm.layers.rotary import cos_sin_table
+
+    class Rope:
+        rope_theta = 1e6
+
+    meta, blocks = paged_meta([300])
+    return dict(x=randn(1, H), in_norm=randn(H, scale=0.1).add_(1), qkv_w=param(PROJ["qkv"][0], H),
+                q_norm=randn(D, scale=0.1).add_(1), k_norm=randn(D, scale=0.1).add_(1), meta=meta,
+                table=cos_sin_table(Rope(), D, 4096).cuda(), kc=randn(blocks, 16, HK, D), vc=randn(blocks, 16, HK, D),
+                o_w=param(H, HQ * D), post_norm=randn(H, scale=0.1).add_(1),
+                gate_up_w=param(2 * INTER, H), down_w=param(H, INTER),
+                lm_w=param(VOCAB, H))
+
+
+def test_decode_chain_in_a_cuda_graph(core):
+    torch.manual_seed(8)
+    s, ops = chain_state(), {op: triton_impl(op) for op in CHAIN_OPS}
+    decode_chain(s, ops)  # tune and compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph, tok_graph = decode_chain(s, ops)
+    s["x"].copy_(randn(1, H))  # new inputs, same buffers
+    kc0, vc0 = s["kc"].clone(), s["vc"].clone()
+    graph.replay()
+    s["kc"].copy_(kc0), s["vc"].copy_(vc0)
+    y, tok = decode_chain(s, ops)
+    torch.testing.assert_close(y_graph, y, atol=0, rtol=0)
+    assert torch.equal(tok_graph, tok)
+
+
+# -- the whole model ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engines():
+    import yaml
+
+    from nanovllm import LLM
+
+    kernels = yaml.safe_load((ROOT / "configs/kernels/all_fused.yaml").read_text())
+    common = dict(max_model_len=1024, num_kvcache_blocks=256, max_num_seqs=4)
+    ref = LLM("default", **common)
+    fused = LLM("default", kernels=kernels, **common)
+    yield ref, fused
+    ref.close()
+    fused.close()
+
+
+def test_all_fused_teacher_forced_logits(engines):
+    from nanovllm.engine.teacher_forcing import teacher_forced_logits
+
+    ref, fused = engines
+    table = fused.engine.runner.resolver.table
+    assert all(table["0"][op] == "triton" for op in ("norm_qkv", "qk_norm_rope", "attn_out", "mlp",
+                                                     "attention_decode")), table["0"]
+    g = torch.Generator().manual_seed(10)
+    prompt = torch.randint(0, 151000, (40,), generator=g).tolist()
+    forced = torch.randint(0, 151000, (12,), generator=g).tolist()
+    want = teacher_forced_logits(ref.engine, prompt, forced)
+    got = teacher_forced_logits(fused.engine, prompt, forced)
+    err = (got - want).abs()
+    scale = want.abs().max().item()
+    cos = F.cosine_similarity(got, want, dim=-1)
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    print(f"all_fused vs eager: max abs err {err.max().item():.4g} (max |logit| {scale:.4g}), mean {err.mean():.3g}, "
+          f"min cosine {cos.min().item():.6f}, argmax agreement {agree:.2f}")
+    assert cos.min() > 0.999
+    assert err.max() <= 0.05 * scale + 0.02
+
+
+def test_all_fused_greedy_tokens(engines):
+    """Tokens from the fused greedy head (lm_head_sample), each checked as a (near-)argmax of the eager model."""
+    from nanovllm import SamplingParams
+    from nanovllm.engine.teacher_forcing import teacher_forced_logits
+
+    ref, fused = engines
+    prompt = torch.randint(0, 151000, (24,), generator=torch.Generator().manual_seed(11)).tolist()
+    tokens = fused.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]["token_ids"]
+    logits = teacher_forced_logits(ref.engine, prompt, tokens[:-1])
+    chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    gap = logits.max(-1).values - chosen
+    print(f"fused greedy tokens {tokens}; eager logit gap to the max {gap.tolist()}")
+    assert (gap <= 0.05 * logits.abs().max() + 0.02).all()
+
+
+def test_torch_compile_fullgraph(core):
+    """Last: inductor compile time. Triton ops trace as torch ops (triton_op + wrap_triton), no graph break."""
+    torch.manual_seed(9)
+    s, ops = chain_state(), {op: triton_impl(op) for op in CHAIN_OPS}
+    want = decode_chain(dict(s, kc=s["kc"].clone(), vc=s["vc"].clone()), ops)
+    compiled = torch.compile(decode_chain, fullgraph=True)
+    got = compiled(dict(s, kc=s["kc"].clone(), vc=s["vc"].clone()), ops)
+    torch.testing.assert_close(got[0], want[0], **BF16)
+    assert torch.equal(got[1], want[1])

@@ -1,0 +1,235 @@
+"""Every Triton kernel (kernels/triton/) against its native op on CPU, through the Triton interpreter.
+
+Why a subprocess: Triton chooses the interpreter when a kernel is *decorated* (TRITON_INTERPRET=1 at that
+moment), and plugin files are imported once per process. In a full pytest run other modules load the
+plugins first, so our kernels would be GPU kernels that cannot take CPU tensors. So the one test that runs
+in the normal pytest process re-runs this file in a fresh `python -m pytest` with the variable set; the
+variable is then set before anything imports a plugin, and the tests below run there. (Running pytest
+with TRITON_INTERPRET=1 already set also works: the inner tests then run in-process.)
+Sizes are odd and small (N=37, K=71, rows 1 and 3): the interpreter costs per program and per op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanovllm.ops import AttentionMetadata, Target, get_op, load_plugins, native_site, resolve
+
+pytest.importorskip("triton")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+inner = pytest.mark.skipif(not INTERPRETED, reason="runs in test_kernels_under_the_interpreter's subprocess")
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kernels_under_the_interpreter():
+    if INTERPRETED:
+        pytest.skip("this process is the interpreter run")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=8", __file__],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    print(proc.stdout[-6000:], proc.stderr[-2000:], f"interpreter run: {time.perf_counter() - t0:.1f} s", sep="\n")
+    assert proc.returncode == 0, "interpreter run failed:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+# -- reference helpers -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def core():
+    load_plugins()
+    mod = sys.modules["nanovllm_plugins.triton._gemv_core"]
+    assert type(mod._gemv_kernel).__name__ == "InterpretedFunction", "kernels were not built for the interpreter"
+    return mod
+
+
+def triton_impl(op: str):
+    return get_op(op).impls["triton"].fn
+
+
+def weight(*shape, dtype):
+    return (torch.randn(*shape) * 0.2).to(dtype)
+
+
+def config(core, cfg):
+    """`cfg` = (BLOCK_N, BLOCK_K, SPLIT_K) forced for every launch, or None for the interpreter default."""
+    return core.tuning.forced(core.tuning.Config(*cfg)) if cfg else contextlib.nullcontext()
+
+
+def paged_meta(kv_lens, block_size=4, num_blocks=40, seed=0):
+    """Decode metadata: one query per request, at the last of its kv_lens positions, scattered pages."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(-(-k // block_size) for k in kv_lens)
+    tables = torch.zeros(len(kv_lens), width, dtype=torch.long)
+    for b, kl in enumerate(kv_lens):
+        tables[b, :-(-kl // block_size)] = torch.tensor([perm.pop() for _ in range(-(-kl // block_size))])
+    pos = torch.tensor(kv_lens) - 1
+    slots = tables[torch.arange(len(kv_lens)), pos // block_size] * block_size + pos % block_size
+    n = len(kv_lens)
+    return AttentionMetadata(pos, slots, torch.tensor(kv_lens), tables, torch.arange(n + 1), torch.arange(n), 1,
+                             max(kv_lens))
+
+
+# -- primitives and sites ------------------------------------------------------------------------------------
+@inner
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (3, None), (3, (16, 32, 3)), (20, None)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(core, dtype, rows, cfg, bias):
+    """Rows 1: FMA path; 3: tl.dot path; split-K 2 and 3 (uneven K ranges); 20 rows: F.linear."""
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 71, dtype=dtype), weight(37, 71, dtype=dtype)
+    b = torch.randn(37, dtype=dtype) if bias else None
+    with config(core, cfg):
+        got = triton_impl("linear")(x, w, b)
+    torch.testing.assert_close(got, get_op("linear").native(x, w, b), **TOL[dtype])
+
+
+@inner
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm_qkv(core, dtype, rows, bias):
+    torch.manual_seed(rows)
+    args = (torch.randn(rows, 71, dtype=dtype), weight(71, dtype=dtype) + 1, weight(37, 71, dtype=dtype),
+            torch.randn(37, dtype=dtype) if bias else None, 1e-6)
+    torch.testing.assert_close(triton_impl("norm_qkv")(*args), native_site("norm_qkv")(*args), **TOL[dtype])
+
+
+@inner
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (8, 16, 1)), (3, (16, 16, 1))])
+@pytest.mark.parametrize("residual", [False, True])
+def test_mlp(core, dtype, rows, cfg, residual):
+    torch.manual_seed(rows)
+    args = (torch.randn(rows, 37, dtype=dtype), weight(2 * 29, 37, dtype=dtype), weight(37, 29, dtype=dtype),
+            torch.randn(rows, 37, dtype=dtype) if residual else None)
+    with config(core, cfg):
+        got = triton_impl("mlp")(*args)
+    torch.testing.assert_close(got, native_site("mlp")(*args), **TOL[dtype])
+
+
+@inner
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (3, (16, 16, 3))])
+def test_attn_out(core, dtype, rows, cfg):
+    torch.manual_seed(rows)
+    args = (torch.randn(rows, 71, dtype=dtype), weight(37, 71, dtype=dtype), torch.randn(rows, 37, dtype=dtype),
+            weight(37, dtype=dtype) + 1, 1e-6)
+    with config(core, cfg):
+        normed, res = triton_impl("attn_out")(*args)
+    want_normed, want_res = native_site("attn_out")(*args)
+    torch.testing.assert_close(res, want_res, **TOL[dtype])
+    torch.testing.assert_close(normed, want_normed, **TOL[dtype])
+
+
+@inner
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_lm_head_sample(core, dtype, rows, sampled):
+    torch.manual_seed(rows)
+    vocab = 301
+    h, norm_w, lm_w = torch.randn(rows, 37, dtype=dtype), weight(37, dtype=dtype) + 1, weight(vocab, 37, dtype=dtype)
+    temperature = torch.rand(rows) + 0.5 if sampled else torch.zeros(rows)
+    temperature[0] = 0.0  # a greedy row inside a sampled step keeps its argmax
+    noise = torch.empty(rows, vocab).exponential_() if sampled else None
+    sampling = (temperature, torch.full((rows,), -1), torch.ones(rows), torch.zeros(rows), noise)
+    got = triton_impl("lm_head_sample")(h, norm_w, 1e-6, lm_w, *sampling)
+    want = native_site("lm_head_sample")(h, norm_w, 1e-6, lm_w, *sampling)
+    assert got.dtype == torch.int64 and got.shape == (rows,)
+    logits = get_op("linear").native(get_op("rms_norm").native(h, norm_w, 1e-6), lm_w).float()
+    gap = logits.max(-1).values - logits.gather(1, got[:, None])[:, 0]  # 0 unless rounding splits a near tie
+    assert (got == want).all() or (gap[temperature == 0] <= 2 * TOL[dtype]["atol"]).all(), (got, want, gap)
+
+
+@inner
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("head_dim,qk_norm", [(12, True), (16, False)])
+def test_qk_norm_rope(core, dtype, tokens, head_dim, qk_norm):
+    from nanovllm.layers.rotary import cos_sin_table
+
+    class Rope:
+        rope_theta = 10000.0
+
+    torch.manual_seed(tokens)
+    hq, hk = 4, 2
+    qkv = torch.randn(tokens, (hq + 2 * hk) * head_dim, dtype=dtype)  # q, k, v are strided views, as in the model
+    q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split((hq * head_dim, hk * head_dim, hk * head_dim), -1))
+    norms = (weight(head_dim, dtype=dtype) + 1, weight(head_dim, dtype=dtype) + 1) if qk_norm else (None, None)
+    pos, slots = torch.randint(0, 50, (tokens,)), torch.randperm(8 * 4)[:tokens]
+    table = cos_sin_table(Rope(), head_dim, 64)
+    caches = [torch.zeros(8, 4, hk, head_dim, dtype=dtype) for _ in range(4)]
+    got = triton_impl("qk_norm_rope")(q, k, v, *norms, 1e-6, pos, table, caches[0], caches[1], slots)
+    want = native_site("qk_norm_rope")(q, k, v, *norms, 1e-6, pos, table, caches[2], caches[3], slots)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    torch.testing.assert_close(caches[0], caches[2], **TOL[dtype])
+    torch.testing.assert_close(caches[1], caches[3], atol=0, rtol=0)
+
+
+@inner
+@pytest.mark.parametrize("dtype,window,softcap,splits", [
+    (torch.float32, 0, 0.0, 0), (torch.float32, 0, 0.0, 3), (torch.float32, 6, 0.0, 3), (torch.float32, 0, 5.0, 2),
+    (torch.bfloat16, 0, 0.0, 0), (torch.bfloat16, 6, 5.0, 2)])
+def test_attention_decode(core, dtype, window, softcap, splits):
+    torch.manual_seed(splits)
+    meta = paged_meta([1, 17, 70])
+    kc, vc = torch.randn(40, 4, 2, 12, dtype=dtype), torch.randn(40, 4, 2, 12, dtype=dtype)
+    q = torch.randn(3, 6, 12, dtype=dtype)  # GQA groups of 3, head_dim 12 (padded to 16 inside)
+    if splits:  # the op with a forced split count (the registered impl picks it from the shapes)
+        got = torch.ops.nanovllm_triton.decode_attention(q, kc, vc, meta.block_tables, meta.positions, 0.3, window,
+                                                         softcap, splits)
+    else:
+        got = triton_impl("attention_decode")(q, kc, vc, meta, 0.3, window, softcap)
+    want = get_op("attention_decode").native(q, kc, vc, meta, 0.3, window, softcap)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+# -- wiring: registry, presets, a whole model --------------------------------------------------------------
+@inner
+def test_every_triton_backend_resolves_on_the_interpreter(core):
+    ops = ("linear", "norm_qkv", "qk_norm_rope", "attn_out", "mlp", "lm_head_sample", "attention_decode")
+    for op in ops:
+        parts = {p: get_op(p).native for p in get_op(op).parts}
+        _, used = resolve(op, "triton", Target("cpu", torch.float32, dict(hidden=64, head_dim=16, heads=4, kv_heads=2)),
+                          allow_fallback=False, parts=parts)
+        assert used == "triton"
+    import yaml
+
+    preset = yaml.safe_load((ROOT / "configs/kernels/all_fused.yaml").read_text())
+    assert set(preset["ops"]) == set(ops) and set(preset["ops"].values()) == {"triton"}
+
+
+@inner
+def test_all_fused_tiny_model_matches_eager(core, make_checkpoint):
+    """Teacher-forced logits through the engine (prefill of 5 rows takes the tl.dot path, decode the FMA path),
+    then greedy tokens through lm_head_sample; float32, so the fused model must agree to rounding."""
+    import yaml
+
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.engine.teacher_forcing import teacher_forced_logits
+
+    path = make_checkpoint(seed=3, vocab_size=512)  # a small vocab keeps the interpreted LM head cheap
+    kernels = yaml.safe_load((ROOT / "configs/kernels/all_fused.yaml").read_text())
+    common = dict(device="cpu", dtype="float32", max_model_len=64, num_kvcache_blocks=16, kvcache_block_size=4,
+                  max_num_seqs=2)
+    prompt, forced = [5, 77, 301, 12, 9], [44, 410]
+    with LLM(str(path), **common) as ref, LLM(str(path), kernels=kernels, **common) as fused:
+        table = fused.engine.runner.resolver.table
+        assert all(table[s][op] == "triton" for s in ("0", "1") for op in ("norm_qkv", "mlp", "attention_decode"))
+        want = teacher_forced_logits(ref.engine, prompt, forced)
+        got = teacher_forced_logits(fused.engine, prompt, forced)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        assert fused.generate([prompt], greedy)[0]["token_ids"] == ref.generate([prompt], greedy)[0]["token_ids"]
