@@ -35,13 +35,15 @@ def preset(*names: str) -> dict:
     return OmegaConf.to_container(table)
 
 
-for _name in ("sdpa", "fi_attn", "flashinfer", "fi_cascade"):
+for _name in ("sdpa", "fi_attn", "flashinfer", "fi_cascade", "all_fused"):
     CONFIGS[f"graphs_{_name}"] = dict(kernels=preset(_name))
 CONFIGS["graphs_fi_attn_compile_model"] = dict(kernels=preset("fi_attn"), compile_model=True)
 
 
 MODEL, DEVICE = "default", "cuda"
-CHECKED = ("eager_nographs", "graphs", "graphs_sdpa", "graphs_fi_attn", "graphs_flashinfer", "graphs_compile_model")
+CHECKED = {"bfloat16": ("eager_nographs", "graphs", "graphs_sdpa", "graphs_fi_attn", "graphs_flashinfer",
+                        "graphs_all_fused", "graphs_compile_model"),
+           "float32": ("eager_nographs", "graphs", "graphs_sdpa", "graphs_all_fused")}
 
 
 def hf_logits(path: str, ids: list[int], start: int, dtype) -> torch.Tensor:
@@ -62,9 +64,9 @@ def correctness() -> list[dict]:
     prompt = torch.randint(0, 151000, (50,)).tolist()
     forced = torch.randint(0, 151000, (64,)).tolist()
     rows = []
-    for dtype in ("bfloat16", "float32"):
+    for dtype, names in CHECKED.items():
         ref, greedy_ref = None, None
-        for name in CHECKED:
+        for name in names:
             try:
                 llm = LLM(MODEL, device=DEVICE, dtype=dtype, max_model_len=1024, max_num_seqs=8,
                           enable_prefix_caching=False, **CONFIGS[name])
@@ -100,7 +102,7 @@ def main():
     results = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__}
     results["correctness"] = correctness() if args.check else []
     rows = []
-    for name in args.configs.split(","):
+    for name in filter(None, args.configs.split(",")):
         t0 = time.perf_counter()
         try:
             llm = LLM(MODEL, device=DEVICE, **base, **CONFIGS[name])
