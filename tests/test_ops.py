@@ -131,6 +131,14 @@ def random_args(op: str, dtype):
         "attn_out": (r(n, h), w(h, h), r(n, h), w(h) + 1, 1e-6),
         "mlp": (r(n, h), w(2 * inter, h), w(h, inter), r(n, h)),
         "lm_head_sample": (r(n, h), w(h) + 1, 1e-6, w(vocab, h), *sampling),
+        "gelu_tanh_and_mul": (r(n, 2 * inter),),
+        "gelu_mlp": (r(n, h), w(2 * inter, h), w(h, inter), r(n, h)),
+        "post_norm_attn_out": (r(n, h), w(h, h), r(n, h), w(h) + 1, w(h) + 1, 1e-6),
+        "post_norm_residual": (r(n, h), w(h) + 1, r(n, h), 1e-6),
+        "topk_route": (r(n, 8), 2, True),
+        "moe": (r(n, h), w(8, 2 * inter, h), w(8, h, inter), torch.rand(n, 2, dtype=dtype),
+                torch.randint(0, 8, (n, 2))),
+        "moe_mlp": (r(n, h), w(8, h), w(8, 2 * inter, h), w(8, h, inter), r(n, h), 2, True),
     }[op]
 
 

@@ -13,10 +13,10 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
-from nanovllm.sampling_params import SamplingParams
 from nanovllm.models.loader import count_tensors, iter_tensors, load_hf_config, load_weights, weight_files
 from nanovllm.models.registry import build_model
 from nanovllm.ops import AttentionMetadata, OpResolver, PlanContext, Target
+from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.progress import progress_bar
 
 log = logging.getLogger("nanovllm")
@@ -115,6 +115,11 @@ class ModelRunner:
         prefill = [self._dummy(seq_len, list(range(i * per_seq, (i + 1) * per_seq)), 0) for i in range(n_seqs)]
         graph_rows = 0 if c.enforce_eager else c.max_num_seqs
         decode = [self._dummy(max_blocks * bs, list(range(max_blocks)), max_blocks * bs - 1)] * graph_rows
+        # Small decode batches first: kernels that tune per row count (Triton GEMVs) tune now, while their
+        # scratch memory is still free, not later during graph capture next to a full KV cache.
+        for rows in sorted({1, 4, 8, 16, c.max_num_seqs} & set(range(1, c.max_num_seqs + 1))):
+            step = [self._dummy(bs, [0], bs - 1)] * rows
+            self.model.sample(self.hidden_states(step), *self.sampling_tensors([s.seq for s in step])[:4], None)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

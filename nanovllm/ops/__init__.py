@@ -1,6 +1,6 @@
 """The op registry. Importing this package defines every built-in op (primitives and fusion sites)."""
 
-from nanovllm.ops import primitives, sites  # noqa: F401  (define the ops)
+from nanovllm.ops import family_ops, primitives, sites  # noqa: F401  (define the ops; family_ops imports the rest)
 from nanovllm.ops.meta import AttentionMetadata, PlanContext
 from nanovllm.ops.plugins import load_plugins
 from nanovllm.ops.registry import (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanovllm.ops import primitives, sites  # noqa: F401  (the parts these ops compose are defined first)
 from nanovllm.ops.registry import define_op
 
 
