@@ -82,11 +82,21 @@ def correctness() -> list[dict]:
                                  rel_err_vs_hf=((logits - ref).norm() / ref.norm()).item(),
                                  argmax_agree_vs_hf=(logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
                                  greedy_equal_eager=greedy == greedy_ref))
+                print_check(rows[-1])  # as it goes: a run cut off by its time limit still reports
                 llm.close()
             except Exception:
                 rows.append(dict(dtype=dtype, config=name, error=traceback.format_exc()))
                 print(rows[-1]["error"])
+                print_check(rows[-1])
     return rows
+
+
+def print_check(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['dtype']:9s} {r['config']:24s} ERROR {r['error'].splitlines()[-1]}", flush=True)
+    else:
+        print(f"{r['dtype']:9s} {r['config']:24s} rel_err {r['rel_err_vs_hf']:.2e} "
+              f"argmax {r['argmax_agree_vs_hf']:.3f} greedy==eager {r['greedy_equal_eager']}", flush=True)
 
 
 def main():
@@ -119,12 +129,6 @@ def main():
     results["speed"] = rows
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2, default=str)
-    for r in results["correctness"]:
-        if "error" in r:
-            print(f"{r['dtype']:9s} {r['config']:24s} ERROR {r['error'].splitlines()[-1]}")
-        else:
-            print(f"{r['dtype']:9s} {r['config']:24s} rel_err {r['rel_err_vs_hf']:.2e} "
-                  f"argmax {r['argmax_agree_vs_hf']:.3f} greedy==eager {r['greedy_equal_eager']}")
     print(f"{'config':24s} {'decode tok/s':>12s} {'ms/tok':>8s} {'ttft ms':>8s} {'prefill tok/s':>14s} {'build s':>8s}")
     for r in rows:
         if "error" in r:
