@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nanovllm.ops import AttentionMetadata, PlanContext, get_op, load_plugins
+from nanovllm.ops.testing import random_step
 
 pytestmark = pytest.mark.gpu
 
@@ -33,33 +34,7 @@ def impl(op: str, backend: str = "flashinfer"):
 
 
 def make_step(q_lens, kv_lens, *, shared_blocks: int = 0, seed: int = 0, device: str = "cuda"):
-    """A step of requests with q_lens new tokens at the end of kv_lens tokens, on shuffled block ids, as the
-    model runner builds it (device tensors + `host` numpy arrays). The first `shared_blocks` blocks of
-    every request are the same ids (a cached prefix). Returns (meta, num_blocks); the cache needs
-    num_blocks + 1 blocks, the last being the runner's scratch block."""
-    rng = np.random.default_rng(seed)
-    need = [-(-k // BS) for k in kv_lens]
-    num_blocks = shared_blocks + sum(n - shared_blocks for n in need) + 5
-    free = list(rng.permutation(num_blocks))
-    shared = [free.pop() for _ in range(shared_blocks)]
-    tables = np.zeros((len(kv_lens), max(need) + 1), dtype=np.int64)  # one padding column
-    pos, slots, pad = [], [], []
-    for b, (ql, kl, n) in enumerate(zip(q_lens, kv_lens, need)):
-        assert n > shared_blocks or not shared_blocks, "a shared prefix must leave each request a block"
-        tables[b, :n] = shared + [free.pop() for _ in range(n - shared_blocks)]
-        p = np.arange(kl - ql, kl)
-        pos.append(p)
-        slots.append(tables[b][p // BS] * BS + p % BS)
-        pad.append(b * max(q_lens) + np.arange(ql))
-    host = dict(seq_lens=np.array(kv_lens), cu_seqlens_q=np.cumsum([0, *q_lens]), block_tables=tables,
-                num_blocks=np.array(need))
-
-    def dev(x):
-        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
-
-    meta = AttentionMetadata(dev(np.concatenate(pos)), dev(np.concatenate(slots)), dev(host["seq_lens"]), dev(tables),
-                             dev(host["cu_seqlens_q"]), dev(np.concatenate(pad)), max(q_lens), max(kv_lens), host=host)
-    return meta, num_blocks
+    return random_step(q_lens, kv_lens, block_size=BS, shared_blocks=shared_blocks, seed=seed, device=device)
 
 
 def pad_for_graph(meta: AttentionMetadata, graph_batch: int, scratch: int) -> AttentionMetadata:

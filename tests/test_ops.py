@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanovllm.ops import OPS, AttentionMetadata, Target, get_op, native_site, resolve
+from nanovllm.ops import OPS, Target, get_op, native_site, resolve
+from nanovllm.ops.testing import random_step
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -17,23 +18,9 @@ def compiled(op: str):
     return fn
 
 
-def paged_meta(q_lens, kv_lens, block_size=4, num_blocks=64, seed=0):
+def paged_meta(q_lens, kv_lens, block_size=4, seed=0):
     """Random block tables for requests with `q_lens` new tokens at the end of `kv_lens` tokens."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    max_blocks = max(-(-k // block_size) for k in kv_lens)
-    tables = torch.zeros(len(kv_lens), max_blocks, dtype=torch.long)
-    pos, slots, pad = [], [], []
-    for b, (ql, kl) in enumerate(zip(q_lens, kv_lens)):
-        blocks = [perm.pop() for _ in range(-(-kl // block_size))]
-        tables[b, :len(blocks)] = torch.tensor(blocks)
-        p = torch.arange(kl - ql, kl)
-        pos.append(p)
-        slots.append(tables[b][p // block_size] * block_size + p % block_size)
-        pad.append(b * max(q_lens) + torch.arange(ql))
-    cu = torch.tensor([0, *q_lens]).cumsum(0)
-    return AttentionMetadata(torch.cat(pos), torch.cat(slots), torch.tensor(kv_lens), tables, cu, torch.cat(pad),
-                             max(q_lens), max(kv_lens))
+    return random_step(q_lens, kv_lens, block_size=block_size, seed=seed)[0]
 
 
 def ref_attention(q, k_cache, v_cache, meta, scale, window=0, softcap=0.0):

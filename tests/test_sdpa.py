@@ -7,33 +7,14 @@ import pytest
 import torch
 
 from nanovllm.ops import AttentionMetadata, get_op, load_plugins
+from nanovllm.ops.testing import random_step
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10),
        torch.bfloat16: dict(atol=1.5e-2, rtol=2e-2)}
 
 
 def paged_meta(q_lens, kv_lens, block_size=4, seed=0, device="cpu") -> tuple[AttentionMetadata, int]:
-    """Requests with q_lens new tokens at the end of kv_lens tokens, on shuffled blocks (one table slot
-    more than needed, so padding columns are exercised). Returns (meta, blocks the cache needs)."""
-    g = torch.Generator().manual_seed(seed)
-    num_blocks = sum(-(-k // block_size) for k in kv_lens) + 7
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    max_blocks = max(-(-k // block_size) for k in kv_lens) + 1
-    tables = torch.zeros(len(kv_lens), max_blocks, dtype=torch.long)
-    pos, slots, pad = [], [], []
-    for b, (ql, kl) in enumerate(zip(q_lens, kv_lens)):
-        blocks = [perm.pop() for _ in range(-(-kl // block_size))]
-        tables[b, :len(blocks)] = torch.tensor(blocks)
-        p = torch.arange(kl - ql, kl)
-        pos.append(p)
-        slots.append(tables[b][p // block_size] * block_size + p % block_size)
-        pad.append(b * max(q_lens) + torch.arange(ql))
-    cu = torch.tensor([0, *q_lens]).cumsum(0)
-    meta = AttentionMetadata(torch.cat(pos), torch.cat(slots), torch.tensor(kv_lens), tables, cu, torch.cat(pad),
-                             max(q_lens), max(kv_lens))
-    for f in ("positions", "slot_mapping", "seq_lens", "block_tables", "cu_seqlens_q", "pad_index"):
-        setattr(meta, f, getattr(meta, f).to(device))
-    return meta, num_blocks
+    return random_step(q_lens, kv_lens, block_size=block_size, seed=seed, device=device)
 
 
 def run_both(name, q_lens, kv_lens, heads=(6, 2), head_dim=16, window=0, softcap=0.0, dtype=torch.float32,
