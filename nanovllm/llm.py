@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 
@@ -54,7 +55,8 @@ class LLM:
         ids = self._add_all(prompts, sampling_params)
         index = {rid: i for i, rid in enumerate(ids)}
         results = [{"text": "", "token_ids": [], "finish_reason": None} for _ in ids]
-        with progress_bar("generating", total=len(ids)) if use_tqdm else _null() as advance:
+        progress = progress_bar("generating", total=len(ids)) if use_tqdm else nullcontext(lambda n=1: None)
+        with progress as advance:
             for out in self._drain():
                 r = results[index[out.request_id]]
                 r["text"] += out.text
@@ -122,10 +124,3 @@ class LLM:
                     kv_bytes_per_token=runner.kv_bytes_per_token,
                     random_weights=readme.is_file() and "random" in readme.read_text().lower())
 
-
-class _null:
-    def __enter__(self):
-        return lambda n=1: None
-
-    def __exit__(self, *exc):
-        return False

@@ -70,10 +70,6 @@ class DenseArgs:
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
             sliding_window=tuple(window if t == "sliding_attention" else 0 for t in types), **family)
 
-    def shapes(self) -> dict:
-        """What kernels may check to say whether they support this model."""
-        return dict(hidden=self.hidden_size, heads=self.num_heads, kv_heads=self.num_kv_heads,
-                    head_dim=self.head_dim, intermediate=self.intermediate_size, vocab=self.vocab_size)
 
 
 def _param(*shape) -> nn.Parameter:
