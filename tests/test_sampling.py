@@ -108,3 +108,25 @@ def test_logprobs(tiny_llm):
     for tok, lp in zip(out["token_ids"], out["logprobs"]):
         assert max(lp["top"], key=lp["top"].get) == tok  # greedy picks the most likely token
         assert lp["token_logprob"] == pytest.approx(max(lp["top"].values()))
+
+
+def test_filters_passed_as_none_skip_the_sort_but_sample_the_same():
+    """With no filter in use the sampler takes a sort-free path; it draws exactly what the full path draws."""
+    logits = torch.randn(6, 301)
+    temp = torch.tensor([0.0, 0.5, 1.0, 1.5, 0.9, 2.0])
+    noise = torch.empty(6, 301).exponential_()
+    off = sample(logits, temp, torch.full((6,), -1), torch.ones(6), torch.zeros(6), noise)
+    assert torch.equal(sample(logits, temp, None, None, None, noise), off)
+    assert torch.equal(sample(logits, temp, None, torch.ones(6), None, noise), off)
+
+
+def test_runner_passes_unused_filters_as_none(tiny_llm):
+    from nanovllm.engine.sequence import Sequence
+
+    runner = tiny_llm.engine.runner
+    plain = Sequence([1], SamplingParams(temperature=0.7))
+    topk = Sequence([1], SamplingParams(temperature=0.7, top_k=5))
+    temperature, top_k, top_p, min_p, noise = runner.sampling_tensors([plain, plain])
+    assert top_k is None and top_p is None and min_p is None and noise.shape[0] == 2
+    _, top_k, top_p, _, _ = runner.sampling_tensors([plain, topk])
+    assert top_k.tolist() == [0, 5] and top_p is None

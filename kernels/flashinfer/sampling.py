@@ -17,6 +17,7 @@ import torch
 
 from nanovllm.ops import register_impl
 from nanovllm.ops.plugins import load_sibling
+from nanovllm.ops.primitives import filters_or_off
 
 common = load_sibling(__file__, "_common")
 
@@ -48,4 +49,5 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            min_p: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
     if noise is None:
         return logits.argmax(dim=-1)
+    top_k, top_p, min_p = filters_or_off(top_k, top_p, min_p, temperature)
     return torch.ops.nanovllm_fi.sample(logits, temperature, top_k, top_p, min_p, noise)

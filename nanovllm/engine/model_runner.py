@@ -190,12 +190,17 @@ class ModelRunner:
         return dev(np.concatenate(ids)), positions, meta, dev(np.array(rows, dtype=np.int64))
 
     def sampling_tensors(self, seqs):
+        """Per-row sampling tensors; a filter no row uses is None, so the sampler can skip it."""
         params = [s.params for s in seqs]
         dev = self.device
+
+        def column(values, dtype, off):
+            return None if all(v == off for v in values) else torch.tensor(values, dtype=dtype, device=dev)
+
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+        top_k = column([max(p.top_k, 0) for p in params], torch.int64, 0)
+        top_p = column([p.top_p for p in params], torch.float32, 1.0)
+        min_p = column([p.min_p for p in params], torch.float32, 0.0)
         noise = None
         if any(not p.greedy for p in params):
             noise = torch.empty(len(seqs), self.args.vocab_size, device=dev).exponential_(generator=self.generator)

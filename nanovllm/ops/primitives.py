@@ -103,9 +103,10 @@ def attention_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
 
 
 @define_op("sample")
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           min_p: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-    """Next token per row. temperature 0 is greedy; top_k <= 0, top_p 1, min_p 0 disable their filter.
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+           min_p: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
+    """Next token per row. temperature 0 is greedy; top_k <= 0, top_p 1, min_p 0 disable their filter, and
+    a filter passed as None is off for every row (then no sort of the vocabulary is needed).
 
     Sampling is argmax(probs / noise) with noise ~ Exp(1) drawn by the caller (the exponential race:
     exact categorical sampling, no host sync, reproducible from per-request generators).
@@ -114,6 +115,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     if noise is None:
         return greedy
     scaled = logits.float() / temperature.clamp_min(1e-5).unsqueeze(1)
+    if top_k is None and top_p is None and min_p is None:
+        return torch.where(temperature == 0, greedy, (scaled.softmax(dim=-1) / noise).argmax(dim=-1))
+    top_k, top_p, min_p = filters_or_off(top_k, top_p, min_p, temperature)
     sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     rank = torch.arange(vocab, device=logits.device).unsqueeze(0)
@@ -126,3 +130,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     filtered = torch.empty_like(scaled).scatter_(1, sorted_idx, sorted_logits)
     sampled = (filtered.softmax(dim=-1) / noise).argmax(dim=-1)
     return torch.where(temperature == 0, greedy, sampled)
+
+
+def filters_or_off(top_k, top_p, min_p, like: torch.Tensor):
+    """The three sampling filters with None replaced by per-row tensors that switch the filter off."""
+    return (torch.full_like(like, -1, dtype=torch.int64) if top_k is None else top_k,
+            torch.ones_like(like) if top_p is None else top_p,
+            torch.zeros_like(like) if min_p is None else min_p)
