@@ -3,6 +3,7 @@ sampled tokens."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -62,6 +63,7 @@ class ModelRunner:
         for layer in self.model.layers:
             layer.k_cache = layer.v_cache = None
         del self.model, self.kv_cache, self.forward
+        gc.collect()  # graphs, wrappers and modules can sit in reference cycles; their pools only go once collected
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
