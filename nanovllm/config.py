@@ -38,6 +38,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False     # no CUDA graphs
     compile_model: bool = False     # torch.compile the whole forward pass (fullgraph), registry ops inside
+    # Launch the next greedy decode step before reading this one's tokens, so the host's work overlaps the GPU's
+    async_scheduling: bool = False
     seed: int = 0
     kernels: KernelConfig = field(default_factory=KernelConfig)
 

@@ -61,3 +61,84 @@ def test_warmup_peak_runs_the_largest_step(tiny_model, monkeypatch):
     # (after decode steps of 1 and 3 rows that let per-row-count kernels tune before the KV cache exists)
     assert seen == [[16], [16, 16, 16], [63, 63], [64, 64, 64]]
     assert runner.kv_cache is None
+
+
+def test_async_scheduling_gives_the_same_tokens(tiny_model, tiny_llm):
+    """Decode steps launched one ahead (inputs taken from the in-flight step's tokens) give exactly the
+    tokens of the synchronous engine: through max_tokens, EOS and stop-string stops mid-batch, aborts,
+    and requests arriving while steps are in flight. Every block is free afterwards."""
+    llm = emulated(tiny_model, max_num_seqs=6, async_scheduling=True)
+    engine = llm.engine
+    prompts = [[i + 3] * (4 + 9 * i) for i in range(5)]
+    lengths = [3, 17, 9, 25, 1]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    expected = [r["token_ids"] for r in tiny_llm.generate(prompts, params)]
+    launched = []
+    launch = engine.runner.launch_greedy_decode
+    engine.runner.launch_greedy_decode = (lambda batch, prev=None: launched.append(prev is not None)
+                                          or launch(batch, prev))
+    assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
+    assert any(launched), "no step was launched ahead"
+
+    # A token treated as EOS stops one request while the next step for it is already in flight.
+    stop_at = expected[3][5]
+    engine.eos_ids.add(stop_at)
+    tiny_llm.engine.eos_ids.add(stop_at)
+    try:
+        eos_params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
+        assert ([r["token_ids"] for r in llm.generate(prompts, eos_params)]
+                == [r["token_ids"] for r in tiny_llm.generate(prompts, eos_params)])
+    finally:
+        engine.eos_ids.discard(stop_at)
+        tiny_llm.engine.eos_ids.discard(stop_at)
+
+    # An abort and a new request while a step is in flight.
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)) for p in prompts]
+    got = {i: [] for i in ids}
+    late, steps = None, 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+        steps += 1
+        if steps == 4:
+            engine.abort_request(ids[2])
+            late = engine.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))
+            got[late] = []
+    solo = [r["token_ids"] for r in tiny_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20,
+                                                                               ignore_eos=True))]
+    assert [got[i] for i in (ids[0], ids[1], ids[3], ids[4])] == [solo[0], solo[1], solo[3], solo[4]]
+    assert got[late] == solo[0][:7]
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not engine.requests
+
+
+def test_async_scheduling_writes_the_same_kv_cache(tiny_model):
+    """Tokens of a random tiny model hardly depend on positions, so compare what the steps wrote: the
+    K/V of every position, bit for bit (float64), with and without steps launched ahead."""
+    caches = []
+    for overlap in (False, True):
+        llm = emulated(tiny_model, max_num_seqs=4, async_scheduling=overlap)
+        llm.generate([list(range(500, 537)), list(range(900, 913))],
+                     SamplingParams(temperature=0, max_tokens=21, ignore_eos=True))
+        caches.append(llm.engine.runner.kv_cache.clone())
+    assert caches[0].abs().sum() > 0
+    assert torch.equal(caches[0], caches[1])
+
+
+def test_step_ahead_feeds_the_in_flight_tokens(tiny_model):
+    """A step launched ahead reads its input ids from the device tokens of the step in flight and runs one
+    position further; everything else comes from the host as usual."""
+    from nanovllm.engine.scheduler import ScheduledSeq
+
+    llm = emulated(tiny_model, max_num_seqs=4)
+    engine, graphs = llm.engine, llm.engine.runner.graphs
+    rid = engine.add_request(list(range(40, 60)), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    engine.step()  # the prefill
+    seq = engine.requests[rid][0]
+    engine.block_manager.grow(seq, seq.num_tokens + 1)
+    graphs.run([ScheduledSeq(seq, 1)], prev_tokens=torch.tensor([777]))
+    views = graphs._views(graphs.dev, 1)
+    assert views["input_ids"].tolist() == [777]
+    assert views["positions"].tolist() == [seq.num_computed_tokens + 1]
+    assert views["seq_lens"].tolist() == [seq.num_computed_tokens + 2]
+    engine.abort_request(rid)

@@ -38,8 +38,11 @@ class DecodeGraphs:
         self.max_blocks = -(-runner.config.max_model_len // runner.block_size)
         self.scratch_block = runner.num_blocks  # the extra block the KV cache keeps for padding
         width = len(self.FIELDS) * self.max_bs + self.max_bs * self.max_blocks
-        self.host = torch.zeros(width, dtype=torch.int64, pin_memory=runner.device.type == "cuda")
-        self.host_np = self.host.numpy()
+        # Two pinned staging buffers, used in turn: with async scheduling a step is filled while the copy
+        # out of the previous step's buffer may still be queued on the GPU.
+        self.hosts = [torch.zeros(width, dtype=torch.int64, pin_memory=runner.device.type == "cuda")
+                      for _ in range(2)]
+        self.turn = 0
         self.dev = torch.zeros(width, dtype=torch.int64, device=runner.device)
         self.arange = torch.arange(self.max_bs + 1, device=runner.device)
         zeros = torch.zeros(self.max_bs, device=runner.device)
@@ -66,7 +69,9 @@ class DecodeGraphs:
     def _fill(self, b: int, rows: list[tuple[int, int, list[int]]]) -> dict:
         """rows: (token id, position, block table) per real request; pads up to b. Returns host arrays."""
         bs = self.runner.block_size
-        v = self._views(self.host_np, b)
+        self.turn ^= 1
+        host = self.hosts[self.turn]
+        v = self._views(host.numpy(), b)
         for name in self.FIELDS:
             v[name][:] = 0
         v["slot_mapping"][:] = self.scratch_block * bs
@@ -83,7 +88,7 @@ class DecodeGraphs:
             num_blocks[i] = len(table)
         # One copy, of the used prefix: the fields lie side by side, the block tables last.
         end = len(self.FIELDS) * self.max_bs + b * self.max_blocks
-        self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        self.dev[:end].copy_(host[:end], non_blocking=True)
         return dict(seq_lens=v["seq_lens"].copy(), cu_seqlens_q=np.arange(b + 1), block_tables=v["block_tables"],
                     num_blocks=num_blocks)
 
@@ -117,12 +122,19 @@ class DecodeGraphs:
     def fits(self, batch) -> bool:
         return len(batch) <= self.max_bs and all(item.num_new_tokens == 1 and item.completes for item in batch)
 
-    def run(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden, greedy tokens) of the real rows of a decode batch."""
+    def run(self, batch, prev_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, greedy tokens) of the real rows of a decode batch.
+
+        With `prev_tokens` (the device tokens of the step still in flight for the same rows), each row runs
+        one position ahead and takes its input token from that tensor, without a round trip to the host."""
         n = len(batch)
         b = next(s for s in self.sizes if s >= n)
-        rows = [(item.seq.token_ids[-1], item.seq.num_computed_tokens, item.seq.block_table) for item in batch]
+        ahead = int(prev_tokens is not None)
+        rows = [(item.seq.token_ids[-1], item.seq.num_computed_tokens + ahead, item.seq.block_table)
+                for item in batch]
         meta = self._meta(b, self._fill(b, rows))
+        if prev_tokens is not None:  # input_ids are the first field of the device buffer
+            self.dev[:n].copy_(prev_tokens[:n])
         for plan in self.runner.plans:
             plan(meta, self.runner.plan_context)
         if not self.capture_graphs:

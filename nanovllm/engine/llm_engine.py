@@ -10,7 +10,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import Detokenizer
 from nanovllm.engine.model_runner import ModelRunner
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.scheduler import ScheduledSeq, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.models.catalog import resolve_model
 from nanovllm.sampling_params import SamplingParams
@@ -49,6 +49,7 @@ class LLMEngine:
         self.eos_ids = self._eos_ids()
         self.requests: dict[str, tuple[Sequence, Detokenizer]] = {}
         self._ids = count()
+        self.inflight = None  # (batch, PendingTokens) of a launched step not yet read (async scheduling)
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -108,16 +109,48 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.inflight is not None
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        tokens, logprobs = self.runner.run(batch)
-        self.scheduler.advance(batch)
-        done = [item.seq for item in batch if item.completes]
-        return [self._append(seq, tok, lp) for seq, tok, lp in zip(done, tokens, logprobs)]
+        """One forward pass's worth of new tokens. With async scheduling, a plain-greedy decode step is
+        launched before the previous one is read, so each call returns the tokens of the step before."""
+        if self.inflight is None:
+            batch = self.scheduler.schedule()
+            if not batch:
+                return []
+            if not self._can_overlap(batch):
+                tokens, logprobs = self.runner.run(batch)
+                return self._finish_step(batch, tokens, logprobs)
+            self.inflight = (batch, self.runner.launch_greedy_decode(batch))
+        batch, pending = self.inflight
+        ahead = self._step_ahead(batch)
+        self.inflight = (ahead, self.runner.launch_greedy_decode(ahead, pending)) if ahead else None
+        tokens = pending.tolist()  # the GPU already has the next step queued
+        return self._finish_step(batch, tokens, [None] * len(tokens))
+
+    def _finish_step(self, batch, tokens, logprobs) -> list[RequestOutput]:
+        live = [(item, tok, lp) for item, tok, lp in zip([i for i in batch if i.completes], tokens, logprobs)
+                if not item.seq.is_finished]  # a request aborted or stopped while its step was in flight
+        self.scheduler.advance([item for item in batch if not item.seq.is_finished])
+        return [self._append(item.seq, tok, lp) for item, tok, lp in live]
+
+    def _can_overlap(self, batch) -> bool:
+        graphs = self.runner.graphs
+        return (self.config.async_scheduling and graphs is not None and graphs.fits(batch)
+                and all(item.seq.params.greedy and item.seq.params.logprobs is None for item in batch))
+
+    def _step_ahead(self, batch):
+        """The same decode rows one token later, if nothing can change the batch before then: no request
+        waits to be admitted, none is done or will reach its length limit, and every row has a KV slot."""
+        seqs = [item.seq for item in batch]
+        if self.scheduler.waiting or self.scheduler.running != seqs:
+            return None
+        for seq in seqs:
+            if (seq.num_completion_tokens + 2 > seq.params.max_tokens
+                    or seq.num_tokens + 2 > self.config.max_model_len
+                    or not self.block_manager.grow(seq, seq.num_tokens + 1)):
+                return None
+        return [ScheduledSeq(seq, 1) for seq in seqs]
 
     def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> RequestOutput:
         seq.token_ids.append(token)

@@ -23,6 +23,24 @@ from nanovllm.utils.progress import progress_bar
 log = logging.getLogger("nanovllm")
 
 
+class PendingTokens:
+    """Tokens of a launched step: on the device at once, on the host when `tolist()` waits for them."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.device = tokens
+        cuda = tokens.is_cuda
+        self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
+        self.host.copy_(tokens, non_blocking=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+        if self.event is not None:
+            self.event.record()
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path):
         self.config = config
@@ -245,6 +263,12 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         tokens = self.model.ops.sample(logits, *sampling)
         return tokens.tolist(), self._logprobs(logits, tokens, want)
+
+    def launch_greedy_decode(self, batch: list[ScheduledSeq], prev: PendingTokens | None = None) -> PendingTokens:
+        """Start a plain-greedy decode step through the CUDA graphs and return without waiting for it.
+        With `prev`, the rows run one position ahead on the tokens `prev` will produce (async scheduling)."""
+        _, tokens = self.graphs.run(batch, prev.device if prev is not None else None)
+        return PendingTokens(tokens)
 
     @staticmethod
     def _logprobs(logits, tokens, want) -> list[dict | None]:
