@@ -53,11 +53,21 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def fastest(table: list[dict]) -> str:
+    """The line that names the fastest mix of the sweep."""
+    timed = [row for row in table if row["decode_tok_s"]]
+    if not timed:
+        return "fastest: no run reported a decode speed"
+    best = max(timed, key=lambda row: row["decode_tok_s"])
+    return f"fastest: run {best['run']} ({best['overrides'] or 'no overrides'}) at {best['decode_tok_s']:,.1f} tok/s"
+
+
 def write_markdown(table: list[dict], path: Path) -> None:
     head = ["run", "overrides", "decode tok/s", "prefill tok/s", "TTFT ms", "% roofline", "roofline tok/s",
             "device", "model"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_fmt(row[c]).replace("|", "\\|") for c in COLUMNS) + " |" for row in table]
+    lines += ["", fastest(table)]
     path.write_text("\n".join(lines) + "\n")
 
 

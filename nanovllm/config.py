@@ -14,11 +14,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 @dataclass
 class KernelConfig:
-    """Which backend implements each op: `layers[N][op]` beats `ops[op]` beats `default`."""
+    """Which backend implements each op: `layers[N][op]` beats `layers[group][op]` beats `ops[op]` beats
+    `default`. `groups` names sets of layers ("0-13", "0,2,5-7") that `layers` may use as keys."""
 
     default: str = "eager"
     ops: dict[str, str] = field(default_factory=dict)
     layers: dict[str, dict[str, str]] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
     plugin_dirs: list[str] = field(default_factory=list)
     allow_fallback: bool = True
 
@@ -153,6 +155,7 @@ def run_schema():
     node = OmegaConf.structured(RunConfig)
     OmegaConf.set_struct(node.kernels.ops, False)
     OmegaConf.set_struct(node.kernels.layers, False)
+    OmegaConf.set_struct(node.kernels.groups, False)
     return node
 
 
@@ -182,10 +185,11 @@ def check_kernel_names(kernels) -> None:
                             f"valid backends: {', '.join(all_backends())}")
     for op, backend in (kernels.get("ops") or {}).items():
         check_backend(op, backend)
+    groups = kernels.get("groups") or {}
     for layer, table in (kernels.get("layers") or {}).items():
-        if not (str(layer).isdigit() or layer == MODEL_SCOPE):
-            raise RegistryError(f"kernels.layers has key {layer!r}; "
-                                f"valid keys: layer indices and {MODEL_SCOPE!r}")
+        if not (str(layer).isdigit() or layer == MODEL_SCOPE or layer in groups):
+            raise RegistryError(f"kernels.layers has key {layer!r}; valid keys: layer indices, {MODEL_SCOPE!r} "
+                                f"and the names in kernels.groups ({', '.join(groups) or 'none'})")
         for op, backend in (table or {}).items():
             check_backend(op, backend)
 

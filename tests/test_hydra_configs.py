@@ -57,7 +57,7 @@ def test_primary_config_is_the_eager_baseline():
     cfg = compose_run()
     check_schema(cfg)
     assert cfg.model.name == "default" and cfg.device == "auto" and cfg.dtype == "auto"
-    assert OmegaConf.to_container(cfg.kernels) == {"default": "eager", "ops": {}, "layers": {},
+    assert OmegaConf.to_container(cfg.kernels) == {"default": "eager", "ops": {}, "layers": {}, "groups": {},
                                                    "plugin_dirs": [], "allow_fallback": True}
     assert all(b == "eager" for ops in table(cfg).values() for b in ops.values())
 
@@ -178,3 +178,15 @@ def test_bench_sizes_follow_device_unless_set():
     sizes = bench_sizes(cfg.bench, "cpu")
     assert sizes["decode_tokens"] == 5 and sizes["warmup"] == 0
     assert bench_sizes(cfg.bench, "cuda")["decode_tokens"] == 5
+
+
+def test_layer_group_sweep_config():
+    """The per-layer-group experiment: its groups compose, and a swept override lands on that half only."""
+    cfg = compose_run(["+experiment=layer_groups", "++kernels.layers.second.mlp=compile"], hydra_node=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params) >= {"++kernels.layers.first.mlp", "++kernels.layers.second.mlp"}
+    del cfg.hydra
+    check_kernel_names(cfg.kernels)
+    t = table(cfg, num_layers=28)
+    assert {t[str(i)]["mlp"] for i in range(14)} == {"eager"}
+    assert {t[str(i)]["mlp"] for i in range(14, 28)} == {"compile"}

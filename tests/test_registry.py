@@ -47,6 +47,28 @@ def test_per_layer_beats_per_op_beats_default():
     assert r.table["0"]["norm_qkv"] == "compile" and r.table["0"]["linear"] == "compile"
 
 
+def test_layer_groups_sit_between_layers_and_ops():
+    kernels = {"default": "eager", "ops": {"mlp": "compile"}, "groups": {"front": "0-1", "odd": "1,3"},
+               "layers": {"front": {"mlp": "eager", "linear": "compile"}, "odd": {"linear": "eager"},
+                          "1": {"mlp": "compile"}}}
+    r = OpResolver(kernels, CPU, 4)
+    for i in range(4):
+        r.scope(i, ("mlp",))
+    assert [r.table[str(i)]["mlp"] for i in range(4)] == ["eager", "compile", "compile", "compile"]
+    assert [r.table[str(i)]["linear"] for i in range(4)] == ["compile", "compile", "eager", "eager"]
+
+
+@pytest.mark.parametrize("groups,layers,message", [
+    ({"front": "0-9"}, {}, "layers \\[4, 5, 6, 7, 8, 9\\] outside 0..3"),
+    ({"front": "a-b"}, {}, "write layer indices and ranges"),
+    ({"7": "0-1"}, {}, "name '7' is taken by a layer key"),
+    ({}, {"front": {"mlp": "eager"}}, "valid keys: 0..3, 'model' and the names in kernels.groups \\(none\\)"),
+])
+def test_bad_layer_groups(groups, layers, message):
+    with pytest.raises(RegistryError, match=message):
+        OpResolver({"groups": groups, "layers": layers}, CPU, 4)
+
+
 def test_registering_twice_or_reserved_names_fails():
     with pytest.raises(RegistryError, match="built in"):
         register_impl("rms_norm", "eager")(lambda *a: None)

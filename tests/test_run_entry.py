@@ -78,4 +78,6 @@ def test_sweep_then_aggregate(tmp_path, env):
     assert all(float(r["decode_tok_s"]) > 0 and float(r["pct_roofline"]) > 0 for r in rows)
     md = (out / "summary.md").read_text()
     assert "+kernels=compile_norms" in md and "decode tok/s" in md
+    best = max(rows, key=lambda r: float(r["decode_tok_s"]))
+    assert f"fastest: run {best['run']} ({best['overrides']})" in md
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,8 @@ class OpResolver:
         self.default = kernels.get("default") or NATIVE
         self.ops = dict(kernels.get("ops") or {})
         self.layers = {str(k): dict(v or {}) for k, v in (kernels.get("layers") or {}).items()}
+        self.groups = {name: parse_layers(spec, num_layers, name)
+                       for name, spec in (kernels.get("groups") or {}).items()}
         self.allow_fallback = bool(kernels.get("allow_fallback", True))
         self.table: dict[str, dict[str, str]] = {}
         self._validate()
@@ -44,17 +46,24 @@ class OpResolver:
             raise RegistryError(f"unknown default backend {self.default!r}; valid backends: {', '.join(known)}")
         for op, backend in self.ops.items():
             check_backend(op, backend)
-        valid_layers = [str(i) for i in range(self.num_layers)] + [MODEL_SCOPE]
+        for name in self.groups:
+            if name.isdigit() or name == MODEL_SCOPE:
+                raise RegistryError(f"kernels.groups name {name!r} is taken by a layer key; use a word")
+        valid_layers = [str(i) for i in range(self.num_layers)] + [MODEL_SCOPE, *self.groups]
         for layer, table in self.layers.items():
             if layer not in valid_layers:
                 raise RegistryError(
-                    f"kernels.layers has key {layer!r}; valid keys: 0..{self.num_layers - 1} and {MODEL_SCOPE!r}")
+                    f"kernels.layers has key {layer!r}; valid keys: 0..{self.num_layers - 1}, {MODEL_SCOPE!r} "
+                    f"and the names in kernels.groups ({', '.join(self.groups) or 'none'})")
             for op, backend in table.items():
                 check_backend(op, backend)
 
     def backend_for(self, scope: str, op: str) -> str:
         if op in self.layers.get(scope, {}):
             return self.layers[scope][op]
+        for name, members in self.groups.items():  # the first group naming this layer and op
+            if scope.isdigit() and int(scope) in members and op in self.layers.get(name, {}):
+                return self.layers[name][op]
         if op in self.ops:
             return self.ops[op]
         return self.default if self.default in get_op(op).impls else NATIVE
@@ -71,6 +80,22 @@ class OpResolver:
             done[op], used[op] = resolve(op, self.backend_for(scope, op), self.target,
                                          allow_fallback=self.allow_fallback, parts=parts, where=where)
         return SimpleNamespace(**{n: done[n] for n in names})
+
+
+def parse_layers(spec, num_layers: int, name: str = "") -> frozenset[int]:
+    """Layer indices of a group spec: "0-13", "0,2,5-7" (or a list of ints)."""
+    parts = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    out: set[int] = set()
+    try:
+        for part in parts:
+            lo, _, hi = str(part).strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise RegistryError(f"kernels.groups.{name}={spec!r}: write layer indices and ranges, e.g. '0-13,20'") from None
+    bad = sorted(i for i in out if not 0 <= i < num_layers)
+    if bad or not out:
+        raise RegistryError(f"kernels.groups.{name}={spec!r}: layers {bad or 'none'} outside 0..{num_layers - 1}")
+    return frozenset(out)
 
 
 def _sites_last(names: list[str]) -> list[str]:
