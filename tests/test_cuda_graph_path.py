@@ -74,11 +74,18 @@ def test_async_scheduling_gives_the_same_tokens(tiny_model, tiny_llm):
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
     expected = [r["token_ids"] for r in tiny_llm.generate(prompts, params)]
     launched = []
-    launch = engine.runner.launch_greedy_decode
-    engine.runner.launch_greedy_decode = (lambda batch, prev=None: launched.append(prev is not None)
-                                          or launch(batch, prev))
+    launch = engine.runner.launch_decode
+    engine.runner.launch_decode = lambda batch, prev=None: launched.append(prev is not None) or launch(batch, prev)
     assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
     assert any(launched), "no step was launched ahead"
+
+    # Sampled rows (per-request seeds) mixed with greedy ones: sampled after the graph, still launched ahead.
+    mixed = [SamplingParams(temperature=0.9 if i % 2 else 0, seed=i, max_tokens=n, ignore_eos=True)
+             for i, n in enumerate(lengths)]
+    launched.clear()
+    assert ([r["token_ids"] for r in llm.generate(prompts, mixed)]
+            == [r["token_ids"] for r in tiny_llm.generate(prompts, mixed)])
+    assert any(launched)
 
     # A token treated as EOS stops one request while the next step for it is already in flight.
     stop_at = expected[3][5]

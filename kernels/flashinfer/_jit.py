@@ -4,12 +4,13 @@ FlashInfer compiles each kernel module on first use, one module at a time (RMSNo
 ~16 s on the lent H100); built together they share all cores. The module list must match what the
 plugins ask for at run time (same dtypes, head_dim, index dtype, variants), else they build again then.
 
-    python3 kernels/flashinfer/_jit.py [--dtype bfloat16] [--head-dim 128] [--windows] [--softcap]
+    python3 kernels/flashinfer/_jit.py [--dtype bfloat16] [--head-dim 128[,64,256]] [--windows] [--softcap]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -17,7 +18,7 @@ import torch
 PREFILL_BACKEND = "fa2"  # keep in step with _common.PREFILL_BACKEND
 
 
-def specs(dtype: torch.dtype, head_dim: int, windows=(False,), softcaps=(False,)) -> list:
+def specs(dtype: torch.dtype, head_dims=(128,), windows=(False,), softcaps=(False,)) -> list:
     from flashinfer.jit import gen_batch_decode_module, gen_batch_prefill_module
     from flashinfer.jit.activation import gen_act_and_mul_module
     from flashinfer.jit.cascade import gen_cascade_module
@@ -26,13 +27,11 @@ def specs(dtype: torch.dtype, head_dim: int, windows=(False,), softcaps=(False,)
     from flashinfer.jit.sampling import gen_sampling_module
 
     out = []
-    for window in windows:
-        for softcap in softcaps:
-            # (q, kv, o dtypes, index dtype, head_dim qk/vo, pos-encoding NONE, window, softcap[, fp16 qk reduction])
-            out.append(gen_batch_decode_module(dtype, dtype, dtype, torch.int32, head_dim, head_dim, 0, window,
-                                               softcap))
-            out.append(gen_batch_prefill_module(PREFILL_BACKEND, dtype, dtype, dtype, torch.int32, head_dim,
-                                                head_dim, 0, window, softcap, False))
+    for head_dim, window, softcap in itertools.product(head_dims, windows, softcaps):
+        # (q, kv, o dtypes, index dtype, head_dim qk/vo, pos-encoding NONE, window, softcap[, fp16 qk reduction])
+        out.append(gen_batch_decode_module(dtype, dtype, dtype, torch.int32, head_dim, head_dim, 0, window, softcap))
+        out.append(gen_batch_prefill_module(PREFILL_BACKEND, dtype, dtype, dtype, torch.int32, head_dim, head_dim, 0,
+                                            window, softcap, False))
     return out + [gen_cascade_module(), gen_norm_module(), gen_rope_module(), gen_act_and_mul_module("silu"),
                   gen_sampling_module()]
 
@@ -40,14 +39,15 @@ def specs(dtype: torch.dtype, head_dim: int, windows=(False,), softcaps=(False,)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--head-dim", default="128", help="comma list: every model's head_dim")
     p.add_argument("--windows", action="store_true", help="also the sliding-window attention variants")
     p.add_argument("--softcap", action="store_true", help="also the logit soft-cap attention variants")
     a = p.parse_args()
     from flashinfer.jit import build_jit_specs
 
     t0 = time.perf_counter()
-    todo = specs(getattr(torch, a.dtype), a.head_dim, (False, True) if a.windows else (False,),
+    head_dims = tuple(int(d) for d in a.head_dim.split(","))
+    todo = specs(getattr(torch, a.dtype), head_dims, (False, True) if a.windows else (False,),
                  (False, True) if a.softcap else (False,))
     build_jit_specs(todo, verbose=False)
     print(f"built {len(todo)} FlashInfer modules in {time.perf_counter() - t0:.0f} s: "

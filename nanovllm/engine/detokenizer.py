@@ -21,6 +21,11 @@ class Detokenizer:
         self.hold = max((len(s) for s in stop), default=1) - 1
 
     def _decode(self, ids) -> str:
+        # The Rust tokenizer of a fast tokenizer directly: half the cost of transformers' decode(), which
+        # matters at 256 running requests (two decodes per token per request, on the engine's hot path).
+        fast = getattr(self.tokenizer, "_tokenizer", None)
+        if fast is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            return fast.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> bool:

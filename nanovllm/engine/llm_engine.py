@@ -112,8 +112,8 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or self.inflight is not None
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass's worth of new tokens. With async scheduling, a plain-greedy decode step is
-        launched before the previous one is read, so each call returns the tokens of the step before."""
+        """One forward pass's worth of new tokens. With async scheduling, a decode step (without logprobs)
+        is launched before the previous one is read, so each call returns the tokens of the step before."""
         if self.inflight is None:
             batch = self.scheduler.schedule()
             if not batch:
@@ -121,10 +121,10 @@ class LLMEngine:
             if not self._can_overlap(batch):
                 tokens, logprobs = self.runner.run(batch)
                 return self._finish_step(batch, tokens, logprobs)
-            self.inflight = (batch, self.runner.launch_greedy_decode(batch))
+            self.inflight = (batch, self.runner.launch_decode(batch))
         batch, pending = self.inflight
         ahead = self._step_ahead(batch)
-        self.inflight = (ahead, self.runner.launch_greedy_decode(ahead, pending)) if ahead else None
+        self.inflight = (ahead, self.runner.launch_decode(ahead, pending)) if ahead else None
         tokens = pending.tolist()  # the GPU already has the next step queued
         return self._finish_step(batch, tokens, [None] * len(tokens))
 
@@ -137,7 +137,7 @@ class LLMEngine:
     def _can_overlap(self, batch) -> bool:
         graphs = self.runner.graphs
         return (self.config.async_scheduling and graphs is not None and graphs.fits(batch)
-                and all(item.seq.params.greedy and item.seq.params.logprobs is None for item in batch))
+                and all(item.seq.params.logprobs is None for item in batch))
 
     def _step_ahead(self, batch):
         """The same decode rows one token later, if nothing can change the batch before then: no request

@@ -214,10 +214,13 @@ class ModelRunner:
         params = [s.params for s in seqs]
         dev = self.device
 
-        def column(values, dtype, off):
-            return None if all(v == off for v in values) else torch.tensor(values, dtype=dtype, device=dev)
+        def to_dev(values, dtype):  # pinned + non_blocking: a pageable copy would wait for the GPU
+            return torch.tensor(values, dtype=dtype, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
 
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+        def column(values, dtype, off):
+            return None if all(v == off for v in values) else to_dev(values, dtype)
+
+        temperature = to_dev([p.temperature for p in params], torch.float32)
         top_k = column([max(p.top_k, 0) for p in params], torch.int64, 0)
         top_p = column([p.top_p for p in params], torch.float32, 1.0)
         min_p = column([p.min_p for p in params], torch.float32, 0.0)
@@ -264,10 +267,16 @@ class ModelRunner:
         tokens = self.model.ops.sample(logits, *sampling)
         return tokens.tolist(), self._logprobs(logits, tokens, want)
 
-    def launch_greedy_decode(self, batch: list[ScheduledSeq], prev: PendingTokens | None = None) -> PendingTokens:
-        """Start a plain-greedy decode step through the CUDA graphs and return without waiting for it.
-        With `prev`, the rows run one position ahead on the tokens `prev` will produce (async scheduling)."""
-        _, tokens = self.graphs.run(batch, prev.device if prev is not None else None)
+    @torch.inference_mode()
+    def launch_decode(self, batch: list[ScheduledSeq], prev: PendingTokens | None = None) -> PendingTokens:
+        """Start a decode step (no logprobs) through the CUDA graphs and return without waiting for it.
+        With `prev`, the rows run one position ahead on the tokens `prev` will produce (async scheduling).
+        Greedy rows take the graph's argmax; a batch with sampled rows samples after the graph, still
+        without a host sync."""
+        hidden, tokens = self.graphs.run(batch, prev.device if prev is not None else None)
+        seqs = [item.seq for item in batch]
+        if not all(s.params.greedy for s in seqs):
+            tokens = self.model.sample(hidden, *self.sampling_tensors(seqs))
         return PendingTokens(tokens)
 
     @staticmethod
