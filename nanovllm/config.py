@@ -41,7 +41,7 @@ class EngineConfig:
     enforce_eager: bool = False     # no CUDA graphs
     compile_model: bool = False     # torch.compile the whole forward pass (fullgraph), registry ops inside
     # Launch the next greedy decode step before reading this one's tokens, so the host's work overlaps the GPU's
-    async_scheduling: bool = False
+    async_scheduling: bool = True   # launch the next decode step before reading this one (CUDA graphs)
     seed: int = 0
     kernels: KernelConfig = field(default_factory=KernelConfig)
 

@@ -3,7 +3,8 @@
 # by STAGES (space-separated, in order); each has its own time limit and prints its rows as it goes.
 #   run        python -m nanovllm.run -m '+kernels=baseline,compile' (the README's main job, as a sweep)
 #   latency    batch-1 latency per preset (LATENCY_PRESETS) at contexts 128/4096, with peers and profile
-#   async      the same presets with engine.async_scheduling=true (no peers, no profile)
+#   sync       the same for all_fused with engine.async_scheduling=false (no peers, no profile)
+#   fi_latency the flashinfer preset's latency (its build is slow: a stage of its own)
 #   throughput nano-vllm's workload (THROUGHPUT_PRESET), with and without async scheduling
 #   paths      every path's teacher-forced logits against transformers (scripts/gpu_engine_check.py)
 #   models     batch-1 tok/s of every model family (benchmarks/models_gpu.py) with FlashInfer
@@ -12,15 +13,16 @@
 # FlashInfer's JIT runs first in the background (the stages that need it wait for it). Everything lands in
 # /tmp/m and is packed into $OUT/measure.tgz at exit (the device returns 8 files at most).
 set -uo pipefail
-STAGES=${STAGES:-"run latency async"}
-LATENCY_PRESETS=${LATENCY_PRESETS:-all_fused,flashinfer}
+STAGES=${STAGES:-"run tests latency sync throughput"}
+LATENCY_PRESETS=${LATENCY_PRESETS:-all_fused}
 THROUGHPUT_PRESET=${THROUGHPUT_PRESET:-all_fused+fi_prefill}
 TESTS=${TESTS:-tests/test_triton_gpu.py tests/test_flashinfer.py tests/test_sdpa.py}
 LOG=/tmp/m
 mkdir -p "$LOG"
-export NANOVLLM_PROGRESS=0 PYTHONUNBUFFERED=1 NANOVLLM_TRITON_TUNE_BUDGET_S=${NANOVLLM_TRITON_TUNE_BUDGET_S:-8}
+# A stage past its limit gets SIGABRT first: faulthandler then prints where every thread was.
+export NANOVLLM_PROGRESS=0 PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NANOVLLM_TRITON_TUNE_BUDGET_S=${NANOVLLM_TRITON_TUNE_BUDGET_S:-8}
 start=$SECONDS
-trap 'tar czf "$OUT/measure.tgz" -C /tmp m 2>/dev/null; cp "$LOG/summary.txt" "$OUT/" 2>/dev/null' EXIT
+trap 'find ~/.cache/flashinfer -name flashinfer_jit.log -exec cp {} "$LOG/" \; 2>/dev/null; tar czf "$OUT/measure.tgz" -C /tmp m 2>/dev/null; cp "$LOG/summary.txt" "$OUT/" 2>/dev/null' EXIT
 say() { echo "$*" | tee -a "$LOG/summary.txt"; }
 stage() { say "== $1 (t=$((SECONDS - start)) s)"; }
 left() { echo $(( ${DEADLINE:-560} - SECONDS + start )); }   # seconds left in this call
@@ -33,7 +35,7 @@ wait_jit() { while ! grep -q '^done' "$LOG/fi_jit.log" 2>/dev/null; do sleep 2; 
 
 bench() {  # bench(name, seconds, args...): python -m nanovllm.bench with a budget inside its limit
   local name=$1 secs; secs=$(limit "$2"); shift 2
-  timeout "$secs" python3 -m nanovllm.bench "$@" --out-dir "$LOG/$name" --budget-s $((secs - 40)) \
+  timeout -s ABRT -k 10 "$secs" python3 -m nanovllm.bench "$@" --out-dir "$LOG/$name" --budget-s $((secs - 40)) \
     > "$LOG/$name.log" 2>&1
   grep -E "tok/s|per decode step|failed|skip" "$LOG/$name.log" | grep -v -i warn | cut -c1-160 | tee -a "$LOG/summary.txt"
 }
@@ -42,7 +44,7 @@ for s in $STAGES; do
   stage "$s"
   case $s in
     run)
-      timeout "$(limit 240)" python3 -m nanovllm.run -m '+kernels=baseline,compile' device=cuda \
+      timeout -s ABRT -k 10 "$(limit 240)" python3 -m nanovllm.run -m '+kernels=baseline,compile' device=cuda \
         hydra.sweep.dir="$LOG/run_sweep" > "$LOG/run.log" 2>&1
       say "exit $?"
       python3 experiments/aggregate.py "$LOG/run_sweep" > "$LOG/run_table.md" 2>&1
@@ -51,34 +53,35 @@ for s in $STAGES; do
       wait_jit
       bench latency 200 all --presets "$LATENCY_PRESETS" --skip throughput,ops --no-traces --contexts 128,4096 \
         --new-tokens 128 ;;
-    async)
+    sync)
+      bench sync 90 latency --presets all_fused --contexts 128,4096 --new-tokens 128 engine.async_scheduling=false ;;
+    fi_latency)
       wait_jit
-      bench async 120 latency --presets "$LATENCY_PRESETS" --contexts 128,4096 --new-tokens 128 \
-        engine.async_scheduling=true ;;
+      bench fi_latency 200 latency --presets flashinfer --contexts 128,4096 --new-tokens 128 ;;
     throughput)
       wait_jit
       bench throughput 100 throughput --presets "$THROUGHPUT_PRESET" --no-plot
-      bench throughput_async 100 throughput --presets "$THROUGHPUT_PRESET" --no-plot engine.async_scheduling=true ;;
+      bench throughput_sync 100 throughput --presets "$THROUGHPUT_PRESET" --no-plot engine.async_scheduling=false ;;
     paths)
       wait_jit
-      NANOVLLM_TRITON_TUNE=0 timeout "$(limit 200)" python3 scripts/gpu_engine_check.py --out "$LOG/engine.json" \
+      NANOVLLM_TRITON_TUNE=0 timeout -s ABRT -k 10 "$(limit 200)" python3 scripts/gpu_engine_check.py --out "$LOG/engine.json" \
         --check --configs "" > "$LOG/engine.log" 2>&1
       say "exit $?"; grep -E "^(bfloat16|float32) |PASS|FAIL" "$LOG/engine.log" | cut -c1-200 | tee -a "$LOG/summary.txt" ;;
     models)
       wait_jit
-      timeout "$(limit 200)" python3 benchmarks/models_gpu.py --out "$LOG/models.json" \
+      timeout -s ABRT -k 10 "$(limit 200)" python3 benchmarks/models_gpu.py --out "$LOG/models.json" \
         --kernels '{"ops": {"attention_prefill": "flashinfer", "attention_decode": "flashinfer", "moe": "triton"}}' \
         > "$LOG/models.log" 2>&1
       say "exit $?"; grep -E "tok/s|Error" "$LOG/models.log" | cut -c1-200 | tee -a "$LOG/summary.txt" ;;
     serve)
       wait_jit
-      timeout "$(limit 150)" python3 benchmarks/serve_load.py --spawn -c 32 -n 256 --max-tokens 128 \
+      timeout -s ABRT -k 10 "$(limit 150)" python3 benchmarks/serve_load.py --spawn -c 32 -n 256 --max-tokens 128 \
         --out "$LOG/load.json" -- '+kernels=[all_fused,fi_prefill]' > "$LOG/serve.log" 2>&1
       say "exit $?"; grep -v -i warn "$LOG/serve.log" | tail -12 | cut -c1-200 | tee -a "$LOG/summary.txt" ;;
     tests)
       wait_jit
       # shellcheck disable=SC2086
-      timeout "$(limit 240)" python3 -m pytest -m gpu $TESTS -q -rfE --tb=short -p no:cacheprovider \
+      timeout -s ABRT -k 10 "$(limit 240)" python3 -m pytest -m gpu $TESTS -q -rfE --tb=short -p no:cacheprovider \
         > "$LOG/tests.log" 2>&1
       say "exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$LOG/tests.log" | tail -20 | cut -c1-200 \
         | tee -a "$LOG/summary.txt" ;;

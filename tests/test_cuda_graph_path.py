@@ -30,7 +30,7 @@ def test_padded_decode_batches_match_eager(tiny_model, tiny_llm):
     expected = [r["token_ids"] for r in tiny_llm.generate(prompts, params)]
     calls = []
     run = llm.engine.runner.graphs.run
-    llm.engine.runner.graphs.run = lambda batch: calls.append(len(batch)) or run(batch)
+    llm.engine.runner.graphs.run = lambda batch, prev=None: calls.append(len(batch)) or run(batch, prev)
     assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
     assert calls and max(calls) == 5  # decode steps went through the padded path
     # Sampled and logprob rows are redone from the graph's hidden states.

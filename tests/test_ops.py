@@ -62,6 +62,22 @@ def test_paged_attention_native_against_loop(q_lens, kv_lens, window, softcap):
         torch.testing.assert_close(got, ref_attention(q, kc, vc, meta, 0.3, window, softcap), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_paged_attention_in_request_chunks(monkeypatch, chunk):
+    """A gather budget smaller than the batch's K/V splits the requests into chunks of `chunk` rows (the
+    native attention inside a 256-row decode graph); the answer stays the loop oracle's."""
+    import nanovllm.ops.primitives as prim
+
+    torch.manual_seed(4)
+    q_lens, kv_lens = [7, 1, 13, 1, 2], [7, 9, 30, 40, 2]
+    meta = paged_meta(q_lens, kv_lens)
+    kc, vc, q = torch.randn(64, 4, 2, 8), torch.randn(64, 4, 2, 8), torch.randn(sum(q_lens), 6, 8)
+    row = 6 * meta.block_tables.shape[1] * 4 * (8 + max(q_lens))
+    monkeypatch.setattr(prim, "GATHER_ELEMENTS", chunk * row)
+    got = prim.paged_attention(q, kc, vc, meta, 0.3, 6, 5.0)
+    torch.testing.assert_close(got, ref_attention(q, kc, vc, meta, 0.3, 6, 5.0), **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("name,q_lens,kv_lens", [("attention_prefill", [7, 1, 13], [7, 9, 30]),
                                                  ("attention_decode", [1, 1, 1], [5, 17, 33])])
 def test_compiled_attention_matches_native(name, q_lens, kv_lens):

@@ -68,19 +68,25 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         # Whole-model compile: one fullgraph trace of the forward pass, registry ops included.
         self.forward = torch.compile(self.model, fullgraph=True, dynamic=True) if config.compile_model else self.model
-        self.graphs = None
-        self.num_blocks = self._num_kv_blocks()
-        self._allocate_kv_cache()
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(self, self.forward)
-            with progress_bar(f"capturing CUDA graphs ({len(self.graphs.sizes)} batch sizes)"):
-                self.timings["cuda_graphs_s"] = self.graphs.capture()
+        self.graphs = self.kv_cache = None
+        try:
+            self.num_blocks = self._num_kv_blocks()
+            self._allocate_kv_cache()
+            if self.device.type == "cuda" and not config.enforce_eager:
+                self.graphs = DecodeGraphs(self, self.forward)
+                with progress_bar(f"capturing CUDA graphs ({len(self.graphs.sizes)} batch sizes)"):
+                    self.timings["cuda_graphs_s"] = self.graphs.capture()
+        except BaseException:  # e.g. out of memory: give the memory back, so a sweep's next job can run
+            self.close()
+            raise
 
     def close(self) -> None:
+        if self.model is None:
+            return
         self.graphs = None
         for layer in self.model.layers:
             layer.k_cache = layer.v_cache = None
-        del self.model, self.kv_cache, self.forward
+        self.model = self.kv_cache = self.forward = None
         gc.collect()  # graphs, wrappers and modules can sit in reference cycles; their pools only go once collected
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -58,34 +58,51 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
+# K/V and score elements (after the float32 cast and GQA repeat) one chunk of requests may hold: a decode step of 256
+# requests over 4,096-token block tables would otherwise gather ~17 GB per layer (inside a CUDA graph, too).
+GATHER_ELEMENTS = 1 << 26
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Causal attention of packed queries over each request's paged KV, in float32 (or float64).
 
     Queries are scattered into a (B, max_q) padded layout; keys are gathered per request from its
-    block table. A key is visible when its position <= the query's (and within `window` if > 0).
+    block table, a chunk of requests at a time. A key is visible when its position <= the query's (and
+    within `window` if > 0).
     """
     num_seqs, max_q = meta.num_seqs, meta.max_seqlen_q
     n_heads, head_dim = q.shape[1], q.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
-    k = k_cache[meta.block_tables].flatten(1, 2).to(acc).transpose(1, 2)  # (B, Hk, Lk, D)
-    v = v_cache[meta.block_tables].flatten(1, 2).to(acc).transpose(1, 2)
-    group = n_heads // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     qp = q.new_zeros(num_seqs * max_q, n_heads, head_dim).index_copy_(0, meta.pad_index, q)
     qp = qp.view(num_seqs, max_q, n_heads, head_dim).to(acc).transpose(1, 2)  # (B, H, Lq, D)
     q_pos = meta.positions.new_zeros(num_seqs * max_q).index_copy_(0, meta.pad_index, meta.positions)
     q_pos = q_pos.view(num_seqs, 1, max_q, 1)
-    k_pos = torch.arange(k.shape[2], device=q.device).view(1, 1, 1, -1)
+    num_keys = meta.block_tables.shape[1] * k_cache.shape[1]
+    rows = max(1, GATHER_ELEMENTS // (n_heads * num_keys * (head_dim + max_q)))  # K, V and the scores
+    if rows >= num_seqs:
+        out = _attend(qp, q_pos, k_cache, v_cache, meta.block_tables, scale, window, softcap)
+    else:
+        out = torch.cat([_attend(qp[i:i + rows], q_pos[i:i + rows], k_cache, v_cache, meta.block_tables[i:i + rows],
+                                 scale, window, softcap) for i in range(0, num_seqs, rows)])
+    out = out.transpose(1, 2).reshape(num_seqs * max_q, n_heads, head_dim)
+    return out[meta.pad_index].to(q.dtype)
+
+
+def _attend(qp, q_pos, k_cache, v_cache, block_tables, scale: float, window: int, softcap: float) -> torch.Tensor:
+    """(B, H, Lq, D) padded queries at positions q_pos against the keys of their block tables."""
+    k = k_cache[block_tables].flatten(1, 2).to(qp.dtype).transpose(1, 2)  # (B, Hk, Lk, D)
+    v = v_cache[block_tables].flatten(1, 2).to(qp.dtype).transpose(1, 2)
+    group = qp.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    k_pos = torch.arange(k.shape[2], device=qp.device).view(1, 1, 1, -1)
     visible = k_pos <= q_pos
     if window > 0:
         visible = visible & (k_pos > q_pos - window)
     scores = (qp @ k.transpose(-1, -2)) * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(num_seqs * max_q, n_heads, head_dim)
-    return out[meta.pad_index].to(q.dtype)
+    return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v
 
 
 @define_op("attention_prefill")
