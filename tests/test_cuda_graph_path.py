@@ -149,3 +149,23 @@ def test_step_ahead_feeds_the_in_flight_tokens(tiny_model):
     assert views["positions"].tolist() == [seq.num_computed_tokens + 1]
     assert views["seq_lens"].tolist() == [seq.num_computed_tokens + 2]
     engine.abort_request(rid)
+
+
+def test_graphs_set_aside_while_a_step_is_in_flight(tiny_model, tiny_llm):
+    """The profiler's eager reference sets the graphs aside between steps: the step in flight is read,
+    nothing more is launched ahead, and the tokens stay those of the synchronous engine."""
+    llm = emulated(tiny_model, max_num_seqs=4, async_scheduling=True)
+    engine, runner = llm.engine, llm.engine.runner
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    rid = engine.add_request(list(range(70, 90)), params)
+    got, steps, graphs = [], 0, runner.graphs
+    while engine.has_unfinished():
+        got += [t for out in engine.step() for t in out.token_ids]
+        steps += 1
+        if steps == 4:
+            assert engine.inflight is not None, "no step in flight to set the graphs aside under"
+            runner.graphs = None
+        if steps == 8:
+            runner.graphs = graphs
+    assert got == tiny_llm.generate([list(range(70, 90))], params)[0]["token_ids"]
+    assert rid not in engine.requests

@@ -92,13 +92,15 @@ def test_norm_qkv(core, rows, untuned):
     torch.testing.assert_close(got, want, **BF16)
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 40])
 @pytest.mark.parametrize("residual", [False, True])
 def test_mlp(core, rows, residual, untuned):
+    """The site reads interleaved gate/up rows (its load-time layout); 40 rows take the prefill path."""
     torch.manual_seed(3)
     args = (randn(rows, H), param(2 * INTER, H), param(H, INTER),
             randn(rows, H) if residual else None)
-    got, want = triton_impl("mlp")(*args), native_site("mlp")(*args)
+    interleaved = torch.nn.Parameter(get_op("mlp").impls["triton"].layouts["gate_up_w"](args[1]), requires_grad=False)
+    got, want = triton_impl("mlp")(args[0], interleaved, *args[2:]), native_site("mlp")(*args)
     report(f"mlp rows={rows}", got, want)
     torch.testing.assert_close(got, want, **BF16)
 

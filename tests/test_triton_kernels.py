@@ -108,15 +108,40 @@ def test_norm_qkv(core, dtype, rows, bias):
 
 @inner
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (8, 16, 1)), (3, (16, 16, 1))])
+@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (8, 16, 1)), (1, (1, 16, 1)), (3, (16, 16, 1)), (20, None)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_mlp(core, dtype, rows, cfg, residual):
+    """The Triton site reads gate/up rows interleaved (its weight layout, applied at load); the native reads
+    [gate; up]. 20 rows: the prefill path (cuBLAS on the interleaved weight, un-interleaved output)."""
     torch.manual_seed(rows)
     args = (torch.randn(rows, 37, dtype=dtype), weight(2 * 29, 37, dtype=dtype), weight(37, 29, dtype=dtype),
             torch.randn(rows, 37, dtype=dtype) if residual else None)
+    interleave = get_op("mlp").impls["triton"].layouts["gate_up_w"]
     with config(core, cfg):
-        got = triton_impl("mlp")(*args)
+        got = triton_impl("mlp")(args[0], interleave(args[1]), *args[2:])
     torch.testing.assert_close(got, native_site("mlp")(*args), **TOL[dtype])
+
+
+@inner
+def test_interleaved_layout_is_applied_once_where_resolved(core, make_checkpoint):
+    """Only layers whose mlp resolved to the Triton site get interleaved gate/up rows, and a model mixing
+    both layouts matches the eager model (prefill through the fallback, decode through the kernel)."""
+    from nanovllm import LLM
+    from nanovllm.engine.teacher_forcing import teacher_forced_logits
+
+    path = make_checkpoint(seed=5, vocab_size=256)
+    common = dict(device="cpu", dtype="float32", max_model_len=64, num_kvcache_blocks=16, kvcache_block_size=4,
+                  max_num_seqs=2)
+    mixed = {"layers": {"1": {"mlp": "triton"}}}
+    with LLM(str(path), **common) as ref, LLM(str(path), kernels=mixed, **common) as fused:
+        a, b = ref.engine.runner.model.layers, fused.engine.runner.model.layers
+        assert torch.equal(a[0].gate_up_proj, b[0].gate_up_proj)
+        inter = a[1].gate_up_proj.shape[0] // 2
+        assert torch.equal(b[1].gate_up_proj[0::2], a[1].gate_up_proj[:inter])
+        assert torch.equal(b[1].gate_up_proj[1::2], a[1].gate_up_proj[inter:])
+        prompt = list(range(3, 24))  # 21 rows: more than a GEMV takes
+        torch.testing.assert_close(teacher_forced_logits(fused.engine, prompt, [7, 9]),
+                                   teacher_forced_logits(ref.engine, prompt, [7, 9]), atol=1e-4, rtol=1e-4)
 
 
 @inner

@@ -269,13 +269,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: 
     return run(cfg, w)
 
 
-def register_site(op: str, fused, *, check=None, gemv_rows: bool = True) -> None:
+def register_site(op: str, fused, *, check=None, gemv_rows: bool = True, many_rows=None, layouts=None) -> None:
     """Register `fused(*args, parts=...)` as backend `triton` of site `op`. With gemv_rows, steps with more
-    than MAX_M rows (prefill: a GEMM) run the site's native composition of the layer's resolved parts."""
+    than MAX_M rows (prefill: a GEMM) run `many_rows(*args, parts=...)`, by default the site's native
+    composition of the layer's resolved parts. layouts: see Impl.layouts (many_rows must then read them)."""
     native = get_op(op).native
 
     def build(parts: dict):
-        fallback = functools.partial(native, **parts)
+        fallback = functools.partial(many_rows or native, **({"parts": parts} if many_rows else parts))
 
         def run(*args):
             if gemv_rows and not 0 < args[0].shape[0] <= tuning.MAX_M:
@@ -285,7 +286,8 @@ def register_site(op: str, fused, *, check=None, gemv_rows: bool = True) -> None
         return run
 
     native_parts = {p: get_op(p).native for p in get_op(op).parts}
-    register_impl(op, "triton", devices=devices(), dtypes=DTYPES, check=check, build=build)(build(native_parts))
+    register_impl(op, "triton", devices=devices(), dtypes=DTYPES, check=check, build=build,
+                  layouts=layouts)(build(native_parts))
 
 
 def devices() -> tuple[str, ...]:

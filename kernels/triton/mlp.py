@@ -1,11 +1,18 @@
-"""Backend `triton` of site `mlp`: two kernels for decode.
+"""Backend `triton` of site `mlp`: two kernels for decode, over gate/up rows stored interleaved.
 
-1. gate/up GEMV with the SiLU * up epilogue: each program streams the gate rows j and the up rows I + j
-   of the packed (2I, H) weight against the same x loads, and writes only the (M, I) activation.
+At load time the packed [gate; up] (2I, H) weight is rewritten row-interleaved (gate_0, up_0, gate_1, ...;
+`interleave_gate_up`, the backend's weight layout), so the first kernel is a plain weight-streaming GEMV
+whose program holds matching gate and up rows side by side:
+1. gate/up GEMV with the SiLU * up epilogue: each program streams BLOCK_N contiguous rows (BLOCK_N / 2
+   pairs) and writes only the (M, I) activation.
 2. down GEMV with the residual add in its store (the general GEMV of _gemv_core, split-K when tuned so).
+Steps with more rows than a GEMV takes (prefill) run cuBLAS on the interleaved weight and un-interleave
+its output before the native activation.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -18,43 +25,51 @@ core = load_sibling(__file__, "_gemv_core")
 gemv_tile, gdc_launch_dependents = core.gemv_tile, core.gdc_launch_dependents
 
 
+def interleave_gate_up(w: torch.Tensor) -> torch.Tensor:
+    """(2I, H) [gate; up] -> rows gate_0, up_0, gate_1, up_1, ..."""
+    inter = w.shape[0] // 2
+    return w.view(2, inter, -1).transpose(0, 1).reshape(w.shape).contiguous()
+
+
 @triton.jit
-def _gate_up_silu_kernel(x_ptr, w_ptr, a_ptr, M, INTER, K, stride_xm, stride_wn, stride_am, EVEN_K: tl.constexpr,
+def _gate_up_silu_kernel(x_ptr, w_ptr, a_ptr, M, N, K, stride_xm, stride_wn, stride_am, EVEN_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
                          PDL: tl.constexpr, PREFETCH: tl.constexpr):
-    """Grid (INTER blocks, 1, M blocks): a = silu(x @ gate.T) * (x @ up.T), rounded as the native rounds."""
+    """Grid (N blocks, 1, M blocks), N = 2I interleaved rows: a = silu(x @ gate.T) * (x @ up.T), rounded as
+    the native rounds."""
     if PDL:
         gdc_launch_dependents()
     pid_n, pid_m = tl.program_id(0), tl.program_id(2)
-    gate, up = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, x_ptr, M, INTER, K, 0, K, 0.0, pid_m, pid_n,
-                         INTER * stride_wn, False, True, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+    acc, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, x_ptr, M, N, K, 0, K, 0.0, pid_m, pid_n, 0,
+                       False, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # even rows gate, odd rows up
     dtype = a_ptr.dtype.element_ty
     gate, up = gate.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32)  # the gate_up linear's output
     act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up  # F.silu rounds, then the product
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < INTER)
-    tl.store(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :], act.to(dtype), mask=mask)
+    offs_i = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    mask = (offs_m[:, None] < M) & (offs_i[None, :] < N // 2)
+    tl.store(a_ptr + offs_m[:, None] * stride_am + offs_i[None, :], act.to(dtype), mask=mask)
 
 
 @triton_op("nanovllm_triton::gate_up_silu", mutates_args=())
 def gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """silu_and_mul(x @ w.T) for the packed [gate; up] weight w (2I, K) and at most MAX_M rows of x."""
+    """silu_and_mul(x @ [gate; up].T) for the row-interleaved weight w (2I, K) and at most MAX_M rows of x."""
     x = x if x.stride(-1) == 1 else x.contiguous()
-    (m, k), inter = x.shape, w.shape[0] // 2
+    (m, k), n = x.shape, w.shape[0]
 
     def run(cfg, weight):
+        cfg = dataclasses.replace(cfg, BLOCK_N=max(2, cfg.BLOCK_N))  # a program holds whole (gate, up) pairs
         core.check_config(cfg, m)
-        out = x.new_empty(m, inter)
+        out = x.new_empty(m, n // 2)
         bm, pdl = core.tuning.block_m(m), core.pdl(x, weight)
-        wrap_triton(_gate_up_silu_kernel)[(triton.cdiv(inter, cfg.BLOCK_N), 1, triton.cdiv(m, bm))](
-            x, weight, out, m, inter, k, x.stride(0), weight.stride(0), out.stride(0),
+        wrap_triton(_gate_up_silu_kernel)[(triton.cdiv(n, cfg.BLOCK_N), 1, triton.cdiv(m, bm))](
+            x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
             EVEN_K=k % cfg.BLOCK_K == 0, BLOCK_M=bm, DOT_F32=core.dot_f32(x), PDL=pdl,
             PREFETCH=core.prefetch(pdl, weight), **cfg.meta(), **core.launch_opts(pdl))
         return out
 
-    cfg = core.tuning.choose("gate_up_silu", inter, k, m, x, w, core.bencher(w, run), split=False, tile=2)
-    return run(cfg, w)
+    return run(core.tuning.choose("gate_up_silu", n, k, m, x, w, core.bencher(w, run), split=False), w)
 
 
 def mlp(h, gate_up_w, down_w, residual, *, parts):
@@ -63,4 +78,12 @@ def mlp(h, gate_up_w, down_w, residual, *, parts):
     return torch.ops.nanovllm_triton.gemv(act, down_w, None, residual, None, 0.0)
 
 
-core.register_site("mlp", mlp)
+def mlp_many_rows(h, gate_up_w, down_w, residual, *, parts):
+    """A prefill step: the layer's linear on the interleaved weight, its output back to [gate | up]."""
+    y = parts["linear"](h, gate_up_w)
+    y = y.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+    out = parts["linear"](parts["silu_and_mul"](y), down_w)
+    return out if residual is None else residual + out
+
+
+core.register_site("mlp", mlp, many_rows=mlp_many_rows, layouts={"gate_up_w": interleave_gate_up})

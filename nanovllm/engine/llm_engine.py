@@ -143,7 +143,7 @@ class LLMEngine:
         """The same decode rows one token later, if nothing can change the batch before then: no request
         waits to be admitted, none is done or will reach its length limit, and every row has a KV slot."""
         seqs = [item.seq for item in batch]
-        if self.scheduler.waiting or self.scheduler.running != seqs:
+        if not self._can_overlap(batch) or self.scheduler.waiting or self.scheduler.running != seqs:
             return None
         for seq in seqs:
             if (seq.num_completion_tokens + 2 > seq.params.max_tokens

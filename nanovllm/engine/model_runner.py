@@ -57,6 +57,7 @@ class ModelRunner:
         files = weight_files(model_path)
         with progress_bar("loading weights", total=count_tensors(files)) as advance:
             load_weights(self.model, iter_tensors(files), self.dtype, progress=advance)
+        self.model.apply_weight_layouts(self.resolver)
         self.timings["load_s"] = time.perf_counter() - t0
         self.args = a = self.model.args
         self.block_size = config.kvcache_block_size

@@ -16,7 +16,7 @@ from torch import nn
 
 import nanovllm.ops.family_ops  # noqa: F401  (defines gelu_mlp, moe ...; until ops/__init__ imports it)
 from nanovllm.layers.rotary import cos_sin_table
-from nanovllm.ops import MODEL_SCOPE, AttentionMetadata, OpResolver
+from nanovllm.ops import MODEL_SCOPE, AttentionMetadata, OpResolver, get_op
 
 LAYER_OPS = ("norm_qkv", "qk_norm_rope", "attention_prefill", "attention_decode", "attn_out", "mlp")
 MODEL_OPS = ("rms_norm", "linear", "sample", "lm_head_sample")
@@ -183,6 +183,20 @@ class DenseCausalLM(nn.Module):
         for layer in self.layers:
             x = layer(x, positions, meta, getattr(self, layer.rope_table))
         return x
+
+    # (site, its weight argument) -> the layer parameter passed there, for backends' weight layouts
+    SITE_WEIGHTS = {("norm_qkv", "qkv_w"): "qkv_proj", ("attn_out", "o_w"): "o_proj",
+                    ("mlp", "gate_up_w"): "gate_up_proj", ("mlp", "down_w"): "down_proj"}
+
+    def apply_weight_layouts(self, resolver: OpResolver) -> None:
+        """Once, after loading: each layer's weights in the layout its sites' backends read (Impl.layouts)."""
+        for layer in self.layers:
+            used = resolver.table.get(str(layer.idx), {})
+            for (op, arg), name in self.SITE_WEIGHTS.items():
+                convert = get_op(op).impls[used[op]].layouts.get(arg) if op in used else None
+                if convert is not None and getattr(layer, name, None) is not None:
+                    param = getattr(layer, name)
+                    param.data = convert(param.data)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.ops.linear(self.ops.rms_norm(h, self.final_norm, self.args.rms_norm_eps), self.lm_head)

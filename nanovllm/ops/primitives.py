@@ -83,10 +83,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if rows >= num_seqs:
         out = _attend(qp, q_pos, k_cache, v_cache, meta.block_tables, scale, window, softcap)
     else:
-        out = torch.cat([_attend(qp[i:i + rows], q_pos[i:i + rows], k_cache, v_cache, meta.block_tables[i:i + rows],
-                                 scale, window, softcap) for i in range(0, num_seqs, rows)])
+        out = _attend_chunks(rows, qp, q_pos, k_cache, v_cache, meta.block_tables, scale, window, softcap)
     out = out.transpose(1, 2).reshape(num_seqs * max_q, n_heads, head_dim)
     return out[meta.pad_index].to(q.dtype)
+
+
+@torch.compiler.disable  # a loop over a batch-dependent chunk count would recompile for every batch size
+def _attend_chunks(rows: int, qp, q_pos, k_cache, v_cache, block_tables, *args) -> torch.Tensor:
+    return torch.cat([_attend(qp[i:i + rows], q_pos[i:i + rows], k_cache, v_cache, block_tables[i:i + rows], *args)
+                      for i in range(0, qp.shape[0], rows)])
 
 
 def _attend(qp, q_pos, k_cache, v_cache, block_tables, scale: float, window: int, softcap: float) -> torch.Tensor:

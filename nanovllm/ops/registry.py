@@ -70,6 +70,9 @@ class Impl:
     # plan(meta, ctx): called once per step, outside any CUDA graph, before the forward pass; it may
     # store per-step state (e.g. a FlashInfer wrapper's plan) in meta.plans. See ops/meta.py.
     plan: Callable | None = None
+    # layouts[arg]: converts the weight passed as `arg` into the layout this backend reads; the model applies
+    # it once, after loading, to the layers that resolved to this backend (e.g. interleaved gate/up rows).
+    layouts: dict[str, Callable] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,11 +109,11 @@ def define_op(name: str, parts: tuple[str, ...] = ()):
 
 
 def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=None, needs=None,
-                  build=None, plan=None, replace: bool = False):
+                  build=None, plan=None, layouts=None, replace: bool = False):
     """Register `fn` as backend `backend` of `op` (decorator). Raises on unknown ops and on clashes.
 
     devices/dtypes: what it runs on; check(shapes) -> reason it cannot serve these model shapes, or None;
-    needs() -> reason it is unavailable (a missing library), or None; plan: see Impl.plan.
+    needs() -> reason it is unavailable (a missing library), or None; plan, layouts: see Impl.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -120,7 +123,7 @@ def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=Non
         if backend in opdef.impls and not replace:
             raise RegistryError(f"backend {backend!r} of op {op!r} is registered twice")
         support = Support(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None, check, needs)
-        opdef.impls[backend] = Impl(op, backend, fn, support, build, plan)
+        opdef.impls[backend] = Impl(op, backend, fn, support, build, plan, dict(layouts or {}))
         return fn
 
     return deco
