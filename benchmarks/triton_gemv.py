@@ -87,21 +87,26 @@ def projections(tuning, rows_list):
 
 
 def fused_sites(tuning):
-    """Each fused site at batch 1 against its eager composition (cuBLAS linears + PyTorch elementwise)."""
+    """Each fused site at batch 1 against its eager composition (cuBLAS linears + PyTorch elementwise), every
+    Triton backend of it, its weights in the layout that backend reads."""
     x, r, o = randn(1, H), randn(1, H), randn(1, HQ * D)
     nw = randn(H, scale=0.1).add_(1)
     sites = {
-        "norm_qkv": ([param(PROJ["qkv"][0], H)], lambda op, w: op(x, nw, w, None, EPS)),
-        "attn_out": ([param(H, HQ * D)], lambda op, w: op(o, w, r, nw, EPS)),
-        "mlp": ([param(2 * INTER, H), param(H, INTER)], lambda op, gu, dw: op(x, gu, dw, r)),
-        "lm_head_sample": ([param(VOCAB, H)],
+        "norm_qkv": (dict(qkv_w=param(PROJ["qkv"][0], H)), lambda op, w: op(x, nw, w, None, EPS)),
+        "attn_out": (dict(o_w=param(H, HQ * D)), lambda op, w: op(o, w, r, nw, EPS)),
+        "mlp": (dict(gate_up_w=param(2 * INTER, H), down_w=param(H, INTER)), lambda op, gu, dw: op(x, gu, dw, r)),
+        "lm_head_sample": (dict(lm_w=param(VOCAB, H)),
                            lambda op, w: op(x, nw, EPS, w, None, None, None, None, None)),
     }
     out = []
     for name, (weights, call) in sites.items():
-        times = [timed(tuning, functools.partial(call, fn), weights)
-                 for fn in (native_site(name), get_op(name).impls["triton"].fn)]
-        out.append(row(name + " (fused)", 1, sum(w.nbytes for w in weights), *times))
+        base = timed(tuning, functools.partial(call, native_site(name)), list(weights.values()))
+        for backend, impl in get_op(name).impls.items():
+            if backend.startswith("triton"):
+                laid = [torch.nn.Parameter(impl.layouts[a](w), requires_grad=False) if a in impl.layouts else w
+                        for a, w in weights.items()]
+                t = timed(tuning, functools.partial(call, impl.fn), laid)
+                out.append(row(f"{name} ({backend})", 1, sum(w.nbytes for w in laid), base, t))
     return out
 
 
@@ -121,9 +126,12 @@ def attention(tuning, contexts=(128, 1024, 4096), page=16):
                                  torch.zeros(1, dtype=torch.long, device="cuda"), 1, ctx)
         q = randn(1, HQ, D)
         caches = [(randn(blocks, page, HK, D), randn(blocks, page, HK, D)) for _ in range(28)]
-        times = [attention_time(tuning, fn, q, caches, meta)
-                 for fn in (get_op("attention_decode").native, get_op("attention_decode").impls["triton"].fn)]
-        out.append(row(f"attention ctx={ctx}", 1, 2 * caches[0][0].nbytes, *times))
+        impls = get_op("attention_decode").impls
+        base = attention_time(tuning, impls["eager"].fn, q, caches, meta)
+        for backend in ("triton", "triton_onepass"):
+            t = attention_time(tuning, impls[backend].fn, q, caches, meta)
+            name = f"attention ctx={ctx}" + (" onepass" if backend == "triton_onepass" else "")
+            out.append(row(name, 1, 2 * caches[0][0].nbytes, base, t))
     return out
 
 

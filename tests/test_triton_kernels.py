@@ -146,16 +146,21 @@ def test_interleaved_layout_is_applied_once_where_resolved(core, make_checkpoint
 
 @inner
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (3, (16, 16, 3))])
-def test_attn_out(core, dtype, rows, cfg):
+@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (3, (16, 16, 3)), (5, (16, 16, 1))])
+@pytest.mark.parametrize("backend", ["triton", "triton_onepass"])
+def test_attn_out(core, dtype, rows, cfg, backend):
+    """triton_onepass: the last GEMV program to arrive adds and normalizes every row, and leaves the arrival
+    counters at zero for the next launch."""
     torch.manual_seed(rows)
     args = (torch.randn(rows, 71, dtype=dtype), weight(37, 71, dtype=dtype), torch.randn(rows, 37, dtype=dtype),
             weight(37, dtype=dtype) + 1, 1e-6)
     with config(core, cfg):
-        normed, res = triton_impl("attn_out")(*args)
+        normed, res = get_op("attn_out").impls[backend].fn(*args)
     want_normed, want_res = native_site("attn_out")(*args)
     torch.testing.assert_close(res, want_res, **TOL[dtype])
     torch.testing.assert_close(normed, want_normed, **TOL[dtype])
+    if backend == "triton_onepass":
+        assert not core.counters(args[0].device, 1).any()
 
 
 @inner
@@ -221,6 +226,24 @@ def test_attention_decode(core, dtype, window, softcap, splits):
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@inner
+@pytest.mark.parametrize("splits,window", [(2, 0), (5, 0), (3, 6), (0, 0)])
+def test_attention_decode_onepass(core, splits, window):
+    """The last split of each (request, kv head) to arrive merges its group's heads: no merge launch, the
+    same answer, counters back at zero. Requests shorter than a split's share leave splits empty."""
+    torch.manual_seed(splits + 7)
+    meta = paged_meta([1, 17, 70, 33])
+    kc, vc = torch.randn(40, 4, 2, 12), torch.randn(40, 4, 2, 12)
+    q = torch.randn(4, 6, 12)
+    got = torch.ops.nanovllm_triton.decode_attention(q, kc, vc, meta.block_tables, meta.positions, 0.3, window, 0.0,
+                                                     splits, True)
+    want = get_op("attention_decode").native(q, kc, vc, meta, 0.3, window, 0.0)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    assert not core.counters(q.device, 1).any()
+    torch.testing.assert_close(get_op("attention_decode").impls["triton_onepass"].fn(q, kc, vc, meta, 0.3, window),
+                               want, **TOL[torch.float32])
+
+
 # -- wiring: registry, presets, a whole model --------------------------------------------------------------
 @inner
 def test_every_triton_backend_resolves_on_the_interpreter(core):
@@ -237,7 +260,8 @@ def test_every_triton_backend_resolves_on_the_interpreter(core):
 
 
 @inner
-def test_all_fused_tiny_model_matches_eager(core, make_checkpoint):
+@pytest.mark.parametrize("presets", [("all_fused",), ("all_fused", "onepass")])
+def test_all_fused_tiny_model_matches_eager(core, make_checkpoint, presets):
     """Teacher-forced logits through the engine (prefill of 5 rows takes the tl.dot path, decode the FMA path),
     then greedy tokens through lm_head_sample; float32, so the fused model must agree to rounding."""
     import yaml
@@ -246,13 +270,16 @@ def test_all_fused_tiny_model_matches_eager(core, make_checkpoint):
     from nanovllm.engine.teacher_forcing import teacher_forced_logits
 
     path = make_checkpoint(seed=3, vocab_size=512)  # a small vocab keeps the interpreted LM head cheap
-    kernels = yaml.safe_load((ROOT / "configs/kernels/all_fused.yaml").read_text())
+    kernels = {"ops": {}}
+    for name in presets:
+        kernels["ops"].update(yaml.safe_load((ROOT / f"configs/kernels/{name}.yaml").read_text())["ops"])
     common = dict(device="cpu", dtype="float32", max_model_len=64, num_kvcache_blocks=16, kvcache_block_size=4,
                   max_num_seqs=2)
     prompt, forced = [5, 77, 301, 12, 9], [44, 410]
     with LLM(str(path), **common) as ref, LLM(str(path), kernels=kernels, **common) as fused:
         table = fused.engine.runner.resolver.table
-        assert all(table[s][op] == "triton" for s in ("0", "1") for op in ("norm_qkv", "mlp", "attention_decode"))
+        assert all(table[s][op] == kernels["ops"][op] for s in ("0", "1") for op in ("norm_qkv", "mlp", "attn_out",
+                                                                                     "attention_decode"))
         want = teacher_forced_logits(ref.engine, prompt, forced)
         got = teacher_forced_logits(fused.engine, prompt, forced)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

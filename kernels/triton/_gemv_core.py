@@ -172,6 +172,57 @@ def store_out(acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, offs_m, offs_n, M,
 
 
 @triton.jit
+def program_tile(x_ptr, w_ptr, nw_ptr, M, N, K, stride_xm, stride_wn, eps, HAS_NORM: tl.constexpr,
+                 SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    """This program's (rows, columns, K range) of a grid (N blocks, SPLIT_K, M blocks) GEMV: (acc, offs_m,
+    offs_n, pid_k)."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * span
+    k_hi = tl.minimum(K, k_lo + span)
+    acc, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, eps, pid_m, pid_n, 0,
+                       HAS_NORM, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+    return acc, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_k
+
+
+@triton.jit
+def store_partial(ws_ptr, acc, pid_k, offs_m, offs_n, M, N):
+    """fp32 partial sums into the (SPLIT_K, M, N) workspace."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def arrive_last(count_ptr, total):
+    """True in the one program that arrives last of `total` at this counter. Every program's stores before
+    its arrival are visible to the last one, which must read them with cache_modifier=".cg" (L1 is not
+    coherent across SMs). The last one resets the counter, so a CUDA graph can replay the kernel."""
+    tl.debug_barrier()  # all of this program's stores are issued before its arrival (release is cumulative)
+    last = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == total - 1
+    if last:
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+NUM_COUNTERS = 1 << 16
+_counters: dict = {}
+
+
+def counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The device's zeroed int32 arrival counters for `arrive_last` (each kernel leaves them zeroed), or None
+    where a one-pass kernel must not use them: too many programs, torch.compile tracing (a global buffer the
+    op mutates), or a CUDA-graph capture before any eager call allocated them."""
+    if needed > NUM_COUNTERS or torch.compiler.is_compiling():
+        return None
+    if device not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[device] = torch.zeros(NUM_COUNTERS, dtype=torch.int32, device=device)
+    return _counters[device]
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, b_ptr, r_ptr, nw_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm,
                  eps, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, PARTIAL: tl.constexpr,
                  SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -179,17 +230,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, b_ptr, r_ptr, nw_ptr, M, N, K, stride_xm, 
     """Grid (N blocks, SPLIT_K, M blocks). PARTIAL: y is an fp32 (SPLIT_K, M, N) workspace of partial sums."""
     if PDL:
         gdc_launch_dependents()  # the next kernel may start its programs once all of ours are running
-    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_lo = pid_k * span
-    k_hi = tl.minimum(K, k_lo + span)
-    acc, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, eps, pid_m, pid_n, 0,
-                       HAS_NORM, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, offs_m, offs_n, pid_k = program_tile(x_ptr, w_ptr, nw_ptr, M, N, K, stride_xm, stride_wn, eps, HAS_NORM,
+                                              SPLIT_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
     if PARTIAL:
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        tl.store(y_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+        store_partial(y_ptr, acc, pid_k, offs_m, offs_n, M, N)
     else:
         store_out(acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, offs_m, offs_n, M, N, HAS_BIAS, HAS_RES)
 
@@ -269,8 +313,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: 
     return run(cfg, w)
 
 
-def register_site(op: str, fused, *, check=None, gemv_rows: bool = True, many_rows=None, layouts=None) -> None:
-    """Register `fused(*args, parts=...)` as backend `triton` of site `op`. With gemv_rows, steps with more
+def register_site(op: str, fused, *, check=None, gemv_rows: bool = True, many_rows=None, layouts=None,
+                  backend: str = "triton") -> None:
+    """Register `fused(*args, parts=...)` as backend `backend` of site `op`. With gemv_rows, steps with more
     than MAX_M rows (prefill: a GEMM) run `many_rows(*args, parts=...)`, by default the site's native
     composition of the layer's resolved parts. layouts: see Impl.layouts (many_rows must then read them)."""
     native = get_op(op).native
@@ -286,7 +331,7 @@ def register_site(op: str, fused, *, check=None, gemv_rows: bool = True, many_ro
         return run
 
     native_parts = {p: get_op(p).native for p in get_op(op).parts}
-    register_impl(op, "triton", devices=devices(), dtypes=DTYPES, check=check, build=build,
+    register_impl(op, backend, devices=devices(), dtypes=DTYPES, check=check, build=build,
                   layouts=layouts)(build(native_parts))
 
 

@@ -2,7 +2,9 @@
 
 Kernel 1, grid (request, kv head, split): the program loads the GQA group's query heads as one tile,
 walks its share of the request's keys page by page through the block table (online softmax, exp2), and
-writes its partial output and log-sum-exp. Kernel 2, grid (request, q head): merges the splits.
+writes its partial output and log-sum-exp. Kernel 2, grid (request, q head): merges the splits. Backend
+`triton_onepass` (experimental) skips kernel 2: the last split of a (request, kv head) to finish (an
+arrival counter) merges its group's heads.
 The split count depends only on shapes (batch, heads, block-table width), never on the step's lengths,
 so a captured CUDA graph stays valid as contexts grow; splits past a request's keys exit at once.
 """
@@ -18,17 +20,17 @@ from nanovllm.ops import register_impl
 from nanovllm.ops.plugins import load_sibling
 
 core = load_sibling(__file__, "_gemv_core")
-gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
+gdc_launch_dependents, gdc_wait, arrive_last = core.gdc_launch_dependents, core.gdc_wait, core.arrive_last
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
 BLOCK_KV = 64
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, stride_qb, stride_qh,
-                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, page, group,
-                         head_dim, qk_scale, softcap, window, num_splits, stride_ob, stride_oh,
-                         HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, stride_qb,
+                         stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, page,
+                         group, head_dim, qk_scale, softcap, window, num_splits, stride_ob, stride_oh,
+                         HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, MERGE: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                          DOT_F32: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # the K/V of this step are written by the kernel before: wait before any load
         gdc_launch_dependents()
@@ -86,25 +88,38 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr,
         base = (b * tl.num_programs(1) * group + heads) * num_splits + split  # o: (B, Hq, S, D), lse: (B, Hq, S)
         tl.store(o_ptr + base[:, None] * BLOCK_D + offs_d[None, :], out, mask=mask_g[:, None])
         tl.store(lse_ptr + base, lse, mask=mask_g)
+        if MERGE:  # the last split of this (request, kv head) to finish merges the group's heads
+            if arrive_last(count_ptr + b * tl.num_programs(1) + kh, num_splits):
+                for g in range(group):
+                    merge_head(o_ptr, lse_ptr, out_ptr, b, kh * group + g, tl.num_programs(1) * group, num_splits,
+                               stride_ob, stride_oh, head_dim, BLOCK_S, BLOCK_D)
+
+
+@triton.jit
+def merge_head(o_ptr, lse_ptr, out_ptr, b, h, num_heads, num_splits, stride_ob, stride_oh, head_dim,
+               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, h] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse). The partials come from other
+    programs, possibly of this very kernel: loaded past L1 (.cg)."""
+    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+    base = (b * num_heads + h) * num_splits
+    lse = tl.load(lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"), cache_modifier=".cg")
+    w = tl.exp2(lse - tl.max(lse, axis=0))
+    o = tl.load(o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=(offs_s < num_splits)[:, None],
+                other=0.0, cache_modifier=".cg")
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < head_dim)
 
 
 @triton.jit
 def _decode_merge_kernel(o_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, num_splits, head_dim,
                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """Grid (request, q head): out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
+    """Grid (request, q head): one merge_head each."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    b, h = tl.program_id(0), tl.program_id(1)
-    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    base = (b * tl.num_programs(1) + h) * num_splits
-    lse = tl.load(lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, axis=0))
-    o = tl.load(o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=(offs_s < num_splits)[:, None],
-                other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < head_dim)
+    merge_head(o_ptr, lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.num_programs(1), num_splits,
+               stride_ob, stride_oh, head_dim, BLOCK_S, BLOCK_D)
 
 
 def num_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -> int:
@@ -115,29 +130,34 @@ def num_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -
 
 @triton_op("nanovllm_triton::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     positions: torch.Tensor, scale: float, window: int, softcap: float, splits: int) -> torch.Tensor:
-    """Attention of one query per request (q: (B, Hq, D)) over its paged keys; splits=0 picks the count."""
+                     positions: torch.Tensor, scale: float, window: int, softcap: float, splits: int,
+                     onepass: bool = False) -> torch.Tensor:
+    """Attention of one query per request (q: (B, Hq, D)) over its paged keys; splits=0 picks the count;
+    `onepass` merges the splits in the split kernel (no second launch)."""
     batch, hq, d = q.shape
     page, hk = k_cache.shape[1], k_cache.shape[2]
     group = hq // hk
     splits = splits or num_splits(batch, hk, block_tables.shape[1] * page, q.device)
     block_d = max(16, triton.next_power_of_2(d))
+    block_s = triton.next_power_of_2(splits)
     o = q.new_empty(batch, hq, splits, block_d, dtype=torch.float32)
     lse = q.new_empty(batch, hq, splits, dtype=torch.float32)
     out = q.new_empty(batch, hq, d)
     pdl = core.pdl(q, k_cache)
+    count = core.counters(q.device, batch * hk) if onepass and splits > 1 else None
     if batch:
         wrap_triton(_decode_split_kernel)[(batch, hk, splits)](
-            q, k_cache, v_cache, block_tables, positions, o, lse, out, q.stride(0), q.stride(1), k_cache.stride(0),
-            k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            block_tables.stride(0), page, group, d, scale, softcap, window, splits, out.stride(0), out.stride(1),
-            HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1,
-            BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_KV=BLOCK_KV, BLOCK_D=block_d,
-            DOT_F32=core.dot_f32(q), PDL=pdl, num_warps=4, num_stages=2, **core.launch_opts(pdl))
-    if batch and splits > 1:
+            q, k_cache, v_cache, block_tables, positions, o, lse, out, count if count is not None else lse,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+            v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), page, group, d, scale, softcap, window,
+            splits, out.stride(0), out.stride(1), HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1,
+            MERGE=count is not None, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_KV=BLOCK_KV,
+            BLOCK_D=block_d, BLOCK_S=block_s, DOT_F32=core.dot_f32(q), PDL=pdl, num_warps=4, num_stages=2,
+            **core.launch_opts(pdl))
+    if batch and splits > 1 and count is None:
         wrap_triton(_decode_merge_kernel)[(batch, hq)](
-            o, lse, out, out.stride(0), out.stride(1), splits, d, BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_D=block_d, PDL=pdl, num_warps=4, **core.launch_opts(pdl))
+            o, lse, out, out.stride(0), out.stride(1), splits, d, BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl,
+            num_warps=4, **core.launch_opts(pdl))
     return out
 
 
@@ -145,6 +165,12 @@ def attention_decode(q, k_cache, v_cache, meta, scale: float, window: int = 0, s
     """Split-KV paged decode attention (GQA groups share their K/V loads)."""
     return torch.ops.nanovllm_triton.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.positions,
                                                       float(scale), int(window), float(softcap), 0)
+
+
+def attention_decode_onepass(q, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0):
+    """Split-KV paged decode attention, the splits merged by the last of them to finish (one launch)."""
+    return torch.ops.nanovllm_triton.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.positions,
+                                                      float(scale), int(window), float(softcap), 0, True)
 
 
 def _check(shapes: dict) -> str | None:
@@ -155,4 +181,5 @@ def _check(shapes: dict) -> str | None:
     return f"{h} heads are not a multiple of {hk} kv heads" if h % hk else None
 
 
-register_impl("attention_decode", "triton", devices=core.devices(), dtypes=core.DTYPES, check=_check)(attention_decode)
+for _backend, _fn in (("triton", attention_decode), ("triton_onepass", attention_decode_onepass)):
+    register_impl("attention_decode", _backend, devices=core.devices(), dtypes=core.DTYPES, check=_check)(_fn)
