@@ -40,8 +40,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False     # no CUDA graphs
     compile_model: bool = False     # torch.compile the whole forward pass (fullgraph), registry ops inside
-    # Launch the next greedy decode step before reading this one's tokens, so the host's work overlaps the GPU's
-    async_scheduling: bool = True   # launch the next decode step before reading this one (CUDA graphs)
+    # Launch the next decode step before reading this one's tokens, so the host's work overlaps the GPU's
+    # (decode steps through CUDA graphs without logprobs; other steps run synchronously)
+    async_scheduling: bool = True
     seed: int = 0
     kernels: KernelConfig = field(default_factory=KernelConfig)
 

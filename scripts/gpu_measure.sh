@@ -14,7 +14,7 @@
 # /tmp/m and is packed into $OUT/measure.tgz at exit (the device returns 8 files at most).
 set -uo pipefail
 STAGES=${STAGES:-"run tests latency sync throughput"}
-LATENCY_PRESETS=${LATENCY_PRESETS:-all_fused}
+LATENCY_PRESETS=${LATENCY_PRESETS:-all_fused,all_fused+onepass}
 THROUGHPUT_PRESET=${THROUGHPUT_PRESET:-all_fused+fi_prefill}
 # models: FlashInfer attention (JIT_ARGS="--head-dim 64,128,256 --windows" builds what the families need), the
 # Triton GEMVs and fused sites elsewhere (a family a site does not fit keeps the native op)

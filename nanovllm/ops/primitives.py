@@ -58,8 +58,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
-# K/V and score elements (after the float32 cast and GQA repeat) one chunk of requests may hold: a decode step of 256
-# requests over 4,096-token block tables would otherwise gather ~17 GB per layer (inside a CUDA graph, too).
+# K/V and score elements (after the float32 cast and GQA repeat) one chunk of requests may hold: a decode
+# step of 256 requests over 4,096-token block tables would otherwise gather ~17 GB per layer (in a CUDA graph).
 GATHER_ELEMENTS = 1 << 26
 
 
