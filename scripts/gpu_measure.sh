@@ -6,6 +6,8 @@
 #   sync       the same for all_fused with engine.async_scheduling=false (no peers, no profile)
 #   fi_latency the flashinfer preset's latency (its build is slow: a stage of its own)
 #   throughput nano-vllm's workload (THROUGHPUT_PRESET), with and without async scheduling
+#   gemv       benchmarks/triton_gemv.py: TB/s per projection, every Triton backend of each fused site,
+#              decode attention (two-kernel and one-pass); it tunes the batch-1 configs
 #   paths      every path's teacher-forced logits against transformers (scripts/gpu_engine_check.py)
 #   models     batch-1 tok/s of every model family (benchmarks/models_gpu.py) with FlashInfer
 #   serve      the server under N streaming clients (benchmarks/serve_load.py)
@@ -65,6 +67,10 @@ for s in $STAGES; do
       wait_jit
       bench throughput 100 throughput --presets "$THROUGHPUT_PRESET" --no-plot
       bench throughput_sync 100 throughput --presets "$THROUGHPUT_PRESET" --no-plot engine.async_scheduling=false ;;
+    gemv)
+      timeout -s ABRT -k 10 "$(limit 200)" python3 benchmarks/triton_gemv.py --rows 1 --out "$LOG/triton_gemv.json" \
+        > "$LOG/triton_gemv.log" 2>&1
+      say "exit $?"; grep -v -i "warn\|tuned" "$LOG/triton_gemv.log" | cut -c1-160 | tee -a "$LOG/summary.txt" ;;
     paths)
       wait_jit
       NANOVLLM_TRITON_TUNE=0 timeout -s ABRT -k 10 "$(limit 200)" python3 scripts/gpu_engine_check.py --out "$LOG/engine.json" \
