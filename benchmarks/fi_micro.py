@@ -15,6 +15,7 @@ import traceback
 import numpy as np
 import torch
 
+from nanovllm.bench.timing import capture
 from nanovllm.ops import AttentionMetadata, PlanContext, get_op, load_plugins
 
 LAYERS, HQ, HK, D, BS, HIDDEN, INTER = 28, 16, 8, 128, 16, 1024, 3072
@@ -36,14 +37,7 @@ def decode_step(context: int, device) -> AttentionMetadata:
 
 def graph_time_us(fn, replays: int) -> float:
     """Capture fn() (LAYERS launches of one op) in a CUDA graph; µs per launch over `replays` replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(fn)
     for _ in range(3):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

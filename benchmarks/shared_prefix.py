@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from nanovllm.bench.timing import capture
 from nanovllm.ops import AttentionMetadata, PlanContext, get_op, load_plugins
 
 LAYERS, HQ, HK, D, BS = 28, 16, 8, 128, 16
@@ -65,14 +66,7 @@ def run(backend: str, work: Workload, steps: int, kv, q, ctx, graph: bool = Fals
     if graph:
         meta = work.meta(0, device, graph=True)
         impl.plan(meta, ctx)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            layers(meta)
-        torch.cuda.current_stream().wait_stream(stream)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            static_out = layers(meta)
+        cuda_graph, static_out = capture(lambda: layers(meta))
     plan_s, first = 0.0, None
     torch.cuda.synchronize()
     t0 = time.perf_counter()

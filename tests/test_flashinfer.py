@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from nanovllm.bench.timing import capture
 from nanovllm.ops import AttentionMetadata, PlanContext, get_op, load_plugins
 from nanovllm.ops.testing import random_step
 
@@ -184,14 +185,7 @@ def test_decode_cuda_graph_replays_with_new_plans(backend):
         return meta, padded
 
     meta, padded = step(5, 10)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-        i.fn(q_static, kc, vc, padded, SCALE, 0, 0.0)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_static = i.fn(q_static, kc, vc, padded, SCALE, 0, 0.0)
+    graph, out_static = capture(lambda: i.fn(q_static, kc, vc, padded, SCALE, 0, 0.0))
     for batch, seed in ((5, 10), (3, 11), (8, 12), (5, 13)):
         meta, padded = step(batch, seed)
         graph.replay()
@@ -271,14 +265,7 @@ def test_elementwise_ops_in_a_cuda_graph():
         return (native("rms_norm")(x, w, 1e-6), *native("add_rms_norm")(x, r, w, 1e-6),
                 *native("rope")(q, k, pos, cos_sin), native("silu_and_mul")(gu))
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        f()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = f()
+    graph, outs = capture(f)
     for t in (x, r, q, k, gu):
         t.copy_(torch.randn_like(t))
     pos.copy_(torch.tensor([7, 4000, 1, 100], device="cuda"))

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import triton
 
+from nanovllm.bench.timing import capture
+
 log = logging.getLogger("nanovllm.triton")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -227,16 +229,12 @@ def weight_copies(w: torch.Tensor) -> list[torch.Tensor]:
 def graph_time(launch: Callable[[int], object], num_copies: int, launches: int = 50, reps: int = 5) -> float:
     """Seconds per launch of `launch(i)` (i = the weight copy to read), back-to-back in one CUDA graph."""
     launch(0)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        launch(1 % num_copies)
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
+
+    def launch_all():
         for i in range(launches):
             launch(i % num_copies)
+
+    graph, _ = capture(launch_all, warmup=lambda: launch(1 % num_copies))
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

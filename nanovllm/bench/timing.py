@@ -41,18 +41,31 @@ def rotating(args: tuple, case_bytes: int, device, launches: int = LAUNCHES) -> 
     return [args] + [clone_args(args) for _ in range(num_copies(case_bytes, device, launches) - 1)]
 
 
-def _cuda_graph(fn: Callable, arg_sets: list[tuple], launches: int, repeats: int) -> float:
+def capture(fn: Callable[[], object], warmup: Callable[[], object] | None = None):
+    """(CUDA graph of fn(), fn's static outputs). `warmup` (default: fn) runs first on a side stream, as
+    capture requires: lazy initialization, JIT and autotuning stay outside the graph."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-        for args in arg_sets[:2]:
-            fn(*args)
+    with torch.cuda.stream(stream):
+        (warmup or fn)()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def _cuda_graph(fn: Callable, arg_sets: list[tuple], launches: int, repeats: int) -> float:
+    def warmup():
+        for args in arg_sets[:2]:
+            fn(*args)
+
+    def launch_all():
         for i in range(launches):
             fn(*arg_sets[i % len(arg_sets)])
+
+    graph, _ = capture(launch_all, warmup)
     graph.replay()
     return _events(graph.replay, repeats) / launches
 
