@@ -34,6 +34,28 @@ def tokenizer_dir(tmp_path_factory):
     return d
 
 
+def randomize_constants(model, norm_center: float = 1.0):
+    """Draw the parameters HF initializes to constants at random too (norms around `norm_center`, biases,
+    MoE routers scaled up), so a swapped or skipped one shows in the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(norm_center + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):
+                p.copy_(0.5 * torch.randn_like(p))
+    return model
+
+
+def save_with_tokenizer(model, dest, tokenizer_dir):
+    """An HF folder: the model's weights and config, plus the tokenizer files of `tokenizer_dir`."""
+    model.save_pretrained(dest)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, dest / f.name)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory, tokenizer_dir):
     """make_checkpoint(seed=0, **qwen3 overrides) -> folder. Norm weights are randomized too, so a
@@ -48,19 +70,9 @@ def make_checkpoint(tmp_path_factory, tokenizer_dir):
 
         config = qwen3_config(**{**TINY, **overrides})
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config).float()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.copy_(1 + 0.2 * torch.randn_like(p))
-                elif name.endswith("bias"):
-                    p.copy_(0.05 * torch.randn_like(p))
-        d = tmp_path_factory.mktemp("ckpt")
-        model.save_pretrained(d)
-        for f in tokenizer_dir.iterdir():
-            shutil.copy(f, d / f.name)
-        made[key] = d
-        return d
+        model = randomize_constants(AutoModelForCausalLM.from_config(config).float())
+        made[key] = save_with_tokenizer(model, tmp_path_factory.mktemp("ckpt"), tokenizer_dir)
+        return made[key]
 
     return make
 

@@ -4,10 +4,9 @@ and the greedy choice of every step."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from conftest import randomize_constants, save_with_tokenizer
 
 TINY = dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             intermediate_size=96, vocab_size=512, max_position_embeddings=256, initializer_range=0.05)
@@ -63,20 +62,10 @@ def family_checkpoint(tmp_path_factory, tokenizer_dir):
         config = make_config(name)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if "norm" in pname:  # Gemma's (1 + w) norms start at 0, the others at 1
-                    p.copy_((0.0 if "gemma" in name else 1.0) + 0.2 * torch.randn_like(p))
-                elif pname.endswith("bias"):
-                    p.copy_(0.05 * torch.randn_like(p))
-                elif pname.endswith("mlp.gate.weight"):
-                    p.copy_(0.5 * torch.randn_like(p))
-        d = tmp_path_factory.mktemp(name)
-        model.save_pretrained(d)
-        for f in tokenizer_dir.iterdir():
-            shutil.copy(f, d / f.name)
-        made[name] = d
-        return d
+        # Gemma's (1 + w) norms start at 0, the others at 1
+        randomize_constants(model, norm_center=0.0 if "gemma" in name else 1.0)
+        made[name] = save_with_tokenizer(model, tmp_path_factory.mktemp(name), tokenizer_dir)
+        return made[name]
 
     return make
 
@@ -165,13 +154,7 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path, tokenizer_d
     model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                                         image_token_index=511, boi_token_index=509,
                                                         eoi_token_index=510)).float()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(0.2 * torch.randn_like(p))
-    model.save_pretrained(tmp_path)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, tmp_path / f.name)
+    save_with_tokenizer(randomize_constants(model, norm_center=0.0), tmp_path, tokenizer_dir)
     ours, ref, _ = run_case(tmp_path)
     torch.testing.assert_close(ours, ref, atol=3e-5, rtol=1e-4)
 

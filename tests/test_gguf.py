@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_constants
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -99,16 +100,6 @@ def write_gguf(model, path, arch: str = "llama", qtype=None) -> None:
     w.close()
 
 
-def randomized(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("mlp.gate.weight"):
-                p.copy_(0.5 * torch.randn_like(p))
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny_llama():
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -117,7 +108,7 @@ def tiny_llama():
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.05)
     torch.manual_seed(0)
-    return randomized(AutoModelForCausalLM.from_config(config).float())
+    return randomize_constants(AutoModelForCausalLM.from_config(config).float())
 
 
 @pytest.fixture(autouse=True)
@@ -185,7 +176,7 @@ def test_qwen3_moe_gguf_round_trip(tmp_path):
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                             tie_word_embeddings=True, initializer_range=0.05)
     torch.manual_seed(1)
-    model = randomized(AutoModelForCausalLM.from_config(config).float())
+    model = randomize_constants(AutoModelForCausalLM.from_config(config).float())
     path = tmp_path / "tiny-moe.gguf"
     write_gguf(model, path, arch="qwen3moe")
     prompt, forced = list(range(10, 40)), list(range(60, 76))
