@@ -42,8 +42,8 @@ CONFIGS["graphs_fi_attn_compile_model"] = dict(kernels=preset("fi_attn"), compil
 
 MODEL, DEVICE = "default", "cuda"
 CHECKED = {"float32": ("eager_nographs", "graphs", "graphs_sdpa", "graphs_all_fused"),
-           "bfloat16": ("eager_nographs", "graphs", "graphs_sdpa", "graphs_all_fused", "graphs_fi_attn",
-                        "graphs_flashinfer")}
+           "bfloat16": ("eager_nographs", "graphs", "graphs_compile_ops", "graphs_sdpa", "graphs_all_fused",
+                        "graphs_fi_attn", "graphs_flashinfer")}
 
 
 def hf_logits(path: str, ids: list[int], start: int) -> torch.Tensor:
@@ -58,6 +58,17 @@ def hf_logits(path: str, ids: list[int], start: int) -> torch.Tensor:
     return out
 
 
+def argmax_agreement(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(exact, beyond ties): the share of positions where the path's top token is the reference's, and where
+    it is, or trails the reference's top logit by no more than three times the path's own RMS error there
+    (random weights give flat logits: many positions have near-ties that bf16 rounding decides)."""
+    pick = logits.argmax(-1)
+    exact = pick == ref.argmax(-1)
+    gap = ref.max(-1).values - ref.gather(-1, pick[:, None])[:, 0]
+    noise = (logits - ref).pow(2).mean(-1).sqrt()
+    return exact.float().mean().item(), (exact | (gap <= 3 * noise)).float().mean().item()
+
+
 def correctness() -> list[dict]:
     """Teacher-forced logits of every path against transformers on the same weights, and greedy outputs
     against the eager path, in bf16 and in fp32."""
@@ -67,7 +78,7 @@ def correctness() -> list[dict]:
     rows = []
     ref = None
     for dtype, names in CHECKED.items():
-        greedy_ref = None
+        greedy_ref = first = None
         for name in names:
             try:
                 llm = LLM(MODEL, device=DEVICE, dtype=dtype, max_model_len=1024, max_num_seqs=8,
@@ -78,9 +89,13 @@ def correctness() -> list[dict]:
                 greedy = [g["token_ids"] for g in llm.generate(
                     [prompt, prompt[:7], prompt[:31]], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))]
                 greedy_ref = greedy_ref or greedy
+                first = logits if first is None else first  # the eager path of this dtype
+                exact, beyond_ties = argmax_agreement(logits, ref)
                 rows.append(dict(dtype=dtype, config=name,
                                  rel_err_vs_hf=((logits - ref).norm() / ref.norm()).item(),
-                                 argmax_agree_vs_hf=(logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                                 argmax_agree_vs_hf=exact, argmax_agree_beyond_ties=beyond_ties,
+                                 rel_err_vs_eager=((logits - first).norm() / first.norm()).item(),
+                                 argmax_agree_vs_eager=argmax_agreement(logits, first)[0],
                                  greedy_equal_eager=greedy == greedy_ref))
                 print_check(rows[-1])  # as it goes: a run cut off by its time limit still reports
                 llm.close()
@@ -96,7 +111,9 @@ def print_check(r: dict) -> None:
         print(f"{r['dtype']:9s} {r['config']:24s} ERROR {r['error'].splitlines()[-1]}", flush=True)
     else:
         print(f"{r['dtype']:9s} {r['config']:24s} rel_err {r['rel_err_vs_hf']:.2e} "
-              f"argmax {r['argmax_agree_vs_hf']:.3f} greedy==eager {r['greedy_equal_eager']}", flush=True)
+              f"argmax {r['argmax_agree_vs_hf']:.3f} (beyond ties {r['argmax_agree_beyond_ties']:.3f}) "
+              f"vs eager: rel_err {r['rel_err_vs_eager']:.2e} argmax {r['argmax_agree_vs_eager']:.3f} "
+              f"greedy==eager {r['greedy_equal_eager']}", flush=True)
 
 
 def main():

@@ -5,7 +5,8 @@
 #   latency    batch-1 latency per preset (LATENCY_PRESETS) at contexts 128/4096, with peers and profile
 #   sync       the same for all_fused with engine.async_scheduling=false (no peers, no profile)
 #   fi_latency the flashinfer preset's latency (its build is slow: a stage of its own)
-#   throughput nano-vllm's workload (THROUGHPUT_PRESET), with and without async scheduling
+#   throughput nano-vllm's workload (THROUGHPUT_PRESET: a comma list), and without async scheduling when
+#              THROUGHPUT_SYNC=1
 #   gemv       benchmarks/triton_gemv.py: TB/s per projection, every Triton backend of each fused site,
 #              decode attention (two-kernel and one-pass); it tunes the batch-1 configs
 #   paths      every path's teacher-forced logits against transformers (scripts/gpu_engine_check.py)
@@ -65,8 +66,10 @@ for s in $STAGES; do
       bench fi_latency 200 latency --presets flashinfer --contexts 128,4096 --new-tokens 128 ;;
     throughput)
       wait_jit
-      bench throughput 100 throughput --presets "$THROUGHPUT_PRESET" --no-plot
-      bench throughput_sync 100 throughput --presets "$THROUGHPUT_PRESET" --no-plot engine.async_scheduling=false ;;
+      bench throughput 150 throughput --presets "$THROUGHPUT_PRESET" --no-plot
+      if [ "${THROUGHPUT_SYNC:-0}" = 1 ]; then
+        bench throughput_sync 100 throughput --presets "$THROUGHPUT_PRESET" --no-plot engine.async_scheduling=false
+      fi ;;
     gemv)
       timeout -s ABRT -k 10 "$(limit 200)" python3 benchmarks/triton_gemv.py --rows 1 --out "$LOG/triton_gemv.json" \
         > "$LOG/triton_gemv.log" 2>&1

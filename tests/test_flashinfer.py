@@ -52,22 +52,22 @@ def pad_for_graph(meta: AttentionMetadata, graph_batch: int, scratch: int) -> At
                              meta.pad_index, 1, meta.max_seqlen_k, host=padded, graph_batch=graph_batch)
 
 
-def plan_context(windows=(0,), softcap=0.0, device="cuda", max_model_len=4096) -> PlanContext:
-    return PlanContext(num_qo_heads=HQ, num_kv_heads=HK, head_dim=D, page_size=BS, dtype=torch.bfloat16,
+def plan_context(windows=(0,), softcap=0.0, device="cuda", max_model_len=4096, heads=(HQ, HK)) -> PlanContext:
+    return PlanContext(num_qo_heads=heads[0], num_kv_heads=heads[1], head_dim=D, page_size=BS, dtype=torch.bfloat16,
                        device=torch.device(device), max_num_seqs=64, max_model_len=max_model_len,
                        windows=tuple(windows), softcap=softcap)
 
 
-def kv_cache(num_blocks: int, seed: int = 0, device: str = "cuda"):
+def kv_cache(num_blocks: int, seed: int = 0, device: str = "cuda", kv_heads: int = HK):
     g = torch.Generator(device).manual_seed(seed)
-    shape = (num_blocks + 1, BS, HK, D)
+    shape = (num_blocks + 1, BS, kv_heads, D)
     return (torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16),
             torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16))
 
 
-def queries(n: int, seed: int = 1, device: str = "cuda") -> torch.Tensor:
+def queries(n: int, seed: int = 1, device: str = "cuda", heads: int = HQ) -> torch.Tensor:
     g = torch.Generator(device).manual_seed(seed)
-    return torch.randn(n, HQ, D, generator=g, device=device, dtype=torch.bfloat16)
+    return torch.randn(n, heads, D, generator=g, device=device, dtype=torch.bfloat16)
 
 
 def decode_lens(batch: int, seed: int = 0) -> list[int]:
@@ -97,11 +97,11 @@ def filtered_probs(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
 
 # --- attention ---------------------------------------------------------------------------------------------------
 
-def run_attention(op, backend, meta, num_blocks, windows, window, scale=SCALE, seed=0):
-    kc, vc = kv_cache(num_blocks, seed)
-    q = queries(int(meta.cu_seqlens_q[-1]), seed + 1)
+def run_attention(op, backend, meta, num_blocks, windows, window, scale=SCALE, seed=0, heads=(HQ, HK)):
+    kc, vc = kv_cache(num_blocks, seed, kv_heads=heads[1])
+    q = queries(int(meta.cu_seqlens_q[-1]), seed + 1, heads=heads[0])
     i = impl(op, backend)
-    i.plan(meta, plan_context(windows))
+    i.plan(meta, plan_context(windows, heads=heads))
     got = i.fn(q, kc, vc, meta, scale, window, 0.0)
     want = native(op)(q, kc, vc, meta, scale, window, 0.0)
     assert got.shape == want.shape and got.dtype == want.dtype
@@ -116,6 +116,17 @@ def test_decode(batch, window, backend):
     lens = decode_lens(batch, seed=batch)
     meta, nb = make_step([1] * batch, lens, seed=batch)
     run_attention("attention_decode", backend, meta, nb, (0, window) if window else (0,), window)
+
+
+def test_decode_planner_serves_engines_of_other_head_groups():
+    """The planner outlives an engine: after a group of 3 (CUDA cores), a group of 7 needs tensor cores (the
+    CUDA-core kernel has no group of 7), and a longer max_model_len needs larger graph buffers."""
+    meta, nb = make_step([1] * 3, [5, 40, 300])
+    for heads in [(9, 3), (14, 2), (16, 16)]:
+        run_attention("attention_decode", "flashinfer", meta, nb, (0,), 0, heads=heads)
+    planner = impl("attention_decode").plan
+    small, large = (planner.wrapper(plan_context(max_model_len=n), 0, 4) for n in (1024, 8192))
+    assert small is not large
 
 
 @pytest.mark.parametrize("window", [0, 37])

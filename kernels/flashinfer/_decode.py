@@ -34,15 +34,16 @@ class DecodePlanner:
 
     def wrapper(self, ctx, window: int, graph_batch: int | None):
         device = common.device_of(ctx.device)
-        k = (device, graph_batch, window, ctx.softcap)
+        tc, pages_per_seq = self.use_tensor_cores(ctx), -(-ctx.max_model_len // ctx.page_size)
+        # The planner outlives engines (one per process): a wrapper fits only an engine of the same kernel
+        # choice and page-table size.
+        k = (device, graph_batch, window, ctx.softcap, tc, pages_per_seq)
         if k not in self.wrappers:
             from flashinfer import BatchDecodeWithPagedKVCacheWrapper
 
-            tc = self.use_tensor_cores(ctx)
             if graph_batch is None:
                 w = BatchDecodeWithPagedKVCacheWrapper(common.workspace(device), "NHD", use_tensor_cores=tc)
             else:
-                pages_per_seq = -(-ctx.max_model_len // ctx.page_size)
                 i32 = dict(dtype=torch.int32, device=device)
                 w = BatchDecodeWithPagedKVCacheWrapper(
                     common.workspace(device), "NHD", use_cuda_graph=True, use_tensor_cores=tc,

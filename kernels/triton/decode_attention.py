@@ -66,7 +66,8 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr,
             s = softcap * (1 - 2 / (t + 1)) * LOG2E
         else:
             s = s * (qk_scale * LOG2E)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+        # Inductor passes Python floats as fp64: keep the softmax state (and the dot's accumulator) in fp32
+        s = tl.where(mask_n[None, :], s.to(tl.float32), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])

@@ -175,11 +175,14 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         a = self.args
-        # One extra block at the end is a scratch target for padded slots (never handed out).
-        shape = (2, a.num_layers, self.num_blocks + 1, self.block_size, a.num_kv_heads, a.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        for i, layer in enumerate(self.model.layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        # One extra block at the end is a scratch target for padded slots (never handed out). Each layer's K and
+        # V are tensors of their own, not views of one: torch.compile cannot write into inputs that alias each
+        # other in place, and copied the whole cache per layer instead.
+        shape = (self.num_blocks + 1, self.block_size, a.num_kv_heads, a.head_dim)
+        self.kv_cache = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                          torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.model.layers]
+        for layer, (k, v) in zip(self.model.layers, self.kv_cache):
+            layer.k_cache, layer.v_cache = k, v
 
     def prepare(self, batch: list[ScheduledSeq]):
         bs = self.block_size
