@@ -13,6 +13,7 @@
 #   models     batch-1 tok/s of every model family (benchmarks/models_gpu.py) with FlashInfer
 #   serve      the server under N streaming clients (benchmarks/serve_load.py)
 #   tests      pytest -m gpu (TESTS: files)
+#   profile    python -m nanovllm.bench profile of each of PROFILE_PRESETS (kernels per step, top kernels)
 # FlashInfer's JIT runs first in the background (the stages that need it wait for it). Everything lands in
 # /tmp/m and is packed into $OUT/measure.tgz at exit (the device returns 8 files at most).
 set -uo pipefail
@@ -90,6 +91,13 @@ for s in $STAGES; do
       timeout -s ABRT -k 10 "$(limit 150)" python3 benchmarks/serve_load.py --spawn -c 32 -n 256 --max-tokens 128 \
         --out "$LOG/load.json" -- '+kernels=[all_fused,fi_prefill]' > "$LOG/serve.log" 2>&1
       say "exit $?"; grep -v -i warn "$LOG/serve.log" | tail -12 | cut -c1-200 | tee -a "$LOG/summary.txt" ;;
+    profile)
+      for p in ${PROFILE_PRESETS:-compile baseline}; do
+        timeout -s ABRT -k 10 "$(limit 200)" python3 -m nanovllm.bench profile --preset "$p" --out-dir "$LOG/profile_$p" \
+          > "$LOG/profile_$p.log" 2>&1
+        say "profile $p: exit $?"; grep -v -i "warn\|online softmax\|split the reduction\|important use case" \
+          "$LOG/profile_$p.log" | tail -40 | cut -c1-180 | tee -a "$LOG/summary.txt"
+      done ;;
     tests)
       wait_jit
       # shellcheck disable=SC2086
