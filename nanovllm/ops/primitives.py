@@ -54,10 +54,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write new K/V rows (N, Hk, D) into the paged cache (blocks, block_size, Hk, D) at flat slots."""
-    # index_put_, not index_copy_: on CUDA, Inductor lowers index_copy_ to a pass over the whole cache (and a
-    # copy back), index_put_ to a scatter of the new rows.
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
+    torch.ops.nanovllm.store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+# A custom op, so torch.compile calls it on the caches in place: Inductor on CUDA lowered the plain
+# index_copy_ (and index_put_) into a pass over the whole cache plus a copy back, per layer and step.
+@torch.library.custom_op("nanovllm::store_kv", mutates_args=("k_cache", "v_cache"))
+def _store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
 # K/V and score elements (after the float32 cast and GQA repeat) one chunk of requests may hold: a decode
