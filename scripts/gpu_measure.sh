@@ -13,7 +13,8 @@
 #   models     batch-1 tok/s of every model family (benchmarks/models_gpu.py) with FlashInfer
 #   serve      the server under N streaming clients (benchmarks/serve_load.py)
 #   tests      pytest -m gpu (TESTS: files)
-#   profile    python -m nanovllm.bench profile of each of PROFILE_PRESETS (kernels per step, top kernels)
+#   profile    python -m nanovllm.bench profile of each of PROFILE_PRESETS (kernels per step, top kernels),
+#              with PROFILE_ARGS (e.g. "--batch 256 --context 512": the throughput regime)
 # FlashInfer's JIT runs first in the background (the stages that need it wait for it). Everything lands in
 # /tmp/m and is packed into $OUT/measure.tgz at exit (the device returns 8 files at most).
 set -uo pipefail
@@ -93,8 +94,9 @@ for s in $STAGES; do
       say "exit $?"; grep -v -i warn "$LOG/serve.log" | tail -12 | cut -c1-200 | tee -a "$LOG/summary.txt" ;;
     profile)
       for p in ${PROFILE_PRESETS:-compile baseline}; do
-        timeout -s ABRT -k 10 "$(limit 200)" python3 -m nanovllm.bench profile --preset "$p" --out-dir "$LOG/profile_$p" \
-          > "$LOG/profile_$p.log" 2>&1
+        # shellcheck disable=SC2086
+        timeout -s ABRT -k 10 "$(limit 200)" python3 -m nanovllm.bench profile --preset "$p" ${PROFILE_ARGS:-} \
+          --out-dir "$LOG/profile_$p" > "$LOG/profile_$p.log" 2>&1
         say "profile $p: exit $?"; grep -v -i "warn\|online softmax\|split the reduction\|important use case" \
           "$LOG/profile_$p.log" | tail -40 | cut -c1-180 | tee -a "$LOG/summary.txt"
       done ;;

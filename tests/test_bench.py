@@ -124,3 +124,20 @@ def test_profile_summary_counts_cuda_kernels_and_graph_launches():
     assert [kind(k) for k in kernels] == ["gemm", "attention", "norm", "sampling"]
     hidden = summarize(events[:3], steps=1, on_cuda=True)  # a graph launched, no kernel seen
     assert not hidden["graph_kernels_visible"] and "note" in hidden
+
+
+def test_decode_steps_of_a_batch(tiny_model):
+    """Each step decodes one token of every request (the profiler's throughput regime); close() frees all."""
+    from nanovllm import LLM
+    from nanovllm.bench.steps import DecodeSteps
+
+    llm = LLM(str(tiny_model), max_model_len=256, max_num_seqs=8, num_kvcache_blocks=64)
+    with DecodeSteps(llm, context=20, max_steps=5, batch=3) as decode:
+        before = {s.request_id: len(s.token_ids) for s in llm.engine.scheduler.running}
+        assert len(before) == 3
+        decode.step()
+        after = {s.request_id: len(s.token_ids) for s in llm.engine.scheduler.running}
+        assert all(after[r] == n + 1 for r, n in before.items())
+    assert not llm.engine.has_unfinished()
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        DecodeSteps(llm, batch=9)

@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--context", type=int, default=None, help="prompt tokens before the profiled steps (128)")
+    p.add_argument("--batch", type=int, default=1, help="requests decoding together (the throughput regime: 256)")
     p = sub.add_parser("compare", help="B/A per entry; exit 1 on a regression beyond --threshold")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
@@ -127,13 +128,14 @@ def profile_command(args, console: Console) -> int:
     cfg = presets.compose_config(args.preset, overrides)
     llm = presets.build_llm(cfg, min_model_len=context + args.warmup + 3 * args.steps + 16)  # + eager steps
     try:
-        trace = Path(out_dir) / f"trace_{results.slug(args.preset)}.json.gz"
-        summary = profile_llm(llm, args.steps, args.warmup, context, trace)
+        name = results.slug(args.preset) + (f"_batch{args.batch}" if args.batch > 1 else "")
+        trace = Path(out_dir) / f"trace_{name}.json.gz"
+        summary = profile_llm(llm, args.steps, args.warmup, context, trace, args.batch)
         summary.update(preset=args.preset, gpu=llm.device_name, kernel_table=llm.kernel_table)
     finally:
         presets.release(llm)
     print_profile(summary, console)
-    path = results.save(summary, Path(out_dir) / f"profile_{results.slug(args.preset)}.json")
+    path = results.save(summary, Path(out_dir) / f"profile_{name}.json")
     console.print(f"trace: {trace}\nsummary: {path}")
     return 0
 

@@ -69,7 +69,8 @@ def print_summary(r: dict, console: Console | None = None) -> None:
 
 
 def print_profile(s: dict, console: Console) -> None:
-    console.print(f"[bold]{escape(s['preset'])}[/] on {escape(s['gpu'])}: [bold]{s['launches_per_step']:.1f}[/] "
+    batch = f" (batch {s['batch']})" if s.get("batch", 1) > 1 else ""
+    console.print(f"[bold]{escape(s['preset'])}[/]{batch} on {escape(s['gpu'])}: [bold]{s['launches_per_step']:.1f}[/] "
                   f"{s['unit']} per decode step ({s['copies_per_step']:.1f} copies; host launch calls "
                   f"{s['host_launches_per_step']:.1f}, of them graph launches {s['graph_launches_per_step']:.1f}); "
                   f"busy {s['busy_us_per_step']:.1f} µs/step")

@@ -1,6 +1,7 @@
-"""One batch-1 decode step at a time through the engine: a request is prefilled, then each `step()` is
-one scheduler step that decodes one token (CUDA-graph replay where the engine captured graphs). For
-the profiler and pytest-benchmark, which need a callable per token rather than a stream."""
+"""One decode step at a time through the engine: `batch` requests (batch 1 by default) are prefilled, then
+each `step()` is one scheduler step that decodes one token of each (CUDA-graph replay where the engine
+captured graphs). For the profiler and pytest-benchmark, which need a callable per step rather than a
+stream."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ from nanovllm.speed import prompt_ids
 
 
 class DecodeSteps:
-    def __init__(self, llm, context: int = 128, max_steps: int = 4096, tag: int = 4242):
+    def __init__(self, llm, context: int = 128, max_steps: int = 4096, tag: int = 4242, batch: int = 1):
         self.engine = llm.engine
         if self.engine.has_unfinished():
             raise RuntimeError("decode steps need an idle engine")
-        ids = prompt_ids(llm.tokenizer, context, tag)
-        max_steps = min(max_steps, llm.config.max_model_len - len(ids) - 1)
+        if not 1 <= batch <= llm.config.max_num_seqs:
+            raise ValueError(f"batch {batch} is outside 1..max_num_seqs ({llm.config.max_num_seqs})")
+        prompts = [prompt_ids(llm.tokenizer, context, tag + i) for i in range(batch)]  # distinct: no prefix hits
+        max_steps = min(max_steps, llm.config.max_model_len - max(map(len, prompts)) - 1)
         params = SamplingParams(temperature=0.0, max_tokens=max_steps + 1, ignore_eos=True)
-        self.request_id = self.engine.add_request(ids, params)
+        self.request_ids = [self.engine.add_request(ids, params) for ids in prompts]
         self.left = max_steps
-        while not self._step():  # prefill (maybe chunked) until the first token comes out
-            pass
+        started: set[str] = set()
+        while len(started) < batch:  # prefill (maybe chunked) until every request has its first token
+            started |= {out.request_id for out in self.engine.step() if out.token_ids}
 
     def _step(self) -> bool:
         return any(out.token_ids for out in self.engine.step())
@@ -32,7 +36,8 @@ class DecodeSteps:
             raise RuntimeError("a decode step produced no token")
 
     def close(self) -> None:
-        self.engine.abort_request(self.request_id)
+        for request_id in self.request_ids:
+            self.engine.abort_request(request_id)
 
     def __enter__(self) -> DecodeSteps:
         return self
