@@ -10,6 +10,7 @@ import argparse
 import json
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -41,21 +42,30 @@ CONFIGS["graphs_fi_attn_compile_model"] = dict(kernels=preset("fi_attn"), compil
 
 
 MODEL, DEVICE = "default", "cuda"
+TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "perplexity.txt"
 CHECKED = {"float32": ("eager_nographs", "graphs", "graphs_sdpa", "graphs_all_fused"),
            "bfloat16": ("eager_nographs", "graphs", "graphs_compile_ops", "graphs_sdpa", "graphs_all_fused",
                         "graphs_fi_attn", "graphs_flashinfer")}
 
 
-def hf_logits(path: str, ids: list[int], start: int) -> torch.Tensor:
+def hf_logits(path: str, ids: list[int], start: int, dtype=torch.float32, device: str = "cpu") -> torch.Tensor:
+    """The reference: on the CPU in float32 for every dtype checked (it shares nothing with the GPU paths it
+    checks). In bf16 on the checked device it is the floor any bf16 path can reach against the fp32 one."""
     from transformers import AutoModelForCausalLM
 
-    # On the CPU, in float32 for every dtype checked: the reference shares nothing with the GPU paths it
-    # checks, and CPU bf16 matmuls can be very slow.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     with torch.no_grad():
-        out = model(torch.tensor([ids])).logits[0, start - 1:].float()
+        out = model(torch.tensor([ids], device=device)).logits[0, start - 1:].float().cpu()
     del model
     return out
+
+
+def compare(dtype: str, name: str, logits: torch.Tensor, ref: torch.Tensor, eager: torch.Tensor, greedy_equal) -> dict:
+    exact, beyond_ties = argmax_agreement(logits, ref)
+    return dict(dtype=dtype, config=name, rel_err_vs_hf=((logits - ref).norm() / ref.norm()).item(),
+                argmax_agree_vs_hf=exact, argmax_agree_beyond_ties=beyond_ties,
+                rel_err_vs_eager=((logits - eager).norm() / eager.norm()).item(),
+                argmax_agree_vs_eager=argmax_agreement(logits, eager)[0], greedy_equal_eager=greedy_equal)
 
 
 def argmax_agreement(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -69,35 +79,32 @@ def argmax_agreement(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, fl
     return exact.float().mean().item(), (exact | (gap <= 3 * noise)).float().mean().item()
 
 
-def correctness() -> list[dict]:
+def correctness(positions: int) -> list[dict]:
     """Teacher-forced logits of every path against transformers on the same weights, and greedy outputs
     against the eager path, in bf16 and in fp32."""
-    torch.manual_seed(0)
-    prompt = torch.randint(0, 151000, (50,)).tolist()
-    forced = torch.randint(0, 151000, (64,)).tolist()
     rows = []
-    ref = None
+    ref = prompt = forced = None
     for dtype, names in CHECKED.items():
         greedy_ref = first = None
         for name in names:
             try:
                 llm = LLM(MODEL, device=DEVICE, dtype=dtype, max_model_len=1024, max_num_seqs=8,
                           enable_prefix_caching=False, **CONFIGS[name])
-                if ref is None:
+                if ref is None:  # English text: a real checkpoint is confident on it, random weights are not
+                    ids = llm.tokenizer(TEXT.read_text())["input_ids"]
+                    prompt, forced = ids[:50], ids[50:50 + positions]
                     ref = hf_logits(llm.model_info["path"], prompt + forced, len(prompt))
                 logits = teacher_forced_logits(llm.engine, prompt, forced)
                 greedy = [g["token_ids"] for g in llm.generate(
                     [prompt, prompt[:7], prompt[:31]], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))]
                 greedy_ref = greedy_ref or greedy
                 first = logits if first is None else first  # the eager path of this dtype
-                exact, beyond_ties = argmax_agreement(logits, ref)
-                rows.append(dict(dtype=dtype, config=name,
-                                 rel_err_vs_hf=((logits - ref).norm() / ref.norm()).item(),
-                                 argmax_agree_vs_hf=exact, argmax_agree_beyond_ties=beyond_ties,
-                                 rel_err_vs_eager=((logits - first).norm() / first.norm()).item(),
-                                 argmax_agree_vs_eager=argmax_agreement(logits, first)[0],
-                                 greedy_equal_eager=greedy == greedy_ref))
+                rows.append(compare(dtype, name, logits, ref, first, greedy == greedy_ref))
                 print_check(rows[-1])  # as it goes: a run cut off by its time limit still reports
+                if dtype == "bfloat16" and first is logits:  # transformers itself in bf16: the floor
+                    hf16 = hf_logits(llm.model_info["path"], prompt + forced, len(prompt), torch.bfloat16, DEVICE)
+                    rows.append(compare(dtype, "transformers_bf16", hf16, ref, first, None))
+                    print_check(rows[-1])
                 llm.close()
             except Exception:
                 rows.append(dict(dtype=dtype, config=name, error=traceback.format_exc()))
@@ -124,12 +131,13 @@ def main():
     p.add_argument("--check", action="store_true", help="compare every path's logits with transformers first")
     p.add_argument("--model", default="default")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (use --model tiny)")
+    p.add_argument("--positions", type=int, default=512, help="teacher-forced positions after a 50-token prompt")
     args = p.parse_args()
     global MODEL, DEVICE
     MODEL, DEVICE = args.model, args.device
     base = dict(max_model_len=4096, max_num_seqs=64)
     results = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__}
-    results["correctness"] = correctness() if args.check else []
+    results["correctness"] = correctness(args.positions) if args.check else []
     rows = []
     for name in filter(None, args.configs.split(",")):
         t0 = time.perf_counter()
