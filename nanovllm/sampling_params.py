@@ -17,6 +17,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None       # return the sampled token's logprob and this many top alternatives
+    detokenize: bool = True           # False: token ids only, no text (saves the host ~8 us per token)
 
     def __post_init__(self):
         def bad(name, value, want):
@@ -41,6 +42,10 @@ class SamplingParams:
         self.stop = [s for s in (self.stop or [])]
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", self.stop, "it must be a non-empty string or a list of non-empty strings")
+        if not isinstance(self.detokenize, bool):
+            bad("detokenize", self.detokenize, "it must be True or False")
+        if self.stop and not self.detokenize:
+            bad("detokenize", self.detokenize, "stop strings are matched on the text: keep it True with `stop`")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, "it must be a list of non-negative token ids")
 

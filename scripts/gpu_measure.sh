@@ -5,8 +5,8 @@
 #   latency    batch-1 latency per preset (LATENCY_PRESETS) at contexts 128/4096, with peers and profile
 #   sync       the same for all_fused with engine.async_scheduling=false (no peers, no profile)
 #   fi_latency the flashinfer preset's latency (its build is slow: a stage of its own)
-#   throughput nano-vllm's workload (THROUGHPUT_PRESET: a comma list), and without async scheduling when
-#              THROUGHPUT_SYNC=1
+#   throughput nano-vllm's workload (THROUGHPUT_PRESET), again without async scheduling when THROUGHPUT_SYNC=1
+#              and without detokenization when THROUGHPUT_NO_TEXT=1
 #   gemv       benchmarks/triton_gemv.py: TB/s per projection, every Triton backend of each fused site,
 #              decode attention (two-kernel and one-pass); it tunes the batch-1 configs
 #   paths      every path's teacher-forced logits against transformers (scripts/gpu_engine_check.py)
@@ -68,7 +68,10 @@ for s in $STAGES; do
       bench fi_latency 200 latency --presets flashinfer --contexts 128,4096 --new-tokens 128 ;;
     throughput)
       wait_jit
-      bench throughput 150 throughput --presets "$THROUGHPUT_PRESET" --no-plot
+      bench throughput "${THROUGHPUT_LIMIT_S:-150}" throughput --presets "$THROUGHPUT_PRESET" --no-plot
+      if [ "${THROUGHPUT_NO_TEXT:-0}" = 1 ]; then  # token ids only, as nano-vllm's bench.py
+        bench throughput_no_text 120 throughput --presets "$THROUGHPUT_PRESET" --no-plot --no-detokenize
+      fi
       if [ "${THROUGHPUT_SYNC:-0}" = 1 ]; then
         bench throughput_sync 100 throughput --presets "$THROUGHPUT_PRESET" --no-plot engine.async_scheduling=false
       fi ;;

@@ -36,6 +36,8 @@ def test_bad_prompts(tiny_llm, prompt, message):
     (dict(min_p=2.0), "min_p=2.0 is invalid"),
     (dict(stop=[""]), "stop=\\[''\\] is invalid"),
     (dict(logprobs=-1), "logprobs=-1 is invalid"),
+    (dict(detokenize=0), "detokenize=0 is invalid"),
+    (dict(detokenize=False, stop="x"), "detokenize=False is invalid: stop strings are matched on the text"),
 ])
 def test_bad_sampling_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -50,6 +50,7 @@ def test_all_quick_writes_required_keys(quick_run):
         assert e["preset"] == "baseline" and e["decode_tok_s"] > 0 and e["p90_ms"] >= e["median_ms"] > 0
         assert 0 < e["pct_roofline"]
     assert r["throughput"]["output_tok_s"] > 0 and r["throughput"]["generated_tokens"] > 0
+    assert r["throughput"]["preemptions"] >= 0 and r["throughput"]["kv_cache_tokens"] > 0
     assert r["roofline_tok_s"] > 0 and r["roofline"]["weight_bytes"] > 0
     assert r["launches_per_token"]["baseline"] > 0
     assert set(r["peers"]) == {"hf_eager", "hf_static_compile"}
@@ -141,3 +142,17 @@ def test_decode_steps_of_a_batch(tiny_model):
     assert not llm.engine.has_unfinished()
     with pytest.raises(ValueError, match="max_num_seqs"):
         DecodeSteps(llm, batch=9)
+
+
+def test_decode_steps_keep_every_request_while_prefill_is_chunked(tiny_model):
+    """The first requests decode while later ones still prefill (token budget 32, 3 x 20-token prompts): none
+    may run out of tokens before the last step, or a profiled step would have fewer rows than asked."""
+    from nanovllm import LLM
+    from nanovllm.bench.steps import DecodeSteps
+
+    llm = LLM(str(tiny_model), max_model_len=256, max_num_seqs=8, max_num_batched_tokens=32, num_kvcache_blocks=64)
+    with DecodeSteps(llm, context=20, max_steps=4, batch=3) as decode:
+        for _ in range(4):
+            decode.step()
+            assert len(llm.engine.scheduler.running) == 3
+    assert not llm.engine.has_unfinished()

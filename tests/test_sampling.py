@@ -102,6 +102,14 @@ def test_stop_strings_cut_the_text(tiny_llm):
     assert streamed == out["text"]
 
 
+def test_detokenize_false_gives_the_same_tokens_without_text(tiny_llm):
+    greedy = dict(temperature=0, max_tokens=8, ignore_eos=True)
+    full = tiny_llm.generate(["Once upon a time", "Hi"], SamplingParams(**greedy))
+    ids_only = tiny_llm.generate(["Once upon a time", "Hi"], SamplingParams(**greedy, detokenize=False))
+    assert [r["token_ids"] for r in ids_only] == [r["token_ids"] for r in full]
+    assert all(r["text"] == "" for r in ids_only) and all(r["text"] for r in full)
+
+
 def test_logprobs(tiny_llm):
     out = tiny_llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=3, logprobs=2, ignore_eos=True))[0]
     assert len(out["logprobs"]) == 3

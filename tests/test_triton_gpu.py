@@ -92,6 +92,40 @@ def test_norm_qkv(core, rows, untuned):
     torch.testing.assert_close(got, want, **BF16)
 
 
+@pytest.mark.parametrize("rows", [1, 256, 8191])
+def test_norms_and_silu_and_mul(core, rows):
+    """The many-rows fallbacks' one-kernel norms and SiLU * up at the model's widths; the residual sum is
+    bit-exact (both round the fp32 sum once), q/k norms read strided head views of the packed QKV output."""
+    torch.manual_seed(rows)
+    x, r, w = randn(rows, H), randn(rows, H), randn(H, scale=0.1).add_(1)
+    native = {op: get_op(op).native for op in ("rms_norm", "add_rms_norm", "silu_and_mul")}
+    torch.testing.assert_close(triton_impl("rms_norm")(x, w, EPS), native["rms_norm"](x, w, EPS), **BF16)
+    (normed, s), (want_normed, want_s) = triton_impl("add_rms_norm")(x, r, w, EPS), native["add_rms_norm"](x, r, w, EPS)
+    assert torch.equal(s, want_s)
+    report(f"add_rms_norm rows={rows}", normed, want_normed)
+    torch.testing.assert_close(normed, want_normed, **BF16)
+    qkv, qw = randn(rows, (HQ + 2 * HK) * D), randn(D, scale=0.1).add_(1)
+    q = qkv[:, :HQ * D].view(rows, HQ, D)
+    torch.testing.assert_close(triton_impl("rms_norm")(q, qw, EPS), native["rms_norm"](q, qw, EPS), **BF16)
+    gate_up = randn(rows, 2 * INTER, scale=3)
+    torch.testing.assert_close(triton_impl("silu_and_mul")(gate_up), native["silu_and_mul"](gate_up), **BF16)
+
+
+def test_sample_race(core):
+    """Temperature sampling at the throughput workload's shape (256 rows of Qwen3's vocabulary, bf16 logits)
+    picks the native's tokens from the same noise; greedy rows (T = 0) exactly. The two formulas round
+    differently, so a near-tie may flip: at most one row of 256."""
+    torch.manual_seed(6)
+    logits = randn(256, VOCAB, scale=4)
+    temperature = torch.rand(256, device="cuda") + 0.1
+    temperature[::7] = 0
+    noise = torch.empty(256, VOCAB, device="cuda").exponential_()
+    want = get_op("sample").native(logits, temperature, None, None, None, noise)
+    got = triton_impl("sample")(logits, temperature, None, None, None, noise)
+    assert torch.equal(got[::7], want[::7])
+    assert (got != want).sum().item() <= 1
+
+
 @pytest.mark.parametrize("rows", [1, 5, 40])
 @pytest.mark.parametrize("residual", [False, True])
 def test_mlp(core, rows, residual, untuned):

@@ -97,6 +97,42 @@ def test_linear(core, dtype, rows, cfg, bias):
 
 @inner
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 37), (5, 37), (2, 3, 37)])
+def test_rms_norm_and_add_rms_norm(core, dtype, shape):
+    """The many-rows fallbacks' norms: odd widths, 1-3 leading dims, a weight that is not all ones."""
+    torch.manual_seed(len(shape))
+    x, r, w = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype), weight(shape[-1], dtype=dtype) + 1
+    torch.testing.assert_close(triton_impl("rms_norm")(x, w, 1e-6), get_op("rms_norm").native(x, w, 1e-6),
+                               **TOL[dtype])
+    got, want = triton_impl("add_rms_norm")(x, r, w, 1e-6), get_op("add_rms_norm").native(x, r, w, 1e-6)
+    torch.testing.assert_close(got[1], want[1], **TOL[dtype])  # exact on the GPU; the interpreter truncates bf16
+    torch.testing.assert_close(got[0], want[0], **TOL[dtype])
+
+
+@inner
+def test_rms_norm_reads_strided_head_views_in_place(core):
+    """q/k norms get (tokens, heads, head_dim) views of the packed QKV output: strided rows, no copy."""
+    torch.manual_seed(0)
+    qkv, w = torch.randn(3, 7 * 12), weight(12, dtype=torch.float32) + 1
+    q = qkv[:, :4 * 12].view(3, 4, 12)
+    k = qkv[:, 4 * 12:6 * 12].view(3, 2, 12)
+    for view in (q, k, qkv[:, 1:3 * 12 + 1].view(3, 3, 12)):
+        torch.testing.assert_close(triton_impl("rms_norm")(view, w, 1e-6), get_op("rms_norm").native(view, w, 1e-6),
+                                   **TOL[torch.float32])
+
+
+@inner
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2 * 29), (4, 2 * 29), (2, 3, 2 * 1030)])
+def test_silu_and_mul(core, dtype, shape):
+    """Odd widths; 1030 columns span two column blocks of the kernel."""
+    torch.manual_seed(shape[-1])
+    x = torch.randn(*shape, dtype=dtype) * 3
+    torch.testing.assert_close(triton_impl("silu_and_mul")(x), get_op("silu_and_mul").native(x), **TOL[dtype])
+
+
+@inner
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("bias", [False, True])
 def test_norm_qkv(core, dtype, rows, bias):
@@ -161,6 +197,29 @@ def test_attn_out(core, dtype, rows, cfg, backend):
     torch.testing.assert_close(normed, want_normed, **TOL[dtype])
     if backend == "triton_onepass":
         assert not core.counters(args[0].device, 1).any()
+
+
+@inner
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [37, 301])
+def test_sample_race(core, dtype, vocab):
+    """Temperature sampling from the same noise picks the native's tokens: greedy (T = 0) and sampled rows
+    mixed, a vocabulary in several chunks (blocks of 32, two per chunk) with a ragged last one; filtered
+    steps take the native op."""
+    torch.manual_seed(vocab)
+    rows = 5
+    logits = (torch.randn(rows, vocab) * 3).to(dtype)
+    temperature = torch.tensor([0.0, 0.6, 1.0, 0.0, 2.5])
+    noise = torch.empty(rows, vocab).exponential_()
+    native = get_op("sample").native
+    want = native(logits, temperature, None, None, None, noise)
+    got = torch.ops.nanovllm_triton.sample_race(logits, temperature, noise, 32, 2)
+    assert got.dtype == torch.int64 and got.tolist() == want.tolist()
+    assert triton_impl("sample")(logits, temperature, None, None, None, noise).tolist() == want.tolist()
+    top_k = torch.tensor([0, 3, 0, 2, 5])
+    filtered = triton_impl("sample")(logits, temperature, top_k, None, None, noise)
+    assert filtered.tolist() == native(logits, temperature, top_k, None, None, noise).tolist()
+    assert triton_impl("sample")(logits, temperature, None, None, None, None).tolist() == logits.argmax(-1).tolist()
 
 
 @inner
@@ -247,7 +306,8 @@ def test_attention_decode_onepass(core, splits, window):
 # -- wiring: registry, presets, a whole model --------------------------------------------------------------
 @inner
 def test_every_triton_backend_resolves_on_the_interpreter(core):
-    ops = ("linear", "norm_qkv", "qk_norm_rope", "attn_out", "mlp", "lm_head_sample", "attention_decode")
+    ops = ("linear", "norm_qkv", "qk_norm_rope", "attn_out", "mlp", "lm_head_sample", "attention_decode", "rms_norm",
+           "add_rms_norm", "silu_and_mul", "sample")
     for op in ops:
         parts = {p: get_op(p).native for p in get_op(op).parts}
         _, used = resolve(op, "triton", Target("cpu", torch.float32, dict(hidden=64, head_dim=16, heads=4, kv_heads=2)),
@@ -262,7 +322,8 @@ def test_every_triton_backend_resolves_on_the_interpreter(core):
 @inner
 @pytest.mark.parametrize("presets", [("all_fused",), ("all_fused", "onepass")])
 def test_all_fused_tiny_model_matches_eager(core, make_checkpoint, presets):
-    """Teacher-forced logits through the engine (prefill of 5 rows takes the tl.dot path, decode the FMA path),
+    """Teacher-forced logits through the engine (a prefill of 20 rows runs the sites' parts: the Triton norms and
+    SiLU * up around cuBLAS; decode the FMA path),
     then greedy tokens through lm_head_sample; float32, so the fused model must agree to rounding."""
     import yaml
 
@@ -275,11 +336,11 @@ def test_all_fused_tiny_model_matches_eager(core, make_checkpoint, presets):
         kernels["ops"].update(yaml.safe_load((ROOT / f"configs/kernels/{name}.yaml").read_text())["ops"])
     common = dict(device="cpu", dtype="float32", max_model_len=64, num_kvcache_blocks=16, kvcache_block_size=4,
                   max_num_seqs=2)
-    prompt, forced = [5, 77, 301, 12, 9], [44, 410]
+    prompt, forced = [5, 77, 301, 12, 9] + list(range(100, 115)), [44, 410]  # 20 rows: the many-rows parts
     with LLM(str(path), **common) as ref, LLM(str(path), kernels=kernels, **common) as fused:
         table = fused.engine.runner.resolver.table
-        assert all(table[s][op] == kernels["ops"][op] for s in ("0", "1") for op in ("norm_qkv", "mlp", "attn_out",
-                                                                                     "attention_decode"))
+        sites = ("norm_qkv", "mlp", "attn_out", "attention_decode", "rms_norm", "add_rms_norm")
+        assert all(table[s][op] == kernels["ops"][op] for s in ("0", "1") for op in sites)
         want = teacher_forced_logits(ref.engine, prompt, forced)
         got = teacher_forced_logits(fused.engine, prompt, forced)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

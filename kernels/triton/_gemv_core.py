@@ -254,6 +254,32 @@ def _splitk_sum_kernel(ws_ptr, y_ptr, b_ptr, r_ptr, M, N, stride_ym, stride_rm, 
     store_out(acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, offs_m, offs_n, M, N, HAS_BIAS, HAS_RES)
 
 
+@triton.jit
+def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, num_progs, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Grid (M,): the max of each row's per-program winners (value, token id), the smallest token id among
+    equal maxima (torch.argmax's rule). Shared by the argmax LM head and the sampler."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    m = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < num_progs
+    v = tl.load(val_ptr + m * num_progs + offs, mask=mask, other=float("-inf"))
+    i = tl.load(idx_ptr + m * num_progs + offs, mask=mask, other=2**31 - 1)
+    top = tl.max(v, axis=0)
+    tl.store(out_ptr + m, tl.min(tl.where(v == top, i, 2**31 - 1), axis=0).to(tl.int64))
+
+
+def reduce_winners(val: torch.Tensor, idx: torch.Tensor, use_pdl: bool) -> torch.Tensor:
+    """(M,) int64 token ids from the (M, programs) per-program winners, through argmax_reduce_kernel."""
+    m, progs = val.shape
+    out = val.new_empty(m, dtype=torch.int64)
+    block = triton.next_power_of_2(progs)
+    wrap_triton(argmax_reduce_kernel)[(m,)](val, idx, out, progs, BLOCK=block, PDL=use_pdl,
+                                            num_warps=max(1, min(16, block // 256)), **launch_opts(use_pdl))
+    return out
+
+
 def dot_f32(x: torch.Tensor) -> bool:
     return tuning.INTERPRET or x.dtype == torch.float32
 

@@ -46,21 +46,6 @@ def _lm_head_argmax_kernel(x_ptr, w_ptr, nw_ptr, val_ptr, idx_ptr, M, N, K, stri
     tl.store(idx_ptr + offs_m * num_progs + pid, best_idx, mask=offs_m < M)
 
 
-@triton.jit
-def _argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, num_progs, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Grid (M,): the max over the programs' winners, the smallest token id among equal maxima."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    m = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < num_progs
-    v = tl.load(val_ptr + m * num_progs + offs, mask=mask, other=float("-inf"))
-    i = tl.load(idx_ptr + m * num_progs + offs, mask=mask, other=2**31 - 1)
-    top = tl.max(v, axis=0)
-    tl.store(out_ptr + m, tl.min(tl.where(v == top, i, 2**31 - 1), axis=0).to(tl.int64))
-
-
 @triton_op("nanovllm_triton::lm_head_argmax", mutates_args=())
 def lm_head_argmax(h: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
     """argmax(rms_norm(h) @ w.T) per row (int64), for at most MAX_M rows."""
@@ -80,11 +65,7 @@ def lm_head_argmax(h: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.T
             h, weight, norm_w, val, idx, m, n, k, h.stride(0), weight.stride(0), eps, progs, per_prog,
             EVEN_K=k % cfg.BLOCK_K == 0, BLOCK_M=bm, DOT_F32=core.dot_f32(h), PDL=pdl,
             PREFETCH=core.prefetch(pdl, weight), **cfg.meta(), **core.launch_opts(pdl))
-        out = h.new_empty(m, dtype=torch.int64)
-        block = triton.next_power_of_2(progs)
-        wrap_triton(_argmax_reduce_kernel)[(m,)](val, idx, out, progs, BLOCK=block, PDL=pdl,
-                                                 num_warps=max(1, min(16, block // 256)), **core.launch_opts(pdl))
-        return out
+        return core.reduce_winners(val, idx, pdl)
 
     cfg = core.tuning.choose("lm_head_argmax", n, k, m, h, w, core.bencher(w, run), split=False)
     return run(cfg, w)

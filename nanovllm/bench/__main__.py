@@ -53,6 +53,8 @@ def _run_parser(sub, name: str) -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="latency: new tokens per context (default 256)")
     p.add_argument("--throughput-preset", default=None, help="preset for the throughput run (default: the first)")
     p.add_argument("--num-requests", type=int, default=None, help="throughput requests (default 256)")
+    p.add_argument("--no-detokenize", dest="detokenize", action="store_false", default=None,
+                   help="throughput: token ids only, no text (as nano-vllm's bench.py)")
     p.add_argument("--profile-steps", type=int, default=None, help="profiled decode steps per preset (default 8)")
     p.add_argument("--no-traces", dest="traces", action="store_false", default=None, help="no Chrome traces")
     p.add_argument("--op-batches", type=_ints, default=None, help="ops: batch sizes (default 1,64)")
@@ -74,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--context", type=int, default=None, help="prompt tokens before the profiled steps (128)")
     p.add_argument("--batch", type=int, default=1, help="requests decoding together (the throughput regime: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the requests (0: greedy; "
+                   "the throughput workload samples at 0.6)")
     p = sub.add_parser("compare", help="B/A per entry; exit 1 on a regression beyond --threshold")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
@@ -90,7 +94,7 @@ def _options(args):
 
     given = {k: getattr(args, k) for k in ("presets", "budget_s", "contexts", "new_tokens", "throughput_preset",
                                            "num_requests", "profile_steps", "traces", "op_batches",
-                                           "op_skip_backends", "peer_backend", "out_dir")}
+                                           "op_skip_backends", "peer_backend", "out_dir", "detokenize")}
     kwargs = {**(QUICK if args.quick else {}), **{k: v for k, v in given.items() if v is not None}}
     unknown = set(getattr(args, "skip", ())) - set(PARTS)
     if unknown:
@@ -130,7 +134,7 @@ def profile_command(args, console: Console) -> int:
     try:
         name = results.slug(args.preset) + (f"_batch{args.batch}" if args.batch > 1 else "")
         trace = Path(out_dir) / f"trace_{name}.json.gz"
-        summary = profile_llm(llm, args.steps, args.warmup, context, trace, args.batch)
+        summary = profile_llm(llm, args.steps, args.warmup, context, trace, args.batch, args.temperature)
         summary.update(preset=args.preset, gpu=llm.device_name, kernel_table=llm.kernel_table)
     finally:
         presets.release(llm)

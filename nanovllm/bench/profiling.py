@@ -139,7 +139,7 @@ def _without_graphs(llm):
 
 
 def profile_llm(llm, steps: int = 8, warmup: int = 4, context: int = 128, trace_path: Path | None = None,
-                batch: int = 1) -> dict:
+                batch: int = 1, temperature: float = 0.0) -> dict:
     """Decode steps of `batch` requests (batch 1 by default), after `warmup` unprofiled steps. When the engine
     replays CUDA graphs, a few steps are also profiled eagerly: if the graph steps show far fewer kernels than
     the eager ones, the profiler is missing kernels inside graphs and the count is flagged."""
@@ -147,7 +147,8 @@ def profile_llm(llm, steps: int = 8, warmup: int = 4, context: int = 128, trace_
 
     graphs = getattr(llm.engine.runner, "graphs", None) is not None
     eager_steps = min(steps, 4) if graphs else 0
-    with DecodeSteps(llm, context, max_steps=warmup + steps + 2 * eager_steps, batch=batch) as decode:
+    with DecodeSteps(llm, context, max_steps=warmup + steps + 2 * eager_steps, batch=batch,
+                     temperature=temperature) as decode:
         for _ in range(warmup):
             decode.step()
         summary = profile_steps(decode.step, steps, llm.config.device, trace_path)
@@ -163,4 +164,4 @@ def profile_llm(llm, steps: int = 8, warmup: int = 4, context: int = 128, trace_
                 summary["note"] = (f"graph steps show {summary['launches_per_step']:.0f} kernels, eager steps "
                                    f"{eager['launches_per_step']:.0f}: the profiler misses kernels inside CUDA graphs; "
                                    "use eager.launches_per_step")
-    return dict(summary, context=context, batch=batch, warmup=warmup, cuda_graphs=graphs)
+    return dict(summary, context=context, batch=batch, temperature=temperature, warmup=warmup, cuda_graphs=graphs)

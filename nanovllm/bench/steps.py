@@ -10,15 +10,19 @@ from nanovllm.speed import prompt_ids
 
 
 class DecodeSteps:
-    def __init__(self, llm, context: int = 128, max_steps: int = 4096, tag: int = 4242, batch: int = 1):
+    def __init__(self, llm, context: int = 128, max_steps: int = 4096, tag: int = 4242, batch: int = 1,
+                 temperature: float = 0.0):
         self.engine = llm.engine
         if self.engine.has_unfinished():
             raise RuntimeError("decode steps need an idle engine")
         if not 1 <= batch <= llm.config.max_num_seqs:
             raise ValueError(f"batch {batch} is outside 1..max_num_seqs ({llm.config.max_num_seqs})")
         prompts = [prompt_ids(llm.tokenizer, context, tag + i) for i in range(batch)]  # distinct: no prefix hits
-        max_steps = min(max_steps, llm.config.max_model_len - max(map(len, prompts)) - 1)
-        params = SamplingParams(temperature=0.0, max_tokens=max_steps + 1, ignore_eos=True)
+        room = llm.config.max_model_len - max(map(len, prompts)) - 1
+        max_steps = min(max_steps, room)
+        # as many tokens as fit, not max_steps: with chunked prefill the first requests decode while later
+        # ones still prefill, and must not finish before the last has taken its max_steps (close() aborts)
+        params = SamplingParams(temperature=temperature, max_tokens=room + 1, ignore_eos=True)
         self.request_ids = [self.engine.add_request(ids, params) for ids in prompts]
         self.left = max_steps
         started: set[str] = set()

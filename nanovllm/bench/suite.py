@@ -37,6 +37,7 @@ class Options:
     min_len: int = throughput.MIN_LEN
     max_len: int = throughput.MAX_LEN
     temperature: float = throughput.TEMPERATURE
+    detokenize: bool = True                  # throughput: False for token ids only (nano-vllm's bench.py)
     profile_steps: int = 8
     profile_warmup: int = 4
     profile_context: int = 128
@@ -194,13 +195,14 @@ class Suite:
     def _throughput(self, preset: str, llm) -> None:
         left = self.budget.left()
         t = throughput.measure(llm, self.o.num_requests, self.o.min_len, self.o.max_len, self.o.temperature,
-                               deadline_s=None if math.isinf(left) else max(left, 1.0))
+                               deadline_s=None if math.isinf(left) else max(left, 1.0), detokenize=self.o.detokenize)
         if not t["complete"]:
             self.r["notes"].append(f"throughput stopped at the time budget after {t['generated_tokens']} of "
                                    f"{t['expected_tokens']} tokens: not comparable with a complete run")
         self.r["throughput"] = dict(t, preset=preset)
         self.log(f"  {preset}: {t['output_tok_s']:.0f} output tok/s ({t['generated_tokens']} tokens, "
-                 f"{t['wall_s']:.1f} s)")
+                 f"{t['wall_s']:.1f} s, text {'on' if t['detokenize'] else 'off'}, {t['preemptions']} preemptions, "
+                 f"KV cache {t['kv_cache_tokens']} tokens)")
 
     def _model_path(self) -> str:
         if self.model_path is None:

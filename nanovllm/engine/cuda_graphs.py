@@ -8,6 +8,7 @@ graph, with `meta.graph_batch` set so they can keep graph-safe state per batch s
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -79,13 +80,18 @@ class DecodeGraphs:
         v["block_tables"][:] = 0
         v["block_tables"][:, 0] = self.scratch_block
         num_blocks = np.ones(b, dtype=np.int64)
-        for i, (token, pos, table) in enumerate(rows):
-            v["input_ids"][i] = token
-            v["positions"][i] = pos
-            v["slot_mapping"][i] = table[pos // bs] * bs + pos % bs
-            v["seq_lens"][i] = pos + 1
-            v["block_tables"][i, :len(table)] = table
-            num_blocks[i] = len(table)
+        if rows:  # vectorized: at 256 rows a per-row loop costs the host a millisecond a step
+            n = len(rows)
+            tokens, pos, tables = zip(*rows)
+            pos = np.array(pos, dtype=np.int64)
+            num_blocks[:n] = [len(t) for t in tables]
+            used = np.arange(self.max_blocks) < num_blocks[:n, None]
+            v["block_tables"][:n][used] = np.fromiter(itertools.chain.from_iterable(tables), np.int64,
+                                                      int(num_blocks[:n].sum()))
+            v["input_ids"][:n] = tokens
+            v["positions"][:n] = pos
+            v["slot_mapping"][:n] = v["block_tables"][np.arange(n), pos // bs] * bs + pos % bs
+            v["seq_lens"][:n] = pos + 1
         # One copy, of the used prefix: the fields lie side by side, the block tables last.
         end = len(self.FIELDS) * self.max_bs + b * self.max_blocks
         self.dev[:end].copy_(host[:end], non_blocking=True)

@@ -50,3 +50,16 @@ class Detokenizer:
         end = len(self.text) if finished else max(len(self.text) - self.hold, self.sent)
         out, self.sent = self.text[self.sent:end], end
         return out
+
+
+class NoText:
+    """For requests with detokenize=False: token ids only, no text and no stop strings."""
+
+    def add(self, token_id: int) -> bool:
+        return False
+
+    def delta(self, finished: bool) -> str:
+        return ""
+
+
+NO_TEXT = NoText()

@@ -8,7 +8,7 @@ from itertools import count
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.detokenizer import Detokenizer
+from nanovllm.engine.detokenizer import NO_TEXT, Detokenizer
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import ScheduledSeq, Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -96,7 +96,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(ids, params, request_id)
-        self.requests[request_id] = (seq, Detokenizer(self.tokenizer, ids, params.stop))
+        detok = Detokenizer(self.tokenizer, ids, params.stop) if params.detokenize else NO_TEXT
+        self.requests[request_id] = (seq, detok)
         self.scheduler.add(seq)
         return request_id
 
