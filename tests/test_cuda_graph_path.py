@@ -73,11 +73,21 @@ def test_async_scheduling_gives_the_same_tokens(tiny_model, tiny_llm):
     lengths = [3, 17, 9, 25, 1]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
     expected = [r["token_ids"] for r in tiny_llm.generate(prompts, params)]
-    launched = []
+    launched, ahead_rows = [], []
     launch = engine.runner.launch_decode
-    engine.runner.launch_decode = lambda batch, prev=None: launched.append(prev is not None) or launch(batch, prev)
+
+    def spy(batch, prev=None):
+        launched.append(prev is not None)
+        if prev is not None:
+            ahead_rows.append(len(batch))
+        return launch(batch, prev)
+
+    engine.runner.launch_decode = spy
     assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
     assert any(launched), "no step was launched ahead"
+    # requests finish at different lengths: steps go on being launched ahead without the finishing rows, so
+    # only the first decode step is launched synchronously
+    assert launched.count(False) == 1 and {4, 3, 2, 1} <= set(ahead_rows), (launched, ahead_rows)
 
     # Sampled rows (per-request seeds) mixed with greedy ones: sampled after the graph, still launched ahead.
     mixed = [SamplingParams(temperature=0.9 if i % 2 else 0, seed=i, max_tokens=n, ignore_eos=True)

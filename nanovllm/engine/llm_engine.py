@@ -124,8 +124,8 @@ class LLMEngine:
                 return self._finish_step(batch, tokens, logprobs)
             self.inflight = (batch, self.runner.launch_decode(batch))
         batch, pending = self.inflight
-        ahead = self._step_ahead(batch)
-        self.inflight = (ahead, self.runner.launch_decode(ahead, pending)) if ahead else None
+        ahead, keep = self._step_ahead(batch)
+        self.inflight = (ahead, self.runner.launch_decode(ahead, pending.rows(keep))) if ahead else None
         tokens = pending.tolist()  # the GPU already has the next step queued
         return self._finish_step(batch, tokens, [None] * len(tokens))
 
@@ -141,17 +141,18 @@ class LLMEngine:
                 and all(item.seq.params.logprobs is None for item in batch))
 
     def _step_ahead(self, batch):
-        """The same decode rows one token later, if nothing can change the batch before then: no request
-        waits to be admitted, none is done or will reach its length limit, and every row has a KV slot."""
+        """(the decode rows one token later, their indices in `batch`), or (None, None) if the batch may
+        change before then: a request waits to be admitted, or a row has no KV slot. Rows that reach their
+        length limit with the step in flight are left out (requests finish at different steps: waiting
+        for each would make every such step synchronous); a row that stops on EOS is dropped later."""
         seqs = [item.seq for item in batch]
         if not self._can_overlap(batch) or self.scheduler.waiting or self.scheduler.running != seqs:
-            return None
-        for seq in seqs:
-            if (seq.num_completion_tokens + 2 > seq.params.max_tokens
-                    or seq.num_tokens + 2 > self.config.max_model_len
-                    or not self.block_manager.grow(seq, seq.num_tokens + 1)):
-                return None
-        return [ScheduledSeq(seq, 1) for seq in seqs]
+            return None, None
+        keep = [i for i, seq in enumerate(seqs) if seq.num_completion_tokens + 2 <= seq.params.max_tokens
+                and seq.num_tokens + 2 <= self.config.max_model_len]
+        if not keep or not all(self.block_manager.grow(seqs[i], seqs[i].num_tokens + 1) for i in keep):
+            return None, None
+        return [ScheduledSeq(seqs[i], 1) for i in keep], keep
 
     def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> RequestOutput:
         seq.token_ids.append(token)

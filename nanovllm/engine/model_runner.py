@@ -35,6 +35,13 @@ class PendingTokens:
         if self.event is not None:
             self.event.record()
 
+    def rows(self, keep: list[int]) -> torch.Tensor:
+        """The device tokens of rows `keep`: the tensor itself when that is every row, in order."""
+        if keep == list(range(len(self.device))):
+            return self.device
+        index = torch.tensor(keep, pin_memory=self.device.is_cuda).to(self.device.device, non_blocking=True)
+        return self.device.index_select(0, index)
+
     def tolist(self) -> list[int]:
         if self.event is not None:
             self.event.synchronize()
@@ -278,12 +285,13 @@ class ModelRunner:
         return tokens.tolist(), self._logprobs(logits, tokens, want)
 
     @torch.inference_mode()
-    def launch_decode(self, batch: list[ScheduledSeq], prev: PendingTokens | None = None) -> PendingTokens:
+    def launch_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None = None) -> PendingTokens:
         """Start a decode step (no logprobs) through the CUDA graphs and return without waiting for it.
-        With `prev`, the rows run one position ahead on the tokens `prev` will produce (async scheduling).
+        With `prev` (device tokens of the step in flight, one per row of `batch`), the rows run one position
+        ahead on those tokens (async scheduling).
         Greedy rows take the graph's argmax; a batch with sampled rows samples after the graph, still
         without a host sync."""
-        hidden, tokens = self.graphs.run(batch, prev.device if prev is not None else None)
+        hidden, tokens = self.graphs.run(batch, prev)
         seqs = [item.seq for item in batch]
         if not all(s.params.greedy for s in seqs):
             tokens = self.model.sample(hidden, *self.sampling_tensors(seqs))
