@@ -179,3 +179,22 @@ def test_graphs_set_aside_while_a_step_is_in_flight(tiny_model, tiny_llm):
             runner.graphs = graphs
     assert got == tiny_llm.generate([list(range(70, 90))], params)[0]["token_ids"]
     assert rid not in engine.requests
+
+
+def test_temperature_sampling_runs_in_the_sampled_graph(tiny_model, tiny_llm):
+    """Temperature-only batches sample inside the graph (its temperature and noise buffers); batches with a
+    filter (top-k here) take the greedy graph's hidden states and sample outside. Tokens are the eager
+    engine's either way (seeded rows draw their noise from their own generators)."""
+    llm = emulated(tiny_model, max_num_seqs=4)
+    modes = []
+    run = llm.engine.runner.graphs.run
+    llm.engine.runner.graphs.run = lambda batch, prev=None, sampled=False: modes.append(sampled) or run(batch, prev,
+                                                                                                         sampled)
+    prompts = [[7] * 9, [11] * 14, [13] * 5]
+    for extra, graph_samples in ((dict(), True), (dict(top_k=5), False)):
+        params = [SamplingParams(temperature=0.3 + 0.4 * i, seed=i, max_tokens=6, ignore_eos=True, **extra)
+                  for i in range(3)]
+        modes.clear()
+        assert ([r["token_ids"] for r in llm.generate(prompts, params)]
+                == [r["token_ids"] for r in tiny_llm.generate(prompts, params)])
+        assert modes and set(modes) == {graph_samples}

@@ -327,6 +327,29 @@ def test_all_fused_greedy_tokens(engines):
     assert (gap <= 0.05 * logits.abs().max() + 0.02).all()
 
 
+def test_all_fused_sampled_decode_graph(engines):
+    """Temperature sampling runs in the sampled decode graph: near-zero temperature gives the greedy tokens
+    (row order kept across a batch of 3), a seed gives the same tokens twice, other seeds other tokens."""
+    from nanovllm import SamplingParams
+
+    _, fused = engines
+    graphs, modes = fused.engine.runner.graphs, []
+    run = graphs.run
+    graphs.run = lambda batch, prev=None, sampled=False: modes.append(sampled) or run(batch, prev, sampled)
+    try:
+        g = torch.Generator().manual_seed(12)
+        prompts = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (9, 30, 17)]
+        greedy = fused.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        cold = fused.generate(prompts, SamplingParams(temperature=1e-4, seed=1, max_tokens=8, ignore_eos=True))
+        assert [r["token_ids"] for r in cold] == [r["token_ids"] for r in greedy]
+        hot = [fused.generate(prompts, SamplingParams(temperature=1.0, seed=s, max_tokens=8, ignore_eos=True))
+               for s in (5, 5, 6)]
+        assert hot[0] == hot[1] and hot[0] != hot[2]
+    finally:
+        graphs.run = run
+    assert True in modes
+
+
 def test_torch_compile_fullgraph(core):
     """Last: inductor compile time. Triton ops trace as torch ops (triton_op + wrap_triton), no graph break."""
     torch.manual_seed(9)

@@ -26,7 +26,9 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Captured decode forward passes (through greedy sampling) for a set of batch sizes."""
+    """Captured decode forward passes through sampling, for a set of batch sizes: a greedy graph per size
+    (argmax LM head), and a sampled one whose temperature and noise are the `temperature` and `noise`
+    buffers, which the caller fills before the replay (temperature-only sampling: no top-k/top-p/min-p)."""
 
     FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens")
 
@@ -47,10 +49,11 @@ class DecodeGraphs:
         self.dev = torch.zeros(width, dtype=torch.int64, device=runner.device)
         self.arange = torch.arange(self.max_bs + 1, device=runner.device)
         zeros = torch.zeros(self.max_bs, device=runner.device)
-        # Greedy sampling inside the graph; sampled rows are redone outside it from the hidden states.
         self.greedy = (zeros, zeros.long() - 1, zeros + 1, zeros, None)
-        self.graphs: dict = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.temperature = torch.zeros(self.max_bs, device=runner.device)
+        self.noise = torch.ones(self.max_bs, runner.args.vocab_size, device=runner.device)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, sampled)
+        self.outputs: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool = None
 
     def _views(self, buf, b: int):
@@ -98,9 +101,11 @@ class DecodeGraphs:
         return dict(seq_lens=v["seq_lens"].copy(), cu_seqlens_q=np.arange(b + 1), block_tables=v["block_tables"],
                     num_blocks=num_blocks)
 
-    def _run(self, b: int, meta: AttentionMetadata):
+    def _run(self, b: int, meta: AttentionMetadata, sampled: bool):
         v = self._views(self.dev, b)
         hidden = self.forward(v["input_ids"], v["positions"], meta)
+        if sampled:
+            return hidden, self.runner.model.sample(hidden, self.temperature[:b], None, None, None, self.noise[:b])
         return hidden, self.runner.model.sample(hidden, *[t[:b] if t is not None else None for t in self.greedy])
 
     @torch.inference_mode()
@@ -113,23 +118,26 @@ class DecodeGraphs:
             meta = self._meta(b, host)
             for plan in self.runner.plans:
                 plan(meta, self.runner.plan_context)
-            for _ in range(2):  # warm up: JIT, autotuning and lazy allocations happen outside capture
-                self._run(b, meta)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[b] = self._run(b, meta)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[b] = graph
+            for sampled in (False, True):
+                for _ in range(2):  # warm up: JIT, autotuning and lazy allocations happen outside capture
+                    self._run(b, meta, sampled)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.outputs[b, sampled] = self._run(b, meta, sampled)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[b, sampled] = graph
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     def fits(self, batch) -> bool:
         return len(batch) <= self.max_bs and all(item.num_new_tokens == 1 and item.completes for item in batch)
 
-    def run(self, batch, prev_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden, greedy tokens) of the real rows of a decode batch.
+    def run(self, batch, prev_tokens: torch.Tensor | None = None,
+            sampled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, tokens) of the real rows of a decode batch: greedy tokens, or with `sampled` tokens sampled
+        at the temperatures and noise the caller put in `self.temperature` and `self.noise` (batch order).
 
         With `prev_tokens` (the device tokens of the step still in flight for the same rows), each row runs
         one position ahead and takes its input token from that tensor, without a round trip to the host."""
@@ -144,8 +152,8 @@ class DecodeGraphs:
         for plan in self.runner.plans:
             plan(meta, self.runner.plan_context)
         if not self.capture_graphs:
-            hidden, tokens = self._run(b, meta)
+            hidden, tokens = self._run(b, meta, sampled)
             return hidden[:n], tokens[:n]
-        self.graphs[b].replay()
-        hidden, tokens = self.outputs[b]
+        self.graphs[b, sampled].replay()
+        hidden, tokens = self.outputs[b, sampled]
         return hidden[:n], tokens[:n]

@@ -226,8 +226,9 @@ class ModelRunner:
             plan(meta, self.plan_context)
         return dev(np.concatenate(ids)), positions, meta, dev(np.array(rows, dtype=np.int64))
 
-    def sampling_tensors(self, seqs):
-        """Per-row sampling tensors; a filter no row uses is None, so the sampler can skip it."""
+    def sampling_tensors(self, seqs, noise_out: torch.Tensor | None = None):
+        """Per-row sampling tensors; a filter no row uses is None, so the sampler can skip it. The noise is
+        drawn into `noise_out` when given (the decode graphs' buffer)."""
         params = [s.params for s in seqs]
         dev = self.device
 
@@ -243,7 +244,8 @@ class ModelRunner:
         min_p = column([p.min_p for p in params], torch.float32, 0.0)
         noise = None
         if any(not p.greedy for p in params):
-            noise = torch.empty(len(seqs), self.args.vocab_size, device=dev).exponential_(generator=self.generator)
+            noise = noise_out if noise_out is not None else torch.empty(len(seqs), self.args.vocab_size, device=dev)
+            noise.exponential_(generator=self.generator)
             for i, s in enumerate(seqs):
                 if s.params.seed is not None:
                     if s.generator is None:
@@ -268,11 +270,10 @@ class ModelRunner:
         """One forward pass; returns the new token (and logprobs, if asked) of each completing sequence."""
         seqs = [item.seq for item in batch if item.completes]
         want = [s.params.logprobs for s in seqs]
-        plain_greedy = all(s.params.greedy and s.params.logprobs is None for s in seqs)
         if self.graphs is not None and self.graphs.fits(batch):
-            hidden, greedy = self.graphs.run(batch)
-            if plain_greedy:  # the graph already sampled: the one host sync of the step
-                return greedy.tolist(), [None] * len(seqs)
+            if all(k is None for k in want):  # the graph samples: the one host sync of the step
+                return self._graph_decode(batch).tolist(), [None] * len(seqs)
+            hidden = self.graphs.run(batch)[0]
         else:
             hidden = self.hidden_states(batch)
         if not seqs:
@@ -289,13 +290,22 @@ class ModelRunner:
         """Start a decode step (no logprobs) through the CUDA graphs and return without waiting for it.
         With `prev` (device tokens of the step in flight, one per row of `batch`), the rows run one position
         ahead on those tokens (async scheduling).
-        Greedy rows take the graph's argmax; a batch with sampled rows samples after the graph, still
-        without a host sync."""
-        hidden, tokens = self.graphs.run(batch, prev)
+        No host sync."""
+        return PendingTokens(self._graph_decode(batch, prev))
+
+    def _graph_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Device tokens of a decode batch through the graphs: the greedy graph when every row is greedy, the
+        sampled graph (temperature and noise in its buffers) when no row filters (top-k, top-p, min-p),
+        else the greedy graph's hidden states sampled outside it."""
         seqs = [item.seq for item in batch]
-        if not all(s.params.greedy for s in seqs):
-            tokens = self.model.sample(hidden, *self.sampling_tensors(seqs))
-        return PendingTokens(tokens)
+        if all(s.params.greedy for s in seqs):
+            return self.graphs.run(batch, prev)[1]
+        g = self.graphs
+        temperature, *filters, _ = self.sampling_tensors(seqs, noise_out=g.noise[:len(seqs)])
+        if all(f is None for f in filters):
+            g.temperature[:len(seqs)].copy_(temperature)
+            return g.run(batch, prev, sampled=True)[1]
+        return self.model.sample(g.run(batch, prev)[0], temperature, *filters, g.noise[:len(seqs)])
 
     @staticmethod
     def _logprobs(logits, tokens, want) -> list[dict | None]:
