@@ -204,6 +204,36 @@ def test_attention_decode(core, kv_lens, window, softcap, backend):
     torch.testing.assert_close(got, want, **BF16)
 
 
+@pytest.mark.parametrize("kv_lens", [[1], [128], [4100], [1, 300, 17, 4100], [513] * 256])
+@pytest.mark.parametrize("backend", ["triton", "triton_onepass"])
+def test_rope_decode_attention(core, kv_lens, backend):
+    """q/k norm + RoPE + KV write fused into decode attention, against qk_norm_rope then attention_decode
+    (natives) at the model's heads: the output and both caches; raw q, k, v are views of a packed QKV."""
+    from nanovllm.layers.rotary import cos_sin_table
+
+    class Rope:
+        rope_theta = 1e6
+
+    torch.manual_seed(13)
+    meta, blocks = paged_meta(kv_lens)
+    b = len(kv_lens)
+    qkv = randn(b, (HQ + 2 * HK) * D)
+    q, k, v = (t.view(b, -1, D) for t in qkv.split((HQ * D, HK * D, HK * D), -1))
+    norms = randn(D, scale=0.1).add_(1), randn(D, scale=0.1).add_(1)
+    table = cos_sin_table(Rope(), D, 8192).cuda()
+    kc, vc = randn(blocks, 16, HK, D), randn(blocks, 16, HK, D)
+    caches = [kc.clone(), vc.clone(), kc, vc]
+    for _ in range(3):  # the one-pass merge relies on counters every launch leaves at zero
+        got = get_op("rope_decode_attention").impls[backend].fn(q, k, v, *norms, EPS, meta.positions, table,
+                                                                 caches[0], caches[1], meta, D ** -0.5, 0, 0.0)
+    want = native_site("rope_decode_attention")(q, k, v, *norms, EPS, meta.positions, table, caches[2], caches[3],
+                                                meta, D ** -0.5, 0, 0.0)
+    report(f"rope_decode_attention {kv_lens[:4]} {backend}", got, want)
+    torch.testing.assert_close(got, want, **BF16)
+    torch.testing.assert_close(caches[0], caches[2], **BF16)
+    assert torch.equal(caches[1], caches[3])
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 def test_qk_norm_rope(core, tokens):
     from nanovllm.layers.rotary import cos_sin_table

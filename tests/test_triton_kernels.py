@@ -286,6 +286,40 @@ def test_attention_decode(core, dtype, window, softcap, splits):
 
 
 @inner
+@pytest.mark.parametrize("dtype,qk_norm,window,splits,onepass", [
+    (torch.float32, True, 0, 0, False), (torch.float32, True, 0, 3, False), (torch.float32, False, 6, 5, False),
+    (torch.float32, True, 0, 4, True), (torch.bfloat16, True, 0, 3, False), (torch.bfloat16, False, 0, 0, False)])
+def test_rope_decode_attention(core, dtype, qk_norm, window, splits, onepass):
+    """q/k norm + RoPE + the KV write fused into decode attention, against qk_norm_rope then attention_decode
+    (natives): the output, and both caches after the step. Raw q, k, v are strided views of a packed QKV;
+    the split holding each request's newest key (the first, a middle or the last) writes it."""
+    from nanovllm.layers.rotary import cos_sin_table
+
+    class Rope:
+        rope_theta = 10000.0
+
+    torch.manual_seed(splits)
+    meta = paged_meta([1, 17, 70])
+    hq, hk, d = 6, 2, 12
+    qkv = torch.randn(3, (hq + 2 * hk) * d, dtype=dtype)
+    q, k, v = (t.view(3, -1, d) for t in qkv.split((hq * d, hk * d, hk * d), -1))
+    norms = (weight(d, dtype=dtype) + 1, weight(d, dtype=dtype) + 1) if qk_norm else (None, None)
+    table = cos_sin_table(Rope(), d, 128)
+    kc, vc = torch.randn(40, 4, hk, d, dtype=dtype), torch.randn(40, 4, hk, d, dtype=dtype)
+    caches = [kc.clone(), vc.clone(), kc, vc]
+    args = (q, k, v, *norms, 1e-6, meta.positions, table)
+    if splits or onepass:
+        got = torch.ops.nanovllm_triton.rope_decode_attention(*args, caches[0], caches[1], meta.slot_mapping,
+                                                              meta.block_tables, 0.3, window, 0.0, splits, onepass)
+    else:
+        got = triton_impl("rope_decode_attention")(*args, caches[0], caches[1], meta, 0.3, window, 0.0)
+    want = native_site("rope_decode_attention")(*args, caches[2], caches[3], meta, 0.3, window, 0.0)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    torch.testing.assert_close(caches[0], caches[2], **TOL[dtype])
+    torch.testing.assert_close(caches[1], caches[3], atol=0, rtol=0)
+
+
+@inner
 @pytest.mark.parametrize("splits,window", [(2, 0), (5, 0), (3, 6), (0, 0)])
 def test_attention_decode_onepass(core, splits, window):
     """The last split of each (request, kv head) to arrive merges its group's heads: no merge launch, the
@@ -306,8 +340,8 @@ def test_attention_decode_onepass(core, splits, window):
 # -- wiring: registry, presets, a whole model --------------------------------------------------------------
 @inner
 def test_every_triton_backend_resolves_on_the_interpreter(core):
-    ops = ("linear", "norm_qkv", "qk_norm_rope", "attn_out", "mlp", "lm_head_sample", "attention_decode", "rms_norm",
-           "add_rms_norm", "silu_and_mul", "sample")
+    ops = ("linear", "norm_qkv", "qk_norm_rope", "attn_out", "mlp", "lm_head_sample", "attention_decode",
+           "rope_decode_attention", "rms_norm", "add_rms_norm", "silu_and_mul", "sample")
     for op in ops:
         parts = {p: get_op(p).native for p in get_op(op).parts}
         _, used = resolve(op, "triton", Target("cpu", torch.float32, dict(hidden=64, head_dim=16, heads=4, kv_heads=2)),

@@ -18,7 +18,8 @@ import nanovllm.ops.family_ops  # noqa: F401  (defines gelu_mlp, moe ...; until 
 from nanovllm.layers.rotary import cos_sin_table
 from nanovllm.ops import MODEL_SCOPE, AttentionMetadata, OpResolver, get_op
 
-LAYER_OPS = ("norm_qkv", "qk_norm_rope", "attention_prefill", "attention_decode", "attn_out", "mlp")
+LAYER_OPS = ("norm_qkv", "qk_norm_rope", "attention_prefill", "attention_decode", "rope_decode_attention", "attn_out",
+             "mlp")
 MODEL_OPS = ("rms_norm", "linear", "sample", "lm_head_sample")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
@@ -135,10 +136,13 @@ class DenseLayer(nn.Module):
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        q = ops.qk_norm_rope(q, k, v, self.q_norm, self.k_norm, a.rms_norm_eps, positions, cos_sin,
-                             self.k_cache, self.v_cache, meta.slot_mapping)
-        attention = ops.attention_decode if meta.is_decode else ops.attention_prefill
-        o = attention(q, self.k_cache, self.v_cache, meta, self.scale, self.window, a.attn_softcap)
+        if meta.is_decode:
+            o = ops.rope_decode_attention(q, k, v, self.q_norm, self.k_norm, a.rms_norm_eps, positions, cos_sin,
+                                          self.k_cache, self.v_cache, meta, self.scale, self.window, a.attn_softcap)
+        else:
+            q = ops.qk_norm_rope(q, k, v, self.q_norm, self.k_norm, a.rms_norm_eps, positions, cos_sin,
+                                 self.k_cache, self.v_cache, meta.slot_mapping)
+            o = ops.attention_prefill(q, self.k_cache, self.v_cache, meta, self.scale, self.window, a.attn_softcap)
         if not a.sandwich_norms:
             h, x = ops.attn_out(o.flatten(1), self.o_proj, x, self.post_norm, a.rms_norm_eps)
             return self.feed_forward(h, x)

@@ -24,6 +24,14 @@ def qk_norm_rope(q, k, v, q_norm_w, k_norm_w, eps: float, positions, cos_sin, k_
     return q
 
 
+@define_op("rope_decode_attention", parts=("qk_norm_rope", "attention_decode"))
+def rope_decode_attention(q, k, v, q_norm_w, k_norm_w, eps: float, positions, cos_sin, k_cache, v_cache, meta,
+                          scale: float, window: int = 0, softcap: float = 0.0, *, qk_norm_rope, attention_decode):
+    """A decode step's attention from the raw q, k, v projections: q/k norm + RoPE + KV write, then attention."""
+    q = qk_norm_rope(q, k, v, q_norm_w, k_norm_w, eps, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
+    return attention_decode(q, k_cache, v_cache, meta, scale, window, softcap)
+
+
 @define_op("attn_out", parts=("linear", "add_rms_norm"))
 def attn_out(o, o_w, residual, norm_w, eps: float, *, linear, add_rms_norm):
     """O projection, residual add and the post-attention RMSNorm: returns (normed, new residual)."""
