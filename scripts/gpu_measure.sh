@@ -58,7 +58,7 @@ for s in $STAGES; do
       python3 experiments/aggregate.py "$LOG/run_sweep" > "$LOG/run_table.md" 2>&1
       cut -c1-200 "$LOG/run_table.md" | tee -a "$LOG/summary.txt" ;;
     latency)
-      wait_jit
+      case $LATENCY_PRESETS in *fi*|*flashinfer*) wait_jit ;; esac  # FlashInfer presets only
       bench latency 200 all --presets "$LATENCY_PRESETS" --skip throughput,ops --no-traces --contexts 128,4096 \
         --new-tokens 128 ;;
     sync)
@@ -104,7 +104,7 @@ for s in $STAGES; do
           "$LOG/profile_$p.log" | tail -40 | cut -c1-180 | tee -a "$LOG/summary.txt"
       done ;;
     tests)
-      wait_jit
+      case $TESTS in *flashinfer*) wait_jit ;; esac
       # shellcheck disable=SC2086
       timeout -s ABRT -k 10 "$(limit 240)" python3 -m pytest -m gpu $TESTS -q -rfE --tb=short -p no:cacheprovider \
         > "$LOG/tests.log" 2>&1
