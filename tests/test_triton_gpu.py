@@ -358,26 +358,31 @@ def test_all_fused_greedy_tokens(engines):
 
 
 def test_all_fused_sampled_decode_graph(engines):
-    """Temperature sampling runs in the sampled decode graph: near-zero temperature gives the greedy tokens
-    (row order kept across a batch of 3), a seed gives the same tokens twice, other seeds other tokens."""
+    """Temperature sampling runs in the sampled decode graph: at a near-zero temperature every row's token is
+    a (near-)argmax of the eager model (ties are common in bf16 logits of random weights, so not the greedy
+    tokens themselves), in a batch of 3; a seed gives the same tokens twice, other seeds other tokens."""
     from nanovllm import SamplingParams
+    from nanovllm.engine.teacher_forcing import teacher_forced_logits
 
-    _, fused = engines
+    ref, fused = engines
     graphs, modes = fused.engine.runner.graphs, []
     run = graphs.run
     graphs.run = lambda batch, prev=None, sampled=False: modes.append(sampled) or run(batch, prev, sampled)
     try:
         g = torch.Generator().manual_seed(12)
         prompts = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (9, 30, 17)]
-        greedy = fused.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         cold = fused.generate(prompts, SamplingParams(temperature=1e-4, seed=1, max_tokens=8, ignore_eos=True))
-        assert [r["token_ids"] for r in cold] == [r["token_ids"] for r in greedy]
         hot = [fused.generate(prompts, SamplingParams(temperature=1.0, seed=s, max_tokens=8, ignore_eos=True))
                for s in (5, 5, 6)]
-        assert hot[0] == hot[1] and hot[0] != hot[2]
     finally:
         graphs.run = run
     assert True in modes
+    for prompt, out in zip(prompts, cold):
+        tokens = out["token_ids"]
+        logits = teacher_forced_logits(ref.engine, prompt, tokens[:-1])
+        gap = logits.max(-1).values - logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert (gap <= 0.05 * logits.abs().max() + 0.02).all(), gap
+    assert hot[0] == hot[1] and hot[0] != hot[2]
 
 
 def test_torch_compile_fullgraph(core):
