@@ -53,8 +53,8 @@ def norm_rope_heads(x_ptr, stride_h, heads, mask_h, w_ptr, cs_ptr, pos, head_dim
 
 @triton.jit
 def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, qw_ptr, kw_ptr, cs_ptr, pos,
-                 head_dim, eps, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw_ptr, cs_ptr, pos, head_dim,
+                 eps, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """This step's key (normed, rotated) and value of request b, kv head kh, into the paged caches."""
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     row = offs_g == 0  # a one-row tile in the shape of the query's
@@ -99,8 +99,8 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr,
                             eps, HAS_NORM, BLOCK_D)
         if (start <= kv_len - 1) & (kv_len - 1 < stop):
             write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, qw_ptr, kw_ptr,
-                         cs_ptr, kv_len - 1, head_dim, eps, HAS_NORM, BLOCK_G, BLOCK_D)
+                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw_ptr, cs_ptr,
+                         kv_len - 1, head_dim, eps, HAS_NORM, BLOCK_G, BLOCK_D)
             tl.debug_barrier()  # the block's own stores are visible to all its threads after the barrier
     else:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
