@@ -9,7 +9,8 @@
 #              and without detokenization when THROUGHPUT_NO_TEXT=1
 #   gemv       benchmarks/triton_gemv.py: TB/s per projection, every Triton backend of each fused site,
 #              decode attention (two-kernel and one-pass); it tunes the batch-1 configs
-#   paths      every path's teacher-forced logits against transformers (scripts/gpu_engine_check.py)
+#   paths      every path's teacher-forced logits against transformers (scripts/gpu_engine_check.py), within
+#              PATHS_LIMIT_S (330; 200 stopped before the FlashInfer rows)
 #   models     batch-1 tok/s of every model family (benchmarks/models_gpu.py) with FlashInfer
 #   serve      the server under N streaming clients (benchmarks/serve_load.py)
 #   tests      pytest -m gpu (TESTS: files)
@@ -81,7 +82,8 @@ for s in $STAGES; do
       say "exit $?"; grep -v -i "warn\|tuned" "$LOG/triton_gemv.log" | cut -c1-160 | tee -a "$LOG/summary.txt" ;;
     paths)
       wait_jit
-      NANOVLLM_TRITON_TUNE=0 timeout -s ABRT -k 10 "$(limit 200)" python3 scripts/gpu_engine_check.py --out "$LOG/engine.json" \
+      NANOVLLM_TRITON_TUNE=0 timeout -s ABRT -k 10 "$(limit "${PATHS_LIMIT_S:-330}")" \
+        python3 scripts/gpu_engine_check.py --out "$LOG/engine.json" \
         --check --configs "" > "$LOG/engine.log" 2>&1
       say "exit $?"; grep -E "^(bfloat16|float32) |PASS|FAIL" "$LOG/engine.log" | cut -c1-200 | tee -a "$LOG/summary.txt" ;;
     models)
