@@ -63,11 +63,10 @@ def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stri
     slot = tl.load(slot_ptr + b).to(tl.int64)
     blk, r = slot // page, slot % page
     mask = row[:, None] & (offs_d < head_dim)[None, :]
-    tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + offs_g[:, None] * 0 + offs_d[None, :],
-             k.to(kc_ptr.dtype.element_ty), mask=mask)
-    v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + offs_g[:, None] * 0 + offs_d[None, :], mask=mask)
-    tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + offs_g[:, None] * 0 + offs_d[None, :],
-             v.to(vc_ptr.dtype.element_ty), mask=mask)
+    cols = offs_g[:, None] * 0 + offs_d[None, :]  # every row of the tile at the same head
+    tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + cols, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + cols, mask=mask)
+    tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + cols, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -36,8 +36,8 @@ class PendingTokens:
             self.event.record()
 
     def rows(self, keep: list[int]) -> torch.Tensor:
-        """The device tokens of rows `keep`: the tensor itself when that is every row, in order."""
-        if keep == list(range(len(self.device))):
+        """The device tokens of rows `keep` (increasing indices): the tensor itself when that is every row."""
+        if len(keep) == len(self.device):
             return self.device
         index = torch.tensor(keep, pin_memory=self.device.is_cuda).to(self.device.device, non_blocking=True)
         return self.device.index_select(0, index)
