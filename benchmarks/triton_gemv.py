@@ -135,11 +135,65 @@ def attention(tuning, contexts=(128, 1024, 4096), page=16):
     return out
 
 
+def decode_layer(tuning, contexts=(128, 4096), page=16):
+    """A whole decoder layer at batch 1 (weights and KV rotating, so each launch reads HBM): the all_fused
+    sites one after another (7 launches) against the persistent layer kernel in its variants."""
+    from nanovllm.layers.rotary import cos_sin_table
+
+    class Rope:
+        rope_theta = 1e6
+
+    layer = get_op("decode_layer").impls["triton"]
+    kernel = next(m for n, m in sys.modules.items() if n.startswith("nanovllm_plugins.triton_decode_layer"))
+    sites = {op: get_op(op).impls["triton"].fn for op in get_op("decode_layer").parts}
+    composed = functools.partial(get_op("decode_layer").native, **sites)
+    counters = sys.modules["nanovllm_plugins.triton._gemv_core"].counters(torch.device("cuda"), 64)
+    x, table = randn(1, H), cos_sin_table(Rope(), D, 8192).cuda()
+    norms = [randn(n, scale=0.1).add_(1) for n in (H, D, D, H)]
+    out = []
+    for ctx in contexts:
+        blocks = -(-ctx // page)
+        bt = torch.arange(blocks, device="cuda")[None]
+        pos = torch.tensor([ctx - 1], device="cuda")
+        meta = AttentionMetadata(pos, pos, pos + 1, bt, torch.tensor([0, 1], device="cuda"),
+                                 torch.zeros(1, dtype=torch.long, device="cuda"), 1, ctx)
+        weights = [param(PROJ["qkv"][0], H), param(H, HQ * D), param(2 * INTER, H), param(H, INTER),
+                   randn(blocks, page, HK, D), randn(blocks, page, HK, D)]
+        weights[2] = torch.nn.Parameter(layer.layouts["gate_up_w"](weights[2]), requires_grad=False)
+        nbytes = sum(w.nbytes for w in weights[:4]) + 2 * ctx * HK * D * 2
+
+        def site_call(fn, qkv_w, o_w, gu, dw, kc, vc, meta=meta):
+            return fn(x, norms[0], qkv_w, None, norms[1], norms[2], o_w, norms[3], gu, dw, EPS, meta.positions, table,
+                      kc, vc, meta, D ** -0.5)
+
+        def op_call(qkv_w, o_w, gu, dw, kc, vc, meta=meta, **kw):
+            return torch.ops.nanovllm_triton.decode_layer(
+                x, norms[0], qkv_w, None, norms[1], norms[2], o_w, norms[3], gu, dw, EPS, meta.positions, table, kc,
+                vc, meta.slot_mapping, meta.block_tables, counters, D ** -0.5, 0, 0.0, **kw)
+
+        base = timed(tuning, functools.partial(site_call, composed), weights)
+        out.append(row(f"layer ctx={ctx} sites", 1, nbytes, base, base))
+        variants = {"persistent": {}, "persistent atomic poll": dict(poll_atomic=True),
+                    "5 phase launches": dict(barrier=False)}
+        for name, kw in variants.items():
+            out.append(row(f"layer ctx={ctx} {name}", 1, nbytes, base,
+                           timed(tuning, functools.partial(op_call, **kw), weights)))
+        for warps in (4, 16) if ctx == contexts[0] else ():
+            kernel.NUM_WARPS, default = warps, kernel.NUM_WARPS
+            try:
+                out.append(row(f"layer ctx={ctx} persistent {warps} warps", 1, nbytes, base,
+                               timed(tuning, op_call, weights)))
+            finally:
+                kernel.NUM_WARPS = default
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1", help="comma-separated batch sizes (rows of x), each <= 16")
     p.add_argument("--no-fused", action="store_true")
     p.add_argument("--no-attention", action="store_true")
+    p.add_argument("--layer-only", action="store_true", help="only the whole-layer rows (decode_layer)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -156,11 +210,13 @@ def main(argv=None) -> None:
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=__import__("triton").__version__, method="50 launches in one CUDA graph, rotating copies")
     with torch.inference_mode():
-        result["projections"] = projections(tuning, [int(r) for r in args.rows.split(",")])
-        if not args.no_fused:
-            result["fused"] = fused_sites(tuning)
-        if not args.no_attention:
-            result["attention"] = attention(tuning)
+        if not args.layer_only:
+            result["projections"] = projections(tuning, [int(r) for r in args.rows.split(",")])
+            if not args.no_fused:
+                result["fused"] = fused_sites(tuning)
+            if not args.no_attention:
+                result["attention"] = attention(tuning)
+        result["decode_layer"] = decode_layer(tuning)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"done in {result['seconds']} s")
     if args.out:

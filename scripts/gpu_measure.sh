@@ -7,8 +7,9 @@
 #   fi_latency the flashinfer preset's latency (its build is slow: a stage of its own)
 #   throughput nano-vllm's workload (THROUGHPUT_PRESET), again without async scheduling when THROUGHPUT_SYNC=1
 #              and without detokenization when THROUGHPUT_NO_TEXT=1
-#   gemv       benchmarks/triton_gemv.py: TB/s per projection, every Triton backend of each fused site,
-#              decode attention (two-kernel and one-pass); it tunes the batch-1 configs
+#   gemv       benchmarks/triton_gemv.py (GEMV_ARGS): TB/s per projection, every Triton backend of each fused site,
+#              decode attention (two-kernel and one-pass), a whole layer (sites vs the persistent kernel); it
+#              tunes the batch-1 configs
 #   paths      every path's teacher-forced logits against transformers (scripts/gpu_engine_check.py), within
 #              PATHS_LIMIT_S (330; 200 stopped before the FlashInfer rows)
 #   models     batch-1 tok/s of every model family (benchmarks/models_gpu.py) with FlashInfer
@@ -77,7 +78,8 @@ for s in $STAGES; do
         bench throughput_sync 100 throughput --presets "$THROUGHPUT_PRESET" --no-plot engine.async_scheduling=false
       fi ;;
     gemv)
-      timeout -s ABRT -k 10 "$(limit 200)" python3 benchmarks/triton_gemv.py --rows 1 --out "$LOG/triton_gemv.json" \
+      # shellcheck disable=SC2086
+      timeout -s ABRT -k 10 "$(limit 200)" python3 benchmarks/triton_gemv.py ${GEMV_ARGS:---rows 1} --out "$LOG/triton_gemv.json" \
         > "$LOG/triton_gemv.log" 2>&1
       say "exit $?"; grep -v -i "warn\|tuned" "$LOG/triton_gemv.log" | cut -c1-160 | tee -a "$LOG/summary.txt" ;;
     paths)

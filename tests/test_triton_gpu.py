@@ -234,6 +234,42 @@ def test_rope_decode_attention(core, kv_lens, backend):
     assert torch.equal(caches[1], caches[3])
 
 
+@pytest.mark.parametrize("kv_len", [1, 129, 4100])
+def test_decode_layer(core, kv_len):
+    """The persistent layer kernel against the native composition of the layer's sites (the new residual
+    stream and both caches); with its grid barriers it must equal, bit for bit, its phases launched one by
+    one (no barrier: the launches order them), with either way of polling, eagerly and replayed in a graph."""
+    torch.manual_seed(kv_len)
+    s = chain_state(kv_len)
+    layer = get_op("decode_layer").impls["triton"]
+    weights = (s["in_norm"], s["qkv_w"], None, s["q_norm"], s["k_norm"], s["o_w"], s["post_norm"])
+    rest = (EPS, s["meta"].positions, s["table"])
+    kc, vc = s["kc"].clone(), s["vc"].clone()
+    got = layer.fn(s["x"], *weights, layer.layouts["gate_up_w"](s["gate_up_w"]), s["down_w"], *rest, kc, vc, s["meta"],
+                   D ** -0.5)
+    want = native_site("decode_layer")(s["x"], *weights, s["gate_up_w"], s["down_w"], *rest, s["kc"], s["vc"],
+                                       s["meta"], D ** -0.5)
+    report(f"decode_layer kv_len={kv_len}", got, want)
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(kc, s["kc"], **BF16)
+    torch.testing.assert_close(vc, s["vc"], **BF16)
+    args = (s["x"], *weights, layer.layouts["gate_up_w"](s["gate_up_w"]), s["down_w"], *rest, kc, vc,
+            s["meta"].slot_mapping, s["meta"].block_tables, core.counters(s["x"].device, 64), D ** -0.5, 0, 0.0)
+    op = torch.ops.nanovllm_triton.decode_layer
+    phased = op(*args, barrier=False)
+    for poll_atomic in (False, True):
+        for _ in range(20):
+            assert torch.equal(op(*args, poll_atomic=poll_atomic), phased)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = op(*args)
+    for _ in range(20):
+        graph.replay()
+        assert torch.equal(replayed, phased)
+    assert not core.counters(s["x"].device, 64).any(), "a counter is left armed"
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 def test_qk_norm_rope(core, tokens):
     from nanovllm.layers.rotary import cos_sin_table
@@ -272,16 +308,16 @@ def decode_chain(s, ops):
 CHAIN_OPS = ("norm_qkv", "qk_norm_rope", "attention_decode", "attn_out", "mlp", "lm_head_sample")
 
 
-def chain_state():
+def chain_state(kv_len: int = 300):
     from nanovllm.layers.rotary import cos_sin_table
 
     class Rope:
         rope_theta = 1e6
 
-    meta, blocks = paged_meta([300])
+    meta, blocks = paged_meta([kv_len])
     return dict(x=randn(1, H), in_norm=randn(H, scale=0.1).add_(1), qkv_w=param(PROJ["qkv"][0], H),
                 q_norm=randn(D, scale=0.1).add_(1), k_norm=randn(D, scale=0.1).add_(1), meta=meta,
-                table=cos_sin_table(Rope(), D, 4096).cuda(), kc=randn(blocks, 16, HK, D), vc=randn(blocks, 16, HK, D),
+                table=cos_sin_table(Rope(), D, 8192).cuda(), kc=randn(blocks, 16, HK, D), vc=randn(blocks, 16, HK, D),
                 o_w=param(H, HQ * D), post_norm=randn(H, scale=0.1).add_(1),
                 gate_up_w=param(2 * INTER, H), down_w=param(H, INTER),
                 lm_w=param(VOCAB, H))
@@ -320,13 +356,23 @@ def engines():
     fused.close()
 
 
-def test_all_fused_teacher_forced_logits(engines):
+@pytest.fixture(scope="module")
+def persistent(engines):
+    """all_fused with each layer's batch-1 decode step in the persistent layer kernel."""
+    import yaml
+
+    from nanovllm import LLM
+
+    kernels = yaml.safe_load((ROOT / "configs/kernels/all_fused.yaml").read_text())
+    kernels["ops"].update(yaml.safe_load((ROOT / "configs/kernels/persistent_layer.yaml").read_text())["ops"])
+    llm = LLM("default", kernels=kernels, max_model_len=1024, num_kvcache_blocks=256, max_num_seqs=4)
+    yield llm
+    llm.close()
+
+
+def check_teacher_forced_logits(ref, fused, name):
     from nanovllm.engine.teacher_forcing import teacher_forced_logits
 
-    ref, fused = engines
-    table = fused.engine.runner.resolver.table
-    assert all(table["0"][op] == "triton" for op in ("norm_qkv", "qk_norm_rope", "attn_out", "mlp",
-                                                     "attention_decode")), table["0"]
     g = torch.Generator().manual_seed(10)
     prompt = torch.randint(0, 151000, (40,), generator=g).tolist()
     forced = torch.randint(0, 151000, (12,), generator=g).tolist()
@@ -336,25 +382,44 @@ def test_all_fused_teacher_forced_logits(engines):
     scale = want.abs().max().item()
     cos = F.cosine_similarity(got, want, dim=-1)
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
-    print(f"all_fused vs eager: max abs err {err.max().item():.4g} (max |logit| {scale:.4g}), mean {err.mean():.3g}, "
+    print(f"{name} vs eager: max abs err {err.max().item():.4g} (max |logit| {scale:.4g}), mean {err.mean():.3g}, "
           f"min cosine {cos.min().item():.6f}, argmax agreement {agree:.2f}")
     assert cos.min() > 0.999
     assert err.max() <= 0.05 * scale + 0.02
 
 
-def test_all_fused_greedy_tokens(engines):
+def check_greedy_tokens(ref, fused, name):
     """Tokens from the fused greedy head (lm_head_sample), each checked as a (near-)argmax of the eager model."""
     from nanovllm import SamplingParams
     from nanovllm.engine.teacher_forcing import teacher_forced_logits
 
-    ref, fused = engines
     prompt = torch.randint(0, 151000, (24,), generator=torch.Generator().manual_seed(11)).tolist()
     tokens = fused.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]["token_ids"]
     logits = teacher_forced_logits(ref.engine, prompt, tokens[:-1])
     chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
     gap = logits.max(-1).values - chosen
-    print(f"fused greedy tokens {tokens}; eager logit gap to the max {gap.tolist()}")
+    print(f"{name} greedy tokens {tokens}; eager logit gap to the max {gap.tolist()}")
     assert (gap <= 0.05 * logits.abs().max() + 0.02).all()
+
+
+def test_all_fused_teacher_forced_logits(engines):
+    ref, fused = engines
+    table = fused.engine.runner.resolver.table
+    assert all(table["0"][op] == "triton" for op in ("norm_qkv", "qk_norm_rope", "attn_out", "mlp",
+                                                     "attention_decode")), table["0"]
+    check_teacher_forced_logits(ref, fused, "all_fused")
+
+
+def test_all_fused_greedy_tokens(engines):
+    check_greedy_tokens(*engines, "all_fused")
+
+
+def test_persistent_layer_model(engines, persistent):
+    """The persistent layer kernel in the engine: eager decode steps (teacher forcing) and the CUDA graphs
+    (greedy generation)."""
+    assert persistent.engine.runner.resolver.table["0"]["decode_layer"] == "triton"
+    check_teacher_forced_logits(engines[0], persistent, "all_fused+persistent_layer")
+    check_greedy_tokens(engines[0], persistent, "all_fused+persistent_layer")
 
 
 def test_all_fused_sampled_decode_graph(engines):

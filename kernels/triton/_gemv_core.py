@@ -157,6 +157,22 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, e
     return out, out2
 
 
+def interleave_gate_up(w: torch.Tensor) -> torch.Tensor:
+    """(2I, H) [gate; up] -> rows gate_0, up_0, gate_1, up_1, ... (the layout of the fused MLP kernels)"""
+    inter = w.shape[0] // 2
+    return w.view(2, inter, -1).transpose(0, 1).reshape(w.shape).contiguous()
+
+
+@triton.jit
+def silu_mul_pairs(acc, a_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N // 2) fp32 silu(gate) * up of an fp32 (BLOCK_M, BLOCK_N) GEMV tile over interleaved
+    gate/up rows, rounded to a_ptr's dtype where the native rounds (the linear's output, F.silu)."""
+    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # even rows gate, odd rows up
+    dtype = a_ptr.dtype.element_ty
+    gate, up = gate.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32)
+    return (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up
+
+
 @triton.jit
 def store_out(acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, offs_m, offs_n, M, N,
               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):

@@ -22,13 +22,8 @@ from torch.library import triton_op, wrap_triton
 from nanovllm.ops.plugins import load_sibling
 
 core = load_sibling(__file__, "_gemv_core")
-gemv_tile, gdc_launch_dependents = core.gemv_tile, core.gdc_launch_dependents
-
-
-def interleave_gate_up(w: torch.Tensor) -> torch.Tensor:
-    """(2I, H) [gate; up] -> rows gate_0, up_0, gate_1, up_1, ..."""
-    inter = w.shape[0] // 2
-    return w.view(2, inter, -1).transpose(0, 1).reshape(w.shape).contiguous()
+gemv_tile, gdc_launch_dependents, silu_mul_pairs = core.gemv_tile, core.gdc_launch_dependents, core.silu_mul_pairs
+interleave_gate_up = core.interleave_gate_up
 
 
 @triton.jit
@@ -42,10 +37,8 @@ def _gate_up_silu_kernel(x_ptr, w_ptr, a_ptr, M, N, K, stride_xm, stride_wn, str
     pid_n, pid_m = tl.program_id(0), tl.program_id(2)
     acc, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, x_ptr, M, N, K, 0, K, 0.0, pid_m, pid_n, 0,
                        False, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
-    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # even rows gate, odd rows up
+    act = silu_mul_pairs(acc, a_ptr, BLOCK_M, BLOCK_N)
     dtype = a_ptr.dtype.element_ty
-    gate, up = gate.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32)  # the gate_up linear's output
-    act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up  # F.silu rounds, then the product
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     mask = (offs_m[:, None] < M) & (offs_i[None, :] < N // 2)

@@ -16,10 +16,10 @@ from torch import nn
 
 import nanovllm.ops.family_ops  # noqa: F401  (defines gelu_mlp, moe ...; until ops/__init__ imports it)
 from nanovllm.layers.rotary import cos_sin_table
-from nanovllm.ops import MODEL_SCOPE, AttentionMetadata, OpResolver, get_op
+from nanovllm.ops import COMPILE, MODEL_SCOPE, NATIVE, AttentionMetadata, OpResolver, RegistryError, get_op
 
 LAYER_OPS = ("norm_qkv", "qk_norm_rope", "attention_prefill", "attention_decode", "rope_decode_attention", "attn_out",
-             "mlp")
+             "mlp", "decode_layer")
 MODEL_OPS = ("rms_norm", "linear", "sample", "lm_head_sample")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
@@ -80,16 +80,18 @@ def _param(*shape) -> nn.Parameter:
 def layer_ops(args: DenseArgs, idx: int) -> tuple[str, ...]:
     """The ops a layer resolves: the Qwen3 set, with the family's sites swapped in."""
     ops = list(LAYER_OPS)
+    plain = True  # a pre-norm layer with a dense SiLU MLP: its decode step is the decode_layer site
     if args.sandwich_norms:
         ops[ops.index("attn_out")] = "post_norm_attn_out"
         ops.append("post_norm_residual")
+        plain = False
     if args.moe_layers and args.moe_layers[idx]:
-        ops[ops.index("mlp")] = "moe_mlp"
+        ops[ops.index("mlp")], plain = "moe_mlp", False
     elif args.activation == "gelu_tanh":
-        ops[ops.index("mlp")] = "gelu_mlp"
+        ops[ops.index("mlp")], plain = "gelu_mlp", False
     elif args.activation != "silu":
         raise ValueError(f"unsupported MLP activation {args.activation!r}; supported: silu, gelu_tanh")
-    return tuple(ops)
+    return tuple(op for op in ops if plain or op != "decode_layer")
 
 
 class DenseLayer(nn.Module):
@@ -131,6 +133,11 @@ class DenseLayer(nn.Module):
 
     def forward(self, x, positions, meta: AttentionMetadata, cos_sin):
         a, ops = self.args, self.ops
+        if meta.is_decode and hasattr(ops, "decode_layer"):
+            return ops.decode_layer(x, self.input_norm, self.qkv_proj, self.qkv_bias, self.q_norm, self.k_norm,
+                                    self.o_proj, self.post_norm, self.gate_up_proj, self.down_proj, a.rms_norm_eps,
+                                    positions, cos_sin, self.k_cache, self.v_cache, meta, self.scale, self.window,
+                                    a.attn_softcap)
         qkv = ops.norm_qkv(x, self.input_norm, self.qkv_proj, self.qkv_bias, a.rms_norm_eps)
         q, k, v = qkv.split(self.split, dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)
@@ -190,17 +197,35 @@ class DenseCausalLM(nn.Module):
 
     # (site, its weight argument) -> the layer parameter passed there, for backends' weight layouts
     SITE_WEIGHTS = {("norm_qkv", "qkv_w"): "qkv_proj", ("attn_out", "o_w"): "o_proj",
-                    ("mlp", "gate_up_w"): "gate_up_proj", ("mlp", "down_w"): "down_proj"}
+                    ("mlp", "gate_up_w"): "gate_up_proj", ("mlp", "down_w"): "down_proj",
+                    ("decode_layer", "qkv_w"): "qkv_proj", ("decode_layer", "o_w"): "o_proj",
+                    ("decode_layer", "gate_up_w"): "gate_up_proj", ("decode_layer", "down_w"): "down_proj"}
 
     def apply_weight_layouts(self, resolver: OpResolver) -> None:
-        """Once, after loading: each layer's weights in the layout its sites' backends read (Impl.layouts)."""
+        """Once, after loading: each layer's weights in the layout its sites' backends read (Impl.layouts).
+        Sites that share a weight must agree on its layout (a parameter has one)."""
         for layer in self.layers:
             used = resolver.table.get(str(layer.idx), {})
+            readers: dict[str, dict] = {}  # parameter -> {layout (None: as loaded): "site (backend)"}
             for (op, arg), name in self.SITE_WEIGHTS.items():
-                convert = get_op(op).impls[used[op]].layouts.get(arg) if op in used else None
-                if convert is not None and getattr(layer, name, None) is not None:
+                if op in used and self._reads_weights(op, used[op]) and getattr(layer, name, None) is not None:
+                    convert = get_op(op).impls[used[op]].layouts.get(arg)
+                    readers.setdefault(name, {}).setdefault(convert, f"{op} ({used[op]})")
+            for name, layouts in readers.items():
+                if len(layouts) > 1:
+                    raise RegistryError(
+                        f"layer {layer.idx}: {name} is read in different layouts by {' and '.join(layouts.values())}"
+                        "; choose backends that agree (e.g. the same Triton preset for both)")
+                convert = next(iter(layouts))
+                if convert is not None:
                     param = getattr(layer, name)
                     param.data = convert(param.data)
+
+    @classmethod
+    def _reads_weights(cls, op: str, backend: str) -> bool:
+        """False for a site's composition (eager, compile) built of sites that read the weights themselves."""
+        sites = {site for site, _ in cls.SITE_WEIGHTS}
+        return backend not in (NATIVE, COMPILE) or not sites.intersection(get_op(op).parts)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.ops.linear(self.ops.rms_norm(h, self.final_norm, self.args.rms_norm_eps), self.lm_head)

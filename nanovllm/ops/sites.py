@@ -45,6 +45,21 @@ def mlp(h, gate_up_w, down_w, residual, *, linear, silu_and_mul) -> torch.Tensor
     return out if residual is None else residual + out
 
 
+@define_op("decode_layer", parts=("norm_qkv", "rope_decode_attention", "attn_out", "mlp"))
+def decode_layer(x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, eps: float,
+                 positions, cos_sin, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0,
+                 *, norm_qkv, rope_decode_attention, attn_out, mlp) -> torch.Tensor:
+    """A pre-norm decoder layer's decode step (SiLU MLP) on the residual stream x: its four sites in a row."""
+    kv_heads, head_dim = k_cache.shape[-2:]
+    kv = kv_heads * head_dim
+    q, k, v = norm_qkv(x, input_norm, qkv_w, qkv_b, eps).split((qkv_w.shape[0] - 2 * kv, kv, kv), dim=-1)
+    o = rope_decode_attention(q.unflatten(-1, (-1, head_dim)), k.unflatten(-1, (kv_heads, head_dim)),
+                              v.unflatten(-1, (kv_heads, head_dim)), q_norm_w, k_norm_w, eps, positions, cos_sin,
+                              k_cache, v_cache, meta, scale, window, softcap)
+    h, x = attn_out(o.flatten(1), o_w, x, post_norm, eps)
+    return mlp(h, gate_up_w, down_w, x)
+
+
 @define_op("lm_head_sample", parts=("rms_norm", "linear", "sample"))
 def lm_head_sample(h, norm_w, eps: float, lm_w, temperature, top_k, top_p, min_p, noise,
                    *, rms_norm, linear, sample) -> torch.Tensor:
