@@ -135,6 +135,33 @@ def attention(tuning, contexts=(128, 1024, 4096), page=16):
     return out
 
 
+FULL = dict(CHUNK=0, NUM_WARPS=16)
+# (name, decode_layer.py tunables, op arguments): the persistent layer kernel's variants, the first six at every
+# context; then each phase alone (launched by itself: its time without the barrier before it)
+LAYER_VARIANTS = [
+    ("persistent", {}, {}), ("early", dict(EARLY=True), {}), ("full tile 16 warps", FULL, {}),
+    ("full tile 16 warps early", dict(FULL, EARLY=True), {}),
+    ("full tile 16 warps early max splits", dict(FULL, EARLY=True, SPLITS="max"), {}),
+    ("early max splits", dict(EARLY=True, SPLITS="max"), {}),
+    ("full tile 8 warps", dict(CHUNK=0), {}), ("16 warps", dict(NUM_WARPS=16), {}),
+    ("atomic poll", {}, dict(poll_atomic=True)), ("5 phase launches", {}, dict(barrier=False)),
+    *((f"phase {p} alone", {}, dict(only_phase=i)) for i, p in enumerate("ABCDE")),
+    *((f"phase {p} alone, full tile 16 warps", FULL, dict(only_phase=i)) for i, p in enumerate("ABCDE"))]
+
+
+def sites_alone(tuning, sites, x, norms, table, meta, weights, base):
+    """The all_fused sites of a layer, each timed by itself."""
+    q, k, v = (t.view(1, -1, D) for t in randn(1, PROJ["qkv"][0]).split((HQ * D, HK * D, HK * D), -1))
+    o = randn(1, HQ * D)
+    parts = {"norm_qkv": (lambda w: sites["norm_qkv"](x, norms[0], w, None, EPS), [weights[0]]),
+             "rope_decode_attention": (lambda kc, vc: sites["rope_decode_attention"](
+                 q, k, v, norms[1], norms[2], EPS, meta.positions, table, kc, vc, meta, D ** -0.5), weights[4:]),
+             "attn_out": (lambda w: sites["attn_out"](o, w, x, norms[3], EPS), [weights[1]]),
+             "mlp": (lambda gu, dw: sites["mlp"](x, gu, dw, x), weights[2:4])}
+    return [row(f"site {name} alone", 1, sum(w.nbytes for w in ws), base, timed(tuning, fn, ws))
+            for name, (fn, ws) in parts.items()]
+
+
 def decode_layer(tuning, contexts=(128, 4096), page=16):
     """A whole decoder layer at batch 1 (weights and KV rotating, so each launch reads HBM): the all_fused
     sites one after another (7 launches) against the persistent layer kernel in its variants."""
@@ -173,18 +200,18 @@ def decode_layer(tuning, contexts=(128, 4096), page=16):
 
         base = timed(tuning, functools.partial(site_call, composed), weights)
         out.append(row(f"layer ctx={ctx} sites", 1, nbytes, base, base))
-        variants = {"persistent": {}, "persistent atomic poll": dict(poll_atomic=True),
-                    "5 phase launches": dict(barrier=False)}
-        for name, kw in variants.items():
-            out.append(row(f"layer ctx={ctx} {name}", 1, nbytes, base,
-                           timed(tuning, functools.partial(op_call, **kw), weights)))
-        for warps in (4, 16) if ctx == contexts[0] else ():
-            kernel.NUM_WARPS, default = warps, kernel.NUM_WARPS
+        if ctx == contexts[0]:  # each site alone, to set beside the phases alone
+            out += sites_alone(tuning, sites, x, norms, table, meta, weights, base)
+        for name, knobs, kw in LAYER_VARIANTS if ctx == contexts[0] else LAYER_VARIANTS[:6]:
+            saved = {k: getattr(kernel, k) for k in knobs}
+            for k, v in knobs.items():
+                setattr(kernel, k, v)
             try:
-                out.append(row(f"layer ctx={ctx} persistent {warps} warps", 1, nbytes, base,
-                               timed(tuning, op_call, weights)))
+                t = timed(tuning, functools.partial(op_call, **kw), weights)
             finally:
-                kernel.NUM_WARPS = default
+                for k, v in saved.items():
+                    setattr(kernel, k, v)
+            out.append(row(f"layer ctx={ctx} {name}", 1, nbytes, base, t, config=knobs or None))
     return out
 
 

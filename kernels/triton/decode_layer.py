@@ -33,11 +33,13 @@ core = load_sibling(__file__, "_gemv_core")
 attn = load_sibling(__file__, "_decode_core")
 gdc_launch_dependents, gdc_wait, arrive_last = core.gdc_launch_dependents, core.gdc_wait, core.arrive_last
 split_program, silu_mul_pairs = attn.split_program, core.silu_mul_pairs
-CHUNK = 16384  # weight elements a program loads per step (double-buffered): 32 KB of bf16 in flight, twice
+# Tunables (read at each call; benchmarks/triton_gemv.py sweeps them): weight elements a program loads per step
+# (double-buffered; 0: a program's whole tile at once), warps per program, the attention's split count
+# ("capacity": as the decode attention kernel picks it; "max": as many as the programs allow), and EARLY.
+CHUNK = int(os.environ.get("NANOVLLM_LAYER_CHUNK", "16384"))
 NUM_WARPS = int(os.environ.get("NANOVLLM_LAYER_WARPS", "8"))
-WAIT_NONE: tl.constexpr = tl.constexpr(0)  # what a GEMV phase waits for after issuing its first weight tile
-WAIT_GRID: tl.constexpr = tl.constexpr(1)  # the grid barrier
-WAIT_PDL: tl.constexpr = tl.constexpr(2)  # the kernel before (programmatic dependent launch)
+SPLITS = os.environ.get("NANOVLLM_LAYER_SPLITS", "capacity")
+EARLY = os.environ.get("NANOVLLM_LAYER_EARLY", "0") == "1"  # the kernel's EARLY
 
 
 @triton.jit
@@ -63,19 +65,29 @@ def grid_barrier(bar_ptr, target, POLL_ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def rows_gemv(w_ptr, row0, rows, K, x_ptr, nw_ptr, eps, bar_ptr, target, HAS_NORM: tl.constexpr, WAIT: tl.constexpr,
-              POLL_ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_X: tl.constexpr):
-    """fp32 (BLOCK_N,) w[row0 : row0 + rows] @ x for a contiguous (N, K) weight, x = rms_norm(x, nw) when
-    HAS_NORM (rounded as the native). x is another phase's output: the first weight tile is loaded before
-    the wait for it (WAIT: the grid barrier, or the kernel before through PDL), x after, past L1."""
+def program_rows(pid, n, ROWS: tl.constexpr):
+    """(first row, row count) of program pid's contiguous share of n rows, ROWS each (the last ones fewer)."""
+    row0 = pid * ROWS
+    return row0, tl.minimum(tl.maximum(n - row0, 0), ROWS)
+
+
+@triton.jit
+def first_tile(w_ptr, row0, rows, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The first (BLOCK_N, BLOCK_K) tile of rows row0 .. row0 + rows of a contiguous (N, K) weight: issued
+    ahead of the wait for the activations, it streams in meanwhile."""
+    offs_n, offs_k = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+    ptrs = w_ptr + (row0 + offs_n)[:, None].to(tl.int64) * K + offs_k[None, :]
+    return tl.load(ptrs, mask=(offs_n < rows)[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def rows_gemv(w, w_ptr, row0, rows, K, x_ptr, nw_ptr, eps, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_X: tl.constexpr):
+    """fp32 (BLOCK_N,) w[row0 : row0 + rows] @ x, from the rows' first tile `w` on; x = rms_norm(x, nw) when
+    HAS_NORM (rounded as the native). x is another program's output: loaded past L1 (.cg)."""
     offs_n, offs_k = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
     mask_n = offs_n < rows
     w_ptrs = w_ptr + (row0 + offs_n)[:, None].to(tl.int64) * K + offs_k[None, :]
-    w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
-    if WAIT == WAIT_GRID:
-        grid_barrier(bar_ptr, target, POLL_ATOMIC)
-    if WAIT == WAIT_PDL:
-        gdc_wait()
     if HAS_NORM:
         offs_x = tl.arange(0, BLOCK_X)
         xs = tl.load(x_ptr + offs_x, mask=offs_x < K, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -121,23 +133,35 @@ def _decode_layer_kernel(
         BLOCK_H: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, BARRIER: tl.constexpr,
         POLL_ATOMIC: tl.constexpr, PDL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, EARLY: tl.constexpr):
     """Grid (programs,): phases FIRST..LAST (0..4 = A..E) of the layer; BARRIER: a grid barrier between them.
+    EARLY: each GEMV phase's first tile is issued one barrier sooner (two tiles in flight across a barrier).
     Counters: [0] the barrier, [1] the programs done (the last resets [0]), [2:] the attention merges."""
     pid, progs = tl.program_id(0), tl.num_programs(0)
     n_qkv: tl.constexpr = Q_DIM + 2 * KV_DIM
-    wait: tl.constexpr = WAIT_GRID if BARRIER else WAIT_NONE
+    run_a: tl.constexpr = FIRST <= 0
+    run_b: tl.constexpr = (FIRST <= 1) & (1 <= LAST)
+    run_c: tl.constexpr = (FIRST <= 2) & (2 <= LAST)
+    run_d: tl.constexpr = (FIRST <= 3) & (3 <= LAST)
+    run_e: tl.constexpr = LAST >= 4
     if PDL:
         gdc_launch_dependents()
-    if FIRST <= 0:  # A: RMSNorm + QKV
-        row0 = pid * ROWS_QKV
-        rows = tl.minimum(tl.maximum(n_qkv - row0, 0), ROWS_QKV)
-        acc = rows_gemv(qkv_w_ptr, row0, rows, HIDDEN, x_ptr, in_norm_ptr, eps, count_ptr, 0, True,
-                        WAIT_PDL if PDL else WAIT_NONE, POLL_ATOMIC, BN_QKV, BK_QKV, BLOCK_H)
-        store_rows(qkv_ptr, acc, row0, rows, qkv_b_ptr, qkv_b_ptr, HAS_BIAS, False, BN_QKV)
-    elif PDL:
+    row_a, n_a = program_rows(pid, n_qkv, ROWS_QKV)
+    row_c, n_c = program_rows(pid, HIDDEN, ROWS_O)
+    row_d, n_d = program_rows(pid, 2 * INTER, ROWS_GU)
+    row_e, n_e = program_rows(pid, HIDDEN, ROWS_DOWN)
+    # A: RMSNorm + QKV
+    if run_a:
+        w_a = first_tile(qkv_w_ptr, row_a, n_a, HIDDEN, BN_QKV, BK_QKV)
+    if PDL:
         gdc_wait()
-    if (FIRST <= 1) & (1 <= LAST):  # B: q/k norm + RoPE + KV write + attention
+    if run_a:
+        acc = rows_gemv(w_a, qkv_w_ptr, row_a, n_a, HIDDEN, x_ptr, in_norm_ptr, eps, True, BN_QKV, BK_QKV, BLOCK_H)
+        store_rows(qkv_ptr, acc, row_a, n_a, qkv_b_ptr, qkv_b_ptr, HAS_BIAS, False, BN_QKV)
+    # B: q/k norm + RoPE + KV write + attention; EARLY: the O projection's tile streams in meanwhile
+    if run_c & EARLY:
+        w_c = first_tile(o_w_ptr, row_c, n_c, Q_DIM, BN_O, BK_O)
+    if run_b:
         if BARRIER:
             grid_barrier(count_ptr, progs, POLL_ATOMIC)
         if pid < KV_HEADS * num_splits:
@@ -147,26 +171,36 @@ def _decode_layer_kernel(
                           softcap, window, num_splits, Q_DIM, HEAD_DIM, qkv_ptr + Q_DIM, qkv_ptr + Q_DIM + KV_DIM,
                           q_norm_ptr, k_norm_ptr, cs_ptr, slot_ptr, n_qkv, HEAD_DIM, n_qkv, HEAD_DIM, eps, True,
                           HAS_QK_NORM, HAS_SOFTCAP, DIRECT, not DIRECT, BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32)
-    if (FIRST <= 2) & (2 <= LAST):  # C: O projection + residual
-        row0 = pid * ROWS_O
-        rows = tl.minimum(tl.maximum(HIDDEN - row0, 0), ROWS_O)
-        acc = rows_gemv(o_w_ptr, row0, rows, Q_DIM, attn_ptr, attn_ptr, eps, count_ptr, 2 * progs, False, wait,
-                        POLL_ATOMIC, BN_O, BK_O, BLOCK_H)
-        store_rows(x1_ptr, acc, row0, rows, x_ptr, x_ptr, False, True, BN_O)
-    if (FIRST <= 3) & (3 <= LAST):  # D: RMSNorm + gate/up + SiLU * up
-        row0 = pid * ROWS_GU
-        rows = tl.minimum(tl.maximum(2 * INTER - row0, 0), ROWS_GU)
-        acc = rows_gemv(gate_up_ptr, row0, rows, HIDDEN, x1_ptr, post_norm_ptr, eps, count_ptr, 3 * progs, True, wait,
-                        POLL_ATOMIC, BN_GU, BK_GU, BLOCK_H)
+    # C: O projection + residual
+    if run_c & (not EARLY):
+        w_c = first_tile(o_w_ptr, row_c, n_c, Q_DIM, BN_O, BK_O)
+    if run_d & EARLY:
+        w_d = first_tile(gate_up_ptr, row_d, n_d, HIDDEN, BN_GU, BK_GU)
+    if run_c:
+        if BARRIER:
+            grid_barrier(count_ptr, 2 * progs, POLL_ATOMIC)
+        acc = rows_gemv(w_c, o_w_ptr, row_c, n_c, Q_DIM, attn_ptr, attn_ptr, eps, False, BN_O, BK_O, BLOCK_H)
+        store_rows(x1_ptr, acc, row_c, n_c, x_ptr, x_ptr, False, True, BN_O)
+    # D: RMSNorm + gate/up + SiLU * up
+    if run_d & (not EARLY):
+        w_d = first_tile(gate_up_ptr, row_d, n_d, HIDDEN, BN_GU, BK_GU)
+    if run_e & EARLY:
+        w_e = first_tile(down_ptr, row_e, n_e, INTER, BN_DOWN, BK_DOWN)
+    if run_d:
+        if BARRIER:
+            grid_barrier(count_ptr, 3 * progs, POLL_ATOMIC)
+        acc = rows_gemv(w_d, gate_up_ptr, row_d, n_d, HIDDEN, x1_ptr, post_norm_ptr, eps, True, BN_GU, BK_GU, BLOCK_H)
         act = tl.reshape(silu_mul_pairs(acc[None, :], act_ptr, 1, BN_GU), (BN_GU // 2,))
         offs_i = tl.arange(0, BN_GU // 2)
-        tl.store(act_ptr + row0 // 2 + offs_i, act.to(act_ptr.dtype.element_ty), mask=offs_i < rows // 2)
-    if LAST >= 4:  # E: down + residual
-        row0 = pid * ROWS_DOWN
-        rows = tl.minimum(tl.maximum(HIDDEN - row0, 0), ROWS_DOWN)
-        acc = rows_gemv(down_ptr, row0, rows, INTER, act_ptr, act_ptr, eps, count_ptr, 4 * progs, False, wait,
-                        POLL_ATOMIC, BN_DOWN, BK_DOWN, BLOCK_H)
-        store_rows(out_ptr, acc, row0, rows, x1_ptr, x1_ptr, False, True, BN_DOWN)
+        tl.store(act_ptr + row_d // 2 + offs_i, act.to(act_ptr.dtype.element_ty), mask=offs_i < n_d // 2)
+    # E: down + residual
+    if run_e & (not EARLY):
+        w_e = first_tile(down_ptr, row_e, n_e, INTER, BN_DOWN, BK_DOWN)
+    if run_e:
+        if BARRIER:
+            grid_barrier(count_ptr, 4 * progs, POLL_ATOMIC)
+        acc = rows_gemv(w_e, down_ptr, row_e, n_e, INTER, act_ptr, act_ptr, eps, False, BN_DOWN, BK_DOWN, BLOCK_H)
+        store_rows(out_ptr, acc, row_e, n_e, x1_ptr, x1_ptr, False, True, BN_DOWN)
     if BARRIER:
         if arrive_last(count_ptr + 1, progs):  # every program is past its last wait: rearm the barrier
             tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
@@ -174,8 +208,8 @@ def _decode_layer_kernel(
 
 def tile(rows: int, k: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K) for a program's `rows` rows of K columns: CHUNK weight elements per step."""
-    bn = triton.next_power_of_2(max(rows, 1))
-    return bn, min(triton.next_power_of_2(k), max(16, CHUNK // bn))
+    bn, bk = triton.next_power_of_2(max(rows, 1)), triton.next_power_of_2(k)
+    return bn, min(bk, max(16, CHUNK // bn)) if CHUNK else bk
 
 
 @triton_op("nanovllm_triton::decode_layer", mutates_args=("k_cache", "v_cache"))
@@ -184,14 +218,18 @@ def decode_layer_op(x: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tens
                     post_norm: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor, eps: float,
                     positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, block_tables: torch.Tensor, counters: torch.Tensor, scale: float,
-                    window: int, softcap: float, poll_atomic: bool = False, barrier: bool = True) -> torch.Tensor:
+                    window: int, softcap: float, poll_atomic: bool = False, barrier: bool = True,
+                    only_phase: int = -1) -> torch.Tensor:
     """One row's decoder layer (x: (1, hidden), the residual stream) -> the next residual stream; gate_up_w's
-    rows interleaved (gate_0, up_0, ...). barrier=False: one launch per phase (the interpreter's way)."""
+    rows interleaved (gate_0, up_0, ...). barrier=False: one launch per phase (the interpreter's way);
+    only_phase >= 0: that phase alone (for timing it)."""
     hidden, (page, kv_heads, head_dim) = x.shape[1], k_cache.shape[1:]
     kv, inter = kv_heads * head_dim, down_w.shape[1]
     q_dim = qkv_w.shape[0] - 2 * kv
     progs = core.tuning.num_sms(x.device)
-    splits = min(attn.num_splits(1, kv_heads, block_tables.shape[1] * page, x.device), progs // kv_heads)
+    splits = min(64, progs // kv_heads)
+    if SPLITS == "capacity":
+        splits = min(splits, attn.num_splits(1, kv_heads, block_tables.shape[1] * page, x.device))
     rows = dict(QKV=triton.cdiv(q_dim + 2 * kv, progs), O=triton.cdiv(hidden, progs),
                 GU=2 * triton.cdiv(inter, progs), DOWN=triton.cdiv(hidden, progs))
     ks = dict(QKV=hidden, O=q_dim, GU=hidden, DOWN=inter)
@@ -203,8 +241,9 @@ def decode_layer_op(x: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tens
     part = x.new_empty(q_dim // head_dim, splits, block_d, dtype=torch.float32)
     lse = x.new_empty(q_dim // head_dim, splits, dtype=torch.float32)
     attn_out, x1, act, out = x.new_empty(1, q_dim), x.new_empty(1, hidden), x.new_empty(1, inter), torch.empty_like(x)
+    barrier = barrier and only_phase < 0
     use_pdl = barrier and core.pdl(x, qkv_w)
-    phases = [(0, 4)] if barrier else [(p, p) for p in range(5)]
+    phases = [(0, 4)] if barrier else [(p, p) for p in range(5) if only_phase in (-1, p)]
     for first, last in phases:
         wrap_triton(_decode_layer_kernel)[(progs,)](
             x, out, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, qkv, part, lse,
@@ -215,7 +254,8 @@ def decode_layer_op(x: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tens
             LAST=last, BARRIER=barrier, POLL_ATOMIC=poll_atomic, PDL=use_pdl, HAS_BIAS=qkv_b is not None,
             HAS_QK_NORM=q_norm_w is not None, HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1,
             BLOCK_G=max(16, triton.next_power_of_2(q_dim // kv)), BLOCK_KV=attn.BLOCK_KV, BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(splits), DOT_F32=core.dot_f32(x), num_warps=NUM_WARPS, num_stages=1,
+            BLOCK_S=triton.next_power_of_2(splits), DOT_F32=core.dot_f32(x), EARLY=EARLY, num_warps=NUM_WARPS,
+            num_stages=1,
             **meta, **core.launch_opts(use_pdl))
     return out
 
