@@ -132,6 +132,14 @@ def attention(tuning, contexts=(128, 1024, 4096), page=16):
             t = attention_time(tuning, impls[backend].fn, q, caches, meta)
             name = f"attention ctx={ctx}" + (" onepass" if backend == "triton_onepass" else "")
             out.append(row(name, 1, 2 * caches[0][0].nbytes, base, t))
+        kernel = next(m for n, m in sys.modules.items() if n.startswith("nanovllm_plugins.triton_decode_attention"))
+        for pipeline in ("0", "1"):  # the split kernel's block pipeline forced off / on
+            kernel.PIPELINE, default = pipeline, kernel.PIPELINE
+            try:
+                t = attention_time(tuning, impls["triton"].fn, q, caches, meta)
+            finally:
+                kernel.PIPELINE = default
+            out.append(row(f"attention ctx={ctx} pipeline={pipeline}", 1, 2 * caches[0][0].nbytes, base, t))
     return out
 
 
@@ -215,12 +223,29 @@ def decode_layer(tuning, contexts=(128, 4096), page=16):
     return out
 
 
+def kernel_resources() -> list[dict]:
+    """Registers and spills of every compiled Triton kernel variant of this run (ptxas' choices)."""
+    out = []
+    for name, mod in sorted(sys.modules.items()):
+        if not name.startswith("nanovllm_plugins.triton"):
+            continue
+        for attr, fn in vars(mod).items():
+            for cache in getattr(fn, "device_caches", {}).values():
+                for k in cache[0].values():
+                    with contextlib.suppress(Exception):  # a kernel never launched has no handles yet
+                        k._init_handles()
+                        out.append(dict(kernel=attr, regs=k.n_regs, spills=k.n_spills, warps=k.metadata.num_warps))
+    for r in {(r["kernel"], r["regs"], r["spills"], r["warps"]): r for r in out}.values():
+        print(f"{r['kernel']:<32} {r['warps']:>2} warps {r['regs']:>4} registers {r['spills']:>6} spills")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1", help="comma-separated batch sizes (rows of x), each <= 16")
     p.add_argument("--no-fused", action="store_true")
     p.add_argument("--no-attention", action="store_true")
-    p.add_argument("--layer-only", action="store_true", help="only the whole-layer rows (decode_layer)")
+    p.add_argument("--skip-gemv", action="store_true", help="only the attention and whole-layer rows")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -237,13 +262,14 @@ def main(argv=None) -> None:
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=__import__("triton").__version__, method="50 launches in one CUDA graph, rotating copies")
     with torch.inference_mode():
-        if not args.layer_only:
+        if not args.skip_gemv:
             result["projections"] = projections(tuning, [int(r) for r in args.rows.split(",")])
             if not args.no_fused:
                 result["fused"] = fused_sites(tuning)
-            if not args.no_attention:
-                result["attention"] = attention(tuning)
+        if not args.no_attention:
+            result["attention"] = attention(tuning)
         result["decode_layer"] = decode_layer(tuning)
+        result["kernels"] = kernel_resources()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"done in {result['seconds']} s")
     if args.out:
