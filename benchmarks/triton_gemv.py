@@ -132,29 +132,17 @@ def attention(tuning, contexts=(128, 1024, 4096), page=16):
             t = attention_time(tuning, impls[backend].fn, q, caches, meta)
             name = f"attention ctx={ctx}" + (" onepass" if backend == "triton_onepass" else "")
             out.append(row(name, 1, 2 * caches[0][0].nbytes, base, t))
-        kernel = next(m for n, m in sys.modules.items() if n.startswith("nanovllm_plugins.triton_decode_attention"))
-        for pipeline in ("0", "1"):  # the split kernel's block pipeline forced off / on
-            kernel.PIPELINE, default = pipeline, kernel.PIPELINE
-            try:
-                t = attention_time(tuning, impls["triton"].fn, q, caches, meta)
-            finally:
-                kernel.PIPELINE = default
-            out.append(row(f"attention ctx={ctx} pipeline={pipeline}", 1, 2 * caches[0][0].nbytes, base, t))
     return out
 
 
-FULL = dict(CHUNK=0, NUM_WARPS=16)
-# (name, decode_layer.py tunables, op arguments): the persistent layer kernel's variants, the first six at every
+# (name, decode_layer.py tunables, op arguments): the persistent layer kernel's variants (the defaults: a program's
+# whole tile at once, 8 warps, the split count of the decode attention kernel, no EARLY), the first five at every
 # context; then each phase alone (launched by itself: its time without the barrier before it)
 LAYER_VARIANTS = [
-    ("persistent", {}, {}), ("early", dict(EARLY=True), {}), ("full tile 16 warps", FULL, {}),
-    ("full tile 16 warps early", dict(FULL, EARLY=True), {}),
-    ("full tile 16 warps early max splits", dict(FULL, EARLY=True, SPLITS="max"), {}),
-    ("early max splits", dict(EARLY=True, SPLITS="max"), {}),
-    ("full tile 8 warps", dict(CHUNK=0), {}), ("16 warps", dict(NUM_WARPS=16), {}),
+    ("persistent", {}, {}), ("chunks of 16384", dict(CHUNK=16384), {}), ("early", dict(EARLY=True), {}),
+    ("16 warps", dict(NUM_WARPS=16), {}), ("max splits", dict(SPLITS="max"), {}),
     ("atomic poll", {}, dict(poll_atomic=True)), ("5 phase launches", {}, dict(barrier=False)),
-    *((f"phase {p} alone", {}, dict(only_phase=i)) for i, p in enumerate("ABCDE")),
-    *((f"phase {p} alone, full tile 16 warps", FULL, dict(only_phase=i)) for i, p in enumerate("ABCDE"))]
+    *((f"phase {p} alone", {}, dict(only_phase=i)) for i, p in enumerate("ABCDE"))]
 
 
 def sites_alone(tuning, sites, x, norms, table, meta, weights, base):
@@ -210,7 +198,7 @@ def decode_layer(tuning, contexts=(128, 4096), page=16):
         out.append(row(f"layer ctx={ctx} sites", 1, nbytes, base, base))
         if ctx == contexts[0]:  # each site alone, to set beside the phases alone
             out += sites_alone(tuning, sites, x, norms, table, meta, weights, base)
-        for name, knobs, kw in LAYER_VARIANTS if ctx == contexts[0] else LAYER_VARIANTS[:6]:
+        for name, knobs, kw in LAYER_VARIANTS if ctx == contexts[0] else LAYER_VARIANTS[:5]:
             saved = {k: getattr(kernel, k) for k in knobs}
             for k, v in knobs.items():
                 setattr(kernel, k, v)

@@ -44,74 +44,21 @@ def norm_rope_heads(x_ptr, stride_h, heads, mask_h, w_ptr, cs_ptr, pos, head_dim
 
 
 @triton.jit
-def new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh, kw_ptr, cs_ptr, pos,
-           head_dim, eps, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This step's key (normed, rotated) and value of request b, kv head kh: (1, BLOCK_D) rows as the caches
-    hold them."""
-    offs_d = tl.arange(0, BLOCK_D)[None, :]
-    head = kh + tl.zeros((1,), tl.int32)
-    k = norm_rope_heads(k_ptr + b * stride_nkb, stride_nkh, head, head >= 0, kw_ptr, cs_ptr, pos, head_dim, eps,
+def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw_ptr, cs_ptr, pos, head_dim,
+                 eps, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This step's key (normed, rotated) and value of request b, kv head kh, into the paged caches."""
+    offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+    row = offs_g == 0  # a one-row tile in the shape of the query's
+    k = norm_rope_heads(k_ptr + b * stride_nkb, stride_nkh, kh + offs_g * 0, row, kw_ptr, cs_ptr, pos, head_dim, eps,
                         HAS_NORM, BLOCK_D)
-    v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + offs_d, mask=offs_d < head_dim, other=0.0,
-                cache_modifier=".cg")
-    return k.to(kc_ptr.dtype.element_ty), v.to(vc_ptr.dtype.element_ty)
-
-
-@triton.jit
-def store_new_kv(k, v, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                 stride_vh, page, head_dim, BLOCK_D: tl.constexpr):
-    """Rows k, v (new_kv's) into the paged caches at request b's slot."""
-    offs_d = tl.arange(0, BLOCK_D)[None, :]
     slot = tl.load(slot_ptr + b).to(tl.int64)
     blk, r = slot // page, slot % page
-    tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + offs_d, k, mask=offs_d < head_dim)
-    tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + offs_d, v, mask=offs_d < head_dim)
-
-
-@triton.jit
-def block_ids(bt_row_ptr, pos, stop, page):
-    """The cache block of each position (0 past `stop`)."""
-    return tl.load(bt_row_ptr + pos // page, mask=pos < stop, other=0).to(tl.int64)
-
-
-@triton.jit
-def load_kv(kc_ptr, vc_ptr, blk, pos, stop, kh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            page, head_dim, BLOCK_D: tl.constexpr):
-    """(BLOCK_KV, BLOCK_D) keys and values at positions `pos` (zeros past `stop`) of blocks `blk`."""
-    offs_d = tl.arange(0, BLOCK_D)
-    row = pos % page
-    mask = (pos < stop)[:, None] & (offs_d < head_dim)[None, :]
-    k = tl.load(kc_ptr + blk[:, None] * stride_kb + row[:, None] * stride_ks + kh * stride_kh + offs_d[None, :],
-                mask=mask, other=0.0)
-    v = tl.load(vc_ptr + blk[:, None] * stride_vb + row[:, None] * stride_vs + kh * stride_vh + offs_d[None, :],
-                mask=mask, other=0.0)
-    return k, v
-
-
-@triton.jit
-def softmax_block(q, k, v, mask_n, m_i, l_i, acc, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr,
-                  DOT_F32: tl.constexpr):
-    """One block of keys into the online softmax state (m_i, l_i, acc), base 2."""
-    if DOT_F32:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    if HAS_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh through exp2 (no tanh in tl core)
-        t = tl.exp2(s * (qk_scale * 2 * LOG2E / softcap))
-        s = softcap * (1 - 2 / (t + 1)) * LOG2E
-    else:
-        s = s * (qk_scale * LOG2E)
-    # Inductor passes Python floats as fp64: keep the softmax state (and the dot's accumulator) in fp32
-    s = tl.where(mask_n[None, :], s.to(tl.float32), float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if DOT_F32:
-        acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return m_new, l_i, acc
+    mask = row[:, None] & (offs_d < head_dim)[None, :]
+    cols = offs_g[:, None] * 0 + offs_d[None, :]  # every row of the tile at the same head
+    tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + cols, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + cols, mask=mask, cache_modifier=".cg")
+    tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + cols, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -121,15 +68,12 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
                   k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps,
                   ROPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
                   MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, PIPELINE: tl.constexpr):
+                  BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr):
     """Request b, kv head kh, split `split` of split-KV decoding: its share of the keys, page by page through
     the block table (online softmax, exp2), for the GQA group's query heads as one tile. DIRECT (one split):
     the output; else its partial output and log-sum-exp, merged by the last split to arrive if MERGE.
-    ROPE: q, k, v are this step's raw projections; the query heads are normed and rotated here, the split that
-    holds the newest position writes its key and value into the caches, and every split uses them from
-    registers (no store-then-load chain). PIPELINE: the first block's K/V are loaded before anything that
-    waits on this step's q, k, v, and each block's loads are in flight during the block before (the latency
-    chain of a split with few programs per SM; more registers)."""
+    ROPE: q, k, v are this step's raw projections; the query heads are normed and rotated here, and the split
+    that holds the newest position writes its key and value into the caches before it reads them."""
     kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
     lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)  # sliding window: the last `window` keys
     span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
@@ -138,19 +82,14 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_KV)
     heads = kh * group + offs_g
     mask_g, mask_d = offs_g < group, offs_d < head_dim
-    bt_row = bt_ptr + b * stride_bt
-    if PIPELINE:
-        k, v = load_kv(kc_ptr, vc_ptr, block_ids(bt_row, start + offs_n, stop, page), start + offs_n, stop, kh,
-                       stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, head_dim, BLOCK_D)
-        blk_next = block_ids(bt_row, start + BLOCK_KV + offs_n, stop, page)
     if ROPE:
         q = norm_rope_heads(q_ptr + b * stride_qb, stride_qh, heads, mask_g, qw_ptr, cs_ptr, kv_len - 1, head_dim,
                             eps, HAS_NORM, BLOCK_D)
-        k_new, v_new = new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-                              kw_ptr, cs_ptr, kv_len - 1, head_dim, eps, HAS_NORM, BLOCK_D)
         if (start <= kv_len - 1) & (kv_len - 1 < stop):
-            store_new_kv(k_new, v_new, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_kb, stride_ks, stride_kh, stride_vb,
-                         stride_vs, stride_vh, page, head_dim, BLOCK_D)
+            write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw_ptr, cs_ptr,
+                         kv_len - 1, head_dim, eps, HAS_NORM, BLOCK_G, BLOCK_D)
+            tl.debug_barrier()  # the block's own stores are visible to all its threads after the barrier
     else:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask_g[:, None] & mask_d[None, :], other=0.0)
@@ -159,19 +98,34 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
     for n0 in range(start, stop, BLOCK_KV):
         pos = n0 + offs_n
-        if PIPELINE:  # this block's K/V arrived during the last one; the next block's start now
-            k_t, v_t = k, v
-            k, v = load_kv(kc_ptr, vc_ptr, blk_next, pos + BLOCK_KV, stop, kh, stride_kb, stride_ks, stride_kh,
-                           stride_vb, stride_vs, stride_vh, page, head_dim, BLOCK_D)
-            blk_next = block_ids(bt_row, pos + 2 * BLOCK_KV, stop, page)
+        mask_n = pos < stop
+        blk = tl.load(bt_ptr + b * stride_bt + pos // page, mask=mask_n, other=0).to(tl.int64)
+        row = pos % page
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(kc_ptr + blk[:, None] * stride_kb + row[:, None] * stride_ks + kh * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
-            k_t, v_t = load_kv(kc_ptr, vc_ptr, block_ids(bt_row, pos, stop, page), pos, stop, kh, stride_kb,
-                               stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, head_dim, BLOCK_D)
-        if ROPE:  # the newest position's cache row may not be written yet: take it from registers
-            newest = (pos == kv_len - 1)[:, None]
-            k_t, v_t = tl.where(newest, k_new, k_t), tl.where(newest, v_new, v_t)
-        m_i, l_i, acc = softmax_block(q, k_t, v_t, pos < stop, m_i, l_i, acc, qk_scale, softcap, HAS_SOFTCAP,
-                                      DOT_F32)
+            s = tl.dot(q, tl.trans(k))
+        if HAS_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh through exp2 (no tanh in tl core)
+            t = tl.exp2(s * (qk_scale * 2 * LOG2E / softcap))
+            s = softcap * (1 - 2 / (t + 1)) * LOG2E
+        else:
+            s = s * (qk_scale * LOG2E)
+        # Inductor passes Python floats as fp64: keep the softmax state (and the dot's accumulator) in fp32
+        s = tl.where(mask_n[None, :], s.to(tl.float32), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + blk[:, None] * stride_vb + row[:, None] * stride_vs + kh * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if DOT_F32:
+            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
     has = l_i > 0  # an empty split (past the keys) contributes weight 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     if DIRECT:  # one split: this is the answer, no merge launch

@@ -11,8 +11,6 @@ so a captured CUDA graph stays valid as contexts grow; splits past a request's k
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -25,9 +23,6 @@ core = load_sibling(__file__, "_gemv_core")
 attn = load_sibling(__file__, "_decode_core")
 gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
 split_program, merge_head, num_splits, BLOCK_KV = attn.split_program, attn.merge_head, attn.num_splits, attn.BLOCK_KV
-# split_program's PIPELINE: "auto" where the grid is a few programs per SM (their latency chain is the time);
-# "0" / "1" force it (benchmarks/triton_gemv.py compares them)
-PIPELINE = os.environ.get("NANOVLLM_ATTN_PIPELINE", "auto")
 
 
 @triton.jit
@@ -38,7 +33,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr,
                          stride_nvh, eps, ROPE: tl.constexpr, HAS_NORM: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, MERGE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                         DOT_F32: tl.constexpr, PDL: tl.constexpr, PIPELINE: tl.constexpr):
+                         DOT_F32: tl.constexpr, PDL: tl.constexpr):
     """Grid (request, kv head, split): one split_program each (ROPE: q/k norm + RoPE + KV write fused, one
     launch fewer per layer)."""
     if PDL:  # the K/V of this step are written by the kernel before (or q, k, v computed): wait before any load
@@ -49,7 +44,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr,
                   stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, page, group, head_dim, qk_scale, softcap,
                   window, num_splits, stride_ob, stride_oh, k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr,
                   stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps, ROPE, HAS_NORM, HAS_SOFTCAP, DIRECT, MERGE,
-                  BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32, PIPELINE)
+                  BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32)
 
 
 @triton.jit
@@ -76,7 +71,6 @@ def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap,
     lse = q.new_empty(batch, hq, splits, dtype=torch.float32)
     out = q.new_empty(batch, hq, d)
     pdl = core.pdl(q, k_cache)
-    pipeline = PIPELINE == "1" or PIPELINE == "auto" and batch * hk * splits <= 4 * core.tuning.num_sms(q.device)
     count = core.counters(q.device, batch * hk) if onepass and splits > 1 else None
     k, v, q_norm_w, k_norm_w, eps, cos_sin, slots = rope or (q, q, None, None, 0.0, q, positions)
     if batch:
@@ -88,8 +82,7 @@ def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap,
             v.stride(0), v.stride(1), eps, ROPE=rope is not None, HAS_NORM=q_norm_w is not None,
             HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1, MERGE=count is not None,
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_KV=BLOCK_KV, BLOCK_D=block_d, BLOCK_S=block_s,
-            DOT_F32=core.dot_f32(q), PDL=pdl, PIPELINE=pipeline, num_warps=8 if pipeline else 4, num_stages=2,
-            **core.launch_opts(pdl))
+            DOT_F32=core.dot_f32(q), PDL=pdl, num_warps=4, num_stages=2, **core.launch_opts(pdl))
     if batch and splits > 1 and count is None:
         wrap_triton(_decode_merge_kernel)[(batch, hq)](
             o, lse, out, out.stride(0), out.stride(1), splits, d, BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl,

@@ -36,7 +36,7 @@ split_program, silu_mul_pairs = attn.split_program, core.silu_mul_pairs
 # Tunables (read at each call; benchmarks/triton_gemv.py sweeps them): weight elements a program loads per step
 # (double-buffered; 0: a program's whole tile at once), warps per program, the attention's split count
 # ("capacity": as the decode attention kernel picks it; "max": as many as the programs allow), and EARLY.
-CHUNK = int(os.environ.get("NANOVLLM_LAYER_CHUNK", "16384"))
+CHUNK = int(os.environ.get("NANOVLLM_LAYER_CHUNK", "0"))  # 0: fastest on the H100 (benchmarks/RESULTS.md)
 NUM_WARPS = int(os.environ.get("NANOVLLM_LAYER_WARPS", "8"))
 SPLITS = os.environ.get("NANOVLLM_LAYER_SPLITS", "capacity")
 EARLY = os.environ.get("NANOVLLM_LAYER_EARLY", "0") == "1"  # the kernel's EARLY
@@ -170,8 +170,7 @@ def _decode_layer_kernel(
                           stride_kh, stride_vb, stride_vs, stride_vh, 0, page, Q_DIM // KV_DIM, HEAD_DIM, qk_scale,
                           softcap, window, num_splits, Q_DIM, HEAD_DIM, qkv_ptr + Q_DIM, qkv_ptr + Q_DIM + KV_DIM,
                           q_norm_ptr, k_norm_ptr, cs_ptr, slot_ptr, n_qkv, HEAD_DIM, n_qkv, HEAD_DIM, eps, True,
-                          HAS_QK_NORM, HAS_SOFTCAP, DIRECT, not DIRECT, BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32,
-                          True)
+                          HAS_QK_NORM, HAS_SOFTCAP, DIRECT, not DIRECT, BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32)
     # C: O projection + residual
     if run_c & (not EARLY):
         w_c = first_tile(o_w_ptr, row_c, n_c, Q_DIM, BN_O, BK_O)
