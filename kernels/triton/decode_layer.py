@@ -9,12 +9,14 @@ needs what every program wrote in the phase before:
   C. O projection + residual add                                            -> x1, the new residual
   D. RMSNorm of x1 (every program redoes it: hidden * 2 bytes) + gate/up GEMV over interleaved rows + SiLU*up
   E. down GEMV + residual                                                   -> the layer's output
-Each GEMV phase issues its first weight tile *before* it waits at the barrier, so the next phase's weights
-stream in while the slowest program finishes the phase before (separate kernels overlap only through PDL,
-and only for their first tiles). The barrier needs every program resident at once: the grid is at most the
-SM count and one program fits an SM. Under the Triton interpreter programs run one after
-another, so there each phase is a launch of its own (BARRIER=False). Steps of more than one row, and
-shapes the kernel does not take, run the composition of the layer's sites.
+Each GEMV phase issues its weight tile *before* it waits at the barrier, so the phase's weights stream in
+while the slowest program finishes the phase before. The barrier needs every program resident at once: the
+grid is the SM count and one program fits an SM. Under the Triton interpreter programs run one after
+another, so there each phase is a launch of its own (BARRIER=False). Steps of more than one row run the
+composition of the layer's sites.
+Measured on the H100 (benchmarks/RESULTS.md) it is slower than the all_fused sites it replaces: a grid barrier
+costs about what a PDL kernel boundary costs, and one program per SM streams the GEMV phases at 1.4-1.6 TB/s
+where the tuned site kernels, several programs per SM, reach 2.0-2.2. It stays an opt-in preset.
 """
 
 from __future__ import annotations
@@ -255,8 +257,7 @@ def decode_layer_op(x: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tens
             HAS_QK_NORM=q_norm_w is not None, HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1,
             BLOCK_G=max(16, triton.next_power_of_2(q_dim // kv)), BLOCK_KV=attn.BLOCK_KV, BLOCK_D=block_d,
             BLOCK_S=triton.next_power_of_2(splits), DOT_F32=core.dot_f32(x), EARLY=EARLY, num_warps=NUM_WARPS,
-            num_stages=1,
-            **meta, **core.launch_opts(use_pdl))
+            num_stages=1, **meta, **core.launch_opts(use_pdl))
     return out
 
 
