@@ -110,6 +110,15 @@ def fused_sites(tuning):
     return out
 
 
+def one_request(ctx: int, page: int) -> tuple[int, AttentionMetadata]:
+    """(cache blocks, decode metadata) of one request whose newest token is at position ctx - 1, blocks in order."""
+    blocks = -(-ctx // page)
+    pos = torch.tensor([ctx - 1], device="cuda")
+    return blocks, AttentionMetadata(pos, pos, pos + 1, torch.arange(blocks, device="cuda")[None],
+                                     torch.tensor([0, 1], device="cuda"),
+                                     torch.zeros(1, dtype=torch.long, device="cuda"), 1, ctx)
+
+
 def attention_time(tuning, fn, q, caches, meta) -> float:
     fn(q, *caches[0], meta, D ** -0.5, 0, 0.0)
     return tuning.graph_time(lambda i: fn(q, *caches[i], meta, D ** -0.5, 0, 0.0), len(caches), launches=56)
@@ -119,11 +128,7 @@ def attention(tuning, contexts=(128, 1024, 4096), page=16):
     """Batch-1 decode attention, one layer's cache per launch (28 caches rotate): Triton vs eager."""
     out = []
     for ctx in contexts:
-        blocks = -(-ctx // page)
-        table = torch.arange(blocks, device="cuda")[None]
-        pos = torch.tensor([ctx - 1], device="cuda")
-        meta = AttentionMetadata(pos, pos, pos + 1, table, torch.tensor([0, 1], device="cuda"),
-                                 torch.zeros(1, dtype=torch.long, device="cuda"), 1, ctx)
+        blocks, meta = one_request(ctx, page)
         q = randn(1, HQ, D)
         caches = [(randn(blocks, page, HK, D), randn(blocks, page, HK, D)) for _ in range(28)]
         impls = get_op("attention_decode").impls
@@ -136,10 +141,10 @@ def attention(tuning, contexts=(128, 1024, 4096), page=16):
 
 
 # (name, decode_layer.py tunables, op arguments): the persistent layer kernel's variants (the defaults: a program's
-# whole tile at once, 8 warps, the split count of the decode attention kernel, no EARLY), the first five at every
+# whole tile at once, 8 warps, the split count of the decode attention kernel), the first four at every
 # context; then each phase alone (launched by itself: its time without the barrier before it)
 LAYER_VARIANTS = [
-    ("persistent", {}, {}), ("chunks of 16384", dict(CHUNK=16384), {}), ("early", dict(EARLY=True), {}),
+    ("persistent", {}, {}), ("chunks of 16384", dict(CHUNK=16384), {}),
     ("16 warps", dict(NUM_WARPS=16), {}), ("max splits", dict(SPLITS="max"), {}),
     ("atomic poll", {}, dict(poll_atomic=True)), ("5 phase launches", {}, dict(barrier=False)),
     *((f"phase {p} alone", {}, dict(only_phase=i)) for i, p in enumerate("ABCDE"))]
@@ -175,11 +180,7 @@ def decode_layer(tuning, contexts=(128, 4096), page=16):
     norms = [randn(n, scale=0.1).add_(1) for n in (H, D, D, H)]
     out = []
     for ctx in contexts:
-        blocks = -(-ctx // page)
-        bt = torch.arange(blocks, device="cuda")[None]
-        pos = torch.tensor([ctx - 1], device="cuda")
-        meta = AttentionMetadata(pos, pos, pos + 1, bt, torch.tensor([0, 1], device="cuda"),
-                                 torch.zeros(1, dtype=torch.long, device="cuda"), 1, ctx)
+        blocks, meta = one_request(ctx, page)
         weights = [param(PROJ["qkv"][0], H), param(H, HQ * D), param(2 * INTER, H), param(H, INTER),
                    randn(blocks, page, HK, D), randn(blocks, page, HK, D)]
         weights[2] = torch.nn.Parameter(layer.layouts["gate_up_w"](weights[2]), requires_grad=False)
@@ -198,7 +199,7 @@ def decode_layer(tuning, contexts=(128, 4096), page=16):
         out.append(row(f"layer ctx={ctx} sites", 1, nbytes, base, base))
         if ctx == contexts[0]:  # each site alone, to set beside the phases alone
             out += sites_alone(tuning, sites, x, norms, table, meta, weights, base)
-        for name, knobs, kw in LAYER_VARIANTS if ctx == contexts[0] else LAYER_VARIANTS[:5]:
+        for name, knobs, kw in LAYER_VARIANTS if ctx == contexts[0] else LAYER_VARIANTS[:4]:
             saved = {k: getattr(kernel, k) for k in knobs}
             for k, v in knobs.items():
                 setattr(kernel, k, v)

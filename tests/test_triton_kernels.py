@@ -181,6 +181,22 @@ def test_interleaved_layout_is_applied_once_where_resolved(core, make_checkpoint
 
 
 @inner
+def test_sites_sharing_a_weight_must_agree_on_its_layout(core, make_checkpoint):
+    """decode_layer's Triton kernel reads gate/up interleaved; with the eager mlp (as loaded) in the same layer
+    the model refuses to build and names both, rather than one of them reading the wrong layout."""
+    from nanovllm import LLM
+    from nanovllm.ops import RegistryError
+
+    path = make_checkpoint(seed=5, vocab_size=256)
+    common = dict(device="cpu", dtype="float32", max_model_len=64, num_kvcache_blocks=16, kvcache_block_size=4)
+    with pytest.raises(RegistryError, match=r"gate_up_proj is read in different layouts by mlp \(eager\) and "
+                                            r"decode_layer \(triton\)"):
+        LLM(str(path), kernels={"ops": {"decode_layer": "triton"}}, **common)
+    with LLM(str(path), kernels={"ops": {"decode_layer": "triton", "mlp": "triton"}}, **common) as llm:
+        assert llm.engine.runner.resolver.table["0"]["decode_layer"] == "triton"
+
+
+@inner
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (3, (16, 16, 3)), (5, (16, 16, 1))])
 @pytest.mark.parametrize("backend", ["triton", "triton_onepass"])

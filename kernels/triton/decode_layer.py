@@ -37,11 +37,11 @@ gdc_launch_dependents, gdc_wait, arrive_last = core.gdc_launch_dependents, core.
 split_program, silu_mul_pairs = attn.split_program, core.silu_mul_pairs
 # Tunables (read at each call; benchmarks/triton_gemv.py sweeps them): weight elements a program loads per step
 # (double-buffered; 0: a program's whole tile at once), warps per program, the attention's split count
-# ("capacity": as the decode attention kernel picks it; "max": as many as the programs allow), and EARLY.
+# ("capacity": as the decode attention kernel picks it; "max": as many as the programs allow). Measured on the
+# H100: issuing each tile one barrier sooner (two tiles live) was slower, from the register pressure.
 CHUNK = int(os.environ.get("NANOVLLM_LAYER_CHUNK", "0"))  # 0: fastest on the H100 (benchmarks/RESULTS.md)
 NUM_WARPS = int(os.environ.get("NANOVLLM_LAYER_WARPS", "8"))
 SPLITS = os.environ.get("NANOVLLM_LAYER_SPLITS", "capacity")
-EARLY = os.environ.get("NANOVLLM_LAYER_EARLY", "0") == "1"  # the kernel's EARLY
 
 
 @triton.jit
@@ -108,6 +108,17 @@ def rows_gemv(w, w_ptr, row0, rows, K, x_ptr, nw_ptr, eps, HAS_NORM: tl.constexp
 
 
 @triton.jit
+def phase_gemv(w_ptr, row0, rows, K, x_ptr, nw_ptr, eps, bar_ptr, target, HAS_NORM: tl.constexpr,
+               BARRIER: tl.constexpr, POLL_ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_X: tl.constexpr):
+    """A GEMV phase: the weight tile in flight, then (BARRIER) the wait for the phase before, then rows_gemv."""
+    w = first_tile(w_ptr, row0, rows, K, BLOCK_N, BLOCK_K)
+    if BARRIER:
+        grid_barrier(bar_ptr, target, POLL_ATOMIC)
+    return rows_gemv(w, w_ptr, row0, rows, K, x_ptr, nw_ptr, eps, HAS_NORM, BLOCK_N, BLOCK_K, BLOCK_X)
+
+
+@triton.jit
 def store_rows(y_ptr, acc, row0, rows, b_ptr, r_ptr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """y[row0 + i] = round(round(acc + bias) + residual), the roundings of F.linear then `residual + y`."""
@@ -135,9 +146,8 @@ def _decode_layer_kernel(
         BLOCK_H: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, BARRIER: tl.constexpr,
         POLL_ATOMIC: tl.constexpr, PDL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, EARLY: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr):
     """Grid (programs,): phases FIRST..LAST (0..4 = A..E) of the layer; BARRIER: a grid barrier between them.
-    EARLY: each GEMV phase's first tile is issued one barrier sooner (two tiles in flight across a barrier).
     Counters: [0] the barrier, [1] the programs done (the last resets [0]), [2:] the attention merges."""
     pid, progs = tl.program_id(0), tl.num_programs(0)
     n_qkv: tl.constexpr = Q_DIM + 2 * KV_DIM
@@ -160,9 +170,7 @@ def _decode_layer_kernel(
     if run_a:
         acc = rows_gemv(w_a, qkv_w_ptr, row_a, n_a, HIDDEN, x_ptr, in_norm_ptr, eps, True, BN_QKV, BK_QKV, BLOCK_H)
         store_rows(qkv_ptr, acc, row_a, n_a, qkv_b_ptr, qkv_b_ptr, HAS_BIAS, False, BN_QKV)
-    # B: q/k norm + RoPE + KV write + attention; EARLY: the O projection's tile streams in meanwhile
-    if run_c & EARLY:
-        w_c = first_tile(o_w_ptr, row_c, n_c, Q_DIM, BN_O, BK_O)
+    # B: q/k norm + RoPE + KV write + attention
     if run_b:
         if BARRIER:
             grid_barrier(count_ptr, progs, POLL_ATOMIC)
@@ -174,34 +182,21 @@ def _decode_layer_kernel(
                           q_norm_ptr, k_norm_ptr, cs_ptr, slot_ptr, n_qkv, HEAD_DIM, n_qkv, HEAD_DIM, eps, True,
                           HAS_QK_NORM, HAS_SOFTCAP, DIRECT, not DIRECT, BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32)
     # C: O projection + residual
-    if run_c & (not EARLY):
-        w_c = first_tile(o_w_ptr, row_c, n_c, Q_DIM, BN_O, BK_O)
-    if run_d & EARLY:
-        w_d = first_tile(gate_up_ptr, row_d, n_d, HIDDEN, BN_GU, BK_GU)
     if run_c:
-        if BARRIER:
-            grid_barrier(count_ptr, 2 * progs, POLL_ATOMIC)
-        acc = rows_gemv(w_c, o_w_ptr, row_c, n_c, Q_DIM, attn_ptr, attn_ptr, eps, False, BN_O, BK_O, BLOCK_H)
+        acc = phase_gemv(o_w_ptr, row_c, n_c, Q_DIM, attn_ptr, attn_ptr, eps, count_ptr, 2 * progs, False, BARRIER,
+                         POLL_ATOMIC, BN_O, BK_O, BLOCK_H)
         store_rows(x1_ptr, acc, row_c, n_c, x_ptr, x_ptr, False, True, BN_O)
     # D: RMSNorm + gate/up + SiLU * up
-    if run_d & (not EARLY):
-        w_d = first_tile(gate_up_ptr, row_d, n_d, HIDDEN, BN_GU, BK_GU)
-    if run_e & EARLY:
-        w_e = first_tile(down_ptr, row_e, n_e, INTER, BN_DOWN, BK_DOWN)
     if run_d:
-        if BARRIER:
-            grid_barrier(count_ptr, 3 * progs, POLL_ATOMIC)
-        acc = rows_gemv(w_d, gate_up_ptr, row_d, n_d, HIDDEN, x1_ptr, post_norm_ptr, eps, True, BN_GU, BK_GU, BLOCK_H)
+        acc = phase_gemv(gate_up_ptr, row_d, n_d, HIDDEN, x1_ptr, post_norm_ptr, eps, count_ptr, 3 * progs, True,
+                         BARRIER, POLL_ATOMIC, BN_GU, BK_GU, BLOCK_H)
         act = tl.reshape(silu_mul_pairs(acc[None, :], act_ptr, 1, BN_GU), (BN_GU // 2,))
         offs_i = tl.arange(0, BN_GU // 2)
         tl.store(act_ptr + row_d // 2 + offs_i, act.to(act_ptr.dtype.element_ty), mask=offs_i < n_d // 2)
     # E: down + residual
-    if run_e & (not EARLY):
-        w_e = first_tile(down_ptr, row_e, n_e, INTER, BN_DOWN, BK_DOWN)
     if run_e:
-        if BARRIER:
-            grid_barrier(count_ptr, 4 * progs, POLL_ATOMIC)
-        acc = rows_gemv(w_e, down_ptr, row_e, n_e, INTER, act_ptr, act_ptr, eps, False, BN_DOWN, BK_DOWN, BLOCK_H)
+        acc = phase_gemv(down_ptr, row_e, n_e, INTER, act_ptr, act_ptr, eps, count_ptr, 4 * progs, False, BARRIER,
+                         POLL_ATOMIC, BN_DOWN, BK_DOWN, BLOCK_H)
         store_rows(out_ptr, acc, row_e, n_e, x1_ptr, x1_ptr, False, True, BN_DOWN)
     if BARRIER:
         if arrive_last(count_ptr + 1, progs):  # every program is past its last wait: rearm the barrier
@@ -256,7 +251,7 @@ def decode_layer_op(x: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tens
             LAST=last, BARRIER=barrier, POLL_ATOMIC=poll_atomic, PDL=use_pdl, HAS_BIAS=qkv_b is not None,
             HAS_QK_NORM=q_norm_w is not None, HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1,
             BLOCK_G=max(16, triton.next_power_of_2(q_dim // kv)), BLOCK_KV=attn.BLOCK_KV, BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(splits), DOT_F32=core.dot_f32(x), EARLY=EARLY, num_warps=NUM_WARPS,
+            BLOCK_S=triton.next_power_of_2(splits), DOT_F32=core.dot_f32(x), num_warps=NUM_WARPS,
             num_stages=1, **meta, **core.launch_opts(use_pdl))
     return out
 
