@@ -88,6 +88,26 @@ def test_compiled_attention_matches_native(name, q_lens, kv_lens):
     torch.testing.assert_close(compiled(name)(q, kc, vc, meta, 0.3, 6, 5.0), expected, **TOL[torch.float32])
 
 
+def test_compiled_decode_layer_matches_native():
+    """The whole-layer site under torch.compile (its parts native) against its native composition: the new
+    residual stream and the K/V written, three requests decoding at once."""
+    torch.manual_seed(3)
+    meta = paged_meta([1, 1, 1], [5, 17, 33])
+    h, hq, hk, d, inter = 40, 4, 2, 8, 52
+    w = lambda *s: torch.randn(*s) * 0.2  # noqa: E731
+    args = (torch.randn(3, h), w(h) + 1, w((hq + 2 * hk) * d, h), None, w(d) + 1, w(d) + 1, w(h, hq * d), w(h) + 1,
+            w(2 * inter, h), w(h, inter), 1e-6, meta.positions, torch.randn(64, d))
+    caches = [torch.randn(64, 4, hk, d) for _ in range(2)]
+    copies = [c.clone() for c in caches]
+    expected = native_site("decode_layer")(*args, *caches, meta, 0.3, 6, 5.0)
+    parts = {p: native_site(p) for p in get_op("decode_layer").parts}
+    fn, used = resolve("decode_layer", "compile", Target("cpu", torch.float32), parts=parts)
+    assert used == "compile"
+    torch.testing.assert_close(fn(*args, *copies, meta, 0.3, 6, 5.0), expected, **TOL[torch.float32])
+    for got, want in zip(copies, caches):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 def test_rope_matches_transformers_rotate_half():
     from nanovllm.layers.rotary import cos_sin_table
 
@@ -145,7 +165,8 @@ def random_args(op: str, dtype):
     }[op]
 
 
-SIMPLE_OPS = [op for op in sorted(OPS) if "attention" not in op]  # attention ops take step metadata: own tests
+# attention ops (and the whole layer) take step metadata: own tests
+SIMPLE_OPS = [op for op in sorted(OPS) if "attention" not in op and op != "decode_layer"]
 
 
 @pytest.mark.parametrize("op", SIMPLE_OPS)
