@@ -146,6 +146,8 @@ def attention(tuning, contexts=(128, 1024, 4096), page=16):
 LAYER_VARIANTS = [
     ("persistent", {}, {}), ("chunks of 16384", dict(CHUNK=16384), {}),
     ("16 warps", dict(NUM_WARPS=16), {}), ("max splits", dict(SPLITS="max"), {}),
+    ("2 programs per SM, 4 warps", dict(PER_SM=2, NUM_WARPS=4), {}),
+    ("2 programs per SM, 4 warps, chunks of 8192", dict(PER_SM=2, NUM_WARPS=4, CHUNK=8192), {}),
     ("atomic poll", {}, dict(poll_atomic=True)), ("5 phase launches", {}, dict(barrier=False)),
     *((f"phase {p} alone", {}, dict(only_phase=i)) for i, p in enumerate("ABCDE"))]
 

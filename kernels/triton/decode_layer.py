@@ -11,8 +11,8 @@ needs what every program wrote in the phase before:
   E. down GEMV + residual                                                   -> the layer's output
 Each GEMV phase issues its weight tile *before* it waits at the barrier, so the phase's weights stream in
 while the slowest program finishes the phase before. The barrier needs every program resident at once: the
-grid is the SM count and one program fits an SM. Under the Triton interpreter programs run one after
-another, so there each phase is a launch of its own (BARRIER=False). Steps of more than one row run the
+grid is PER_SM programs per SM, and that many always fit one. Under the Triton interpreter programs run one
+after another, so there each phase is a launch of its own (BARRIER=False). Steps of more than one row run the
 composition of the layer's sites.
 Measured on the H100 (benchmarks/RESULTS.md) it is slower than the all_fused sites it replaces: a grid barrier
 costs about what a PDL kernel boundary costs, and one program per SM streams the GEMV phases at 1.4-1.6 TB/s
@@ -41,6 +41,9 @@ split_program, silu_mul_pairs = attn.split_program, core.silu_mul_pairs
 # H100: issuing each tile one barrier sooner (two tiles live) was slower, from the register pressure.
 CHUNK = int(os.environ.get("NANOVLLM_LAYER_CHUNK", "0"))  # 0: fastest on the H100 (benchmarks/RESULTS.md)
 NUM_WARPS = int(os.environ.get("NANOVLLM_LAYER_WARPS", "8"))
+# programs per SM: 2 only with 4 warps or fewer, so that two programs always fit an SM's registers (2 x 128
+# threads x 255) and every program is resident, as the barrier needs
+PER_SM = int(os.environ.get("NANOVLLM_LAYER_PER_SM", "1"))
 SPLITS = os.environ.get("NANOVLLM_LAYER_SPLITS", "capacity")
 
 
@@ -223,7 +226,9 @@ def decode_layer_op(x: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tens
     hidden, (page, kv_heads, head_dim) = x.shape[1], k_cache.shape[1:]
     kv, inter = kv_heads * head_dim, down_w.shape[1]
     q_dim = qkv_w.shape[0] - 2 * kv
-    progs = core.tuning.num_sms(x.device)
+    if PER_SM > 1 and PER_SM * NUM_WARPS > 8:
+        raise ValueError(f"{PER_SM} programs of {NUM_WARPS} warps per SM may not all be resident")
+    progs = PER_SM * core.tuning.num_sms(x.device)
     splits = min(64, progs // kv_heads)
     if SPLITS == "capacity":
         splits = min(splits, attn.num_splits(1, kv_heads, block_tables.shape[1] * page, x.device))
