@@ -15,7 +15,7 @@ grid is PER_SM programs per SM, and that many always fit one. Under the Triton i
 after another, so there each phase is a launch of its own (BARRIER=False). Steps of more than one row run the
 composition of the layer's sites.
 Measured on the H100 (benchmarks/RESULTS.md) it is slower than the all_fused sites it replaces: a grid barrier
-costs about what a PDL kernel boundary costs, and one program per SM streams the GEMV phases at 1.4-1.6 TB/s
+costs about what a PDL kernel boundary costs, and one program per SM streams the GEMV phases at 1.0-1.6 TB/s
 where the tuned site kernels, several programs per SM, reach 2.0-2.2. It stays an opt-in preset.
 """
 
