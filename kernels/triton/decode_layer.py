@@ -267,8 +267,8 @@ def decode_layer(x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm
     """The whole layer in one persistent kernel for one row; more rows run the layer's sites (parts)."""
     args = (x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, eps, positions, cos_sin,
             k_cache, v_cache, meta, scale, window, softcap)
-    counters = core.counters(x.device, 2 + k_cache.shape[2])
-    if x.shape[0] != 1 or counters is None:
+    counters = core.counters(x.device, 2 + k_cache.shape[2]) if x.shape[0] == 1 else None
+    if counters is None:  # more than one row, or no counters here (torch.compile tracing, capture before use)
         return get_op("decode_layer").native(*args, **parts)
     return torch.ops.nanovllm_triton.decode_layer(
         x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, float(eps), positions,

@@ -289,8 +289,7 @@ class ModelRunner:
     def launch_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None = None) -> PendingTokens:
         """Start a decode step (no logprobs) through the CUDA graphs and return without waiting for it.
         With `prev` (device tokens of the step in flight, one per row of `batch`), the rows run one position
-        ahead on those tokens (async scheduling).
-        No host sync."""
+        ahead on those tokens (async scheduling). No host sync."""
         return PendingTokens(self._graph_decode(batch, prev))
 
     def _graph_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None = None) -> torch.Tensor:
