@@ -83,10 +83,12 @@ def paged_meta(kv_lens, block_size=4, num_blocks=40, seed=0):
 # -- primitives and sites ------------------------------------------------------------------------------------
 @inner
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (3, None), (3, (16, 32, 3)), (20, None)])
+@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (1, (16, 128, 1)), (1, (8, 64, 2)), (3, None),
+                                      (3, (16, 32, 3)), (20, None)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(core, dtype, rows, cfg, bias):
-    """Rows 1: FMA path; 3: tl.dot path; split-K 2 and 3 (uneven K ranges); 20 rows: F.linear."""
+    """Rows 1: FMA path, K in several tiles or in one (whole, or per split: 64 + 7 columns); 3: tl.dot path;
+    split-K 2 and 3 (uneven K ranges); 20 rows: F.linear."""
     torch.manual_seed(rows)
     x, w = torch.randn(rows, 71, dtype=dtype), weight(37, 71, dtype=dtype)
     b = torch.randn(37, dtype=dtype) if bias else None
@@ -133,18 +135,22 @@ def test_silu_and_mul(core, dtype, shape):
 
 @inner
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (4, 128, 1)), (3, None)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_norm_qkv(core, dtype, rows, bias):
+def test_norm_qkv(core, dtype, rows, cfg, bias):
+    """One row: the norm over K in two tiles (the interpreter's default) or in one."""
     torch.manual_seed(rows)
     args = (torch.randn(rows, 71, dtype=dtype), weight(71, dtype=dtype) + 1, weight(37, 71, dtype=dtype),
             torch.randn(37, dtype=dtype) if bias else None, 1e-6)
-    torch.testing.assert_close(triton_impl("norm_qkv")(*args), native_site("norm_qkv")(*args), **TOL[dtype])
+    with config(core, cfg):
+        got = triton_impl("norm_qkv")(*args)
+    torch.testing.assert_close(got, native_site("norm_qkv")(*args), **TOL[dtype])
 
 
 @inner
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (8, 16, 1)), (1, (1, 16, 1)), (3, (16, 16, 1)), (20, None)])
+@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (8, 16, 1)), (1, (1, 16, 1)), (1, (4, 64, 1)), (3, (16, 16, 1)),
+                                      (20, None)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_mlp(core, dtype, rows, cfg, residual):
     """The Triton site reads gate/up rows interleaved (its weight layout, applied at load); the native reads
@@ -198,7 +204,8 @@ def test_sites_sharing_a_weight_must_agree_on_its_layout(core, make_checkpoint):
 
 @inner
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (3, (16, 16, 3)), (5, (16, 16, 1))])
+@pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (1, (8, 128, 1)), (3, (16, 16, 3)),
+                                      (5, (16, 16, 1))])
 @pytest.mark.parametrize("backend", ["triton", "triton_onepass"])
 def test_attn_out(core, dtype, rows, cfg, backend):
     """triton_onepass: the last GEMV program to arrive adds and normalizes every row, and leaves the arrival

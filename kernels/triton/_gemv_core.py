@@ -75,19 +75,20 @@ def dot_acc(acc, x, w, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, eps, pid_m, pid_n, up_off,
-              HAS_NORM: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, eps, pid_m, pid_n,
+              HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
               PREFETCH: tl.constexpr):
-    """(x[rows] @ w[cols, k_lo:k_hi].T, same against rows up_off + cols if GATED), fp32 (BLOCK_M, BLOCK_N).
+    """x[rows] @ w[cols, k_lo:k_hi].T, fp32 (BLOCK_M, BLOCK_N).
 
-    GATED streams a second weight tile per step against the same x loads (gate and up of an MLP).
     HAS_NORM applies RMSNorm to x on the fly: x * norm_w per column, and 1/rms per row at the end (the
     row scale factors out of the dot product, so one pass over x gives both; needs k_lo=0, k_hi=K).
     PDL: waits for the previous kernel (programmatic dependent launch) before touching activations;
     PREFETCH (weights that no kernel in flight writes) issues the first weight tile before that wait.
-    One row double-buffers the weight tiles (the next tile's loads are in flight during the FMAs);
-    more rows leave the pipelining of the tl.dot operands to Triton (num_stages)."""
+    One row: ONE_TILE (k_hi - k_lo <= BLOCK_K) loads the weights once and reduces them at once, holding
+    nothing but the tile, so more programs stay resident and prefetch during the kernel before; otherwise
+    the weight tiles are double-buffered (the next tile's loads in flight during the FMAs) into a
+    (BLOCK_N, BLOCK_K) accumulator. More rows leave the pipelining of the tl.dot operands to Triton."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -95,41 +96,39 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, e
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # int64: big vocab x hidden
     if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        ss = tl.zeros((BLOCK_K,), tl.float32)
         if PDL and not PREFETCH:
             gdc_wait()
         w = tl.load(w_ptrs + k_lo, mask=mask_n[:, None] & ((k_lo + offs_k) < k_hi)[None, :], other=0.0)
-        w2 = w
-        if GATED:
-            w2 = tl.load(w_ptrs + up_off + k_lo, mask=mask_n[:, None] & ((k_lo + offs_k) < k_hi)[None, :], other=0.0)
         if PDL and PREFETCH:
             gdc_wait()
-        for k in range(k_lo, k_hi, BLOCK_K):
-            mask_k = (k + offs_k) < k_hi
-            x = tl.load(x_ptr + pid_m * stride_xm + k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        if ONE_TILE:
+            mask_k = (k_lo + offs_k) < k_hi
+            x = tl.load(x_ptr + pid_m * stride_xm + k_lo + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            ss = x * x
             if HAS_NORM:
-                nw = tl.load(nw_ptr + k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                ss += x * x
-                x = x * nw
-            nxt = mask_n[:, None] & ((k + BLOCK_K + offs_k) < k_hi)[None, :]  # all false on the last step
-            w_next = tl.load(w_ptrs + k + BLOCK_K, mask=nxt, other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-            w = w_next
-            if GATED:
-                w2_next = tl.load(w_ptrs + up_off + k + BLOCK_K, mask=nxt, other=0.0)
-                acc2 += w2.to(tl.float32) * x[None, :]
-                w2 = w2_next
-        out, out2 = tl.sum(acc, axis=1)[None, :], tl.sum(acc2, axis=1)[None, :]
+                x = x * tl.load(nw_ptr + k_lo + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            out = tl.sum(w.to(tl.float32) * x[None, :], axis=1)[None, :]
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            ss = tl.zeros((BLOCK_K,), tl.float32)
+            for k in range(k_lo, k_hi, BLOCK_K):
+                mask_k = (k + offs_k) < k_hi
+                x = tl.load(x_ptr + pid_m * stride_xm + k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                if HAS_NORM:
+                    nw = tl.load(nw_ptr + k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                    ss += x * x
+                    x = x * nw
+                nxt = mask_n[:, None] & ((k + BLOCK_K + offs_k) < k_hi)[None, :]  # all false on the last step
+                w_next = tl.load(w_ptrs + k + BLOCK_K, mask=nxt, other=0.0)
+                acc += w.to(tl.float32) * x[None, :]
+                w = w_next
+            out = tl.sum(acc, axis=1)[None, :]
         if HAS_NORM:
-            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-            out, out2 = out * rstd, out2 * rstd
+            out = out * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     else:
         if PDL:
             gdc_wait()
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         ss = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
         for k in range(k_lo, k_hi, BLOCK_K):
             mask_k = (k + offs_k) < k_hi
@@ -144,17 +143,15 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, e
             else:
                 w = tl.load(w_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             acc = dot_acc(acc, x, w, DOT_F32)
-            if GATED:
-                if EVEN_K:
-                    w2 = tl.load(w_ptrs + up_off + k, mask=mask_n[:, None], other=0.0)
-                else:
-                    w2 = tl.load(w_ptrs + up_off + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                acc2 = dot_acc(acc2, x, w2, DOT_F32)
-        out, out2 = acc, acc2
+        out = acc
         if HAS_NORM:
-            rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
-            out, out2 = out * rstd[:, None], out2 * rstd[:, None]
-    return out, out2
+            out = out * tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
+    return out
+
+
+def one_tile(k: int, cfg) -> bool:
+    """Whether each program's K range fits one BLOCK_K tile (gemv_tile's ONE_TILE)."""
+    return k <= cfg.SPLIT_K * cfg.BLOCK_K
 
 
 def interleave_gate_up(w: torch.Tensor) -> torch.Tensor:
@@ -189,16 +186,17 @@ def store_out(acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, offs_m, offs_n, M,
 
 @triton.jit
 def program_tile(x_ptr, w_ptr, nw_ptr, M, N, K, stride_xm, stride_wn, eps, HAS_NORM: tl.constexpr,
-                 SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                 SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+                 PREFETCH: tl.constexpr):
     """This program's (rows, columns, K range) of a grid (N blocks, SPLIT_K, M blocks) GEMV: (acc, offs_m,
     offs_n, pid_k)."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_lo = pid_k * span
     k_hi = tl.minimum(K, k_lo + span)
-    acc, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, eps, pid_m, pid_n, 0,
-                       HAS_NORM, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+    acc = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, eps, pid_m, pid_n, HAS_NORM,
+                    EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
     return acc, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_k
 
 
@@ -241,13 +239,15 @@ def counters(device: torch.device, needed: int) -> torch.Tensor | None:
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, b_ptr, r_ptr, nw_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm,
                  eps, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, PARTIAL: tl.constexpr,
-                 SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                 SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+                 PREFETCH: tl.constexpr):
     """Grid (N blocks, SPLIT_K, M blocks). PARTIAL: y is an fp32 (SPLIT_K, M, N) workspace of partial sums."""
     if PDL:
         gdc_launch_dependents()  # the next kernel may start its programs once all of ours are running
     acc, offs_m, offs_n, pid_k = program_tile(x_ptr, w_ptr, nw_ptr, M, N, K, stride_xm, stride_wn, eps, HAS_NORM,
-                                              SPLIT_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+                                              SPLIT_K, EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL,
+                                              PREFETCH)
     if PARTIAL:
         store_partial(y_ptr, acc, pid_k, offs_m, offs_n, M, N)
     else:
@@ -318,8 +318,8 @@ def launch_gemv(x, w, out, cfg, bias=None, residual=None, norm_w=None, eps=0.0, 
         x, w, split_out if (partial or sk > 1) else out, bias, residual, norm_w, m, n, k, x.stride(0), w.stride(0),
         out.stride(0), res_stride, eps, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         HAS_NORM=norm_w is not None, PARTIAL=partial or sk > 1, SPLIT_K=sk, EVEN_K=k % (sk * cfg.BLOCK_K) == 0,
-        BLOCK_M=bm, DOT_F32=dot_f32(x), PDL=use_pdl, PREFETCH=prefetch(use_pdl, w), **cfg.meta(),
-        **launch_opts(use_pdl))
+        ONE_TILE=one_tile(k, cfg), BLOCK_M=bm, DOT_F32=dot_f32(x), PDL=use_pdl, PREFETCH=prefetch(use_pdl, w),
+        **cfg.meta(), **launch_opts(use_pdl))
     if sk > 1 and not partial:
         block = min(1024, triton.next_power_of_2(n))
         wrap_triton(_splitk_sum_kernel)[(m, triton.cdiv(n, block))](

@@ -56,14 +56,15 @@ def _add_rms_norm_kernel(ws_ptr, r_ptr, nw_ptr, out_ptr, res_ptr, M, N, stride_r
 @triton.jit
 def _gemv_add_rms_norm_kernel(x_ptr, w_ptr, ws_ptr, r_ptr, nw_ptr, out_ptr, res_ptr, count_ptr, M, N, K, stride_xm,
                               stride_wn, stride_rm, stride_om, stride_sm, eps, SPLIT_K: tl.constexpr,
-                              EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+                              EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
                               PREFETCH: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (N blocks, SPLIT_K, M blocks): partial sums, then the last program to finish does every row."""
     if PDL:
         gdc_launch_dependents()
     acc, offs_m, offs_n, pid_k = program_tile(x_ptr, w_ptr, x_ptr, M, N, K, stride_xm, stride_wn, eps, False,
-                                              SPLIT_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+                                              SPLIT_K, EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL,
+                                              PREFETCH)
     store_partial(ws_ptr, acc, pid_k, offs_m, offs_n, M, N)
     if arrive_last(count_ptr, tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)):
         for m in range(M):
@@ -96,7 +97,8 @@ def gemv_add_rms_norm(o: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, 
         wrap_triton(_gemv_add_rms_norm_kernel)[(triton.cdiv(n, cfg.BLOCK_N), cfg.SPLIT_K, triton.cdiv(m, bm))](
             o, weight, ws, residual, norm_w, out, res, count, m, n, k, o.stride(0), weight.stride(0),
             residual.stride(0), out.stride(0), res.stride(0), eps, SPLIT_K=cfg.SPLIT_K,
-            EVEN_K=k % (cfg.SPLIT_K * cfg.BLOCK_K) == 0, BLOCK_M=bm, DOT_F32=core.dot_f32(o), PDL=pdl,
+            EVEN_K=k % (cfg.SPLIT_K * cfg.BLOCK_K) == 0, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm,
+            DOT_F32=core.dot_f32(o), PDL=pdl,
             PREFETCH=core.prefetch(pdl, weight), BLOCK=block, **cfg.meta(), **core.launch_opts(pdl))
         return out, res
 

@@ -22,8 +22,9 @@ gemv_tile, gdc_launch_dependents, gdc_wait = core.gemv_tile, core.gdc_launch_dep
 
 @triton.jit
 def _lm_head_argmax_kernel(x_ptr, w_ptr, nw_ptr, val_ptr, idx_ptr, M, N, K, stride_xm, stride_wn, eps, num_progs,
-                           blocks_per_prog, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                           blocks_per_prog, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+                           PREFETCH: tl.constexpr):
     """Grid (num_progs, 1, M blocks): program p covers vocab blocks [p * blocks_per_prog, +blocks_per_prog)."""
     if PDL:
         gdc_launch_dependents()
@@ -32,8 +33,8 @@ def _lm_head_argmax_kernel(x_ptr, w_ptr, nw_ptr, val_ptr, idx_ptr, M, N, K, stri
     best_idx = tl.zeros((BLOCK_M,), tl.int32)
     for j in range(blocks_per_prog):
         pid_n = pid * blocks_per_prog + j
-        logits, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, 0, K, eps, pid_m, pid_n, 0,
-                              True, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+        logits = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, 0, K, eps, pid_m, pid_n, True,
+                           EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
         logits = logits.to(w_ptr.dtype.element_ty).to(tl.float32)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         logits = tl.where(offs_n[None, :] < N, logits, float("-inf"))
@@ -63,7 +64,7 @@ def lm_head_argmax(h: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.T
         pdl = core.pdl(h, weight)
         wrap_triton(_lm_head_argmax_kernel)[(progs, 1, triton.cdiv(m, bm))](
             h, weight, norm_w, val, idx, m, n, k, h.stride(0), weight.stride(0), eps, progs, per_prog,
-            EVEN_K=k % cfg.BLOCK_K == 0, BLOCK_M=bm, DOT_F32=core.dot_f32(h), PDL=pdl,
+            EVEN_K=k % cfg.BLOCK_K == 0, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm, DOT_F32=core.dot_f32(h), PDL=pdl,
             PREFETCH=core.prefetch(pdl, weight), **cfg.meta(), **core.launch_opts(pdl))
         return core.reduce_winners(val, idx, pdl)
 

@@ -28,15 +28,15 @@ interleave_gate_up = core.interleave_gate_up
 
 @triton.jit
 def _gate_up_silu_kernel(x_ptr, w_ptr, a_ptr, M, N, K, stride_xm, stride_wn, stride_am, EVEN_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-                         PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                         ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """Grid (N blocks, 1, M blocks), N = 2I interleaved rows: a = silu(x @ gate.T) * (x @ up.T), rounded as
     the native rounds."""
     if PDL:
         gdc_launch_dependents()
     pid_n, pid_m = tl.program_id(0), tl.program_id(2)
-    acc, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, x_ptr, M, N, K, 0, K, 0.0, pid_m, pid_n, 0,
-                       False, False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+    acc = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, x_ptr, M, N, K, 0, K, 0.0, pid_m, pid_n, False, EVEN_K,
+                    ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
     act = silu_mul_pairs(acc, a_ptr, BLOCK_M, BLOCK_N)
     dtype = a_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,7 +58,7 @@ def gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         bm, pdl = core.tuning.block_m(m), core.pdl(x, weight)
         wrap_triton(_gate_up_silu_kernel)[(triton.cdiv(n, cfg.BLOCK_N), 1, triton.cdiv(m, bm))](
             x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-            EVEN_K=k % cfg.BLOCK_K == 0, BLOCK_M=bm, DOT_F32=core.dot_f32(x), PDL=pdl,
+            EVEN_K=k % cfg.BLOCK_K == 0, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm, DOT_F32=core.dot_f32(x), PDL=pdl,
             PREFETCH=core.prefetch(pdl, weight), **cfg.meta(), **core.launch_opts(pdl))
         return out
 
