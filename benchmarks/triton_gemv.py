@@ -165,16 +165,31 @@ def sites_alone(tuning, sites, x, norms, table, meta, weights, base):
             for name, (fn, ws) in parts.items()]
 
 
-def decode_layer(tuning, contexts=(128, 4096), page=16):
+@contextlib.contextmanager
+def knobs(module: str, **values):
+    """Set module-level tunables of the Triton plugin `module` (e.g. "decode_layer") inside the block."""
+    mod = next(m for n, m in sys.modules.items() if n.startswith(f"nanovllm_plugins.triton_{module}"))
+    saved = {k: getattr(mod, k) for k in values}
+    for k, v in values.items():
+        setattr(mod, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(mod, k, v)
+
+
+def decode_layer(tuning, contexts=(128, 4096), page=16, persistent=True):
     """A whole decoder layer at batch 1 (weights and KV rotating, so each launch reads HBM): the all_fused
-    sites one after another (7 launches) against the persistent layer kernel in its variants."""
+    sites one after another (7 launches), the five-launch chain (decode_layer triton_chain), each with and
+    without the attention's L2 prefetch of K/V, against the persistent layer kernel in its variants."""
     from nanovllm.layers.rotary import cos_sin_table
 
     class Rope:
         rope_theta = 1e6
 
     layer = get_op("decode_layer").impls["triton"]
-    kernel = next(m for n, m in sys.modules.items() if n.startswith("nanovllm_plugins.triton_decode_layer"))
+    chain = get_op("decode_layer").impls["triton_chain"].fn
     sites = {op: get_op(op).impls["triton"].fn for op in get_op("decode_layer").parts}
     composed = functools.partial(get_op("decode_layer").native, **sites)
     counters = sys.modules["nanovllm_plugins.triton._gemv_core"].counters(torch.device("cuda"), 64)
@@ -199,18 +214,19 @@ def decode_layer(tuning, contexts=(128, 4096), page=16):
 
         base = timed(tuning, functools.partial(site_call, composed), weights)
         out.append(row(f"layer ctx={ctx} sites", 1, nbytes, base, base))
+        for name, fn in (("sites", composed), ("chain", chain)):
+            if name == "chain":
+                out.append(row(f"layer ctx={ctx} chain", 1, nbytes, base,
+                               timed(tuning, functools.partial(site_call, fn), weights)))
+            with knobs("decode_attention", PREFETCH_BLOCKS=0):
+                out.append(row(f"layer ctx={ctx} {name}, no K/V prefetch", 1, nbytes, base,
+                               timed(tuning, functools.partial(site_call, fn), weights)))
         if ctx == contexts[0]:  # each site alone, to set beside the phases alone
             out += sites_alone(tuning, sites, x, norms, table, meta, weights, base)
-        for name, knobs, kw in LAYER_VARIANTS if ctx == contexts[0] else LAYER_VARIANTS[:4]:
-            saved = {k: getattr(kernel, k) for k in knobs}
-            for k, v in knobs.items():
-                setattr(kernel, k, v)
-            try:
+        for name, tunables, kw in (LAYER_VARIANTS if ctx == contexts[0] else LAYER_VARIANTS[:4]) if persistent else ():
+            with knobs("decode_layer", **tunables):
                 t = timed(tuning, functools.partial(op_call, **kw), weights)
-            finally:
-                for k, v in saved.items():
-                    setattr(kernel, k, v)
-            out.append(row(f"layer ctx={ctx} {name}", 1, nbytes, base, t, config=knobs or None))
+            out.append(row(f"layer ctx={ctx} {name}", 1, nbytes, base, t, config=tunables or None))
     return out
 
 
@@ -237,6 +253,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-fused", action="store_true")
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--skip-gemv", action="store_true", help="only the attention and whole-layer rows")
+    p.add_argument("--no-persistent", action="store_true", help="no rows of the persistent layer kernel")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -259,7 +276,7 @@ def main(argv=None) -> None:
                 result["fused"] = fused_sites(tuning)
         if not args.no_attention:
             result["attention"] = attention(tuning)
-        result["decode_layer"] = decode_layer(tuning)
+        result["decode_layer"] = decode_layer(tuning, persistent=not args.no_persistent)
         result["kernels"] = kernel_resources()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"done in {result['seconds']} s")

@@ -270,6 +270,33 @@ def test_decode_layer(core, kv_len):
     assert not core.counters(s["x"].device, 64).any(), "a counter is left armed"
 
 
+@pytest.mark.parametrize("kv_len", [1, 129, 4100])
+def test_decode_layer_chain(core, kv_len):
+    """The five-launch chain against the native composition of the layer's sites, and replayed in a graph."""
+    torch.manual_seed(kv_len)
+    s = chain_state(kv_len)
+    layer = get_op("decode_layer").impls["triton_chain"]
+    weights = (s["in_norm"], s["qkv_w"], None, s["q_norm"], s["k_norm"], s["o_w"], s["post_norm"])
+    rest = (EPS, s["meta"].positions, s["table"])
+    kc, vc = s["kc"].clone(), s["vc"].clone()
+    args = (s["x"], *weights, layer.layouts["gate_up_w"](s["gate_up_w"]), s["down_w"], *rest, kc, vc, s["meta"],
+            D ** -0.5)
+    got = layer.fn(*args)
+    want = native_site("decode_layer")(s["x"], *weights, s["gate_up_w"], s["down_w"], *rest, s["kc"], s["vc"],
+                                       s["meta"], D ** -0.5)
+    report(f"decode_layer chain kv_len={kv_len}", got, want)
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(kc, s["kc"], **BF16)
+    torch.testing.assert_close(vc, s["vc"], **BF16)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = layer.fn(*args)
+    for _ in range(5):  # the same step again: rewrites the same K/V slot with the same values
+        graph.replay()
+        assert torch.equal(replayed, got)
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 def test_qk_norm_rope(core, tokens):
     from nanovllm.layers.rotary import cos_sin_table
@@ -356,16 +383,28 @@ def engines():
     fused.close()
 
 
-@pytest.fixture(scope="module")
-def persistent(engines):
-    """all_fused with each layer's batch-1 decode step in the persistent layer kernel."""
+def engine_over_all_fused(preset: str):
     import yaml
 
     from nanovllm import LLM
 
     kernels = yaml.safe_load((ROOT / "configs/kernels/all_fused.yaml").read_text())
-    kernels["ops"].update(yaml.safe_load((ROOT / "configs/kernels/persistent_layer.yaml").read_text())["ops"])
-    llm = LLM("default", kernels=kernels, max_model_len=1024, num_kvcache_blocks=256, max_num_seqs=4)
+    kernels["ops"].update(yaml.safe_load((ROOT / f"configs/kernels/{preset}.yaml").read_text())["ops"])
+    return LLM("default", kernels=kernels, max_model_len=1024, num_kvcache_blocks=256, max_num_seqs=4)
+
+
+@pytest.fixture(scope="module")
+def persistent(engines):
+    """all_fused with each layer's batch-1 decode step in the persistent layer kernel."""
+    llm = engine_over_all_fused("persistent_layer")
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def layer_chain(engines):
+    """all_fused with each layer's decode step as the five-launch chain."""
+    llm = engine_over_all_fused("layer_chain")
     yield llm
     llm.close()
 
@@ -420,6 +459,13 @@ def test_persistent_layer_model(engines, persistent):
     assert persistent.engine.runner.resolver.table["0"]["decode_layer"] == "triton"
     check_teacher_forced_logits(engines[0], persistent, "all_fused+persistent_layer")
     check_greedy_tokens(engines[0], persistent, "all_fused+persistent_layer")
+
+
+def test_layer_chain_model(engines, layer_chain):
+    """The five-launch layer chain in the engine: eager decode steps (teacher forcing) and the CUDA graphs."""
+    assert layer_chain.engine.runner.resolver.table["0"]["decode_layer"] == "triton_chain"
+    check_teacher_forced_logits(engines[0], layer_chain, "all_fused+layer_chain")
+    check_greedy_tokens(engines[0], layer_chain, "all_fused+layer_chain")
 
 
 def test_all_fused_sampled_decode_graph(engines):

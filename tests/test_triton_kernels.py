@@ -346,11 +346,13 @@ def test_rope_decode_attention(core, dtype, qk_norm, window, splits, onepass):
 @pytest.mark.parametrize("dtype,kv_len,qk_norm,bias,window", [
     (torch.float32, 70, True, False, 0), (torch.float32, 150, True, True, 0), (torch.float32, 150, False, False, 9),
     (torch.bfloat16, 150, True, False, 0), (torch.bfloat16, 5, False, True, 0)])
-def test_decode_layer(core, dtype, kv_len, qk_norm, bias, window):
-    """The persistent layer kernel (one launch per phase here: the interpreter runs programs one by one)
-    against the native composition of the layer's sites: the new residual stream and both caches. hidden 48,
-    4 query heads over 2 kv heads of 12 dims, intermediate 37 (odd: the last program's rows are ragged); 70
-    keys in a 72-key table run one split (no merge), 150 keys two splits (the merge), 9 a sliding window."""
+@pytest.mark.parametrize("backend", ["triton", "triton_chain"])
+def test_decode_layer(core, dtype, kv_len, qk_norm, bias, window, backend):
+    """The persistent layer kernel (one launch per phase here: the interpreter runs programs one by one) and
+    the five-launch chain against the native composition of the layer's sites: the new residual stream and
+    both caches. hidden 48, 4 query heads over 2 kv heads of 12 dims, intermediate 37 (odd: the last
+    program's rows are ragged); 70 keys in a 72-key table run one split (no merge), 150 keys two splits (the
+    merge), 9 a sliding window."""
     from nanovllm.layers.rotary import cos_sin_table
 
     class Rope:
@@ -368,7 +370,7 @@ def test_decode_layer(core, dtype, kv_len, qk_norm, bias, window):
     rest = (1e-6, meta.positions, cos_sin_table(Rope(), d, 256))
     kc, vc = torch.randn(60, 4, hk, d, dtype=dtype), torch.randn(60, 4, hk, d, dtype=dtype)
     caches = [kc.clone(), vc.clone(), kc, vc]
-    layer = get_op("decode_layer").impls["triton"]
+    layer = get_op("decode_layer").impls[backend]
     got = layer.fn(*first, layer.layouts["gate_up_w"](gate_up), down, *rest, caches[0], caches[1], meta, 0.3, window)
     want = native_site("decode_layer")(*first, gate_up, down, *rest, caches[2], caches[3], meta, 0.3, window)
     # bf16: the interpreter rounds float32 to bfloat16 toward zero (the GPU to nearest), and a layer compounds it
@@ -413,7 +415,8 @@ def test_every_triton_backend_resolves_on_the_interpreter(core):
 
 
 @inner
-@pytest.mark.parametrize("presets", [("all_fused",), ("all_fused", "onepass"), ("all_fused", "persistent_layer")])
+@pytest.mark.parametrize("presets", [("all_fused",), ("all_fused", "onepass"), ("all_fused", "persistent_layer"),
+                                     ("all_fused", "layer_chain")])
 def test_all_fused_tiny_model_matches_eager(core, make_checkpoint, presets):
     """Teacher-forced logits through the engine (a prefill of 20 rows runs the sites' parts: the Triton norms and
     SiLU * up around cuBLAS; decode the FMA path),

@@ -27,15 +27,16 @@ interleave_gate_up = core.interleave_gate_up
 
 
 @triton.jit
-def _gate_up_silu_kernel(x_ptr, w_ptr, a_ptr, M, N, K, stride_xm, stride_wn, stride_am, EVEN_K: tl.constexpr,
-                         ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+def _gate_up_silu_kernel(x_ptr, w_ptr, a_ptr, nw_ptr, M, N, K, stride_xm, stride_wn, stride_am, eps,
+                         HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+                         PREFETCH: tl.constexpr):
     """Grid (N blocks, 1, M blocks), N = 2I interleaved rows: a = silu(x @ gate.T) * (x @ up.T), rounded as
-    the native rounds."""
+    the native rounds; HAS_NORM: of rms_norm(x) * nw (the RMSNorm applied on the fly, as in the norm GEMV)."""
     if PDL:
         gdc_launch_dependents()
     pid_n, pid_m = tl.program_id(0), tl.program_id(2)
-    acc = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, x_ptr, M, N, K, 0, K, 0.0, pid_m, pid_n, False, EVEN_K,
+    acc = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, 0, K, eps, pid_m, pid_n, HAS_NORM, EVEN_K,
                     ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
     act = silu_mul_pairs(acc, a_ptr, BLOCK_M, BLOCK_N)
     dtype = a_ptr.dtype.element_ty
@@ -46,8 +47,10 @@ def _gate_up_silu_kernel(x_ptr, w_ptr, a_ptr, M, N, K, stride_xm, stride_wn, str
 
 
 @triton_op("nanovllm_triton::gate_up_silu", mutates_args=())
-def gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """silu_and_mul(x @ [gate; up].T) for the row-interleaved weight w (2I, K) and at most MAX_M rows of x."""
+def gate_up_silu(x: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor | None = None,
+                 eps: float = 0.0) -> torch.Tensor:
+    """silu_and_mul(x @ [gate; up].T) for the row-interleaved weight w (2I, K) and at most MAX_M rows of x;
+    with norm_w, of rms_norm(x, norm_w, eps) instead of x."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     (m, k), n = x.shape, w.shape[0]
 
@@ -57,12 +60,14 @@ def gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(m, n // 2)
         bm, pdl = core.tuning.block_m(m), core.pdl(x, weight)
         wrap_triton(_gate_up_silu_kernel)[(triton.cdiv(n, cfg.BLOCK_N), 1, triton.cdiv(m, bm))](
-            x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-            EVEN_K=k % cfg.BLOCK_K == 0, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm, DOT_F32=core.dot_f32(x), PDL=pdl,
+            x, weight, out, norm_w, m, n, k, x.stride(0), weight.stride(0), out.stride(0), eps,
+            HAS_NORM=norm_w is not None, EVEN_K=k % cfg.BLOCK_K == 0, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm,
+            DOT_F32=core.dot_f32(x), PDL=pdl,
             PREFETCH=core.prefetch(pdl, weight), **cfg.meta(), **core.launch_opts(pdl))
         return out
 
-    return run(core.tuning.choose("gate_up_silu", n, k, m, x, w, core.bencher(w, run), split=False), w)
+    name = "gate_up_silu_norm" if norm_w is not None else "gate_up_silu"
+    return run(core.tuning.choose(name, n, k, m, x, w, core.bencher(w, run), split=False), w)
 
 
 def mlp(h, gate_up_w, down_w, residual, *, parts):

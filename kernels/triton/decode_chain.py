@@ -1,0 +1,49 @@
+"""Backend `triton_chain` of site `decode_layer`: a decode step of a pre-norm SiLU layer as five launches
+(six with the attention's merge), one fewer than its four sites in a row.
+
+The sites hand each other normed activations, so `attn_out` needs a launch of its own for the post-attention
+RMSNorm (the norm needs the whole row, which no GEMV program has). Here that norm moves into the gate/up
+GEMV's prologue, as `norm_qkv` does for the input norm: every program recomputes the row's 1/rms from the
+residual stream while it streams its weights.
+1. RMSNorm + QKV GEMV; 2. q/k norm + RoPE + KV write + split-KV attention (+ merge); 3. O projection +
+residual; 4. RMSNorm + gate/up GEMV + SiLU * up (gate/up rows interleaved, as the `mlp` site stores them);
+5. down projection + residual.
+Steps of more than MAX_M rows run the layer's sites.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanovllm.ops.plugins import load_sibling
+
+core = load_sibling(__file__, "_gemv_core")
+
+
+def decode_layer(x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, eps: float,
+                 positions, cos_sin, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0,
+                 *, parts):
+    """The layer's decode step in five GEMV / attention launches (see the module docstring)."""
+    ops = torch.ops.nanovllm_triton
+    kv_heads, head_dim = k_cache.shape[-2:]
+    kv = kv_heads * head_dim
+    qkv = ops.gemv(x, qkv_w, qkv_b, None, input_norm, eps)
+    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv.split((qkv_w.shape[0] - 2 * kv, kv, kv), dim=-1))
+    o = ops.rope_decode_attention(q, k, v, q_norm_w, k_norm_w, float(eps), positions, cos_sin, k_cache, v_cache,
+                                  meta.slot_mapping, meta.block_tables, float(scale), int(window), float(softcap), 0)
+    x = ops.gemv(o.flatten(1), o_w, None, x, None, 0.0)
+    act = ops.gate_up_silu(x, gate_up_w, post_norm, eps)
+    return ops.gemv(act, down_w, None, x, None, 0.0)
+
+
+def _check(shapes: dict) -> str | None:
+    """head_dim even and <= 256, heads a multiple of kv_heads"""
+    d, h, hk = shapes.get("head_dim", 128), shapes.get("heads", 1), shapes.get("kv_heads", 1)
+    if d % 2 or d > 256:
+        return f"head_dim {d} is odd or > 256"
+    return f"{h} heads are not a multiple of {hk} kv heads" if h % hk else None
+
+
+# more rows than a GEMV takes (register_site's default): the layer's sites, as resolved
+core.register_site("decode_layer", decode_layer, check=_check, backend="triton_chain",
+                   layouts={"gate_up_w": core.interleave_gate_up})
