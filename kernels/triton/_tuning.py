@@ -67,8 +67,8 @@ def candidates(n: int, k: int, m: int, sms: int, split: bool = True, tile: int =
 
     One row (FMA path): BLOCK_K is 256 or 512 columns per warp, so the warps split K and never hold the
     same x columns (a shared-memory shuffle of x per step otherwise), and each thread keeps 4 or 8
-    16-byte weight loads in flight; where one tile spans K (nothing else is held then), also up to 1024
-    columns per warp, one warp, and 16 loads per thread. Split-K is offered only while the N blocks alone
+    16-byte weight loads in flight; where one tile spans K (nothing else is held then), also up to 2048
+    columns per warp, one warp, and 16 or 32 loads per thread. Split-K is offered only while the N blocks alone
     leave SMs idle."""
     kmax = max(triton.next_power_of_2(k), 16)
     out: list[Config] = []
@@ -76,10 +76,10 @@ def candidates(n: int, k: int, m: int, sms: int, split: bool = True, tile: int =
         def fits(bn: int, bk: int, nw: int) -> bool:
             per_thread = bn * bk * tile // (32 * nw)  # weight elements a thread holds
             if bk >= k and tile == 1:
-                return per_thread in (32, 64, 128)
+                return per_thread in (32, 64, 128, 256)
             allowed = (32, 64) if tile == 1 else (32,)
             return nw > 1 and bk <= 512 * nw and bk <= max(kmax, 512) and per_thread in allowed
-        shapes = [(bn, bk, nw) for nw in (1, 2, 4, 8) for bk in (256 * nw, 512 * nw, 1024 * nw)
+        shapes = [(bn, bk, nw) for nw in (1, 2, 4, 8) for bk in (256 * nw, 512 * nw, 1024 * nw, 2048 * nw)
                   for bn in (1, 2, 4, 8, 16, 32) if bk < 2 * kmax and fits(bn, bk, nw)]
         stages, waves = 1, 2  # plain loads are not software-pipelined; more stages only cost shared memory
     else:  # tl.dot path: weight tiles go through shared memory by cp.async, pipelined

@@ -24,7 +24,7 @@ attn = load_sibling(__file__, "_decode_core")
 gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
 split_program, merge_head, num_splits, BLOCK_KV = attn.split_program, attn.merge_head, attn.num_splits, attn.BLOCK_KV
 prefetch_split_kv = attn.prefetch_split_kv
-PREFETCH_BLOCKS = 2  # L2 prefetch per split before the PDL wait: 128 keys (the whole split at context 4096)
+PREFETCH_BLOCKS = 1  # L2 prefetch before the PDL wait of splits of at most this many key blocks
 
 
 @triton.jit
