@@ -402,9 +402,9 @@ def persistent(engines):
 
 
 @pytest.fixture(scope="module")
-def layer_chain(engines):
-    """all_fused with each layer's decode step as the five-launch chain."""
-    llm = engine_over_all_fused("layer_chain")
+def layer_sites(engines):
+    """all_fused with each layer's decode step as its four sites in a row (not the five-launch chain)."""
+    llm = engine_over_all_fused("layer_sites")
     yield llm
     llm.close()
 
@@ -446,6 +446,7 @@ def test_all_fused_teacher_forced_logits(engines):
     table = fused.engine.runner.resolver.table
     assert all(table["0"][op] == "triton" for op in ("norm_qkv", "qk_norm_rope", "attn_out", "mlp",
                                                      "attention_decode")), table["0"]
+    assert table["0"]["decode_layer"] == "triton_chain"
     check_teacher_forced_logits(ref, fused, "all_fused")
 
 
@@ -461,11 +462,12 @@ def test_persistent_layer_model(engines, persistent):
     check_greedy_tokens(engines[0], persistent, "all_fused+persistent_layer")
 
 
-def test_layer_chain_model(engines, layer_chain):
-    """The five-launch layer chain in the engine: eager decode steps (teacher forcing) and the CUDA graphs."""
-    assert layer_chain.engine.runner.resolver.table["0"]["decode_layer"] == "triton_chain"
-    check_teacher_forced_logits(engines[0], layer_chain, "all_fused+layer_chain")
-    check_greedy_tokens(engines[0], layer_chain, "all_fused+layer_chain")
+def test_layer_sites_model(engines, layer_sites):
+    """all_fused's sites one after another in the engine (all_fused itself runs the five-launch chain): eager
+    decode steps (teacher forcing) and the CUDA graphs."""
+    assert layer_sites.engine.runner.resolver.table["0"]["decode_layer"] == "eager"
+    check_teacher_forced_logits(engines[0], layer_sites, "all_fused+layer_sites")
+    check_greedy_tokens(engines[0], layer_sites, "all_fused+layer_sites")
 
 
 def test_all_fused_sampled_decode_graph(engines):

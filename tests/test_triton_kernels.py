@@ -410,13 +410,14 @@ def test_every_triton_backend_resolves_on_the_interpreter(core):
         assert used == "triton"
     import yaml
 
-    preset = yaml.safe_load((ROOT / "configs/kernels/all_fused.yaml").read_text())
-    assert set(preset["ops"]) == set(ops) - {"decode_layer"} and set(preset["ops"].values()) == {"triton"}
+    preset = yaml.safe_load((ROOT / "configs/kernels/all_fused.yaml").read_text())["ops"]
+    assert preset.pop("decode_layer") == "triton_chain"
+    assert set(preset) == set(ops) - {"decode_layer"} and set(preset.values()) == {"triton"}
 
 
 @inner
 @pytest.mark.parametrize("presets", [("all_fused",), ("all_fused", "onepass"), ("all_fused", "persistent_layer"),
-                                     ("all_fused", "layer_chain")])
+                                     ("all_fused", "layer_sites")])
 def test_all_fused_tiny_model_matches_eager(core, make_checkpoint, presets):
     """Teacher-forced logits through the engine (a prefill of 20 rows runs the sites' parts: the Triton norms and
     SiLU * up around cuBLAS; decode the FMA path),

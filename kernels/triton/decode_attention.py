@@ -11,6 +11,8 @@ so a captured CUDA graph stays valid as contexts grow; splits past a request's k
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -24,7 +26,8 @@ attn = load_sibling(__file__, "_decode_core")
 gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
 split_program, merge_head, num_splits, BLOCK_KV = attn.split_program, attn.merge_head, attn.num_splits, attn.BLOCK_KV
 prefetch_split_kv = attn.prefetch_split_kv
-PREFETCH_BLOCKS = 1  # L2 prefetch before the PDL wait of splits of at most this many key blocks
+# L2 prefetch before the PDL wait of splits of at most this many key blocks (NANOVLLM_TRITON_KV_PREFETCH=0: none)
+PREFETCH_BLOCKS = int(os.environ.get("NANOVLLM_TRITON_KV_PREFETCH", "1"))
 
 
 @triton.jit

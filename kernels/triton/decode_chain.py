@@ -1,5 +1,5 @@
-"""Backend `triton_chain` of site `decode_layer`: a decode step of a pre-norm SiLU layer as five launches
-(six with the attention's merge), one fewer than its four sites in a row.
+"""Backend `triton_chain` of site `decode_layer` (in `all_fused`): a decode step of a pre-norm SiLU layer as
+five launches (six with the attention's merge), one fewer than its four sites in a row.
 
 The sites hand each other normed activations, so `attn_out` needs a launch of its own for the post-attention
 RMSNorm (the norm needs the whole row, which no GEMV program has). Here that norm moves into the gate/up
