@@ -181,8 +181,8 @@ def knobs(module: str, **values):
 
 def decode_layer(tuning, contexts=(128, 4096), page=16, persistent=True):
     """A whole decoder layer at batch 1 (weights and KV rotating, so each launch reads HBM): the all_fused
-    sites one after another (7 launches), the five-launch chain (decode_layer triton_chain), each with and
-    without the attention's L2 prefetch of K/V, against the persistent layer kernel in its variants."""
+    sites one after another (7 launches) and the five-launch chain (all_fused's decode_layer, triton_chain),
+    against the persistent layer kernel in its variants."""
     from nanovllm.layers.rotary import cos_sin_table
 
     class Rope:
@@ -214,13 +214,8 @@ def decode_layer(tuning, contexts=(128, 4096), page=16, persistent=True):
 
         base = timed(tuning, functools.partial(site_call, composed), weights)
         out.append(row(f"layer ctx={ctx} sites", 1, nbytes, base, base))
-        for name, fn in (("sites", composed), ("chain", chain)):
-            if name == "chain":
-                out.append(row(f"layer ctx={ctx} chain", 1, nbytes, base,
-                               timed(tuning, functools.partial(site_call, fn), weights)))
-            with knobs("decode_attention", PREFETCH_BLOCKS=0):
-                out.append(row(f"layer ctx={ctx} {name}, no K/V prefetch", 1, nbytes, base,
-                               timed(tuning, functools.partial(site_call, fn), weights)))
+        out.append(row(f"layer ctx={ctx} chain", 1, nbytes, base,
+                       timed(tuning, functools.partial(site_call, chain), weights)))
         if ctx == contexts[0]:  # each site alone, to set beside the phases alone
             out += sites_alone(tuning, sites, x, norms, table, meta, weights, base)
         for name, tunables, kw in (LAYER_VARIANTS if ctx == contexts[0] else LAYER_VARIANTS[:4]) if persistent else ():

@@ -62,44 +62,6 @@ def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stri
 
 
 @triton.jit
-def split_range(pos_ptr, b, window, num_splits, split, BLOCK_KV: tl.constexpr):
-    """(kv_len, start, stop): the keys [start, stop) of split `split` of request b."""
-    kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
-    lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)  # sliding window: the last `window` keys
-    span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
-    start = lo + split * span
-    return kv_len, start, tl.minimum(kv_len, start + span)
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Hint: bring the 128-byte lines at `ptrs` into L2 (no registers held, nothing to wait for)."""
-    # one line, no escapes: torch.compile copies this source into a string literal of its own
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch_split_kv(kc_ptr, vc_ptr, bt_ptr, pos_ptr, b, kh, split, stride_kb, stride_ks, stride_kh, stride_vb,
-                      stride_vs, stride_vh, stride_bt, page, window, num_splits, BLOCK_KV: tl.constexpr,
-                      LINES: tl.constexpr, LINE: tl.constexpr, PREFETCH_BLOCKS: tl.constexpr):
-    """L2 prefetch of this split's K and V when it spans at most PREFETCH_BLOCKS key blocks (short contexts,
-    where the attention waits on latency, not bandwidth: measured slower at context 4096, where the
-    prefetch competes with the GEMV before it). Issued before the wait for the kernel before: it reads only
-    inputs no kernel in flight writes, and a stale line is only a wasted hint (the real loads come after
-    the wait), so the cache reads overlap the previous kernel."""
-    kv_len, start, stop = split_range(pos_ptr, b, window, num_splits, split, BLOCK_KV)
-    if stop - start <= PREFETCH_BLOCKS * BLOCK_KV:
-        offs_n, offs_l = tl.arange(0, BLOCK_KV), tl.arange(0, LINES) * LINE
-        for i in tl.static_range(PREFETCH_BLOCKS):
-            pos = start + i * BLOCK_KV + offs_n
-            blk = tl.load(bt_ptr + b * stride_bt + pos // page, mask=pos < stop, other=0).to(tl.int64)
-            row = (pos % page)[:, None]
-            prefetch_l2(kc_ptr + blk[:, None] * stride_kb + row * stride_ks + kh * stride_kh + offs_l[None, :])
-            prefetch_l2(vc_ptr + blk[:, None] * stride_vb + row * stride_vs + kh * stride_vh + offs_l[None, :])
-
-
-@triton.jit
 def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, b, kh, split,
                   num_kv_heads, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                   stride_bt, page, group, head_dim, qk_scale, softcap, window, num_splits, stride_ob, stride_oh,
@@ -112,7 +74,11 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     the output; else its partial output and log-sum-exp, merged by the last split to arrive if MERGE.
     ROPE: q, k, v are this step's raw projections; the query heads are normed and rotated here, and the split
     that holds the newest position writes its key and value into the caches before it reads them."""
-    kv_len, start, stop = split_range(pos_ptr, b, window, num_splits, split, BLOCK_KV)
+    kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
+    lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)  # sliding window: the last `window` keys
+    span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
+    start = lo + split * span
+    stop = tl.minimum(kv_len, start + span)
     offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_KV)
     heads = kh * group + offs_g
     mask_g, mask_d = offs_g < group, offs_d < head_dim

@@ -11,8 +11,6 @@ so a captured CUDA graph stays valid as contexts grow; splits past a request's k
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -25,9 +23,6 @@ core = load_sibling(__file__, "_gemv_core")
 attn = load_sibling(__file__, "_decode_core")
 gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
 split_program, merge_head, num_splits, BLOCK_KV = attn.split_program, attn.merge_head, attn.num_splits, attn.BLOCK_KV
-prefetch_split_kv = attn.prefetch_split_kv
-# L2 prefetch before the PDL wait of splits of at most this many key blocks (NANOVLLM_TRITON_KV_PREFETCH=0: none)
-PREFETCH_BLOCKS = int(os.environ.get("NANOVLLM_TRITON_KV_PREFETCH", "1"))
 
 
 @triton.jit
@@ -38,17 +33,11 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr,
                          stride_nvh, eps, ROPE: tl.constexpr, HAS_NORM: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, MERGE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                         DOT_F32: tl.constexpr, PDL: tl.constexpr, LINES: tl.constexpr, LINE: tl.constexpr,
-                         PREFETCH_BLOCKS: tl.constexpr):
+                         DOT_F32: tl.constexpr, PDL: tl.constexpr):
     """Grid (request, kv head, split): one split_program each (ROPE: q/k norm + RoPE + KV write fused, one
-    launch fewer per layer). With PDL, the split's first key blocks are prefetched into L2 while the kernel
-    before still runs; every real load waits for it (q, k, v are its outputs, or the new K/V its writes)."""
-    if PDL:
+    launch fewer per layer)."""
+    if PDL:  # the K/V of this step are written by the kernel before (or q, k, v computed): wait before any load
         gdc_launch_dependents()
-        if PREFETCH_BLOCKS > 0:
-            prefetch_split_kv(kc_ptr, vc_ptr, bt_ptr, pos_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, page,
-                              window, num_splits, BLOCK_KV, LINES, LINE, PREFETCH_BLOCKS)
         gdc_wait()
     split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, tl.program_id(0),
                   tl.program_id(1), tl.program_id(2), tl.num_programs(1), stride_qb, stride_qh, stride_kb, stride_ks,
@@ -67,11 +56,6 @@ def _decode_merge_kernel(o_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, num_spli
         gdc_wait()
     merge_head(o_ptr, lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.num_programs(1), num_splits,
                stride_ob, stride_oh, head_dim, BLOCK_S, BLOCK_D)
-
-
-def prefetch_lines(head_dim: int, elsize: int) -> int:
-    """128-byte lines of a key row to prefetch: a power of two, none past the row's end."""
-    return 1 << (max(1, head_dim * elsize // 128).bit_length() - 1)
 
 
 def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap, splits, onepass, rope=None):
@@ -98,9 +82,7 @@ def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap,
             v.stride(0), v.stride(1), eps, ROPE=rope is not None, HAS_NORM=q_norm_w is not None,
             HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1, MERGE=count is not None,
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_KV=BLOCK_KV, BLOCK_D=block_d, BLOCK_S=block_s,
-            DOT_F32=core.dot_f32(q), PDL=pdl, LINES=prefetch_lines(d, k_cache.element_size()),
-            LINE=max(1, 128 // k_cache.element_size()), PREFETCH_BLOCKS=PREFETCH_BLOCKS if pdl else 0, num_warps=4,
-            num_stages=2, **core.launch_opts(pdl))
+            DOT_F32=core.dot_f32(q), PDL=pdl, num_warps=4, num_stages=2, **core.launch_opts(pdl))
     if batch and splits > 1 and count is None:
         wrap_triton(_decode_merge_kernel)[(batch, hq)](
             o, lse, out, out.stride(0), out.stride(1), splits, d, BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl,
