@@ -234,27 +234,35 @@ def test_rope_decode_attention(core, kv_lens, backend):
     assert torch.equal(caches[1], caches[3])
 
 
-@pytest.mark.parametrize("kv_len", [1, 129, 4100])
-def test_decode_layer(core, kv_len):
-    """The persistent layer kernel against the native composition of the layer's sites (the new residual
-    stream and both caches); with its grid barriers it must equal, bit for bit, its phases launched one by
-    one (no barrier: the launches order them), with either way of polling, eagerly and replayed in a graph."""
+def layer_against_native(backend: str, kv_len: int):
+    """Backend `backend` of decode_layer at the model's shapes against the native composition of the layer's
+    sites (the new residual stream and both caches). Returns (state, the backend's inputs up to the caches,
+    its output)."""
     torch.manual_seed(kv_len)
     s = chain_state(kv_len)
-    layer = get_op("decode_layer").impls["triton"]
+    layer = get_op("decode_layer").impls[backend]
     weights = (s["in_norm"], s["qkv_w"], None, s["q_norm"], s["k_norm"], s["o_w"], s["post_norm"])
     rest = (EPS, s["meta"].positions, s["table"])
     kc, vc = s["kc"].clone(), s["vc"].clone()
-    got = layer.fn(s["x"], *weights, layer.layouts["gate_up_w"](s["gate_up_w"]), s["down_w"], *rest, kc, vc, s["meta"],
-                   D ** -0.5)
+    inputs = (s["x"], *weights, layer.layouts["gate_up_w"](s["gate_up_w"]), s["down_w"], *rest, kc, vc)
+    got = layer.fn(*inputs, s["meta"], D ** -0.5)
     want = native_site("decode_layer")(s["x"], *weights, s["gate_up_w"], s["down_w"], *rest, s["kc"], s["vc"],
                                        s["meta"], D ** -0.5)
-    report(f"decode_layer kv_len={kv_len}", got, want)
+    report(f"decode_layer {backend} kv_len={kv_len}", got, want)
     torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(kc, s["kc"], **BF16)
     torch.testing.assert_close(vc, s["vc"], **BF16)
-    args = (s["x"], *weights, layer.layouts["gate_up_w"](s["gate_up_w"]), s["down_w"], *rest, kc, vc,
-            s["meta"].slot_mapping, s["meta"].block_tables, core.counters(s["x"].device, 64), D ** -0.5, 0, 0.0)
+    return s, inputs, got
+
+
+@pytest.mark.parametrize("kv_len", [1, 129, 4100])
+def test_decode_layer(core, kv_len):
+    """The persistent layer kernel against the native layer; with its grid barriers it must equal, bit for
+    bit, its phases launched one by one (no barrier: the launches order them), with either way of polling,
+    eagerly and replayed in a graph."""
+    s, inputs, _ = layer_against_native("triton", kv_len)
+    args = (*inputs, s["meta"].slot_mapping, s["meta"].block_tables, core.counters(s["x"].device, 64), D ** -0.5, 0,
+            0.0)
     op = torch.ops.nanovllm_triton.decode_layer
     phased = op(*args, barrier=False)
     for poll_atomic in (False, True):
@@ -272,26 +280,13 @@ def test_decode_layer(core, kv_len):
 
 @pytest.mark.parametrize("kv_len", [1, 129, 4100])
 def test_decode_layer_chain(core, kv_len):
-    """The five-launch chain against the native composition of the layer's sites, and replayed in a graph."""
-    torch.manual_seed(kv_len)
-    s = chain_state(kv_len)
+    """all_fused's five-launch chain against the native layer, and replayed in a graph."""
+    s, inputs, got = layer_against_native("triton_chain", kv_len)
     layer = get_op("decode_layer").impls["triton_chain"]
-    weights = (s["in_norm"], s["qkv_w"], None, s["q_norm"], s["k_norm"], s["o_w"], s["post_norm"])
-    rest = (EPS, s["meta"].positions, s["table"])
-    kc, vc = s["kc"].clone(), s["vc"].clone()
-    args = (s["x"], *weights, layer.layouts["gate_up_w"](s["gate_up_w"]), s["down_w"], *rest, kc, vc, s["meta"],
-            D ** -0.5)
-    got = layer.fn(*args)
-    want = native_site("decode_layer")(s["x"], *weights, s["gate_up_w"], s["down_w"], *rest, s["kc"], s["vc"],
-                                       s["meta"], D ** -0.5)
-    report(f"decode_layer chain kv_len={kv_len}", got, want)
-    torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
-    torch.testing.assert_close(kc, s["kc"], **BF16)
-    torch.testing.assert_close(vc, s["vc"], **BF16)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        replayed = layer.fn(*args)
+        replayed = layer.fn(*inputs, s["meta"], D ** -0.5)
     for _ in range(5):  # the same step again: rewrites the same K/V slot with the same values
         graph.replay()
         assert torch.equal(replayed, got)
