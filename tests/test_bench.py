@@ -127,6 +127,27 @@ def test_profile_summary_counts_cuda_kernels_and_graph_launches():
     assert not hidden["graph_kernels_visible"] and "note" in hidden
 
 
+def test_profile_critical_path_of_overlapping_kernels():
+    """PDL overlap: a kernel that starts while the one before runs adds only its part past that one's end; a
+    gap before a kernel is nobody's."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from nanovllm.bench.profiling import summarize
+
+    def ev(name, start, end):
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=SimpleNamespace(start=start, end=end))
+
+    # gemv 0-10, attention 4-13 (adds 3), merge 12-14 (adds 1), a gap, gemv again 20-30 (adds 10)
+    events = [ev("_gemv_kernel", 0, 10), ev("_decode_split_kernel", 4, 13), ev("_decode_merge_kernel", 12, 14),
+              ev("_gemv_kernel", 20, 30)]
+    s = summarize(events, steps=1, on_cuda=True)
+    crit = {t["name"]: t["critical_us_per_step"] for t in s["top"]}
+    assert crit == {"_gemv_kernel": 20.0, "_decode_split_kernel": 3.0, "_decode_merge_kernel": 1.0}
+    assert s["critical_us_per_step"] == 24.0 and s["busy_us_per_step"] == 31.0
+
+
 def test_decode_steps_of_a_batch(tiny_model):
     """Each step decodes one token of every request (the profiler's throughput regime); close() frees all."""
     from nanovllm import LLM

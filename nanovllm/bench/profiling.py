@@ -55,26 +55,41 @@ def _is_top_level_aten(e) -> bool:
     return True
 
 
+def critical_us(events) -> dict[int, float]:
+    """Per event (by id), the time it adds to the device's busy span: how far its end reaches past the end of
+    every event that started before it, at most its own duration. Kernels launched with PDL overlap (the
+    next one starts, prefetches and waits while the one before drains), so their durations double count;
+    idle gaps between steps belong to no kernel."""
+    out, reach = {}, float("-inf")
+    for e in sorted(events, key=lambda e: e.time_range.start):
+        out[id(e)] = min(_duration_us(e), max(0.0, e.time_range.end - reach))
+        reach = max(reach, e.time_range.end)
+    return out
+
+
 def summarize(events, steps: int, on_cuda: bool) -> dict:
     if on_cuda:
         device_events = [e for e in events if e.device_type == DeviceType.CUDA]
         copies = [e for e in device_events if e.name.startswith(("Memcpy", "Memset"))]
         launched = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset"))]
         durations = {id(e): _duration_us(e) for e in device_events}
+        critical = critical_us(device_events)
         unit = "CUDA kernels"
     else:
         copies = []
         launched = [e for e in events if _is_top_level_aten(e)]
         durations = {id(e): e.cpu_time_total for e in launched}
+        critical = durations  # one op at a time
         unit = "top-level aten ops (CPU)"
     host = [e.name for e in events if e.device_type == DeviceType.CPU]
     graph_launches = sum(name in GRAPH_LAUNCH for name in host)
     host_launches = sum(bool(HOST_LAUNCH.match(name)) for name in host)
-    by_kind, by_name = defaultdict(float), defaultdict(lambda: [0, 0.0])
+    by_kind, by_name = defaultdict(float), defaultdict(lambda: [0, 0.0, 0.0])
     for e in launched:
         by_kind[kind(e.name)] += durations[id(e)]
         by_name[e.name][0] += 1
         by_name[e.name][1] += durations[id(e)]
+        by_name[e.name][2] += critical[id(e)]
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:TOP]
     out = dict(
         unit=unit, steps=steps, launches_per_step=len(launched) / steps,
@@ -82,9 +97,10 @@ def summarize(events, steps: int, on_cuda: bool) -> dict:
         # what the host paid: one call per eager kernel, one per graph replay
         host_launches_per_step=host_launches / steps,
         busy_us_per_step=sum(durations[id(e)] for e in launched) / steps,
+        critical_us_per_step=sum(critical[id(e)] for e in launched) / steps,
         us_per_step_by_kind={k: v / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        top=[dict(name=n, kind=kind(n), calls_per_step=c / steps, us_per_step=t / steps, mean_us=t / c)
-             for n, (c, t) in top],
+        top=[dict(name=n, kind=kind(n), calls_per_step=c / steps, us_per_step=t / steps, mean_us=t / c,
+                  critical_us_per_step=crit / steps) for n, (c, t, crit) in top],
     )
     out["graph_kernels_visible"] = not (on_cuda and graph_launches and not launched)
     if not out["graph_kernels_visible"]:

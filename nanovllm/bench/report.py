@@ -73,7 +73,8 @@ def print_profile(s: dict, console: Console) -> None:
     console.print(f"[bold]{escape(s['preset'])}[/]{batch} on {escape(s['gpu'])}: [bold]{s['launches_per_step']:.1f}[/] "
                   f"{s['unit']} per decode step ({s['copies_per_step']:.1f} copies; host launch calls "
                   f"{s['host_launches_per_step']:.1f}, of them graph launches {s['graph_launches_per_step']:.1f}); "
-                  f"busy {s['busy_us_per_step']:.1f} µs/step")
+                  f"busy {s['busy_us_per_step']:.1f} µs/step, on the critical path "
+                  f"{s.get('critical_us_per_step', s['busy_us_per_step']):.1f}")
     if s.get("eager"):
         e = s["eager"]
         console.print(f"same steps without CUDA graphs: {e['launches_per_step']:.1f} kernels, host launch calls "
@@ -87,9 +88,9 @@ def print_profile(s: dict, console: Console) -> None:
         kinds.add_row(k, f"{us:.1f}")
     console.print(kinds)
     top = Table(title=f"top {len(s['top'])} kernels")
-    for col in ("kernel", "kind", "calls/step", "µs/step", "mean µs"):
+    for col in ("kernel", "kind", "calls/step", "µs/step", "mean µs", "critical µs/step"):
         top.add_column(col, justify="left" if col in ("kernel", "kind") else "right")
-    for t in s["top"]:
+    for t in s["top"]:  # critical: the part past every earlier kernel's end (PDL overlaps the rest)
         top.add_row(escape(t["name"][:90]), t["kind"], f"{t['calls_per_step']:.1f}", f"{t['us_per_step']:.1f}",
-                    f"{t['mean_us']:.2f}")
+                    f"{t['mean_us']:.2f}", f"{t.get('critical_us_per_step', t['us_per_step']):.1f}")
     console.print(top)
