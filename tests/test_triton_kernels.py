@@ -342,29 +342,34 @@ def test_rope_decode_attention(core, dtype, qk_norm, window, splits, onepass):
     torch.testing.assert_close(caches[1], caches[3], atol=0, rtol=0)
 
 
+LAYER_CASES = [(torch.float32, [70], True, False, 0), (torch.float32, [150], True, True, 0),
+               (torch.float32, [150], False, False, 9), (torch.bfloat16, [150], True, False, 0),
+               (torch.bfloat16, [5], False, True, 0)]
+
+
 @inner
-@pytest.mark.parametrize("dtype,kv_len,qk_norm,bias,window", [
-    (torch.float32, 70, True, False, 0), (torch.float32, 150, True, True, 0), (torch.float32, 150, False, False, 9),
-    (torch.bfloat16, 150, True, False, 0), (torch.bfloat16, 5, False, True, 0)])
-@pytest.mark.parametrize("backend", ["triton", "triton_chain"])
-def test_decode_layer(core, dtype, kv_len, qk_norm, bias, window, backend):
+@pytest.mark.parametrize("backend,dtype,kv_lens,qk_norm,bias,window", [
+    *(("triton", *case) for case in LAYER_CASES), *(("triton_chain", *case) for case in LAYER_CASES),
+    ("triton_chain", torch.float32, [70, 5, 33], True, False, 0)])
+def test_decode_layer(core, backend, dtype, kv_lens, qk_norm, bias, window):
     """The persistent layer kernel (one launch per phase here: the interpreter runs programs one by one) and
     the five-launch chain against the native composition of the layer's sites: the new residual stream and
     both caches. hidden 48, 4 query heads over 2 kv heads of 12 dims, intermediate 37 (odd: the last
     program's rows are ragged); 70 keys in a 72-key table run one split (no merge), 150 keys two splits (the
-    merge), 9 a sliding window."""
+    merge), 9 a sliding window; three requests run the chain's tl.dot GEMVs (the persistent kernel takes one
+    row only and hands more to the layer's sites as the engine resolved them)."""
     from nanovllm.layers.rotary import cos_sin_table
 
     class Rope:
         rope_theta = 10000.0
 
-    torch.manual_seed(kv_len + qk_norm)
+    torch.manual_seed(sum(kv_lens) + qk_norm)
     hidden, hq, hk, d, inter = 48, 4, 2, 12, 37
-    meta = paged_meta([kv_len], num_blocks=60)
+    meta = paged_meta(kv_lens, num_blocks=60)
     norms = (weight(d, dtype=dtype) + 1, weight(d, dtype=dtype) + 1) if qk_norm else (None, None)
     qkv_w = weight((hq + 2 * hk) * d, hidden, dtype=dtype)
     gate_up, down = weight(2 * inter, hidden, dtype=dtype), weight(hidden, inter, dtype=dtype)
-    x = torch.randn(1, hidden, dtype=dtype)
+    x = torch.randn(len(kv_lens), hidden, dtype=dtype)
     first = (x, weight(hidden, dtype=dtype) + 1, qkv_w, weight(qkv_w.shape[0], dtype=dtype) if bias else None, *norms,
              weight(hidden, hq * d, dtype=dtype), weight(hidden, dtype=dtype) + 1)
     rest = (1e-6, meta.positions, cos_sin_table(Rope(), d, 256))

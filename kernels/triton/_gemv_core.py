@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from nanovllm.ops import get_op, register_impl
+from nanovllm.ops import get_op, native_site, register_impl
 from nanovllm.ops.plugins import load_sibling
 
 tuning = load_sibling(__file__, "_tuning")
@@ -372,7 +372,7 @@ def register_site(op: str, fused, *, check=None, gemv_rows: bool = True, many_ro
         run.__doc__ = fused.__doc__
         return run
 
-    native_parts = {p: get_op(p).native for p in get_op(op).parts}
+    native_parts = {p: native_site(p) for p in get_op(op).parts}  # a part that is a site: its native composition
     register_impl(op, backend, devices=devices(), dtypes=DTYPES, check=check, build=build,
                   layouts=layouts)(build(native_parts))
 

@@ -62,8 +62,8 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def candidates(n: int, k: int, m: int, sms: int, split: bool = True, tile: int = 1) -> list[Config]:
-    """Configs worth timing. `tile` > 1 when a program streams that many weight tiles per step (gate+up).
+def candidates(n: int, k: int, m: int, sms: int, split: bool = True) -> list[Config]:
+    """Configs worth timing.
 
     One row (FMA path): BLOCK_K is 256 or 512 columns per warp, so the warps split K and never hold the
     same x columns (a shared-memory shuffle of x per step otherwise), and each thread keeps 4 or 8
@@ -74,11 +74,10 @@ def candidates(n: int, k: int, m: int, sms: int, split: bool = True, tile: int =
     out: list[Config] = []
     if block_m(m) == 1:
         def fits(bn: int, bk: int, nw: int) -> bool:
-            per_thread = bn * bk * tile // (32 * nw)  # weight elements a thread holds
-            if bk >= k and tile == 1:
+            per_thread = bn * bk // (32 * nw)  # weight elements a thread holds
+            if bk >= k:
                 return per_thread in (32, 64, 128, 256)
-            allowed = (32, 64) if tile == 1 else (32,)
-            return nw > 1 and bk <= 512 * nw and bk <= max(kmax, 512) and per_thread in allowed
+            return nw > 1 and bk <= 512 * nw and bk <= max(kmax, 512) and per_thread in (32, 64)
         shapes = [(bn, bk, nw) for nw in (1, 2, 4, 8) for bk in (256 * nw, 512 * nw, 1024 * nw, 2048 * nw)
                   for bn in (1, 2, 4, 8, 16, 32) if bk < 2 * kmax and fits(bn, bk, nw)]
         stages, waves = 1, 2  # plain loads are not software-pipelined; more stages only cost shared memory
@@ -93,12 +92,12 @@ def candidates(n: int, k: int, m: int, sms: int, split: bool = True, tile: int =
     return list(dict.fromkeys(out))
 
 
-def heuristic(n: int, k: int, m: int, sms: int, split: bool = True, tile: int = 1) -> Config:
+def heuristic(n: int, k: int, m: int, sms: int, split: bool = True) -> Config:
     """A sane untuned config: enough programs for two waves, 8 KB weight tiles."""
     if INTERPRET:  # two big programs: the interpreter's cost is per program and per op, not per element
         return Config(max(16, min(4096, triton.next_power_of_2(triton.cdiv(n, 2)))), 64, 1, 4, 1)
     if block_m(m) == 1:  # 4 warps over 1024 columns, 8 weight loads in flight per thread
-        return Config(max(1, 8 // tile), 1024, 1, 4, 1)
+        return Config(8, 1024, 1, 4, 1)
     bn, bk = 32, min(128, max(triton.next_power_of_2(k), 16))
     sk = 1
     while split and triton.cdiv(n, bn) * sk < sms and k >= 2 * sk * bk and sk < 8:
@@ -176,7 +175,7 @@ _memo: dict[tuple, Config] = {}  # resolved (cached or tuned) configs: the launc
 
 
 def choose(op: str, n: int, k: int, m: int, x: torch.Tensor, w: torch.Tensor,
-           make_bench: Callable[[], Callable[[Config], float]] | None, split: bool = True, tile: int = 1) -> Config:
+           make_bench: Callable[[], Callable[[Config], float]] | None, split: bool = True) -> Config:
     """The config for one launch. Only when tuning, `make_bench()` builds `bench(cfg)` -> seconds per launch."""
     if _forced:
         return _forced[-1]
@@ -185,7 +184,7 @@ def choose(op: str, n: int, k: int, m: int, x: torch.Tensor, w: torch.Tensor,
         return _memo[memo]
     sms = num_sms(x.device)
     if x.device.type != "cuda":
-        return heuristic(n, k, m, sms, split, tile)
+        return heuristic(n, k, m, sms, split)
     slug = gpu_slug(x.device)
     key = f"{op}:{str(w.dtype).removeprefix('torch.')}:N{n}:K{k}:M{m_bucket(m)}"
     hit = _table(slug).get(key)
@@ -193,8 +192,8 @@ def choose(op: str, n: int, k: int, m: int, x: torch.Tensor, w: torch.Tensor,
         _memo[memo] = Config(**{f: hit[f] for f in Config.__dataclass_fields__})
         return _memo[memo]
     if make_bench is None or not _can_tune(x, w):  # not memoized: a later eager call may still tune
-        return heuristic(n, k, m, sms, split, tile)
-    configs = [heuristic(n, k, m, sms, split, tile), *candidates(n, k, m, sms, split, tile)]
+        return heuristic(n, k, m, sms, split)
+    configs = [heuristic(n, k, m, sms, split), *candidates(n, k, m, sms, split)]
     best, best_t = tune(key, configs, make_bench())
     _record(slug, key, best, best_t)
     _memo[memo] = best

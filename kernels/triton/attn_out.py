@@ -98,8 +98,8 @@ def gemv_add_rms_norm(o: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, 
             o, weight, ws, residual, norm_w, out, res, count, m, n, k, o.stride(0), weight.stride(0),
             residual.stride(0), out.stride(0), res.stride(0), eps, SPLIT_K=cfg.SPLIT_K,
             EVEN_K=k % (cfg.SPLIT_K * cfg.BLOCK_K) == 0, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm,
-            DOT_F32=core.dot_f32(o), PDL=pdl,
-            PREFETCH=core.prefetch(pdl, weight), BLOCK=block, **cfg.meta(), **core.launch_opts(pdl))
+            DOT_F32=core.dot_f32(o), PDL=pdl, PREFETCH=core.prefetch(pdl, weight), BLOCK=block, **cfg.meta(),
+            **core.launch_opts(pdl))
         return out, res
 
     name = "attn_out_onepass" if count is not None else "attn_out"
