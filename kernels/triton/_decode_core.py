@@ -163,3 +163,17 @@ def num_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -
     """About two programs per SM, each with at least two key blocks of the widest possible context."""
     sms = core.tuning.num_sms(device)
     return max(1, min(triton.cdiv(2 * sms, batch * kv_heads), triton.cdiv(capacity, 2 * BLOCK_KV), 64))
+
+
+def check_attention(shapes: dict) -> str | None:
+    """head_dim <= 256, heads a multiple of kv_heads"""
+    d, h, hk = shapes.get("head_dim", 128), shapes.get("heads", 1), shapes.get("kv_heads", 1)
+    if d > 256:
+        return f"head_dim {d} > 256"
+    return f"{h} heads are not a multiple of {hk} kv heads" if h % hk else None
+
+
+def check_rope_attention(shapes: dict) -> str | None:
+    """head_dim even and <= 256, heads a multiple of kv_heads"""
+    d = shapes.get("head_dim", 128)
+    return f"head_dim {d} is odd" if d % 2 else check_attention(shapes)

@@ -139,22 +139,9 @@ def rope_decode_attention_onepass(*args, parts):
     return rope_decode_attention(*args, parts=parts, onepass=True)
 
 
-def _check(shapes: dict) -> str | None:
-    """head_dim <= 256, heads a multiple of kv_heads"""
-    d, h, hk = shapes.get("head_dim", 128), shapes.get("heads", 1), shapes.get("kv_heads", 1)
-    if d > 256:
-        return f"head_dim {d} > 256"
-    return f"{h} heads are not a multiple of {hk} kv heads" if h % hk else None
-
-
-def _check_rope(shapes: dict) -> str | None:
-    """head_dim even and <= 256, heads a multiple of kv_heads"""
-    d = shapes.get("head_dim", 128)
-    return f"head_dim {d} is odd" if d % 2 else _check(shapes)
-
-
 for _backend, _fn in (("triton", attention_decode), ("triton_onepass", attention_decode_onepass)):
-    register_impl("attention_decode", _backend, devices=core.devices(), dtypes=core.DTYPES, check=_check)(_fn)
-core.register_site("rope_decode_attention", rope_decode_attention, check=_check_rope, gemv_rows=False)
-core.register_site("rope_decode_attention", rope_decode_attention_onepass, check=_check_rope, gemv_rows=False,
-                   backend="triton_onepass")
+    register_impl("attention_decode", _backend, devices=core.devices(), dtypes=core.DTYPES,
+                  check=attn.check_attention)(_fn)
+for _backend, _fn in (("triton", rope_decode_attention), ("triton_onepass", rope_decode_attention_onepass)):
+    core.register_site("rope_decode_attention", _fn, check=attn.check_rope_attention, gemv_rows=False,
+                       backend=_backend)

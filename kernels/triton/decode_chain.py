@@ -18,6 +18,7 @@ import torch
 from nanovllm.ops.plugins import load_sibling
 
 core = load_sibling(__file__, "_gemv_core")
+attn = load_sibling(__file__, "_decode_core")
 
 
 def decode_layer(x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, eps: float,
@@ -36,14 +37,6 @@ def decode_layer(x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm
     return ops.gemv(act, down_w, None, x, None, 0.0)
 
 
-def _check(shapes: dict) -> str | None:
-    """head_dim even and <= 256, heads a multiple of kv_heads"""
-    d, h, hk = shapes.get("head_dim", 128), shapes.get("heads", 1), shapes.get("kv_heads", 1)
-    if d % 2 or d > 256:
-        return f"head_dim {d} is odd or > 256"
-    return f"{h} heads are not a multiple of {hk} kv heads" if h % hk else None
-
-
 # more rows than a GEMV takes (register_site's default): the layer's sites, as resolved
-core.register_site("decode_layer", decode_layer, check=_check, backend="triton_chain",
+core.register_site("decode_layer", decode_layer, check=attn.check_rope_attention, backend="triton_chain",
                    layouts={"gate_up_w": core.interleave_gate_up})

@@ -278,13 +278,8 @@ def decode_layer(x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm
 
 def _check(shapes: dict) -> str | None:
     """head_dim even and <= 256, heads a multiple of kv_heads, hidden <= 8192"""
-    d, h, hk, hidden = (shapes.get(k, v) for k, v in (("head_dim", 128), ("heads", 1), ("kv_heads", 1),
-                                                      ("hidden", 1)))
-    if d % 2 or d > 256:
-        return f"head_dim {d} is odd or > 256"
-    if h % hk:
-        return f"{h} heads are not a multiple of {hk} kv heads"
-    return f"hidden size {hidden} > 8192" if hidden > 8192 else None
+    hidden = shapes.get("hidden", 1)
+    return attn.check_rope_attention(shapes) or (f"hidden size {hidden} > 8192" if hidden > 8192 else None)
 
 
 core.register_site("decode_layer", decode_layer, check=_check, gemv_rows=False,
