@@ -17,51 +17,77 @@ arrive_last, gdc_launch_dependents, gdc_wait = core.arrive_last, core.gdc_launch
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
 BLOCK_KV = 64
 MIN_SPLIT_BLOCKS: tl.constexpr = tl.constexpr(int(os.environ.get("NANOVLLM_MIN_SPLIT_BLOCKS", "1")))  # scratch
+PRELOAD_KV: tl.constexpr = tl.constexpr(int(os.environ.get("NANOVLLM_PRELOAD_KV", "1")))  # scratch
 
 
 @triton.jit
-def norm_rope_heads(x_ptr, stride_h, heads, mask_h, w_ptr, cs_ptr, pos, head_dim, eps, HAS_NORM: tl.constexpr,
+def partner_dims(head_dim, BLOCK_D: tl.constexpr):
+    """For each dim, the other element of its NeoX-rotated pair."""
+    offs_d, half = tl.arange(0, BLOCK_D), head_dim // 2
+    return tl.where(offs_d < half, offs_d + half, offs_d - half)
+
+
+@triton.jit
+def rope_at(cs_ptr, pos, head_dim, BLOCK_D: tl.constexpr):
+    """(cos, sin) per dim at `pos` from the (positions, head_dim) cos|sin table, (1, BLOCK_D) each."""
+    offs_d, half = tl.arange(0, BLOCK_D), head_dim // 2
+    c, mask_d = offs_d % half, offs_d < head_dim
+    cos = tl.load(cs_ptr + pos * head_dim + c, mask=mask_d, other=0.0)
+    sin = tl.load(cs_ptr + pos * head_dim + half + c, mask=mask_d, other=0.0)
+    return cos.to(tl.float32)[None, :], sin.to(tl.float32)[None, :]
+
+
+@triton.jit
+def head_norm_w(w_ptr, head_dim, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(w, w at the partner dims) of a per-head RMSNorm, (1, BLOCK_D) fp32 each (ones without HAS_NORM)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if HAS_NORM:
+        mask_d = offs_d < head_dim
+        w = tl.load(w_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        wp = tl.load(w_ptr + partner_dims(head_dim, BLOCK_D), mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    else:
+        w = tl.full((1, BLOCK_D), 1.0, tl.float32)
+        wp = w
+    return w, wp
+
+
+@triton.jit
+def norm_rope_heads(x_ptr, stride_h, heads, mask_h, w, wp, cos, sin, head_dim, eps, HAS_NORM: tl.constexpr,
                     BLOCK_D: tl.constexpr):
-    """Heads `heads` of one token's (heads, head_dim) q or k: per-head RMSNorm (HAS_NORM), then NeoX RoPE at
-    `pos` from the (positions, head_dim) cos|sin table; rounded where the native ops round."""
-    half = head_dim // 2
+    """Heads `heads` of one token's (heads, head_dim) q or k: per-head RMSNorm (HAS_NORM, weights w, wp from
+    head_norm_w), then NeoX RoPE (cos, sin from rope_at); rounded where the native ops round. The constants
+    come in as values: a kernel loads them before its PDL wait (per-layer weights are DRAM misses)."""
     offs_d = tl.arange(0, BLOCK_D)
     mask = mask_h[:, None] & (offs_d < head_dim)[None, :]
-    partner = tl.where(offs_d < half, offs_d + half, offs_d - half)  # the other element of the rotated pair
     # .cg: in the persistent layer kernel another program of the same kernel wrote x (L1 is not coherent)
     x = tl.load(x_ptr + heads[:, None] * stride_h + offs_d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-    xp = tl.load(x_ptr + heads[:, None] * stride_h + partner[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+    xp = tl.load(x_ptr + heads[:, None] * stride_h + partner_dims(head_dim, BLOCK_D)[None, :], mask=mask, other=0.0,
+                 cache_modifier=".cg")
     dtype = x.dtype
     x, xp = x.to(tl.float32), xp.to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / head_dim + eps)[:, None]
-        w = tl.load(w_ptr + offs_d, mask=offs_d < head_dim, other=0.0).to(tl.float32)[None, :]
-        wp = tl.load(w_ptr + partner, mask=offs_d < head_dim, other=0.0).to(tl.float32)[None, :]
         x = (w * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         xp = (wp * (xp * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    c = offs_d % half
-    cos = tl.load(cs_ptr + pos * head_dim + c, mask=offs_d < head_dim, other=0.0)[None, :]
-    sin = tl.load(cs_ptr + pos * head_dim + half + c, mask=offs_d < head_dim, other=0.0)[None, :]
-    sign = tl.where(offs_d < half, -1.0, 1.0)[None, :]  # x1 cos - x2 sin | x2 cos + x1 sin
+    sign = tl.where(offs_d < head_dim // 2, -1.0, 1.0)[None, :]  # x1 cos - x2 sin | x2 cos + x1 sin
     return (x * cos + sign * xp * sin).to(dtype)
 
 
 @triton.jit
-def new_kv_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-               stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw_ptr, cs_ptr, pos, head_dim,
+def new_kv_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+               stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw, kwp, cos, sin, head_dim,
                eps, WRITE, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """This step's key (normed, rotated) and value of request b, kv head kh as (BLOCK_D,) rows in the cache's
-    dtype; written into the paged caches if WRITE."""
+    dtype; written into the paged caches at `slot` if WRITE."""
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     row = offs_g == 0  # a one-row tile in the shape of the query's
-    k = norm_rope_heads(k_ptr + b * stride_nkb, stride_nkh, kh + offs_g * 0, row, kw_ptr, cs_ptr, pos, head_dim, eps,
+    k = norm_rope_heads(k_ptr + b * stride_nkb, stride_nkh, kh + offs_g * 0, row, kw, kwp, cos, sin, head_dim, eps,
                         HAS_NORM, BLOCK_D)
     k = tl.sum(tl.where(row[:, None], k.to(tl.float32), 0.0), axis=0).to(kc_ptr.dtype.element_ty)
     mask_d = offs_d < head_dim
     v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + offs_d, mask=mask_d, other=0.0, cache_modifier=".cg")
     v = v.to(vc_ptr.dtype.element_ty)
     if WRITE:
-        slot = tl.load(slot_ptr + b).to(tl.int64)
         blk, r = slot // page, slot % page
         tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + offs_d, k, mask=mask_d)
         tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + offs_d, v, mask=mask_d)
@@ -150,23 +176,28 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     prefetch of the kernels launched after this one."""
     kv_len, start, stop, live = split_range(pos_ptr, b, split, window, num_splits, BLOCK_KV)
     if (start < stop) | MERGE:  # an empty split exits at once (before the wait): the merge reads live ones only
-        if PDL and not ROPE:
+        if ROPE:  # weights, the cos|sin table and the slot: nothing in flight writes them
+            qw, qwp = head_norm_w(qw_ptr, head_dim, HAS_NORM, BLOCK_D)
+            kw, kwp = head_norm_w(kw_ptr, head_dim, HAS_NORM, BLOCK_D)
+            cos, sin = rope_at(cs_ptr, kv_len - 1, head_dim, BLOCK_D)
+            slot = tl.load(slot_ptr + b).to(tl.int64)
+        if PDL and not (ROPE and PRELOAD_KV):
             gdc_launch_dependents()
             gdc_wait()
         pos, k, v = load_kv_block(kc_ptr, vc_ptr, bt_ptr, b, kh, start, stop, stride_bt, page, stride_kb, stride_ks,
                                   stride_kh, stride_vb, stride_vs, stride_vh, head_dim, BLOCK_KV, BLOCK_D)
-        if PDL and ROPE:
+        if PDL and ROPE and PRELOAD_KV:
             gdc_launch_dependents()
             gdc_wait()
         offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
         heads = kh * group + offs_g
         mask_g, mask_d = offs_g < group, offs_d < head_dim
         if ROPE:
-            q = norm_rope_heads(q_ptr + b * stride_qb, stride_qh, heads, mask_g, qw_ptr, cs_ptr, kv_len - 1, head_dim,
-                                eps, HAS_NORM, BLOCK_D)
-            k_new, v_new = new_kv_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stride_nkh,
-                                      stride_nvb, stride_nvh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                      stride_vh, page, kw_ptr, cs_ptr, kv_len - 1, head_dim, eps,
+            q = norm_rope_heads(q_ptr + b * stride_qb, stride_qh, heads, mask_g, qw, qwp, cos, sin, head_dim, eps,
+                                HAS_NORM, BLOCK_D)
+            k_new, v_new = new_kv_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb,
+                                      stride_nvh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                      page, kw, kwp, cos, sin, head_dim, eps,
                                       (start <= kv_len - 1) & (kv_len - 1 < stop), HAS_NORM, BLOCK_G, BLOCK_D)
         else:
             q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],

@@ -53,10 +53,11 @@ def pdl(*tensors: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
-def prefetch(use_pdl: bool, w: torch.Tensor) -> bool:
-    """Load the first weight tile before waiting on the previous kernel: only for Parameters, which no
-    kernel in flight writes (a plain tensor may be the output of the very kernel we overlap with)."""
-    return use_pdl and isinstance(w, torch.nn.Parameter)
+def prefetch(use_pdl: bool, *weights: torch.Tensor | None) -> bool:
+    """Load the first weight tile (and a one-tile program's norm weights) before waiting on the previous
+    kernel: only for Parameters, which no kernel in flight writes (a plain tensor may be the output of the
+    very kernel we overlap with)."""
+    return use_pdl and all(isinstance(w, torch.nn.Parameter) for w in weights if w is not None)
 
 
 def launch_opts(use_pdl: bool) -> dict:
@@ -99,6 +100,8 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, e
         if PDL and not PREFETCH:
             gdc_wait()
         w = tl.load(w_ptrs + k_lo, mask=mask_n[:, None] & ((k_lo + offs_k) < k_hi)[None, :], other=0.0)
+        if ONE_TILE and HAS_NORM:  # a per-layer weight: a DRAM miss, best issued before the wait too
+            nw = tl.load(nw_ptr + k_lo + offs_k, mask=(k_lo + offs_k) < k_hi, other=0.0).to(tl.float32)
         if PDL and PREFETCH:
             gdc_wait()
         if ONE_TILE:
@@ -106,7 +109,7 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, e
             x = tl.load(x_ptr + pid_m * stride_xm + k_lo + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             ss = x * x
             if HAS_NORM:
-                x = x * tl.load(nw_ptr + k_lo + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                x = x * nw
             out = tl.sum(w.to(tl.float32) * x[None, :], axis=1)[None, :]
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -318,7 +321,7 @@ def launch_gemv(x, w, out, cfg, bias=None, residual=None, norm_w=None, eps=0.0, 
         x, w, split_out if (partial or sk > 1) else out, bias, residual, norm_w, m, n, k, x.stride(0), w.stride(0),
         out.stride(0), res_stride, eps, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         HAS_NORM=norm_w is not None, PARTIAL=partial or sk > 1, SPLIT_K=sk, EVEN_K=k % (sk * cfg.BLOCK_K) == 0,
-        ONE_TILE=one_tile(k, cfg), BLOCK_M=bm, DOT_F32=dot_f32(x), PDL=use_pdl, PREFETCH=prefetch(use_pdl, w),
+        ONE_TILE=one_tile(k, cfg), BLOCK_M=bm, DOT_F32=dot_f32(x), PDL=use_pdl, PREFETCH=prefetch(use_pdl, w, norm_w),
         **cfg.meta(), **launch_opts(use_pdl))
     if sk > 1 and not partial:
         block = min(1024, triton.next_power_of_2(n))

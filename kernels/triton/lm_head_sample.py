@@ -65,7 +65,7 @@ def lm_head_argmax(h: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.T
         wrap_triton(_lm_head_argmax_kernel)[(progs, 1, triton.cdiv(m, bm))](
             h, weight, norm_w, val, idx, m, n, k, h.stride(0), weight.stride(0), eps, progs, per_prog,
             EVEN_K=k % cfg.BLOCK_K == 0, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm, DOT_F32=core.dot_f32(h), PDL=pdl,
-            PREFETCH=core.prefetch(pdl, weight), **cfg.meta(), **core.launch_opts(pdl))
+            PREFETCH=core.prefetch(pdl, weight, norm_w), **cfg.meta(), **core.launch_opts(pdl))
         return core.reduce_winners(val, idx, pdl)
 
     cfg = core.tuning.choose("lm_head_argmax", n, k, m, h, w, core.bencher(w, run), split=False)

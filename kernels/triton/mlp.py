@@ -62,7 +62,7 @@ def gate_up_silu(x: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor | None =
         wrap_triton(_gate_up_silu_kernel)[(triton.cdiv(n, cfg.BLOCK_N), 1, triton.cdiv(m, bm))](
             x, weight, out, norm_w, m, n, k, x.stride(0), weight.stride(0), out.stride(0), eps,
             HAS_NORM=norm_w is not None, EVEN_K=k % cfg.BLOCK_K == 0, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm,
-            DOT_F32=core.dot_f32(x), PDL=pdl, PREFETCH=core.prefetch(pdl, weight), **cfg.meta(),
+            DOT_F32=core.dot_f32(x), PDL=pdl, PREFETCH=core.prefetch(pdl, weight, norm_w), **cfg.meta(),
             **core.launch_opts(pdl))
         return out
 
