@@ -4,8 +4,6 @@ write, one split of split-KV flash decoding, and the merge of the splits."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -16,8 +14,6 @@ core = load_sibling(__file__, "_gemv_core")
 arrive_last, gdc_launch_dependents, gdc_wait = core.arrive_last, core.gdc_launch_dependents, core.gdc_wait
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
 BLOCK_KV = 64
-MIN_SPLIT_BLOCKS: tl.constexpr = tl.constexpr(int(os.environ.get("NANOVLLM_MIN_SPLIT_BLOCKS", "1")))  # scratch
-PRELOAD_KV: tl.constexpr = tl.constexpr(int(os.environ.get("NANOVLLM_PRELOAD_KV", "1")))  # scratch
 
 
 @triton.jit
@@ -97,11 +93,10 @@ def new_kv_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh
 @triton.jit
 def split_range(pos_ptr, b, split, window, num_splits, BLOCK_KV: tl.constexpr):
     """(kv_len, start, stop, live): split `split` of request b holds keys [start, stop) of its kv_len (the last
-    `window` if window > 0); the first `live` splits hold any. A split spans whole key blocks, at least
-    MIN_SPLIT_BLOCKS of them: a shorter one costs more in its merge than it saves."""
+    `window` if window > 0), whole key blocks; the first `live` splits hold any."""
     kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
     lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)
-    span = tl.maximum(tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV), MIN_SPLIT_BLOCKS) * BLOCK_KV
+    span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
     start = lo + split * span
     return kv_len, start, tl.minimum(kv_len, start + span), tl.cdiv(kv_len - lo, span)
 
@@ -145,9 +140,8 @@ def attend_block(q, k, v, pos, stop, new_pos, k_new, v_new, m_i, l_i, acc, qk_sc
     # Inductor passes Python floats as fp64: keep the softmax state (and the dot's accumulator) in fp32
     s = tl.where((pos < stop)[None, :], s.to(tl.float32), float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no keys (an empty split) adds 0, not NaN
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if DOT_F32:
         acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
@@ -165,28 +159,22 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
                   MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
     """Request b, kv head kh, split `split` of split-KV decoding: its share of the keys, block by block through
-    the block table (online softmax, exp2), for the GQA group's query heads as one tile. The one live split
-    (DIRECT, or a request short enough) stores the output; the others their partial output and log-sum-exp,
-    merged by the merge kernel, or by the last split to arrive if MERGE (then empty splits arrive too).
+    the block table (online softmax, exp2), for the GQA group's query heads as one tile. The only live split
+    of a request (DIRECT: the only split) stores the output; otherwise each live split stores its partial
+    output and log-sum-exp for the merge kernel, or for the last live split to arrive if MERGE.
     ROPE: q, k, v are this step's raw projections; the query heads are normed and rotated here, and the split
-    that holds the newest position writes its key and value into the caches and uses them from registers.
-    PDL: the previous kernel computed q (or wrote the new key): wait for it. With ROPE the first key block
-    loads before that wait: it holds earlier steps' keys, which no kernel in flight writes (the new row is
-    patched in), so its DRAM latency hides behind the previous kernel instead of queueing behind the weight
-    prefetch of the kernels launched after this one."""
+    that holds the newest position writes its key and value into the caches and uses them from registers
+    (patched into the block it loads: no store-to-load round trip, no barrier).
+    PDL: the kernel before computed q (or wrote this step's key): wait for it, after the loads that need it
+    not. Loading the first key block before the wait too was slower on the H100 (benchmarks/RESULTS.md)."""
     kv_len, start, stop, live = split_range(pos_ptr, b, split, window, num_splits, BLOCK_KV)
-    if (start < stop) | MERGE:  # an empty split exits at once (before the wait): the merge reads live ones only
-        if ROPE:  # weights, the cos|sin table and the slot: nothing in flight writes them
+    if start < stop:  # an empty split exits at once, before the wait: the merge reads the live splits only
+        if ROPE:  # weights, the cos|sin table and the slot: nothing in flight writes them, load before the wait
             qw, qwp = head_norm_w(qw_ptr, head_dim, HAS_NORM, BLOCK_D)
             kw, kwp = head_norm_w(kw_ptr, head_dim, HAS_NORM, BLOCK_D)
             cos, sin = rope_at(cs_ptr, kv_len - 1, head_dim, BLOCK_D)
             slot = tl.load(slot_ptr + b).to(tl.int64)
-        if PDL and not (ROPE and PRELOAD_KV):
-            gdc_launch_dependents()
-            gdc_wait()
-        pos, k, v = load_kv_block(kc_ptr, vc_ptr, bt_ptr, b, kh, start, stop, stride_bt, page, stride_kb, stride_ks,
-                                  stride_kh, stride_vb, stride_vs, stride_vh, head_dim, BLOCK_KV, BLOCK_D)
-        if PDL and ROPE and PRELOAD_KV:
+        if PDL:  # q (or this step's key in the cache) comes from the kernel before
             gdc_launch_dependents()
             gdc_wait()
         offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
@@ -197,33 +185,30 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
                                 HAS_NORM, BLOCK_D)
             k_new, v_new = new_kv_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb,
                                       stride_nvh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                      page, kw, kwp, cos, sin, head_dim, eps,
-                                      (start <= kv_len - 1) & (kv_len - 1 < stop), HAS_NORM, BLOCK_G, BLOCK_D)
+                                      page, kw, kwp, cos, sin, head_dim, eps, kv_len - 1 < stop, HAS_NORM, BLOCK_G,
+                                      BLOCK_D)
         else:
             q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                         mask=mask_g[:, None] & mask_d[None, :], other=0.0)
             k_new, v_new = None, None
-        m_i, l_i, acc = attend_block(q, k, v, pos, stop, kv_len - 1, k_new, v_new,
-                                     tl.full((BLOCK_G,), float("-inf"), tl.float32), tl.zeros((BLOCK_G,), tl.float32),
-                                     tl.zeros((BLOCK_G, BLOCK_D), tl.float32), qk_scale, softcap, ROPE, HAS_SOFTCAP,
-                                     DOT_F32)
-        for n0 in range(start + BLOCK_KV, stop, BLOCK_KV):
+        m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+        for n0 in range(start, stop, BLOCK_KV):
             pos, k, v = load_kv_block(kc_ptr, vc_ptr, bt_ptr, b, kh, n0, stop, stride_bt, page, stride_kb, stride_ks,
                                       stride_kh, stride_vb, stride_vs, stride_vh, head_dim, BLOCK_KV, BLOCK_D)
             m_i, l_i, acc = attend_block(q, k, v, pos, stop, kv_len - 1, k_new, v_new, m_i, l_i, acc, qk_scale,
                                          softcap, ROPE, HAS_SOFTCAP, DOT_F32)
-        has = l_i > 0  # an empty split (past the keys) contributes weight 0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        if DIRECT or ((live == 1) and not MERGE):  # the only live split: this is the answer
+        out = acc / l_i[:, None]  # a live split has a key: l_i > 0
+        if DIRECT or live == 1:  # the only live split: this is the answer
             tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
         else:
-            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
             base = (b * num_kv_heads * group + heads) * num_splits + split  # o: (B, Hq, S, D), lse: (B, Hq, S)
             tl.store(o_ptr + base[:, None] * BLOCK_D + offs_d[None, :], out, mask=mask_g[:, None])
-            tl.store(lse_ptr + base, lse, mask=mask_g)
-            if MERGE:  # the last split of this (request, kv head) to finish merges the group's heads
-                if arrive_last(count_ptr + b * num_kv_heads + kh, num_splits):
+            tl.store(lse_ptr + base, m_i + tl.log2(l_i), mask=mask_g)
+            if MERGE:  # the last live split of this (request, kv head) to finish merges the group's heads
+                if arrive_last(count_ptr + b * num_kv_heads + kh, live):
                     for g in range(group):
                         merge_head(o_ptr, lse_ptr, out_ptr, b, kh * group + g, num_kv_heads * group, num_splits,
                                    live, stride_ob, stride_oh, head_dim, BLOCK_S, BLOCK_D)
