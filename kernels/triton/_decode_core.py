@@ -14,6 +14,8 @@ core = load_sibling(__file__, "_gemv_core")
 arrive_last, gdc_launch_dependents, gdc_wait = core.arrive_last, core.gdc_launch_dependents, core.gdc_wait
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
 BLOCK_KV = 64
+import os  # noqa  scratch
+DEAD_WAIT: tl.constexpr = tl.constexpr(int(os.environ.get("NANOVLLM_DEAD_WAIT", "0")))  # scratch
 
 
 @triton.jit
@@ -212,6 +214,10 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
                     for g in range(group):
                         merge_head(o_ptr, lse_ptr, out_ptr, b, kh * group + g, num_kv_heads * group, num_splits,
                                    live, stride_ob, stride_oh, head_dim, BLOCK_S, BLOCK_D)
+    else:
+        if PDL and DEAD_WAIT:
+            gdc_launch_dependents()
+            gdc_wait()
 
 
 @triton.jit

@@ -11,6 +11,8 @@ so a captured CUDA graph stays valid as contexts grow; splits past a request's k
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -83,7 +85,7 @@ def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap,
             v.stride(0), v.stride(1), eps, ROPE=rope is not None, HAS_NORM=q_norm_w is not None,
             HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1, MERGE=count is not None,
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_KV=BLOCK_KV, BLOCK_D=block_d, BLOCK_S=block_s,
-            DOT_F32=core.dot_f32(q), PDL=pdl, num_warps=4, num_stages=2, **core.launch_opts(pdl))
+            DOT_F32=core.dot_f32(q), PDL=pdl, num_warps=4, num_stages=int(os.environ.get('NANOVLLM_ATTN_STAGES', '2')), **core.launch_opts(pdl))
     if batch and splits > 1 and count is None:
         wrap_triton(_decode_merge_kernel)[(batch, hq)](
             o, lse, out, positions, window, out.stride(0), out.stride(1), splits, d, BLOCK_S=block_s, BLOCK_D=block_d,
