@@ -11,145 +11,54 @@ import triton.language as tl
 from nanovllm.ops.plugins import load_sibling
 
 core = load_sibling(__file__, "_gemv_core")
-arrive_last, gdc_launch_dependents, gdc_wait = core.arrive_last, core.gdc_launch_dependents, core.gdc_wait
+arrive_last = core.arrive_last
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
 BLOCK_KV = 64
-import os  # noqa  scratch
-DEAD_WAIT: tl.constexpr = tl.constexpr(int(os.environ.get("NANOVLLM_DEAD_WAIT", "0")))  # scratch
 
 
 @triton.jit
-def partner_dims(head_dim, BLOCK_D: tl.constexpr):
-    """For each dim, the other element of its NeoX-rotated pair."""
-    offs_d, half = tl.arange(0, BLOCK_D), head_dim // 2
-    return tl.where(offs_d < half, offs_d + half, offs_d - half)
-
-
-@triton.jit
-def rope_at(cs_ptr, pos, head_dim, BLOCK_D: tl.constexpr):
-    """(cos, sin) per dim at `pos` from the (positions, head_dim) cos|sin table, (1, BLOCK_D) each."""
-    offs_d, half = tl.arange(0, BLOCK_D), head_dim // 2
-    c, mask_d = offs_d % half, offs_d < head_dim
-    cos = tl.load(cs_ptr + pos * head_dim + c, mask=mask_d, other=0.0)
-    sin = tl.load(cs_ptr + pos * head_dim + half + c, mask=mask_d, other=0.0)
-    return cos.to(tl.float32)[None, :], sin.to(tl.float32)[None, :]
-
-
-@triton.jit
-def head_norm_w(w_ptr, head_dim, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(w, w at the partner dims) of a per-head RMSNorm, (1, BLOCK_D) fp32 each (ones without HAS_NORM)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    if HAS_NORM:
-        mask_d = offs_d < head_dim
-        w = tl.load(w_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        wp = tl.load(w_ptr + partner_dims(head_dim, BLOCK_D), mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    else:
-        w = tl.full((1, BLOCK_D), 1.0, tl.float32)
-        wp = w
-    return w, wp
-
-
-@triton.jit
-def norm_rope_heads(x_ptr, stride_h, heads, mask_h, w, wp, cos, sin, head_dim, eps, HAS_NORM: tl.constexpr,
+def norm_rope_heads(x_ptr, stride_h, heads, mask_h, w_ptr, cs_ptr, pos, head_dim, eps, HAS_NORM: tl.constexpr,
                     BLOCK_D: tl.constexpr):
-    """Heads `heads` of one token's (heads, head_dim) q or k: per-head RMSNorm (HAS_NORM, weights w, wp from
-    head_norm_w), then NeoX RoPE (cos, sin from rope_at); rounded where the native ops round. The constants
-    come in as values: a kernel loads them before its PDL wait (per-layer weights are DRAM misses)."""
+    """Heads `heads` of one token's (heads, head_dim) q or k: per-head RMSNorm (HAS_NORM), then NeoX RoPE at
+    `pos` from the (positions, head_dim) cos|sin table; rounded where the native ops round."""
+    half = head_dim // 2
     offs_d = tl.arange(0, BLOCK_D)
     mask = mask_h[:, None] & (offs_d < head_dim)[None, :]
+    partner = tl.where(offs_d < half, offs_d + half, offs_d - half)  # the other element of the rotated pair
     # .cg: in the persistent layer kernel another program of the same kernel wrote x (L1 is not coherent)
     x = tl.load(x_ptr + heads[:, None] * stride_h + offs_d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-    xp = tl.load(x_ptr + heads[:, None] * stride_h + partner_dims(head_dim, BLOCK_D)[None, :], mask=mask, other=0.0,
-                 cache_modifier=".cg")
+    xp = tl.load(x_ptr + heads[:, None] * stride_h + partner[None, :], mask=mask, other=0.0, cache_modifier=".cg")
     dtype = x.dtype
     x, xp = x.to(tl.float32), xp.to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / head_dim + eps)[:, None]
+        w = tl.load(w_ptr + offs_d, mask=offs_d < head_dim, other=0.0).to(tl.float32)[None, :]
+        wp = tl.load(w_ptr + partner, mask=offs_d < head_dim, other=0.0).to(tl.float32)[None, :]
         x = (w * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         xp = (wp * (xp * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    sign = tl.where(offs_d < head_dim // 2, -1.0, 1.0)[None, :]  # x1 cos - x2 sin | x2 cos + x1 sin
+    c = offs_d % half
+    cos = tl.load(cs_ptr + pos * head_dim + c, mask=offs_d < head_dim, other=0.0)[None, :]
+    sin = tl.load(cs_ptr + pos * head_dim + half + c, mask=offs_d < head_dim, other=0.0)[None, :]
+    sign = tl.where(offs_d < half, -1.0, 1.0)[None, :]  # x1 cos - x2 sin | x2 cos + x1 sin
     return (x * cos + sign * xp * sin).to(dtype)
 
 
 @triton.jit
-def new_kv_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-               stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw, kwp, cos, sin, head_dim,
-               eps, WRITE, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This step's key (normed, rotated) and value of request b, kv head kh as (BLOCK_D,) rows in the cache's
-    dtype; written into the paged caches at `slot` if WRITE."""
+def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw_ptr, cs_ptr, pos, head_dim,
+                 eps, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This step's key (normed, rotated) and value of request b, kv head kh, into the paged caches."""
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     row = offs_g == 0  # a one-row tile in the shape of the query's
-    k = norm_rope_heads(k_ptr + b * stride_nkb, stride_nkh, kh + offs_g * 0, row, kw, kwp, cos, sin, head_dim, eps,
+    k = norm_rope_heads(k_ptr + b * stride_nkb, stride_nkh, kh + offs_g * 0, row, kw_ptr, cs_ptr, pos, head_dim, eps,
                         HAS_NORM, BLOCK_D)
-    k = tl.sum(tl.where(row[:, None], k.to(tl.float32), 0.0), axis=0).to(kc_ptr.dtype.element_ty)
-    mask_d = offs_d < head_dim
-    v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + offs_d, mask=mask_d, other=0.0, cache_modifier=".cg")
-    v = v.to(vc_ptr.dtype.element_ty)
-    if WRITE:
-        blk, r = slot // page, slot % page
-        tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + offs_d, k, mask=mask_d)
-        tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + offs_d, v, mask=mask_d)
-    return k, v
-
-
-@triton.jit
-def split_range(pos_ptr, b, split, window, num_splits, BLOCK_KV: tl.constexpr):
-    """(kv_len, start, stop, live): split `split` of request b holds keys [start, stop) of its kv_len (the last
-    `window` if window > 0), whole key blocks; the first `live` splits hold any."""
-    kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
-    lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)
-    span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
-    start = lo + split * span
-    return kv_len, start, tl.minimum(kv_len, start + span), tl.cdiv(kv_len - lo, span)
-
-
-@triton.jit
-def load_kv_block(kc_ptr, vc_ptr, bt_ptr, b, kh, n0, stop, stride_bt, page, stride_kb, stride_ks, stride_kh,
-                  stride_vb, stride_vs, stride_vh, head_dim, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Keys and values at positions n0 .. n0 + BLOCK_KV - 1 (< stop) of request b, kv head kh, through the
-    block table; (positions, k, v)."""
-    offs_n, offs_d = tl.arange(0, BLOCK_KV), tl.arange(0, BLOCK_D)
-    pos = n0 + offs_n
-    mask_n = pos < stop
-    blk = tl.load(bt_ptr + b * stride_bt + pos // page, mask=mask_n, other=0).to(tl.int64)
-    row = pos % page
-    mask = mask_n[:, None] & (offs_d < head_dim)[None, :]
-    k = tl.load(kc_ptr + blk[:, None] * stride_kb + row[:, None] * stride_ks + kh * stride_kh + offs_d[None, :],
-                mask=mask, other=0.0)
-    v = tl.load(vc_ptr + blk[:, None] * stride_vb + row[:, None] * stride_vs + kh * stride_vh + offs_d[None, :],
-                mask=mask, other=0.0)
-    return pos, k, v
-
-
-@triton.jit
-def attend_block(q, k, v, pos, stop, new_pos, k_new, v_new, m_i, l_i, acc, qk_scale, softcap, PATCH: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr):
-    """One key block of the online softmax (exp2) for the query tile q; PATCH puts this step's key and value
-    (k_new, v_new) in at new_pos, over what the cache held there when the block was loaded."""
-    if PATCH:
-        is_new = (pos == new_pos)[:, None]
-        k = tl.where(is_new, k_new[None, :], k)
-        v = tl.where(is_new, v_new[None, :], v)
-    if DOT_F32:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    if HAS_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh through exp2 (no tanh in tl core)
-        t = tl.exp2(s * (qk_scale * 2 * LOG2E / softcap))
-        s = softcap * (1 - 2 / (t + 1)) * LOG2E
-    else:
-        s = s * (qk_scale * LOG2E)
-    # Inductor passes Python floats as fp64: keep the softmax state (and the dot's accumulator) in fp32
-    s = tl.where((pos < stop)[None, :], s.to(tl.float32), float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if DOT_F32:
-        acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return m_new, l_i, acc
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    blk, r = slot // page, slot % page
+    mask = row[:, None] & (offs_d < head_dim)[None, :]
+    cols = offs_g[:, None] * 0 + offs_d[None, :]  # every row of the tile at the same head
+    tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + cols, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + cols, mask=mask, cache_modifier=".cg")
+    tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + cols, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -159,77 +68,91 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
                   k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps,
                   ROPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
                   MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
-    """Request b, kv head kh, split `split` of split-KV decoding: its share of the keys, block by block through
-    the block table (online softmax, exp2), for the GQA group's query heads as one tile. The only live split
-    of a request (DIRECT: the only split) stores the output; otherwise each live split stores its partial
-    output and log-sum-exp for the merge kernel, or for the last live split to arrive if MERGE.
+                  BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr):
+    """Request b, kv head kh, split `split` of split-KV decoding: its share of the keys, page by page through
+    the block table (online softmax, exp2), for the GQA group's query heads as one tile. DIRECT (one split):
+    the output; else its partial output and log-sum-exp, merged by the last split to arrive if MERGE.
     ROPE: q, k, v are this step's raw projections; the query heads are normed and rotated here, and the split
-    that holds the newest position writes its key and value into the caches and uses them from registers
-    (patched into the block it loads: no store-to-load round trip, no barrier).
-    PDL: the kernel before computed q (or wrote this step's key): wait for it, after the loads that need it
-    not. Loading the first key block before the wait too was slower on the H100 (benchmarks/RESULTS.md)."""
-    kv_len, start, stop, live = split_range(pos_ptr, b, split, window, num_splits, BLOCK_KV)
-    if start < stop:  # an empty split exits at once, before the wait: the merge reads the live splits only
-        if ROPE:  # weights, the cos|sin table and the slot: nothing in flight writes them, load before the wait
-            qw, qwp = head_norm_w(qw_ptr, head_dim, HAS_NORM, BLOCK_D)
-            kw, kwp = head_norm_w(kw_ptr, head_dim, HAS_NORM, BLOCK_D)
-            cos, sin = rope_at(cs_ptr, kv_len - 1, head_dim, BLOCK_D)
-            slot = tl.load(slot_ptr + b).to(tl.int64)
-        if PDL:  # q (or this step's key in the cache) comes from the kernel before
-            gdc_launch_dependents()
-            gdc_wait()
-        offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
-        heads = kh * group + offs_g
-        mask_g, mask_d = offs_g < group, offs_d < head_dim
-        if ROPE:
-            q = norm_rope_heads(q_ptr + b * stride_qb, stride_qh, heads, mask_g, qw, qwp, cos, sin, head_dim, eps,
-                                HAS_NORM, BLOCK_D)
-            k_new, v_new = new_kv_row(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb,
-                                      stride_nvh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                      page, kw, kwp, cos, sin, head_dim, eps, kv_len - 1 < stop, HAS_NORM, BLOCK_G,
-                                      BLOCK_D)
-        else:
-            q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                        mask=mask_g[:, None] & mask_d[None, :], other=0.0)
-            k_new, v_new = None, None
-        m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_G,), tl.float32)
-        acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-        for n0 in range(start, stop, BLOCK_KV):
-            pos, k, v = load_kv_block(kc_ptr, vc_ptr, bt_ptr, b, kh, n0, stop, stride_bt, page, stride_kb, stride_ks,
-                                      stride_kh, stride_vb, stride_vs, stride_vh, head_dim, BLOCK_KV, BLOCK_D)
-            m_i, l_i, acc = attend_block(q, k, v, pos, stop, kv_len - 1, k_new, v_new, m_i, l_i, acc, qk_scale,
-                                         softcap, ROPE, HAS_SOFTCAP, DOT_F32)
-        out = acc / l_i[:, None]  # a live split has a key: l_i > 0
-        if DIRECT or live == 1:  # the only live split: this is the answer
-            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
-        else:
-            base = (b * num_kv_heads * group + heads) * num_splits + split  # o: (B, Hq, S, D), lse: (B, Hq, S)
-            tl.store(o_ptr + base[:, None] * BLOCK_D + offs_d[None, :], out, mask=mask_g[:, None])
-            tl.store(lse_ptr + base, m_i + tl.log2(l_i), mask=mask_g)
-            if MERGE:  # the last live split of this (request, kv head) to finish merges the group's heads
-                if arrive_last(count_ptr + b * num_kv_heads + kh, live):
-                    for g in range(group):
-                        merge_head(o_ptr, lse_ptr, out_ptr, b, kh * group + g, num_kv_heads * group, num_splits,
-                                   live, stride_ob, stride_oh, head_dim, BLOCK_S, BLOCK_D)
+    that holds the newest position writes its key and value into the caches before it reads them."""
+    kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
+    lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)  # sliding window: the last `window` keys
+    span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
+    start = lo + split * span
+    stop = tl.minimum(kv_len, start + span)
+    offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_KV)
+    heads = kh * group + offs_g
+    mask_g, mask_d = offs_g < group, offs_d < head_dim
+    if ROPE:
+        q = norm_rope_heads(q_ptr + b * stride_qb, stride_qh, heads, mask_g, qw_ptr, cs_ptr, kv_len - 1, head_dim,
+                            eps, HAS_NORM, BLOCK_D)
+        if (start <= kv_len - 1) & (kv_len - 1 < stop):
+            write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw_ptr, cs_ptr,
+                         kv_len - 1, head_dim, eps, HAS_NORM, BLOCK_G, BLOCK_D)
+            tl.debug_barrier()  # the block's own stores are visible to all its threads after the barrier
     else:
-        if PDL and DEAD_WAIT:
-            gdc_launch_dependents()
-            gdc_wait()
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    for n0 in range(start, stop, BLOCK_KV):
+        pos = n0 + offs_n
+        mask_n = pos < stop
+        blk = tl.load(bt_ptr + b * stride_bt + pos // page, mask=mask_n, other=0).to(tl.int64)
+        row = pos % page
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(kc_ptr + blk[:, None] * stride_kb + row[:, None] * stride_ks + kh * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if HAS_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh through exp2 (no tanh in tl core)
+            t = tl.exp2(s * (qk_scale * 2 * LOG2E / softcap))
+            s = softcap * (1 - 2 / (t + 1)) * LOG2E
+        else:
+            s = s * (qk_scale * LOG2E)
+        # Inductor passes Python floats as fp64: keep the softmax state (and the dot's accumulator) in fp32
+        s = tl.where(mask_n[None, :], s.to(tl.float32), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + blk[:, None] * stride_vb + row[:, None] * stride_vs + kh * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if DOT_F32:
+            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    has = l_i > 0  # an empty split (past the keys) contributes weight 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    if DIRECT:  # one split: this is the answer, no merge launch
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+    else:
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        base = (b * num_kv_heads * group + heads) * num_splits + split  # o: (B, Hq, S, D), lse: (B, Hq, S)
+        tl.store(o_ptr + base[:, None] * BLOCK_D + offs_d[None, :], out, mask=mask_g[:, None])
+        tl.store(lse_ptr + base, lse, mask=mask_g)
+        if MERGE:  # the last split of this (request, kv head) to finish merges the group's heads
+            if arrive_last(count_ptr + b * num_kv_heads + kh, num_splits):
+                for g in range(group):
+                    merge_head(o_ptr, lse_ptr, out_ptr, b, kh * group + g, num_kv_heads * group, num_splits,
+                               stride_ob, stride_oh, head_dim, BLOCK_S, BLOCK_D)
 
 
 @triton.jit
-def merge_head(o_ptr, lse_ptr, out_ptr, b, h, num_heads, num_splits, live, stride_ob, stride_oh, head_dim,
+def merge_head(o_ptr, lse_ptr, out_ptr, b, h, num_heads, num_splits, stride_ob, stride_oh, head_dim,
                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b, h] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse) over the first `live` splits. The
-    partials come from other programs, possibly of this very kernel: loaded past L1 (.cg)."""
+    """out[b, h] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse). The partials come from other
+    programs, possibly of this very kernel: loaded past L1 (.cg)."""
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
     base = (b * num_heads + h) * num_splits
-    lse = tl.load(lse_ptr + base + offs_s, mask=offs_s < live, other=float("-inf"), cache_modifier=".cg")
+    lse = tl.load(lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"), cache_modifier=".cg")
     w = tl.exp2(lse - tl.max(lse, axis=0))
-    o = tl.load(o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=(offs_s < live)[:, None],
+    o = tl.load(o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=(offs_s < num_splits)[:, None],
                 other=0.0, cache_modifier=".cg")
     out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),

@@ -11,8 +11,6 @@ so a captured CUDA graph stays valid as contexts grow; splits past a request's k
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -24,8 +22,7 @@ from nanovllm.ops.plugins import load_sibling
 core = load_sibling(__file__, "_gemv_core")
 attn = load_sibling(__file__, "_decode_core")
 gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
-split_program, merge_head, split_range = attn.split_program, attn.merge_head, attn.split_range
-num_splits, BLOCK_KV = attn.num_splits, attn.BLOCK_KV
+split_program, merge_head, num_splits, BLOCK_KV = attn.split_program, attn.merge_head, attn.num_splits, attn.BLOCK_KV
 
 
 @triton.jit
@@ -39,26 +36,26 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr,
                          DOT_F32: tl.constexpr, PDL: tl.constexpr):
     """Grid (request, kv head, split): one split_program each (ROPE: q/k norm + RoPE + KV write fused, one
     launch fewer per layer)."""
+    if PDL:  # the K/V of this step are written by the kernel before (or q, k, v computed): wait before any load
+        gdc_launch_dependents()
+        gdc_wait()
     split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, tl.program_id(0),
                   tl.program_id(1), tl.program_id(2), tl.num_programs(1), stride_qb, stride_qh, stride_kb, stride_ks,
                   stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, page, group, head_dim, qk_scale, softcap,
                   window, num_splits, stride_ob, stride_oh, k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr,
                   stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps, ROPE, HAS_NORM, HAS_SOFTCAP, DIRECT, MERGE,
-                  BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32, PDL)
+                  BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32)
 
 
 @triton.jit
-def _decode_merge_kernel(o_ptr, lse_ptr, out_ptr, pos_ptr, window, stride_ob, stride_oh, num_splits, head_dim,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr, PDL: tl.constexpr):
-    """Grid (request, q head): one merge_head each, of the request's live splits (one: it stored the output)."""
-    b = tl.program_id(0)
-    live = split_range(pos_ptr, b, 0, window, num_splits, BLOCK_KV)[3]
-    if PDL:  # every program waits, even with nothing to merge: the kernels after this one wait on its completion
+def _decode_merge_kernel(o_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, num_splits, head_dim,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """Grid (request, q head): one merge_head each."""
+    if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    if live > 1:
-        merge_head(o_ptr, lse_ptr, out_ptr, b, tl.program_id(1), tl.num_programs(1), num_splits, live, stride_ob,
-                   stride_oh, head_dim, BLOCK_S, BLOCK_D)
+    merge_head(o_ptr, lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.num_programs(1), num_splits,
+               stride_ob, stride_oh, head_dim, BLOCK_S, BLOCK_D)
 
 
 def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap, splits, onepass, rope=None):
@@ -85,11 +82,11 @@ def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap,
             v.stride(0), v.stride(1), eps, ROPE=rope is not None, HAS_NORM=q_norm_w is not None,
             HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1, MERGE=count is not None,
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_KV=BLOCK_KV, BLOCK_D=block_d, BLOCK_S=block_s,
-            DOT_F32=core.dot_f32(q), PDL=pdl, num_warps=4, num_stages=int(os.environ.get('NANOVLLM_ATTN_STAGES', '2')), **core.launch_opts(pdl))
+            DOT_F32=core.dot_f32(q), PDL=pdl, num_warps=4, num_stages=2, **core.launch_opts(pdl))
     if batch and splits > 1 and count is None:
         wrap_triton(_decode_merge_kernel)[(batch, hq)](
-            o, lse, out, positions, window, out.stride(0), out.stride(1), splits, d, BLOCK_S=block_s, BLOCK_D=block_d,
-            BLOCK_KV=BLOCK_KV, PDL=pdl, num_warps=4, **core.launch_opts(pdl))
+            o, lse, out, out.stride(0), out.stride(1), splits, d, BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl,
+            num_warps=4, **core.launch_opts(pdl))
     return out
 
 

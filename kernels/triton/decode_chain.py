@@ -13,8 +13,6 @@ Steps of more than MAX_M rows run the layer's sites.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from nanovllm.ops.plugins import load_sibling
@@ -33,8 +31,7 @@ def decode_layer(x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm
     qkv = ops.gemv(x, qkv_w, qkv_b, None, input_norm, eps)
     q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv.split((qkv_w.shape[0] - 2 * kv, kv, kv), dim=-1))
     o = ops.rope_decode_attention(q, k, v, q_norm_w, k_norm_w, float(eps), positions, cos_sin, k_cache, v_cache,
-                                  meta.slot_mapping, meta.block_tables, float(scale), int(window), float(softcap), 0,
-                                  os.environ.get("NANOVLLM_CHAIN_ONEPASS") == "1")
+                                  meta.slot_mapping, meta.block_tables, float(scale), int(window), float(softcap), 0)
     x = ops.gemv(o.flatten(1), o_w, None, x, None, 0.0)
     act = ops.gate_up_silu(x, gate_up_w, post_norm, eps)
     return ops.gemv(act, down_w, None, x, None, 0.0)
