@@ -85,7 +85,9 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, e
     HAS_NORM applies RMSNorm to x on the fly: x * norm_w per column, and 1/rms per row at the end (the
     row scale factors out of the dot product, so one pass over x gives both; needs k_lo=0, k_hi=K).
     PDL: waits for the previous kernel (programmatic dependent launch) before touching activations;
-    PREFETCH (weights that no kernel in flight writes) issues the first weight tile before that wait.
+    PREFETCH (weights that no kernel in flight writes) issues the first weight tile before that wait, and
+    with ONE_TILE the norm weights too: a per-layer weight is a DRAM miss, which after the wait queues behind
+    the weight prefetch of the kernels already launched (+1.6% end to end on the H100).
     One row: ONE_TILE (k_hi - k_lo <= BLOCK_K) loads the weights once and reduces them at once, holding
     nothing but the tile, so more programs stay resident and prefetch during the kernel before; otherwise
     the weight tiles are double-buffered (the next tile's loads in flight during the FMAs) into a
