@@ -98,6 +98,16 @@ def test_linear(core, dtype, rows, cfg, bias):
 
 
 @inner
+def test_prefetch_only_when_every_weight_read_early_is_a_parameter(core):
+    """A GEMV reads its weight tile and norm weights before the PDL wait only if no kernel in flight can write
+    them: Parameters. A plain tensor may be the output of the kernel it overlaps with."""
+    param, plain = torch.nn.Parameter(torch.ones(4), requires_grad=False), torch.ones(4)
+    assert core.prefetch(True, param, param) and core.prefetch(True, param, None)
+    assert not core.prefetch(True, param, plain) and not core.prefetch(True, plain, param)
+    assert not core.prefetch(False, param, param)
+
+
+@inner
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 37), (5, 37), (2, 3, 37)])
 def test_rms_norm_and_add_rms_norm(core, dtype, shape):
