@@ -101,13 +101,13 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, k_lo, k_hi, e
     if BLOCK_M == 1:
         if PDL and not PREFETCH:
             gdc_wait()
-        w = tl.load(w_ptrs + k_lo, mask=mask_n[:, None] & ((k_lo + offs_k) < k_hi)[None, :], other=0.0)
+        mask_k = (k_lo + offs_k) < k_hi  # the first (with ONE_TILE the only) tile's columns
+        w = tl.load(w_ptrs + k_lo, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if ONE_TILE and HAS_NORM:  # a per-layer weight: a DRAM miss, best issued before the wait too
-            nw = tl.load(nw_ptr + k_lo + offs_k, mask=(k_lo + offs_k) < k_hi, other=0.0).to(tl.float32)
+            nw = tl.load(nw_ptr + k_lo + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         if PDL and PREFETCH:
             gdc_wait()
         if ONE_TILE:
-            mask_k = (k_lo + offs_k) < k_hi
             x = tl.load(x_ptr + pid_m * stride_xm + k_lo + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             ss = x * x
             if HAS_NORM:
