@@ -11,48 +11,73 @@ import triton.language as tl
 from nanovllm.ops.plugins import load_sibling
 
 core = load_sibling(__file__, "_gemv_core")
-arrive_last = core.arrive_last
+arrive_last, gdc_launch_dependents, gdc_wait = core.arrive_last, core.gdc_launch_dependents, core.gdc_wait
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
 BLOCK_KV = 64
 
 
 @triton.jit
-def norm_rope_heads(x_ptr, stride_h, heads, mask_h, w_ptr, cs_ptr, pos, head_dim, eps, HAS_NORM: tl.constexpr,
+def partner_dims(head_dim, BLOCK_D: tl.constexpr):
+    """For each dim, the other element of its NeoX-rotated pair."""
+    offs_d, half = tl.arange(0, BLOCK_D), head_dim // 2
+    return tl.where(offs_d < half, offs_d + half, offs_d - half)
+
+
+@triton.jit
+def rope_at(cs_ptr, pos, head_dim, BLOCK_D: tl.constexpr):
+    """(cos, sin) per dim at `pos` from the (positions, head_dim) cos|sin table, (1, BLOCK_D) each."""
+    offs_d, half = tl.arange(0, BLOCK_D), head_dim // 2
+    c, mask_d = offs_d % half, offs_d < head_dim
+    cos = tl.load(cs_ptr + pos * head_dim + c, mask=mask_d, other=0.0)
+    sin = tl.load(cs_ptr + pos * head_dim + half + c, mask=mask_d, other=0.0)
+    return cos.to(tl.float32)[None, :], sin.to(tl.float32)[None, :]
+
+
+@triton.jit
+def head_norm_w(w_ptr, head_dim, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(w, w at the partner dims) of a per-head RMSNorm, (1, BLOCK_D) fp32 each (ones without HAS_NORM)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if HAS_NORM:
+        mask_d = offs_d < head_dim
+        w = tl.load(w_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        wp = tl.load(w_ptr + partner_dims(head_dim, BLOCK_D), mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    else:
+        w = tl.full((1, BLOCK_D), 1.0, tl.float32)
+        wp = w
+    return w, wp
+
+
+@triton.jit
+def norm_rope_heads(x_ptr, stride_h, heads, mask_h, w, wp, cos, sin, head_dim, eps, HAS_NORM: tl.constexpr,
                     BLOCK_D: tl.constexpr):
-    """Heads `heads` of one token's (heads, head_dim) q or k: per-head RMSNorm (HAS_NORM), then NeoX RoPE at
-    `pos` from the (positions, head_dim) cos|sin table; rounded where the native ops round."""
-    half = head_dim // 2
+    """Heads `heads` of one token's (heads, head_dim) q or k: per-head RMSNorm (HAS_NORM, weights w, wp from
+    head_norm_w), then NeoX RoPE (cos, sin from rope_at); rounded where the native ops round. The constants
+    come in as values: a kernel loads them before its PDL wait (per-layer weights are DRAM misses)."""
     offs_d = tl.arange(0, BLOCK_D)
     mask = mask_h[:, None] & (offs_d < head_dim)[None, :]
-    partner = tl.where(offs_d < half, offs_d + half, offs_d - half)  # the other element of the rotated pair
     # .cg: in the persistent layer kernel another program of the same kernel wrote x (L1 is not coherent)
     x = tl.load(x_ptr + heads[:, None] * stride_h + offs_d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-    xp = tl.load(x_ptr + heads[:, None] * stride_h + partner[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+    xp = tl.load(x_ptr + heads[:, None] * stride_h + partner_dims(head_dim, BLOCK_D)[None, :], mask=mask, other=0.0,
+                 cache_modifier=".cg")
     dtype = x.dtype
     x, xp = x.to(tl.float32), xp.to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / head_dim + eps)[:, None]
-        w = tl.load(w_ptr + offs_d, mask=offs_d < head_dim, other=0.0).to(tl.float32)[None, :]
-        wp = tl.load(w_ptr + partner, mask=offs_d < head_dim, other=0.0).to(tl.float32)[None, :]
         x = (w * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         xp = (wp * (xp * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    c = offs_d % half
-    cos = tl.load(cs_ptr + pos * head_dim + c, mask=offs_d < head_dim, other=0.0)[None, :]
-    sin = tl.load(cs_ptr + pos * head_dim + half + c, mask=offs_d < head_dim, other=0.0)[None, :]
-    sign = tl.where(offs_d < half, -1.0, 1.0)[None, :]  # x1 cos - x2 sin | x2 cos + x1 sin
+    sign = tl.where(offs_d < head_dim // 2, -1.0, 1.0)[None, :]  # x1 cos - x2 sin | x2 cos + x1 sin
     return (x * cos + sign * xp * sin).to(dtype)
 
 
 @triton.jit
-def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw_ptr, cs_ptr, pos, head_dim,
+def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw, kwp, cos, sin, head_dim,
                  eps, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This step's key (normed, rotated) and value of request b, kv head kh, into the paged caches."""
+    """This step's key (normed, rotated) and value of request b, kv head kh, into the paged caches at `slot`."""
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     row = offs_g == 0  # a one-row tile in the shape of the query's
-    k = norm_rope_heads(k_ptr + b * stride_nkb, stride_nkh, kh + offs_g * 0, row, kw_ptr, cs_ptr, pos, head_dim, eps,
+    k = norm_rope_heads(k_ptr + b * stride_nkb, stride_nkh, kh + offs_g * 0, row, kw, kwp, cos, sin, head_dim, eps,
                         HAS_NORM, BLOCK_D)
-    slot = tl.load(slot_ptr + b).to(tl.int64)
     blk, r = slot // page, slot % page
     mask = row[:, None] & (offs_d < head_dim)[None, :]
     cols = offs_g[:, None] * 0 + offs_d[None, :]  # every row of the tile at the same head
@@ -68,12 +93,16 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
                   k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps,
                   ROPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
                   MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr):
+                  BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
     """Request b, kv head kh, split `split` of split-KV decoding: its share of the keys, page by page through
     the block table (online softmax, exp2), for the GQA group's query heads as one tile. DIRECT (one split):
     the output; else its partial output and log-sum-exp, merged by the last split to arrive if MERGE.
     ROPE: q, k, v are this step's raw projections; the query heads are normed and rotated here, and the split
-    that holds the newest position writes its key and value into the caches before it reads them."""
+    that holds the newest position writes its key and value into the caches before it reads them.
+    PDL: wait for the kernel before (programmatic dependent launch) only once the constants are loaded: the
+    q/k norm weights (Parameters), the step's position, slot and cos|sin row (inputs no kernel of the step
+    writes). Per-layer weights are DRAM misses, which after the wait queue behind the weight prefetch of the
+    kernels launched since (+5% end to end at context 128 on the H100)."""
     kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
     lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)  # sliding window: the last `window` keys
     span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
@@ -83,12 +112,20 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     heads = kh * group + offs_g
     mask_g, mask_d = offs_g < group, offs_d < head_dim
     if ROPE:
-        q = norm_rope_heads(q_ptr + b * stride_qb, stride_qh, heads, mask_g, qw_ptr, cs_ptr, kv_len - 1, head_dim,
-                            eps, HAS_NORM, BLOCK_D)
+        qw, qwp = head_norm_w(qw_ptr, head_dim, HAS_NORM, BLOCK_D)
+        kw, kwp = head_norm_w(kw_ptr, head_dim, HAS_NORM, BLOCK_D)
+        cos, sin = rope_at(cs_ptr, kv_len - 1, head_dim, BLOCK_D)
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+    if PDL:  # q, k, v come from the kernel before (without ROPE: this step's key and value in the caches)
+        gdc_launch_dependents()
+        gdc_wait()
+    if ROPE:
+        q = norm_rope_heads(q_ptr + b * stride_qb, stride_qh, heads, mask_g, qw, qwp, cos, sin, head_dim, eps,
+                            HAS_NORM, BLOCK_D)
         if (start <= kv_len - 1) & (kv_len - 1 < stop):
-            write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw_ptr, cs_ptr,
-                         kv_len - 1, head_dim, eps, HAS_NORM, BLOCK_G, BLOCK_D)
+            write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw, kwp, cos, sin,
+                         head_dim, eps, HAS_NORM, BLOCK_G, BLOCK_D)
             tl.debug_barrier()  # the block's own stores are visible to all its threads after the barrier
     else:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],

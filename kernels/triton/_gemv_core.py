@@ -54,9 +54,9 @@ def pdl(*tensors: torch.Tensor) -> bool:
 
 
 def prefetch(use_pdl: bool, *weights: torch.Tensor | None) -> bool:
-    """Load the first weight tile (and a one-tile program's norm weights) before waiting on the previous
-    kernel: only for Parameters, which no kernel in flight writes (a plain tensor may be the output of the
-    very kernel we overlap with)."""
+    """Load the first weight tile (and a one-tile program's norm weights; the decode attention's q/k norm
+    weights) before waiting on the previous kernel: only for Parameters, which no kernel in flight writes (a
+    plain tensor may be the output of the very kernel we overlap with)."""
     return use_pdl and all(isinstance(w, torch.nn.Parameter) for w in weights if w is not None)
 
 

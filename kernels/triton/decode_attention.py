@@ -33,10 +33,11 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr,
                          stride_nvh, eps, ROPE: tl.constexpr, HAS_NORM: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, MERGE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                         DOT_F32: tl.constexpr, PDL: tl.constexpr):
+                         DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """Grid (request, kv head, split): one split_program each (ROPE: q/k norm + RoPE + KV write fused, one
-    launch fewer per layer)."""
-    if PDL:  # the K/V of this step are written by the kernel before (or q, k, v computed): wait before any load
+    launch fewer per layer). PREFETCH (the q/k norm weights are Parameters): split_program loads its constants
+    before it waits for the kernel before; otherwise the wait comes first."""
+    if PDL and not PREFETCH:
         gdc_launch_dependents()
         gdc_wait()
     split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, tl.program_id(0),
@@ -44,7 +45,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr,
                   stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, page, group, head_dim, qk_scale, softcap,
                   window, num_splits, stride_ob, stride_oh, k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr,
                   stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps, ROPE, HAS_NORM, HAS_SOFTCAP, DIRECT, MERGE,
-                  BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32)
+                  BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32, PREFETCH)
 
 
 @triton.jit
@@ -82,7 +83,8 @@ def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap,
             v.stride(0), v.stride(1), eps, ROPE=rope is not None, HAS_NORM=q_norm_w is not None,
             HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1, MERGE=count is not None,
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_KV=BLOCK_KV, BLOCK_D=block_d, BLOCK_S=block_s,
-            DOT_F32=core.dot_f32(q), PDL=pdl, num_warps=4, num_stages=2, **core.launch_opts(pdl))
+            DOT_F32=core.dot_f32(q), PDL=pdl, PREFETCH=core.prefetch(pdl, q_norm_w, k_norm_w), num_warps=4,
+            num_stages=2, **core.launch_opts(pdl))
     if batch and splits > 1 and count is None:
         wrap_triton(_decode_merge_kernel)[(batch, hq)](
             o, lse, out, out.stride(0), out.stride(1), splits, d, BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl,
