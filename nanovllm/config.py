@@ -43,6 +43,10 @@ class EngineConfig:
     # Launch the next decode step before reading this one's tokens, so the host's work overlaps the GPU's
     # (decode steps through CUDA graphs without logprobs; other steps run synchronously)
     async_scheduling: bool = True
+    # Decode graphs of up to 8 rows are captured twice: for the full block table and for one this many tokens
+    # wide (0: not), replayed while every row fits. Kernels sized from the table then fit short contexts
+    # (the Triton attention's split count, the native attention's key count).
+    short_context_graphs: int = 2048
     seed: int = 0
     kernels: KernelConfig = field(default_factory=KernelConfig)
 
@@ -60,6 +64,8 @@ class EngineConfig:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kvcache_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.short_context_graphs < 0:
+            raise ValueError(f"short_context_graphs must be >= 0 (0: off), got {self.short_context_graphs}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:

@@ -138,3 +138,5 @@ def test_unknown_engine_arg_and_kernel_names(tiny_model):
         LLM(str(tiny_model), kernels={"ops": {"mlp": "fast"}})
     with pytest.raises(ValueError, match="dtype='float8'"):
         LLM(str(tiny_model), dtype="float8")
+    with pytest.raises(ValueError, match="short_context_graphs must be >= 0"):
+        LLM(str(tiny_model), short_context_graphs=-1)

@@ -38,6 +38,26 @@ def test_padded_decode_batches_match_eager(tiny_model, tiny_llm):
     assert llm.generate(prompts[:3], seeded)[1]["token_ids"] == tiny_llm.generate(prompts[:3], seeded)[1]["token_ids"]
 
 
+def test_short_context_graphs(tiny_model, tiny_llm):
+    """Small batches replay the narrow-table graph while every row's blocks fit it, the full one after; the
+    tokens stay the eager engine's across the switch. Larger batches have only the full width."""
+    llm = emulated(tiny_model, max_num_seqs=12, short_context_graphs=40)  # 3 blocks of 16 tokens; full: 16
+    graphs = llm.engine.runner.graphs
+    assert graphs.widths(1) == graphs.widths(8) == [3, 16] and graphs.widths(12) == [16]
+    widths = []
+    meta = graphs._meta
+    graphs._meta = lambda b, w, host: widths.append((b, w)) or meta(b, w, host)
+    prompts = [[i + 3] * (20 + 9 * i) for i in range(3)]  # 20..38 tokens: 2-3 blocks, then growing past 48
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = [r["token_ids"] for r in tiny_llm.generate(prompts, params)]
+    assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
+    assert (4, 3) in widths and (4, 16) in widths and widths.index((4, 3)) < widths.index((4, 16))
+    many = [[5] * 10] * 10  # a batch of 10 pads to 12: full width though every row fits 3 blocks
+    widths.clear()
+    llm.generate(many, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert {w for b, w in widths if b == 12} == {16}
+
+
 def test_padded_decode_logits_match(tiny_model, tiny_llm):
     llm = emulated(tiny_model, max_num_seqs=4)
     prompt, forced = list(range(300, 340)), [9, 8, 7, 6, 5]
@@ -154,7 +174,7 @@ def test_step_ahead_feeds_the_in_flight_tokens(tiny_model):
     seq = engine.requests[rid][0]
     engine.block_manager.grow(seq, seq.num_tokens + 1)
     graphs.run([ScheduledSeq(seq, 1)], prev_tokens=torch.tensor([777]))
-    views = graphs._views(graphs.dev, 1)
+    views = graphs._views(graphs.dev, 1, graphs.max_blocks)
     assert views["input_ids"].tolist() == [777]
     assert views["positions"].tolist() == [seq.num_computed_tokens + 1]
     assert views["seq_lens"].tolist() == [seq.num_computed_tokens + 2]
