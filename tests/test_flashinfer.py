@@ -3,7 +3,8 @@
 Model shapes (Qwen3-0.6B: 16 query heads, 8 KV heads, head_dim 128, hidden 1024, bf16) and odd ones;
 batches 1, 3, 17, 64; random block tables with shuffled block ids; prefill behind cached prefixes;
 sliding windows; the custom ops under torch.compile(fullgraph=True); decode replayed from a CUDA graph with
-a new plan between replays; cascade decode against plain decode on a shared-prefix batch.
+a new plan between replays; cascade decode against plain decode on a shared-prefix batch; an engine's
+decode graphs over the short block table against its full-width ones.
 """
 
 from __future__ import annotations
@@ -343,3 +344,31 @@ def test_sample_distribution_matches_native(params):
         freq = torch.bincount(samples, minlength=vocab).float() / rows
         assert (freq[want == 0] == 0).all(), "sampled a filtered-out token"
         assert 0.5 * (freq - want).abs().sum() < 0.03, (fn, freq, want)
+
+
+# --- the engine --------------------------------------------------------------------------------------------------
+
+def test_engine_short_context_graphs_give_the_full_width_tokens():
+    """The `flashinfer` preset's decode graphs over the short block table give the tokens of the full-width
+    graphs, also across the switch: the second row outgrows 2,048 tokens mid-generation, and its batch moves
+    to the full-width graph (FlashInfer plans each step from the actual lengths: the same kernels, bit for bit)."""
+    from pathlib import Path
+
+    import yaml
+
+    from nanovllm import LLM, SamplingParams
+
+    kernels = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/kernels/flashinfer.yaml").read_text())
+    prompts = [list(range(1000, 1100)), [7 + (i * 31) % 5000 for i in range(2030)]]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    tokens, widths = {}, {}
+    for short in (2048, 0):
+        llm = LLM("default", kernels=kernels, max_model_len=4096, max_num_seqs=4, num_kvcache_blocks=600,
+                  short_context_graphs=short)
+        graphs = llm.engine.runner.graphs
+        widths[short] = set()
+        graphs._meta = lambda b, w, host, meta=graphs._meta, seen=widths[short]: seen.add(w) or meta(b, w, host)
+        tokens[short] = [r["token_ids"] for r in llm.generate(prompts, params)]
+        llm.close()
+    assert widths == {2048: {128, 256}, 0: {256}}
+    assert tokens[2048] == tokens[0]
