@@ -46,7 +46,7 @@ class EngineConfig:
     # Decode graphs of up to 8 rows are captured twice: for the full block table and for one this many tokens
     # wide (0: not), replayed while every row fits. Kernels sized from the table then fit short contexts
     # (the Triton attention's split count, the native attention's key count).
-    short_context_graphs: int = 2048
+    short_context_graphs: int = 512
     seed: int = 0
     kernels: KernelConfig = field(default_factory=KernelConfig)
 

@@ -197,9 +197,10 @@ def merge_head(o_ptr, lse_ptr, out_ptr, b, h, num_heads, num_splits, stride_ob, 
 
 
 def num_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -> int:
-    """About two programs per SM, each with at least two key blocks of the widest possible context."""
+    """About two programs per SM, and no more splits than key blocks in the widest possible context (a
+    narrower block table, as the short-context decode graphs give, means fewer splits of one block each)."""
     sms = core.tuning.num_sms(device)
-    return max(1, min(triton.cdiv(2 * sms, batch * kv_heads), triton.cdiv(capacity, 2 * BLOCK_KV), 64))
+    return max(1, min(triton.cdiv(2 * sms, batch * kv_heads), triton.cdiv(capacity, BLOCK_KV), 64))
 
 
 def check_attention(shapes: dict) -> str | None:
