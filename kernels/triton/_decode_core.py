@@ -93,16 +93,17 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
                   k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps,
                   ROPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
                   MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, PREFETCH: tl.constexpr):
     """Request b, kv head kh, split `split` of split-KV decoding: its share of the keys, page by page through
     the block table (online softmax, exp2), for the GQA group's query heads as one tile. DIRECT (one split):
     the output; else its partial output and log-sum-exp, merged by the last split to arrive if MERGE.
     ROPE: q, k, v are this step's raw projections; the query heads are normed and rotated here, and the split
     that holds the newest position writes its key and value into the caches before it reads them.
-    PDL: wait for the kernel before (programmatic dependent launch) only once the constants are loaded: the
-    q/k norm weights (Parameters), the step's position, slot and cos|sin row (inputs no kernel of the step
-    writes). Per-layer weights are DRAM misses, which after the wait queue behind the weight prefetch of the
-    kernels launched since (+5% end to end at context 128 on the H100)."""
+    PREFETCH: wait for the kernel before (programmatic dependent launch) here, once the constants are loaded
+    (else the caller waits first, or has no kernel to wait for): the q/k norm weights (Parameters), the step's
+    position, slot and cos|sin row (inputs no kernel of the step writes). Per-layer weights are DRAM misses,
+    which after the wait queue behind the weight prefetch of the kernels launched since (+5% end to end at
+    context 128 on the H100)."""
     kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
     lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)  # sliding window: the last `window` keys
     span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
@@ -116,7 +117,7 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         kw, kwp = head_norm_w(kw_ptr, head_dim, HAS_NORM, BLOCK_D)
         cos, sin = rope_at(cs_ptr, kv_len - 1, head_dim, BLOCK_D)
         slot = tl.load(slot_ptr + b).to(tl.int64)
-    if PDL:  # q, k, v come from the kernel before (without ROPE: this step's key and value in the caches)
+    if PREFETCH:  # q, k, v come from the kernel before (without ROPE: this step's key and value in the caches)
         gdc_launch_dependents()
         gdc_wait()
     if ROPE:
