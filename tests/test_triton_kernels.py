@@ -321,11 +321,13 @@ def test_attention_decode(core, dtype, window, softcap, splits):
 @inner
 @pytest.mark.parametrize("dtype,qk_norm,window,splits,onepass", [
     (torch.float32, True, 0, 0, False), (torch.float32, True, 0, 3, False), (torch.float32, False, 6, 5, False),
-    (torch.float32, True, 0, 4, True), (torch.bfloat16, True, 0, 3, False), (torch.bfloat16, False, 0, 0, False)])
+    (torch.float32, True, 0, 4, True), (torch.float32, True, 0, 1, False), (torch.bfloat16, True, 0, 3, False),
+    (torch.bfloat16, False, 0, 0, False)])
 def test_rope_decode_attention(core, dtype, qk_norm, window, splits, onepass):
     """q/k norm + RoPE + the KV write fused into decode attention, against qk_norm_rope then attention_decode
     (natives): the output, and both caches after the step. Raw q, k, v are strided views of a packed QKV;
-    the split holding each request's newest key (the first, a middle or the last) writes it."""
+    the split holding each request's newest key (the first, a middle or the last; one split over 70 keys: in
+    its second key block) writes it."""
     from nanovllm.layers.rotary import cos_sin_table
 
     class Rope:

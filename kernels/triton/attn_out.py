@@ -62,9 +62,9 @@ def _gemv_add_rms_norm_kernel(x_ptr, w_ptr, ws_ptr, r_ptr, nw_ptr, out_ptr, res_
     """Grid (N blocks, SPLIT_K, M blocks): partial sums, then the last program to finish does every row."""
     if PDL:
         gdc_launch_dependents()
-    acc, offs_m, offs_n, pid_k = program_tile(x_ptr, w_ptr, x_ptr, M, N, K, stride_xm, stride_wn, eps, False,
-                                              SPLIT_K, EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL,
-                                              PREFETCH)
+    acc, _, offs_m, offs_n, pid_k = program_tile(x_ptr, w_ptr, x_ptr, x_ptr, M, N, K, stride_xm, stride_wn, 0, eps,
+                                                 False, False, SPLIT_K, EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K,
+                                                 DOT_F32, PDL, PREFETCH)
     store_partial(ws_ptr, acc, pid_k, offs_m, offs_n, M, N)
     if arrive_last(count_ptr, tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)):
         for m in range(M):

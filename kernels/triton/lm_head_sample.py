@@ -33,8 +33,8 @@ def _lm_head_argmax_kernel(x_ptr, w_ptr, nw_ptr, val_ptr, idx_ptr, M, N, K, stri
     best_idx = tl.zeros((BLOCK_M,), tl.int32)
     for j in range(blocks_per_prog):
         pid_n = pid * blocks_per_prog + j
-        logits = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, 0, K, eps, pid_m, pid_n, True,
-                           EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+        logits, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, x_ptr, 0, M, N, K, 0, K, eps, pid_m, pid_n,
+                              True, False, EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
         logits = logits.to(w_ptr.dtype.element_ty).to(tl.float32)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         logits = tl.where(offs_n[None, :] < N, logits, float("-inf"))

@@ -36,8 +36,8 @@ def _gate_up_silu_kernel(x_ptr, w_ptr, a_ptr, nw_ptr, M, N, K, stride_xm, stride
     if PDL:
         gdc_launch_dependents()
     pid_n, pid_m = tl.program_id(0), tl.program_id(2)
-    acc = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, M, N, K, 0, K, eps, pid_m, pid_n, HAS_NORM, EVEN_K,
-                    ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+    acc, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, x_ptr, 0, M, N, K, 0, K, eps, pid_m, pid_n, HAS_NORM,
+                       False, EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
     act = silu_mul_pairs(acc, a_ptr, BLOCK_M, BLOCK_N)
     dtype = a_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
