@@ -289,7 +289,7 @@ def _splitk_sum_kernel(ws_ptr, y_ptr, b_ptr, r_ptr, M, N, stride_ym, stride_rm, 
     acc = tl.zeros((1, BLOCK), tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(ws_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0)
-    r = load_rows(r_ptr, stride_rm, offs_m, offs_n, M, N) if HAS_RES else acc
+    r = load_rows(r_ptr, stride_rm, offs_m, offs_n, M, N) if HAS_RES else acc  # acc: unread without HAS_RES
     store_out(acc, y_ptr, stride_ym, b_ptr, r, offs_m, offs_n, M, N, HAS_BIAS, HAS_RES)
 
 
