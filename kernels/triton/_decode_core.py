@@ -4,6 +4,8 @@ write, one split of split-KV flash decoding, and the merge of the splits."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -14,6 +16,7 @@ core = load_sibling(__file__, "_gemv_core")
 arrive_last, gdc_launch_dependents, gdc_wait = core.arrive_last, core.gdc_launch_dependents, core.gdc_wait
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
 BLOCK_KV = 64
+KV_EVICT: tl.constexpr = tl.constexpr(os.environ.get("NANOVLLM_KV_EVICT", ""))  # experiment switch
 
 
 @triton.jit
@@ -81,9 +84,11 @@ def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_n
     blk, r = slot // page, slot % page
     mask = row[:, None] & (offs_d < head_dim)[None, :]
     cols = offs_g[:, None] * 0 + offs_d[None, :]  # every row of the tile at the same head
-    tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + cols, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + cols, k.to(kc_ptr.dtype.element_ty), mask=mask,
+             eviction_policy=KV_EVICT)
     v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + cols, mask=mask, cache_modifier=".cg")
-    tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + cols, v.to(vc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + cols, v.to(vc_ptr.dtype.element_ty), mask=mask,
+             eviction_policy=KV_EVICT)
 
 
 @triton.jit
@@ -141,7 +146,7 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         row = pos % page
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(kc_ptr + blk[:, None] * stride_kb + row[:, None] * stride_ks + kh * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+                    mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
         if DOT_F32:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -158,7 +163,7 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vc_ptr + blk[:, None] * stride_vb + row[:, None] * stride_vs + kh * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+                    mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
         if DOT_F32:
             acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
         else:
