@@ -17,6 +17,8 @@ arrive_last, gdc_launch_dependents, gdc_wait = core.arrive_last, core.gdc_launch
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
 BLOCK_KV = 64
 KV_EVICT: tl.constexpr = tl.constexpr(os.environ.get("NANOVLLM_KV_EVICT", ""))  # experiment switch
+ATTN_EARLY: tl.constexpr = tl.constexpr(os.environ.get("NANOVLLM_ATTN_EARLY", "0") == "1")  # experiment switch
+ATTN_PRE_BT: tl.constexpr = tl.constexpr(os.environ.get("NANOVLLM_ATTN_PRE_BT", "0") == "1")  # experiment switch
 
 
 @triton.jit
@@ -51,17 +53,23 @@ def head_norm_w(w_ptr, head_dim, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def norm_rope_heads(x_ptr, stride_h, heads, mask_h, w, wp, cos, sin, head_dim, eps, HAS_NORM: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """Heads `heads` of one token's (heads, head_dim) q or k: per-head RMSNorm (HAS_NORM, weights w, wp from
-    head_norm_w), then NeoX RoPE (cos, sin from rope_at); rounded where the native ops round. The constants
-    come in as values: a kernel loads them before its PDL wait (per-layer weights are DRAM misses)."""
+def load_heads(x_ptr, stride_h, heads, mask_h, head_dim, BLOCK_D: tl.constexpr):
+    """Heads `heads` of one token's (heads, head_dim) q or k, and the same at the partner dims (for RoPE)."""
     offs_d = tl.arange(0, BLOCK_D)
     mask = mask_h[:, None] & (offs_d < head_dim)[None, :]
     # .cg: in the persistent layer kernel another program of the same kernel wrote x (L1 is not coherent)
     x = tl.load(x_ptr + heads[:, None] * stride_h + offs_d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
     xp = tl.load(x_ptr + heads[:, None] * stride_h + partner_dims(head_dim, BLOCK_D)[None, :], mask=mask, other=0.0,
                  cache_modifier=".cg")
+    return x, xp
+
+
+@triton.jit
+def norm_rope(x, xp, w, wp, cos, sin, head_dim, eps, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-head RMSNorm (HAS_NORM, weights w, wp from head_norm_w), then NeoX RoPE (cos, sin from rope_at) of
+    heads loaded by load_heads; rounded where the native ops round. The constants come in as values: a kernel
+    loads them before its PDL wait (per-layer weights are DRAM misses)."""
+    offs_d = tl.arange(0, BLOCK_D)
     dtype = x.dtype
     x, xp = x.to(tl.float32), xp.to(tl.float32)
     if HAS_NORM:
@@ -76,17 +84,21 @@ def norm_rope_heads(x_ptr, stride_h, heads, mask_h, w, wp, cos, sin, head_dim, e
 def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw, kwp, cos, sin, head_dim,
                  eps, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This step's key (normed, rotated) and value of request b, kv head kh, into the paged caches at `slot`."""
+    """This step's key (normed, rotated) and value of request b, kv head kh, into the paged caches at `slot`.
+    The value is loaded with the key, ahead of the key's store (after it, it would be a second round trip)."""
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     row = offs_g == 0  # a one-row tile in the shape of the query's
-    k = norm_rope_heads(k_ptr + b * stride_nkb, stride_nkh, kh + offs_g * 0, row, kw, kwp, cos, sin, head_dim, eps,
-                        HAS_NORM, BLOCK_D)
-    blk, r = slot // page, slot % page
     mask = row[:, None] & (offs_d < head_dim)[None, :]
     cols = offs_g[:, None] * 0 + offs_d[None, :]  # every row of the tile at the same head
+    kx, kxp = load_heads(k_ptr + b * stride_nkb, stride_nkh, kh + offs_g * 0, row, head_dim, BLOCK_D)
+    if ATTN_EARLY:
+        v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + cols, mask=mask, cache_modifier=".cg")
+    k = norm_rope(kx, kxp, kw, kwp, cos, sin, head_dim, eps, HAS_NORM, BLOCK_D)
+    blk, r = slot // page, slot % page
     tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + cols, k.to(kc_ptr.dtype.element_ty), mask=mask,
              eviction_policy=KV_EVICT)
-    v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + cols, mask=mask, cache_modifier=".cg")
+    if not ATTN_EARLY:
+        v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + cols, mask=mask, cache_modifier=".cg")
     tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + cols, v.to(vc_ptr.dtype.element_ty), mask=mask,
              eviction_policy=KV_EVICT)
 
@@ -117,6 +129,8 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_KV)
     heads = kh * group + offs_g
     mask_g, mask_d = offs_g < group, offs_d < head_dim
+    if ATTN_PRE_BT:  # the block table is an input no kernel of the step writes
+        nxt_blk = tl.load(bt_ptr + b * stride_bt + (start + offs_n) // page, mask=(start + offs_n) < stop, other=0)
     if ROPE:
         qw, qwp = head_norm_w(qw_ptr, head_dim, HAS_NORM, BLOCK_D)
         kw, kwp = head_norm_w(kw_ptr, head_dim, HAS_NORM, BLOCK_D)
@@ -126,13 +140,16 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         gdc_launch_dependents()
         gdc_wait()
     if ROPE:
-        q = norm_rope_heads(q_ptr + b * stride_qb, stride_qh, heads, mask_g, qw, qwp, cos, sin, head_dim, eps,
-                            HAS_NORM, BLOCK_D)
+        qx, qxp = load_heads(q_ptr + b * stride_qb, stride_qh, heads, mask_g, head_dim, BLOCK_D)
+        if not ATTN_EARLY:
+            q = norm_rope(qx, qxp, qw, qwp, cos, sin, head_dim, eps, HAS_NORM, BLOCK_D)
         if (start <= kv_len - 1) & (kv_len - 1 < stop):
             write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw, kwp, cos, sin,
                          head_dim, eps, HAS_NORM, BLOCK_G, BLOCK_D)
             tl.debug_barrier()  # the block's own stores are visible to all its threads after the barrier
+        if ATTN_EARLY:
+            q = norm_rope(qx, qxp, qw, qwp, cos, sin, head_dim, eps, HAS_NORM, BLOCK_D)
     else:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask_g[:, None] & mask_d[None, :], other=0.0)
@@ -142,7 +159,12 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     for n0 in range(start, stop, BLOCK_KV):
         pos = n0 + offs_n
         mask_n = pos < stop
-        blk = tl.load(bt_ptr + b * stride_bt + pos // page, mask=mask_n, other=0).to(tl.int64)
+        if ATTN_PRE_BT:  # this block's pages were loaded one step ahead (the first before the wait)
+            blk = nxt_blk.to(tl.int64)
+            nxt = pos + BLOCK_KV
+            nxt_blk = tl.load(bt_ptr + b * stride_bt + nxt // page, mask=nxt < stop, other=0)
+        else:
+            blk = tl.load(bt_ptr + b * stride_bt + pos // page, mask=mask_n, other=0).to(tl.int64)
         row = pos % page
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(kc_ptr + blk[:, None] * stride_kb + row[:, None] * stride_ks + kh * stride_kh + offs_d[None, :],
