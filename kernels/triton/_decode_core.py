@@ -4,8 +4,6 @@ write, one split of split-KV flash decoding, and the merge of the splits."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -16,9 +14,6 @@ core = load_sibling(__file__, "_gemv_core")
 arrive_last, gdc_launch_dependents, gdc_wait = core.arrive_last, core.gdc_launch_dependents, core.gdc_wait
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
 BLOCK_KV = 64
-KV_EVICT: tl.constexpr = tl.constexpr(os.environ.get("NANOVLLM_KV_EVICT", ""))  # experiment switch
-ATTN_EARLY: tl.constexpr = tl.constexpr(os.environ.get("NANOVLLM_ATTN_EARLY", "0") == "1")  # experiment switch
-ATTN_PRE_BT: tl.constexpr = tl.constexpr(os.environ.get("NANOVLLM_ATTN_PRE_BT", "0") == "1")  # experiment switch
 
 
 @triton.jit
@@ -83,24 +78,21 @@ def norm_rope(x, xp, w, wp, cos, sin, head_dim, eps, HAS_NORM: tl.constexpr, BLO
 @triton.jit
 def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw, kwp, cos, sin, head_dim,
-                 eps, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+                 eps, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, KV_POLICY: tl.constexpr):
     """This step's key (normed, rotated) and value of request b, kv head kh, into the paged caches at `slot`.
-    The value is loaded with the key, ahead of the key's store (after it, it would be a second round trip)."""
+    The value loads with the key: after the key's store it would be a round trip of its own."""
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     row = offs_g == 0  # a one-row tile in the shape of the query's
     mask = row[:, None] & (offs_d < head_dim)[None, :]
     cols = offs_g[:, None] * 0 + offs_d[None, :]  # every row of the tile at the same head
     kx, kxp = load_heads(k_ptr + b * stride_nkb, stride_nkh, kh + offs_g * 0, row, head_dim, BLOCK_D)
-    if ATTN_EARLY:
-        v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + cols, mask=mask, cache_modifier=".cg")
+    v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + cols, mask=mask, cache_modifier=".cg")
     k = norm_rope(kx, kxp, kw, kwp, cos, sin, head_dim, eps, HAS_NORM, BLOCK_D)
     blk, r = slot // page, slot % page
     tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + cols, k.to(kc_ptr.dtype.element_ty), mask=mask,
-             eviction_policy=KV_EVICT)
-    if not ATTN_EARLY:
-        v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + cols, mask=mask, cache_modifier=".cg")
+             eviction_policy=KV_POLICY)
     tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + cols, v.to(vc_ptr.dtype.element_ty), mask=mask,
-             eviction_policy=KV_EVICT)
+             eviction_policy=KV_POLICY)
 
 
 @triton.jit
@@ -110,7 +102,7 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
                   k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps,
                   ROPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
                   MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, PREFETCH: tl.constexpr):
+                  BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, PREFETCH: tl.constexpr, KV_POLICY: tl.constexpr):
     """Request b, kv head kh, split `split` of split-KV decoding: its share of the keys, page by page through
     the block table (online softmax, exp2), for the GQA group's query heads as one tile. DIRECT (one split):
     the output; else its partial output and log-sum-exp, merged by the last split to arrive if MERGE.
@@ -120,7 +112,8 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     (else the caller waits first, or has no kernel to wait for): the q/k norm weights (Parameters), the step's
     position, slot and cos|sin row (inputs no kernel of the step writes). Per-layer weights are DRAM misses,
     which after the wait queue behind the weight prefetch of the kernels launched since (+5% end to end at
-    context 128 on the H100)."""
+    context 128 on the H100). KV_POLICY: the L2 eviction policy of the cache's loads and stores (see
+    kv_policy)."""
     kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
     lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)  # sliding window: the last `window` keys
     span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
@@ -129,8 +122,9 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_KV)
     heads = kh * group + offs_g
     mask_g, mask_d = offs_g < group, offs_d < head_dim
-    if ATTN_PRE_BT:  # the block table is an input no kernel of the step writes
-        nxt_blk = tl.load(bt_ptr + b * stride_bt + (start + offs_n) // page, mask=(start + offs_n) < stop, other=0)
+    # the first key block's pages: the block table is an input no kernel of the step writes, so they load before
+    # the wait, and each block's K/V loads need no block-table round trip after it
+    nxt_blk = tl.load(bt_ptr + b * stride_bt + (start + offs_n) // page, mask=(start + offs_n) < stop, other=0)
     if ROPE:
         qw, qwp = head_norm_w(qw_ptr, head_dim, HAS_NORM, BLOCK_D)
         kw, kwp = head_norm_w(kw_ptr, head_dim, HAS_NORM, BLOCK_D)
@@ -140,16 +134,14 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         gdc_launch_dependents()
         gdc_wait()
     if ROPE:
+        # q's loads first, then the new key's and value's: all in flight together, one round trip
         qx, qxp = load_heads(q_ptr + b * stride_qb, stride_qh, heads, mask_g, head_dim, BLOCK_D)
-        if not ATTN_EARLY:
-            q = norm_rope(qx, qxp, qw, qwp, cos, sin, head_dim, eps, HAS_NORM, BLOCK_D)
         if (start <= kv_len - 1) & (kv_len - 1 < stop):
             write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw, kwp, cos, sin,
-                         head_dim, eps, HAS_NORM, BLOCK_G, BLOCK_D)
+                         head_dim, eps, HAS_NORM, BLOCK_G, BLOCK_D, KV_POLICY)
             tl.debug_barrier()  # the block's own stores are visible to all its threads after the barrier
-        if ATTN_EARLY:
-            q = norm_rope(qx, qxp, qw, qwp, cos, sin, head_dim, eps, HAS_NORM, BLOCK_D)
+        q = norm_rope(qx, qxp, qw, qwp, cos, sin, head_dim, eps, HAS_NORM, BLOCK_D)
     else:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask_g[:, None] & mask_d[None, :], other=0.0)
@@ -159,16 +151,12 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     for n0 in range(start, stop, BLOCK_KV):
         pos = n0 + offs_n
         mask_n = pos < stop
-        if ATTN_PRE_BT:  # this block's pages were loaded one step ahead (the first before the wait)
-            blk = nxt_blk.to(tl.int64)
-            nxt = pos + BLOCK_KV
-            nxt_blk = tl.load(bt_ptr + b * stride_bt + nxt // page, mask=nxt < stop, other=0)
-        else:
-            blk = tl.load(bt_ptr + b * stride_bt + pos // page, mask=mask_n, other=0).to(tl.int64)
+        blk = nxt_blk.to(tl.int64)  # loaded a block ahead
+        nxt_blk = tl.load(bt_ptr + b * stride_bt + (pos + BLOCK_KV) // page, mask=(pos + BLOCK_KV) < stop, other=0)
         row = pos % page
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(kc_ptr + blk[:, None] * stride_kb + row[:, None] * stride_ks + kh * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
+                    mask=kv_mask, other=0.0, eviction_policy=KV_POLICY)
         if DOT_F32:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -185,7 +173,7 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vc_ptr + blk[:, None] * stride_vb + row[:, None] * stride_vs + kh * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)
+                    mask=kv_mask, other=0.0, eviction_policy=KV_POLICY)
         if DOT_F32:
             acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
         else:
@@ -222,6 +210,13 @@ def merge_head(o_ptr, lse_ptr, out_ptr, b, h, num_heads, num_splits, stride_ob, 
     out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < head_dim)
+
+
+def kv_policy(batch: int) -> str:
+    """"evict_last" for a few rows' caches: with the weights streamed "evict_first" (_gemv_core), a short
+    context's keys and values stay in L2 from one step to the next (the whole model's at context 128 is 14 MB
+    of H100's 50 MB); a large batch's cache would only crowd out the GEMMs' reused tiles."""
+    return "evict_last" if batch <= core.tuning.MAX_M else ""
 
 
 def num_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -> int:

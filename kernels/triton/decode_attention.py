@@ -33,7 +33,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr,
                          stride_nvh, eps, ROPE: tl.constexpr, HAS_NORM: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, MERGE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                         DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                         DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, KV_POLICY: tl.constexpr):
     """Grid (request, kv head, split): one split_program each (ROPE: q/k norm + RoPE + KV write fused, one
     launch fewer per layer). PREFETCH (the q/k norm weights are Parameters): split_program loads its constants
     before it waits for the kernel before; otherwise the wait comes first."""
@@ -45,7 +45,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr,
                   stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, page, group, head_dim, qk_scale, softcap,
                   window, num_splits, stride_ob, stride_oh, k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr,
                   stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps, ROPE, HAS_NORM, HAS_SOFTCAP, DIRECT, MERGE,
-                  BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32, PREFETCH)
+                  BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32, PREFETCH, KV_POLICY)
 
 
 @triton.jit
@@ -90,6 +90,7 @@ def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap,
             HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1, MERGE=count is not None,
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_KV=BLOCK_KV, BLOCK_D=block_d, BLOCK_S=block_s,
             DOT_F32=core.dot_f32(q), PDL=pdl, PREFETCH=core.prefetch(pdl, q_norm_w, k_norm_w),
+            KV_POLICY=attn.kv_policy(batch),
             num_warps=split_warps(batch), num_stages=2, **core.launch_opts(pdl))
     if batch and splits > 1 and count is None:
         wrap_triton(_decode_merge_kernel)[(batch, hq)](

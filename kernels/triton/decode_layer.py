@@ -184,7 +184,7 @@ def _decode_layer_kernel(
                           softcap, window, num_splits, Q_DIM, HEAD_DIM, qkv_ptr + Q_DIM, qkv_ptr + Q_DIM + KV_DIM,
                           q_norm_ptr, k_norm_ptr, cs_ptr, slot_ptr, n_qkv, HEAD_DIM, n_qkv, HEAD_DIM, eps, True,
                           HAS_QK_NORM, HAS_SOFTCAP, DIRECT, not DIRECT, BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32,
-                          False)  # PREFETCH: the grid barrier above is this phase's wait
+                          False, "evict_last")  # PREFETCH: the grid barrier above is this phase's wait
     # C: O projection + residual
     if run_c:
         acc = phase_gemv(o_w_ptr, row_c, n_c, Q_DIM, attn_ptr, attn_ptr, eps, count_ptr, 2 * progs, False, BARRIER,
