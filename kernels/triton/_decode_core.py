@@ -110,10 +110,10 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     that holds the newest position writes its key and value into the caches before it reads them.
     PREFETCH: wait for the kernel before (programmatic dependent launch) here, once the constants are loaded
     (else the caller waits first, or has no kernel to wait for): the q/k norm weights (Parameters), the step's
-    position, slot and cos|sin row (inputs no kernel of the step writes). Per-layer weights are DRAM misses,
-    which after the wait queue behind the weight prefetch of the kernels launched since (+5% end to end at
-    context 128 on the H100). KV_POLICY: the L2 eviction policy of the cache's loads and stores (see
-    kv_policy)."""
+    position, slot, cos|sin row and first key block's page ids (inputs no kernel of the step writes).
+    Per-layer weights are DRAM misses, which after the wait queue behind the weight prefetch of the kernels
+    launched since (+5% end to end at context 128 on the H100). KV_POLICY: the L2 eviction policy of the
+    cache's loads and stores (see kv_policy)."""
     kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
     lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)  # sliding window: the last `window` keys
     span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
@@ -122,8 +122,8 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_KV)
     heads = kh * group + offs_g
     mask_g, mask_d = offs_g < group, offs_d < head_dim
-    # the first key block's pages: the block table is an input no kernel of the step writes, so they load before
-    # the wait, and each block's K/V loads need no block-table round trip after it
+    # the first key block's page ids before the wait (see PREFETCH), each later block's one block ahead: the K/V
+    # loads after the wait need no block-table round trip first (+3% end to end with the one-round-trip q/k/v)
     nxt_blk = tl.load(bt_ptr + b * stride_bt + (start + offs_n) // page, mask=(start + offs_n) < stop, other=0)
     if ROPE:
         qw, qwp = head_norm_w(qw_ptr, head_dim, HAS_NORM, BLOCK_D)
@@ -214,8 +214,8 @@ def merge_head(o_ptr, lse_ptr, out_ptr, b, h, num_heads, num_splits, stride_ob, 
 
 def kv_policy(batch: int) -> str:
     """"evict_last" for a few rows' caches: with the weights streamed "evict_first" (_gemv_core), a short
-    context's keys and values stay in L2 from one step to the next (the whole model's at context 128 is 14 MB
-    of H100's 50 MB); a large batch's cache would only crowd out the GEMMs' reused tiles."""
+    context's keys and values stay in L2 from one step to the next (the whole model's at context 128 is 14.7 MB
+    of the H100's 50 MB); a large batch's cache would only crowd out the GEMMs' reused tiles."""
     return "evict_last" if batch <= core.tuning.MAX_M else ""
 
 
