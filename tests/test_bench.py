@@ -146,6 +146,11 @@ def test_profile_critical_path_of_overlapping_kernels():
     crit = {t["name"]: t["critical_us_per_step"] for t in s["top"]}
     assert crit == {"_gemv_kernel": 20.0, "_decode_split_kernel": 3.0, "_decode_merge_kernel": 1.0}
     assert s["critical_us_per_step"] == 24.0 and s["busy_us_per_step"] == 31.0
+    # the same kernel at two call sites, told apart by the kernel launched before it (in start order)
+    sites = {(t["after"], t["name"]): t["critical_us_per_step"] for t in s["top_by_site"]}
+    assert sites == {("", "_gemv_kernel"): 10.0, ("_gemv_kernel", "_decode_split_kernel"): 3.0,
+                     ("_decode_split_kernel", "_decode_merge_kernel"): 1.0,
+                     ("_decode_merge_kernel", "_gemv_kernel"): 10.0}
 
 
 def test_decode_steps_of_a_batch(tiny_model):

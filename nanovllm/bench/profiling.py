@@ -1,5 +1,6 @@
 """Profile batch-1 decode steps with torch.profiler: kernel launches per step (CUDA kernel events per
-step; on the CPU, top-level aten ops), time per op kind, the top kernels, and a Chrome trace.
+step; on the CPU, top-level aten ops), time per op kind, the top kernels (also per call site: by the kernel
+launched before), and a Chrome trace.
 
 Kernels replayed from a CUDA graph are reported by CUPTI as ordinary kernel events on recent torch, so
 one count covers eager and graph steps. If a graph was launched but no kernel was seen, the count is
@@ -84,13 +85,20 @@ def summarize(events, steps: int, on_cuda: bool) -> dict:
     host = [e.name for e in events if e.device_type == DeviceType.CPU]
     graph_launches = sum(name in GRAPH_LAUNCH for name in host)
     host_launches = sum(bool(HOST_LAUNCH.match(name)) for name in host)
-    by_kind, by_name = defaultdict(float), defaultdict(lambda: [0, 0.0, 0.0])
-    for e in launched:
+    by_kind = defaultdict(float)
+    by_name, by_site = defaultdict(lambda: [0, 0.0, 0.0]), defaultdict(lambda: [0, 0.0, 0.0])  # calls, µs, critical
+    before = ""
+    for e in sorted(launched, key=lambda e: e.time_range.start):
         by_kind[kind(e.name)] += durations[id(e)]
-        by_name[e.name][0] += 1
-        by_name[e.name][1] += durations[id(e)]
-        by_name[e.name][2] += critical[id(e)]
+        # the kernel launched before it tells one kernel's call sites apart (a GEMV after the attention's merge
+        # is the O projection, after the gate/up GEMV the down projection)
+        for key, table in ((e.name, by_name), ((before, e.name), by_site)):
+            table[key][0] += 1
+            table[key][1] += durations[id(e)]
+            table[key][2] += critical[id(e)]
+        before = e.name
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:TOP]
+    sites = sorted(by_site.items(), key=lambda kv: -kv[1][2])[:TOP]
     out = dict(
         unit=unit, steps=steps, launches_per_step=len(launched) / steps,
         copies_per_step=len(copies) / steps, graph_launches_per_step=graph_launches / steps,
@@ -101,6 +109,8 @@ def summarize(events, steps: int, on_cuda: bool) -> dict:
         us_per_step_by_kind={k: v / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         top=[dict(name=n, kind=kind(n), calls_per_step=c / steps, us_per_step=t / steps, mean_us=t / c,
                   critical_us_per_step=crit / steps) for n, (c, t, crit) in top],
+        top_by_site=[dict(name=n, after=a, calls_per_step=c / steps, us_per_step=t / steps,
+                          critical_us_per_step=crit / steps) for (a, n), (c, t, crit) in sites],
     )
     out["graph_kernels_visible"] = not (on_cuda and graph_launches and not launched)
     if not out["graph_kernels_visible"]:

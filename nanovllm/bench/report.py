@@ -94,3 +94,11 @@ def print_profile(s: dict, console: Console) -> None:
         top.add_row(escape(t["name"][:90]), t["kind"], f"{t['calls_per_step']:.1f}", f"{t['us_per_step']:.1f}",
                     f"{t['mean_us']:.2f}", f"{t.get('critical_us_per_step', t['us_per_step']):.1f}")
     console.print(top)
+    if s.get("top_by_site"):
+        sites = Table(title="critical path by kernel and the kernel launched before it")
+        for col in ("kernel", "after", "calls/step", "µs/step", "critical µs/step"):
+            sites.add_column(col, justify="left" if col in ("kernel", "after") else "right")
+        for t in s["top_by_site"]:
+            sites.add_row(escape(t["name"][:60]), escape(t["after"][:40]), f"{t['calls_per_step']:.1f}",
+                          f"{t['us_per_step']:.1f}", f"{t['critical_us_per_step']:.1f}")
+        console.print(sites)
