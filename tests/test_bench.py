@@ -151,6 +151,10 @@ def test_profile_critical_path_of_overlapping_kernels():
     assert sites == {("", "_gemv_kernel"): 10.0, ("_gemv_kernel", "_decode_split_kernel"): 3.0,
                      ("_decode_split_kernel", "_decode_merge_kernel"): 1.0,
                      ("_decode_merge_kernel", "_gemv_kernel"): 10.0}
+    leads = {(t["after"], t["name"]): t["mean_lead_us"] for t in s["top_by_site"]}
+    assert leads == {("", "_gemv_kernel"): 0.0, ("_gemv_kernel", "_decode_split_kernel"): 6.0,
+                     ("_decode_split_kernel", "_decode_merge_kernel"): 1.0,
+                     ("_decode_merge_kernel", "_gemv_kernel"): -6.0}
 
 
 def test_decode_steps_of_a_batch(tiny_model):

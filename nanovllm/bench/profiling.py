@@ -87,16 +87,20 @@ def summarize(events, steps: int, on_cuda: bool) -> dict:
     host_launches = sum(bool(HOST_LAUNCH.match(name)) for name in host)
     by_kind = defaultdict(float)
     by_name, by_site = defaultdict(lambda: [0, 0.0, 0.0]), defaultdict(lambda: [0, 0.0, 0.0])  # calls, µs, critical
-    before = ""
+    lead = defaultdict(float)  # per call site: how long before the kernel before it ended it started
+    before = None
     for e in sorted(launched, key=lambda e: e.time_range.start):
         by_kind[kind(e.name)] += durations[id(e)]
         # the kernel launched before it tells one kernel's call sites apart (a GEMV after the attention's merge
         # is the O projection, after the gate/up GEMV the down projection)
-        for key, table in ((e.name, by_name), ((before, e.name), by_site)):
+        site = (before.name if before else "", e.name)
+        for key, table in ((e.name, by_name), (site, by_site)):
             table[key][0] += 1
             table[key][1] += durations[id(e)]
             table[key][2] += critical[id(e)]
-        before = e.name
+        # with PDL, how early a kernel's programs got onto the GPU to prefetch (negative: a gap before it)
+        lead[site] += before.time_range.end - e.time_range.start if before else 0.0
+        before = e
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:TOP]
     sites = sorted(by_site.items(), key=lambda kv: -kv[1][2])[:TOP]
     out = dict(
@@ -110,7 +114,8 @@ def summarize(events, steps: int, on_cuda: bool) -> dict:
         top=[dict(name=n, kind=kind(n), calls_per_step=c / steps, us_per_step=t / steps, mean_us=t / c,
                   critical_us_per_step=crit / steps) for n, (c, t, crit) in top],
         top_by_site=[dict(name=n, after=a, calls_per_step=c / steps, us_per_step=t / steps,
-                          critical_us_per_step=crit / steps) for (a, n), (c, t, crit) in sites],
+                          critical_us_per_step=crit / steps, mean_lead_us=lead[(a, n)] / c)
+                     for (a, n), (c, t, crit) in sites],
     )
     out["graph_kernels_visible"] = not (on_cuda and graph_launches and not launched)
     if not out["graph_kernels_visible"]:

@@ -96,9 +96,9 @@ def print_profile(s: dict, console: Console) -> None:
     console.print(top)
     if s.get("top_by_site"):
         sites = Table(title="critical path by kernel and the kernel launched before it")
-        for col in ("kernel", "after", "calls/step", "µs/step", "critical µs/step"):
+        for col in ("kernel", "after", "calls/step", "µs/step", "critical µs/step", "mean lead µs"):
             sites.add_column(col, justify="left" if col in ("kernel", "after") else "right")
-        for t in s["top_by_site"]:
+        for t in s["top_by_site"]:  # lead: how long before the kernel before it ended it started
             sites.add_row(escape(t["name"][:60]), escape(t["after"][:40]), f"{t['calls_per_step']:.1f}",
-                          f"{t['us_per_step']:.1f}", f"{t['critical_us_per_step']:.1f}")
+                          f"{t['us_per_step']:.1f}", f"{t['critical_us_per_step']:.1f}", f"{t['mean_lead_us']:.2f}")
         console.print(sites)
