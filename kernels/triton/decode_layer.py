@@ -149,7 +149,7 @@ def _decode_layer_kernel(
         BLOCK_H: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, BARRIER: tl.constexpr,
         POLL_ATOMIC: tl.constexpr, PDL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, KV_POLICY: tl.constexpr):
     """Grid (programs,): phases FIRST..LAST (0..4 = A..E) of the layer; BARRIER: a grid barrier between them.
     Counters: [0] the barrier, [1] the programs done (the last resets [0]), [2:] the attention merges."""
     pid, progs = tl.program_id(0), tl.num_programs(0)
@@ -184,7 +184,7 @@ def _decode_layer_kernel(
                           softcap, window, num_splits, Q_DIM, HEAD_DIM, qkv_ptr + Q_DIM, qkv_ptr + Q_DIM + KV_DIM,
                           q_norm_ptr, k_norm_ptr, cs_ptr, slot_ptr, n_qkv, HEAD_DIM, n_qkv, HEAD_DIM, eps, True,
                           HAS_QK_NORM, HAS_SOFTCAP, DIRECT, not DIRECT, BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32,
-                          False, "evict_last")  # PREFETCH: the grid barrier above is this phase's wait
+                          False, KV_POLICY)  # PREFETCH: the grid barrier above is this phase's wait
     # C: O projection + residual
     if run_c:
         acc = phase_gemv(o_w_ptr, row_c, n_c, Q_DIM, attn_ptr, attn_ptr, eps, count_ptr, 2 * progs, False, BARRIER,
@@ -257,8 +257,8 @@ def decode_layer_op(x: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tens
             LAST=last, BARRIER=barrier, POLL_ATOMIC=poll_atomic, PDL=use_pdl, HAS_BIAS=qkv_b is not None,
             HAS_QK_NORM=q_norm_w is not None, HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1,
             BLOCK_G=max(16, triton.next_power_of_2(q_dim // kv)), BLOCK_KV=attn.BLOCK_KV, BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(splits), DOT_F32=core.dot_f32(x), num_warps=NUM_WARPS,
-            num_stages=1, **meta, **core.launch_opts(use_pdl))
+            BLOCK_S=triton.next_power_of_2(splits), DOT_F32=core.dot_f32(x), KV_POLICY=attn.kv_policy(1),
+            num_warps=NUM_WARPS, num_stages=1, **meta, **core.launch_opts(use_pdl))
     return out
 
 
