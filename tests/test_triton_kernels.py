@@ -43,6 +43,28 @@ def test_kernels_under_the_interpreter():
     assert proc.returncode == 0, "interpreter run failed:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
+def test_shipped_tables_hold_valid_configs():
+    """A typo in a shipped table would show only on the GPU it names: every entry is a Config of power-of-2
+    blocks and warps, a one-row entry's programs each take their K range as one tile (the prefetching path),
+    and a hand-picked entry (an end-to-end choice, no tuner timing) says why."""
+    import json
+    import re
+
+    from nanovllm.ops.plugins import load_sibling
+    tuned = ROOT / "kernels" / "triton" / "tuned"
+    Config = load_sibling(str(tuned.with_name("_tuning.py")), "_tuning").Config
+    tables = sorted(tuned.glob("*.json"))
+    assert tables
+    for path in tables:
+        for key, entry in json.loads(path.read_text()).items():
+            n, k, m = map(int, re.fullmatch(r"\w+:\w+:N(\d+):K(\d+):M(\d+)", key).groups())
+            cfg = Config(**{f: entry[f] for f in Config.__dataclass_fields__})
+            assert all(v & (v - 1) == 0 for v in (cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_warps)), (path.name, key)
+            assert cfg.SPLIT_K >= 1 and cfg.num_stages >= 1, (path.name, key)
+            assert m > 1 or cfg.SPLIT_K * cfg.BLOCK_K >= k, (path.name, key)
+            assert entry.get("us") is not None or entry.get("chosen"), (path.name, key)
+
+
 # -- reference helpers -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def core():
