@@ -139,13 +139,15 @@ def test_profile_critical_path_of_overlapping_kernels():
     def ev(name, start, end):
         return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=SimpleNamespace(start=start, end=end))
 
-    # gemv 0-10, attention 4-13 (adds 3), merge 12-14 (adds 1), a gap, gemv again 20-30 (adds 10)
+    # gemv 0-10, attention 4-13 (adds 3), merge 12-14 (adds 1), a gap with a copy 15-17, gemv again 20-30 (adds 10)
     events = [ev("_gemv_kernel", 0, 10), ev("_decode_split_kernel", 4, 13), ev("_decode_merge_kernel", 12, 14),
-              ev("_gemv_kernel", 20, 30)]
+              ev("Memcpy DtoD (Device -> Device)", 15, 17), ev("_gemv_kernel", 20, 30)]
     s = summarize(events, steps=1, on_cuda=True)
     crit = {t["name"]: t["critical_us_per_step"] for t in s["top"]}
     assert crit == {"_gemv_kernel": 20.0, "_decode_split_kernel": 3.0, "_decode_merge_kernel": 1.0}
     assert s["critical_us_per_step"] == 24.0 and s["busy_us_per_step"] == 31.0
+    # the span (30) less the kernels' critical time (24): the copy (2) and the gaps 14-15 and 17-20 (4)
+    assert s["copy_us_per_step"] == 2.0 and s["idle_us_per_step"] == 4.0 and s["copies_per_step"] == 1.0
     # the same kernel at two call sites, told apart by the kernel launched before it (in start order)
     sites = {(t["after"], t["name"]): t["critical_us_per_step"] for t in s["top_by_site"]}
     assert sites == {("", "_gemv_kernel"): 10.0, ("_gemv_kernel", "_decode_split_kernel"): 3.0,

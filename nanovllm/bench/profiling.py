@@ -68,6 +68,14 @@ def critical_us(events) -> dict[int, float]:
     return out
 
 
+def idle_us(events, critical: dict[int, float]) -> float:
+    """The time inside the events' span that no event covers (their span less each one's critical part)."""
+    if not events:
+        return 0.0
+    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    return span - sum(critical[id(e)] for e in events)
+
+
 def summarize(events, steps: int, on_cuda: bool) -> dict:
     if on_cuda:
         device_events = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -110,6 +118,10 @@ def summarize(events, steps: int, on_cuda: bool) -> dict:
         host_launches_per_step=host_launches / steps,
         busy_us_per_step=sum(durations[id(e)] for e in launched) / steps,
         critical_us_per_step=sum(critical[id(e)] for e in launched) / steps,
+        # the rest of the device's span: its copies (tokens out, the next step's inputs in) and idle gaps (graph
+        # launches, the first kernel of a graph, which no PDL overlaps, waiting for its inputs' copy)
+        copy_us_per_step=sum(critical[id(e)] for e in copies) / steps,
+        idle_us_per_step=idle_us(device_events if on_cuda else [], critical) / steps,
         us_per_step_by_kind={k: v / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         top=[dict(name=n, kind=kind(n), calls_per_step=c / steps, us_per_step=t / steps, mean_us=t / c,
                   critical_us_per_step=crit / steps) for n, (c, t, crit) in top],

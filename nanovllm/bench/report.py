@@ -74,7 +74,8 @@ def print_profile(s: dict, console: Console) -> None:
                   f"{s['unit']} per decode step ({s['copies_per_step']:.1f} copies; host launch calls "
                   f"{s['host_launches_per_step']:.1f}, of them graph launches {s['graph_launches_per_step']:.1f}); "
                   f"busy {s['busy_us_per_step']:.1f} µs/step, on the critical path "
-                  f"{s.get('critical_us_per_step', s['busy_us_per_step']):.1f}")
+                  f"{s.get('critical_us_per_step', s['busy_us_per_step']):.1f}, copies "
+                  f"{s.get('copy_us_per_step', 0.0):.1f}, idle {s.get('idle_us_per_step', 0.0):.1f}")
     if s.get("eager"):
         e = s["eager"]
         console.print(f"same steps without CUDA graphs: {e['launches_per_step']:.1f} kernels, host launch calls "
