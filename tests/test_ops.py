@@ -146,6 +146,7 @@ def random_args(op: str, dtype):
         "rope": (r(n, 3, d), r(n, 1, d), torch.randint(0, 64, (n,)), cos_sin),
         "silu_and_mul": (r(n, 2 * inter),),
         "linear": (r(n, h), w(inter, h), w(inter)),
+        "embedding": (torch.randint(0, vocab, (n,)), w(vocab, h), torch.tensor(h ** 0.5)),
         "store_kv": (r(n, 2, d), r(n, 2, d), kc, vc, slots),
         "sample": (r(n, vocab), *sampling),
         "norm_qkv": (r(n, h), w(h) + 1, w(3 * h, h), None, 1e-6),

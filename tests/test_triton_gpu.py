@@ -60,6 +60,18 @@ def report(name, got, want):
 
 
 # -- kernels against their native ops ------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 16, 300])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_embedding(core, rows, scaled):
+    """The vocabulary's last row included; a bf16 scale product rounds as the native's (exact)."""
+    torch.manual_seed(rows)
+    table, scale = param(VOCAB, H, scale=1.0), torch.tensor(H ** 0.5, device="cuda") if scaled else None
+    ids = torch.randint(0, VOCAB, (rows,), device="cuda")
+    ids[0] = VOCAB - 1
+    want = get_op("embedding").native(ids, table, scale)
+    torch.testing.assert_close(triton_impl("embedding")(ids, table, scale), want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("rows", [1, 4, 16, 40])
 @pytest.mark.parametrize("proj", list(PROJ))
 def test_linear(core, proj, rows, untuned):

@@ -120,6 +120,22 @@ def test_linear(core, dtype, rows, cfg, bias):
 
 
 @inner
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_embedding(core, dtype, scaled):
+    """Odd widths (one column block, and two with a short second one), repeated ids, a (batch, seq) id shape,
+    and Gemma's scale rounded to the table's dtype before the product, as the native rounds (the interpreter
+    truncates bf16 where the GPU rounds: a bf16 product gets bf16's tolerance; a plain gather is exact)."""
+    torch.manual_seed(int(scaled))
+    scale = torch.tensor(37 ** 0.5) if scaled else None
+    for hidden, ids in ((37, torch.tensor([5, 0, 96, 5])), (4096 + 3, torch.tensor([[1, 2, 3], [3, 2, 96]]))):
+        table = weight(97, hidden, dtype=dtype)
+        torch.testing.assert_close(triton_impl("embedding")(ids, table, scale),
+                                   get_op("embedding").native(ids, table, scale),
+                                   **(TOL[dtype] if scaled else dict(atol=0, rtol=0)))
+
+
+@inner
 def test_prefetch_only_when_every_weight_read_early_is_a_parameter(core):
     """A GEMV reads its weight tile and norm weights before the PDL wait only if no kernel in flight can write
     them: Parameters. A plain tensor may be the output of the kernel it overlaps with."""
@@ -456,7 +472,7 @@ def test_every_triton_backend_resolves_on_the_interpreter(core):
 
 @inner
 @pytest.mark.parametrize("presets", [("all_fused",), ("all_fused", "onepass"), ("all_fused", "persistent_layer"),
-                                     ("all_fused", "layer_sites")])
+                                     ("all_fused", "layer_sites"), ("all_fused", "triton_embedding")])
 def test_all_fused_tiny_model_matches_eager(core, make_checkpoint, presets):
     """Teacher-forced logits through the engine (a prefill of 20 rows runs the sites' parts: the Triton norms and
     SiLU * up around cuBLAS; decode the FMA path),

@@ -20,7 +20,7 @@ from nanovllm.ops import COMPILE, MODEL_SCOPE, NATIVE, AttentionMetadata, OpReso
 
 LAYER_OPS = ("norm_qkv", "qk_norm_rope", "attention_prefill", "attention_decode", "rope_decode_attention", "attn_out",
              "mlp", "decode_layer")
-MODEL_OPS = ("rms_norm", "linear", "sample", "lm_head_sample")
+MODEL_OPS = ("embedding", "rms_norm", "linear", "sample", "lm_head_sample")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
@@ -188,9 +188,7 @@ class DenseCausalLM(nn.Module):
         self.register_buffer("embed_scale", torch.tensor(args.embed_scale or 1.0), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
-        x = self.embed[input_ids]
-        if self.args.embed_scale:
-            x = x * self.embed_scale.to(x.dtype)
+        x = self.ops.embedding(input_ids, self.embed, self.embed_scale if self.args.embed_scale else None)
         for layer in self.layers:
             x = layer(x, positions, meta, getattr(self, layer.rope_table))
         return x

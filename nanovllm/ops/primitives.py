@@ -44,6 +44,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@define_op("embedding")
+def embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows `ids` of the (vocab, hidden) table, times `scale` (a tensor) rounded to the table's dtype, as HF
+    scales Gemma's embeddings."""
+    x = weight[ids]
+    return x if scale is None else x * scale.to(x.dtype)
+
+
 @define_op("linear")
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight.T + bias, weight (out, in) as stored by Hugging Face."""
