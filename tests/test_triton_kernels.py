@@ -57,7 +57,7 @@ def test_shipped_tables_hold_valid_configs():
     assert tables
     for path in tables:
         for key, entry in json.loads(path.read_text()).items():
-            n, k, m = map(int, re.fullmatch(r"\w+:\w+:N(\d+):K(\d+):M(\d+)", key).groups())
+            _, k, m = map(int, re.fullmatch(r"\w+:\w+:N(\d+):K(\d+):M(\d+)", key).groups())
             cfg = Config(**{f: entry[f] for f in Config.__dataclass_fields__})
             assert all(v & (v - 1) == 0 for v in (cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_warps)), (path.name, key)
             assert cfg.SPLIT_K >= 1 and cfg.num_stages >= 1, (path.name, key)
