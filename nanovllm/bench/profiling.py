@@ -85,7 +85,7 @@ def summarize(events, steps: int, on_cuda: bool) -> dict:
         critical = critical_us(device_events)
         unit = "CUDA kernels"
     else:
-        copies = []
+        device_events, copies = [], []
         launched = [e for e in events if _is_top_level_aten(e)]
         durations = {id(e): e.cpu_time_total for e in launched}
         critical = durations  # one op at a time
@@ -121,7 +121,7 @@ def summarize(events, steps: int, on_cuda: bool) -> dict:
         # the rest of the device's span: its copies (tokens out, the next step's inputs in) and idle gaps (graph
         # launches, the first kernel of a graph, which no PDL overlaps, waiting for its inputs' copy)
         copy_us_per_step=sum(critical[id(e)] for e in copies) / steps,
-        idle_us_per_step=idle_us(device_events if on_cuda else [], critical) / steps,
+        idle_us_per_step=idle_us(device_events, critical) / steps,
         us_per_step_by_kind={k: v / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         top=[dict(name=n, kind=kind(n), calls_per_step=c / steps, us_per_step=t / steps, mean_us=t / c,
                   critical_us_per_step=crit / steps) for n, (c, t, crit) in top],
