@@ -46,7 +46,7 @@ def test_short_context_graphs(tiny_model, tiny_llm):
     assert graphs.widths(1) == graphs.widths(8) == [3, 16] and graphs.widths(12) == [16]
     widths = []
     meta = graphs._meta
-    graphs._meta = lambda b, w, host: widths.append((b, w)) or meta(b, w, host)
+    graphs._meta = lambda b, w, host, t: widths.append((b, w)) or meta(b, w, host, t)
     prompts = [[i + 3] * (20 + 9 * i) for i in range(3)]  # 20..38 tokens: 2-3 blocks, then growing past 48
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     expected = [r["token_ids"] for r in tiny_llm.generate(prompts, params)]
@@ -103,8 +103,13 @@ def test_async_scheduling_gives_the_same_tokens(tiny_model, tiny_llm):
         return launch(batch, prev)
 
     engine.runner.launch_decode = spy
+    graphs, skipped_ids = engine.runner.graphs, []
+    upload = graphs._upload
+    graphs._upload = lambda t, b, w, skip_ids=False: skipped_ids.append(skip_ids) or upload(t, b, w, skip_ids)
     assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
     assert any(launched), "no step was launched ahead"
+    # every row kept: the input ids are where the last graph wrote its tokens; a row dropped: they are copied
+    assert skipped_ids.count(True) > 0 and skipped_ids.count(False) > 1, skipped_ids
     # requests finish at different lengths: steps go on being launched ahead without the finishing rows, so
     # only the first decode step is launched synchronously
     assert launched.count(False) == 1 and {4, 3, 2, 1} <= set(ahead_rows), (launched, ahead_rows)
@@ -174,7 +179,7 @@ def test_step_ahead_feeds_the_in_flight_tokens(tiny_model):
     seq = engine.requests[rid][0]
     engine.block_manager.grow(seq, seq.num_tokens + 1)
     graphs.run([ScheduledSeq(seq, 1)], prev_tokens=torch.tensor([777]))
-    views = graphs._views(graphs.dev, 1, graphs.max_blocks)
+    views = graphs._views(graphs.inputs[graphs.turn], 1, graphs.max_blocks)
     assert views["input_ids"].tolist() == [777]
     assert views["positions"].tolist() == [seq.num_computed_tokens + 1]
     assert views["seq_lens"].tolist() == [seq.num_computed_tokens + 2]

@@ -461,6 +461,27 @@ def test_all_fused_greedy_tokens(engines):
     check_greedy_tokens(*engines, "all_fused")
 
 
+def test_async_graph_steps_match_synchronous_ones(engines):
+    """Steps launched ahead (inputs copied in on a side stream, the input ids those the graph before left,
+    tokens copied out on another stream) give exactly the synchronous engine's tokens: a batch of 3 whose
+    rows finish at different lengths (the rows kept then copied, not chained), then one request alone."""
+    from nanovllm import SamplingParams
+
+    fused = engines[1]
+    g = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (5, 33, 70)]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (64, 20, 41)]
+    config, out = fused.engine.config, {}
+    try:
+        for asynchronous in (False, True):
+            config.async_scheduling = asynchronous
+            out[asynchronous] = ([r["token_ids"] for r in fused.generate(prompts, params)],
+                                 fused.generate(prompts[1:2], params[0])[0]["token_ids"])
+    finally:
+        config.async_scheduling = True
+    assert out[True] == out[False]
+
+
 def test_persistent_layer_model(engines, persistent):
     """The persistent layer kernel in the engine: eager decode steps (teacher forcing) and the CUDA graphs
     (greedy generation)."""

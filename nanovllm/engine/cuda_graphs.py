@@ -1,9 +1,13 @@
 """CUDA graphs for decode steps: one graph per batch size (and block-table width), replayed with fresh inputs.
 
 Every per-step input lives in one device buffer whose host twin is pinned memory, so a step costs a
-single host-to-device copy. A batch is padded up to the next captured size; padded rows write their
-K/V to the scratch block and read only it. Backends' plan hooks run before each replay, outside the
-graph, with `meta.graph_batch` set so they can keep graph-safe state per batch size.
+single host-to-device copy. There are two such pairs, used in turn, and a graph per pair: while one step's
+graph reads its buffer, the next step's inputs are copied into the other on a side stream, and the graph
+writes its tokens straight into the other buffer's input ids, where a step launched ahead finds them. The
+tokens go to the host on another side stream, so back-to-back steps wait for no copy between replays.
+A batch is padded up to the next captured size; padded rows write their K/V to the scratch block and read
+only it. Backends' plan hooks run before each replay, outside the graph, with `meta.graph_batch` set so they
+can keep graph-safe state per batch size.
 Small batches also get graphs over a narrower block table (`short_context_graphs` tokens), replayed while
 every row's blocks fit: kernels sized from the table's width (the Triton decode attention's split count,
 the native attention's padded keys) then fit the context instead of `max_model_len`.
@@ -49,19 +53,27 @@ class DecodeGraphs:
         self.short_blocks = short if 0 < short < self.max_blocks else None
         self.scratch_block = runner.num_blocks  # the extra block the KV cache keeps for padding
         width = len(self.FIELDS) * self.max_bs + self.max_bs * self.max_blocks
-        # Two pinned staging buffers, used in turn: with async scheduling a step is filled while the copy
-        # out of the previous step's buffer may still be queued on the GPU.
-        self.hosts = [torch.zeros(width, dtype=torch.int64, pin_memory=runner.device.type == "cuda")
-                      for _ in range(2)]
+        # Two pinned staging buffers and their device twins, used in turn (`turn` is the last step's): with async
+        # scheduling a step is filled and copied in while the step before still runs on the other pair.
+        cuda = runner.device.type == "cuda"
+        self.hosts = [torch.zeros(width, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
+        self.inputs = [torch.zeros(width, dtype=torch.int64, device=runner.device) for _ in range(2)]
         self.turn = 0
-        self.dev = torch.zeros(width, dtype=torch.int64, device=runner.device)
+        streams = cuda and capture_graphs
+        self.upload = torch.cuda.Stream(runner.device) if streams else None
+        self.download = torch.cuda.Stream(runner.device) if streams else None
+        # Per buffer: its last reader graph is done (released), its inputs are in (uploaded), the tokens a graph
+        # left in it are on the host (fetched).
+        self.released, self.uploaded, self.fetched = ([torch.cuda.Event() for _ in range(2)] if streams else None
+                                                      for _ in range(3))
         self.arange = torch.arange(self.max_bs + 1, device=runner.device)
         zeros = torch.zeros(self.max_bs, device=runner.device)
         self.greedy = (zeros, zeros.long() - 1, zeros + 1, zeros, None)
         self.temperature = torch.zeros(self.max_bs, device=runner.device)
         self.noise = torch.ones(self.max_bs, runner.args.vocab_size, device=runner.device)
-        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, table width, sampled)
-        self.outputs: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        # keyed (batch size, table width, sampled, buffer)
+        self.graphs: dict[tuple[int, int, bool, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int, bool, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool = None
 
     def widths(self, b: int) -> list[int]:
@@ -76,20 +88,18 @@ class DecodeGraphs:
         views["block_tables"] = buf[start:start + b * w].reshape(b, w)
         return views
 
-    def _meta(self, b: int, w: int, host: dict) -> AttentionMetadata:
-        v = self._views(self.dev, b, w)
+    def _meta(self, b: int, w: int, host: dict, t: int) -> AttentionMetadata:
+        v = self._views(self.inputs[t], b, w)
         return AttentionMetadata(
             positions=v["positions"], slot_mapping=v["slot_mapping"], seq_lens=v["seq_lens"],
             block_tables=v["block_tables"], cu_seqlens_q=self.arange[:b + 1], pad_index=self.arange[:b],
             max_seqlen_q=1, max_seqlen_k=w * self.runner.block_size, host=host, graph_batch=b)
 
-    def _fill(self, b: int, w: int, rows: list[tuple[int, int, list[int]]]) -> dict:
+    def _fill(self, b: int, w: int, rows: list[tuple[int, int, list[int]]], t: int) -> dict:
         """rows: (token id, position, block table) per real request, each at most w blocks; pads up to b.
-        Returns host arrays."""
+        Fills host buffer t and returns its arrays."""
         bs = self.runner.block_size
-        self.turn ^= 1
-        host = self.hosts[self.turn]
-        v = self._views(host.numpy(), b, w)
+        v = self._views(self.hosts[t].numpy(), b, w)
         for name in self.FIELDS:
             v[name][:] = 0
         v["slot_mapping"][:] = self.scratch_block * bs
@@ -101,7 +111,7 @@ class DecodeGraphs:
             n = len(rows)
             tokens, pos, tables = zip(*rows)
             pos = np.array(pos, dtype=np.int64)
-            num_blocks[:n] = [len(t) for t in tables]
+            num_blocks[:n] = [len(table) for table in tables]
             used = np.arange(w) < num_blocks[:n, None]
             v["block_tables"][:n][used] = np.fromiter(itertools.chain.from_iterable(tables), np.int64,
                                                       int(num_blocks[:n].sum()))
@@ -109,18 +119,25 @@ class DecodeGraphs:
             v["positions"][:n] = pos
             v["slot_mapping"][:n] = v["block_tables"][np.arange(n), pos // bs] * bs + pos % bs
             v["seq_lens"][:n] = pos + 1
-        # One copy, of the used prefix: the fields lie side by side, the block tables last.
-        end = len(self.FIELDS) * self.max_bs + b * w
-        self.dev[:end].copy_(host[:end], non_blocking=True)
         return dict(seq_lens=v["seq_lens"].copy(), cu_seqlens_q=np.arange(b + 1), block_tables=v["block_tables"],
                     num_blocks=num_blocks)
 
-    def _run(self, b: int, meta: AttentionMetadata, sampled: bool):
-        v = self._views(self.dev, b, meta.block_tables.shape[1])
+    def _upload(self, t: int, b: int, w: int, skip_ids: bool = False) -> None:
+        """Copies host buffer t into its device twin, one copy of the used prefix (the fields lie side by side,
+        the block tables last); with `skip_ids`, all but the input ids. On the main stream."""
+        start, end = self.max_bs if skip_ids else 0, len(self.FIELDS) * self.max_bs + b * w
+        self.inputs[t][start:end].copy_(self.hosts[t][start:end], non_blocking=True)
+
+    def _run(self, b: int, meta: AttentionMetadata, sampled: bool, t: int):
+        v = self._views(self.inputs[t], b, meta.block_tables.shape[1])
         hidden = self.forward(v["input_ids"], v["positions"], meta)
         if sampled:
-            return hidden, self.runner.model.sample(hidden, self.temperature[:b], None, None, None, self.noise[:b])
-        return hidden, self.runner.model.sample(hidden, *[t[:b] if t is not None else None for t in self.greedy])
+            tokens = self.runner.model.sample(hidden, self.temperature[:b], None, None, None, self.noise[:b])
+        else:
+            tokens = self.runner.model.sample(hidden, *[x[:b] if x is not None else None for x in self.greedy])
+        following = self.inputs[1 - t][:b]  # the next step's input ids, for a step launched ahead on these tokens
+        following.copy_(tokens)
+        return hidden, following
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -128,21 +145,21 @@ class DecodeGraphs:
         if not self.capture_graphs:
             return 0.0
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            for w in reversed(self.widths(b)):
-                host = self._fill(b, w, [])
-                meta = self._meta(b, w, host)
+            for w, t in itertools.product(reversed(self.widths(b)), (0, 1)):
+                meta = self._meta(b, w, self._fill(b, w, [], t), t)
+                self._upload(t, b, w)
                 for plan in self.runner.plans:
                     plan(meta, self.runner.plan_context)
                 for sampled in (False, True):
                     for _ in range(2):  # warm up: JIT, autotuning and lazy allocations happen outside capture
-                        self._run(b, meta, sampled)
+                        self._run(b, meta, sampled, t)
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=self.pool):
-                        self.outputs[b, w, sampled] = self._run(b, meta, sampled)
+                        self.outputs[b, w, sampled, t] = self._run(b, meta, sampled, t)
                     if self.pool is None:
                         self.pool = graph.pool()
-                    self.graphs[b, w, sampled] = graph
+                    self.graphs[b, w, sampled, t] = graph
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
@@ -155,7 +172,8 @@ class DecodeGraphs:
         at the temperatures and noise the caller put in `self.temperature` and `self.noise` (batch order).
 
         With `prev_tokens` (the device tokens of the step still in flight for the same rows), each row runs
-        one position ahead and takes its input token from that tensor, without a round trip to the host."""
+        one position ahead and takes its input token from that tensor, without a round trip to the host. The
+        tokens returned are a view that the step after next overwrites: read them (`to_host`) before then."""
         n = len(batch)
         b = next(s for s in self.sizes if s >= n)
         ahead = int(prev_tokens is not None)
@@ -163,14 +181,51 @@ class DecodeGraphs:
                 for item in batch]
         need = max((len(table) for *_, table in rows), default=1)
         w = next(w for w in self.widths(b) if w >= need)
-        meta = self._meta(b, w, self._fill(b, w, rows))
-        if prev_tokens is not None:  # input_ids are the first field of the device buffer
-            self.dev[:n].copy_(prev_tokens[:n])
+        t = self.turn = self.turn ^ 1
+        meta = self._meta(b, w, self._fill(b, w, rows, t), t)
+        # Chained: the tokens in flight are those the last graph left in this buffer's input ids (every row kept).
+        chained = prev_tokens is not None and prev_tokens.data_ptr() == self.inputs[t].data_ptr()
+        main = torch.cuda.current_stream() if self.upload is not None else None
+        if chained and main is not None:
+            # Off the critical path: the copy waits only for the graph two steps back, this buffer's last reader.
+            with torch.cuda.stream(self.upload):
+                self.upload.wait_event(self.released[t])
+                self._upload(t, b, w, skip_ids=True)
+                self.uploaded[t].record()
+            main.wait_event(self.uploaded[t])
+        else:
+            if main is not None and not chained:  # the input ids about to be overwritten hold the last tokens
+                main.wait_event(self.fetched[t])
+            self._upload(t, b, w, skip_ids=chained)
+            if prev_tokens is not None and not chained:  # input_ids are the first field of the device buffer
+                self.inputs[t][:n].copy_(prev_tokens[:n])
         for plan in self.runner.plans:
             plan(meta, self.runner.plan_context)
         if not self.capture_graphs:
-            hidden, tokens = self._run(b, meta, sampled)
+            hidden, tokens = self._run(b, meta, sampled, t)
             return hidden[:n], tokens[:n]
-        self.graphs[b, w, sampled].replay()
-        hidden, tokens = self.outputs[b, w, sampled]
+        main.wait_event(self.fetched[1 - t])  # the graph writes its tokens over those of the step two back
+        self.graphs[b, w, sampled, t].replay()
+        self.released[t].record()
+        hidden, tokens = self.outputs[b, w, sampled, t]
         return hidden[:n], tokens[:n]
+
+    def to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Starts copying a step's tokens into pinned host memory, on a side stream so that the next graph need
+        not wait for the copy; returns the host tensor and the event to wait on before reading it."""
+        cuda = tokens.is_cuda
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
+        if self.download is None:
+            host.copy_(tokens, non_blocking=cuda)
+            event = torch.cuda.Event() if cuda else None
+            if event is not None:
+                event.record()
+            return host, event
+        self.download.wait_stream(torch.cuda.current_stream())
+        tokens.record_stream(self.download)
+        with torch.cuda.stream(self.download):
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.fetched[1 - self.turn] = event  # the last graph's tokens lie in the other buffer
+        return host, event

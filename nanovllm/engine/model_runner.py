@@ -26,14 +26,9 @@ log = logging.getLogger("nanovllm")
 class PendingTokens:
     """Tokens of a launched step: on the device at once, on the host when `tolist()` waits for them."""
 
-    def __init__(self, tokens: torch.Tensor):
+    def __init__(self, tokens: torch.Tensor, graphs):
         self.device = tokens
-        cuda = tokens.is_cuda
-        self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
-        self.host.copy_(tokens, non_blocking=cuda)
-        self.event = torch.cuda.Event() if cuda else None
-        if self.event is not None:
-            self.event.record()
+        self.host, self.event = graphs.to_host(tokens)
 
     def rows(self, keep: list[int]) -> torch.Tensor:
         """The device tokens of rows `keep` (increasing indices): the tensor itself when that is every row."""
@@ -290,7 +285,7 @@ class ModelRunner:
         """Start a decode step (no logprobs) through the CUDA graphs and return without waiting for it.
         With `prev` (device tokens of the step in flight, one per row of `batch`), the rows run one position
         ahead on those tokens (async scheduling). No host sync."""
-        return PendingTokens(self._graph_decode(batch, prev))
+        return PendingTokens(self._graph_decode(batch, prev), self.graphs)
 
     def _graph_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None = None) -> torch.Tensor:
         """Device tokens of a decode batch through the graphs: the greedy graph when every row is greedy, the
