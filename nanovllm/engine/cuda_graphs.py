@@ -62,6 +62,7 @@ class DecodeGraphs:
         streams = cuda and capture_graphs
         self.upload = torch.cuda.Stream(runner.device) if streams else None
         self.download = torch.cuda.Stream(runner.device) if streams else None
+        self.main = None  # the stream of the last replay
         # Per buffer: its last reader graph is done (released), its inputs are in (uploaded), the tokens a graph
         # left in it are on the host (fetched).
         self.released, self.uploaded, self.fetched = ([torch.cuda.Event() for _ in range(2)] if streams else None
@@ -185,7 +186,7 @@ class DecodeGraphs:
         meta = self._meta(b, w, self._fill(b, w, rows, t), t)
         # Chained: the tokens in flight are those the last graph left in this buffer's input ids (every row kept).
         chained = prev_tokens is not None and prev_tokens.data_ptr() == self.inputs[t].data_ptr()
-        main = torch.cuda.current_stream() if self.upload is not None else None
+        main = self.main = torch.cuda.current_stream() if self.upload is not None else None
         if chained and main is not None:
             # Off the critical path: the copy waits only for the graph two steps back, this buffer's last reader.
             with torch.cuda.stream(self.upload):
@@ -217,15 +218,10 @@ class DecodeGraphs:
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
         if self.download is None:
             host.copy_(tokens, non_blocking=cuda)
-            event = torch.cuda.Event() if cuda else None
-            if event is not None:
-                event.record()
-            return host, event
-        self.download.wait_stream(torch.cuda.current_stream())
+            return host, torch.cuda.current_stream().record_event() if cuda else None
+        self.download.wait_stream(self.main or torch.cuda.current_stream())  # the stream of the last replay
         tokens.record_stream(self.download)
         with torch.cuda.stream(self.download):
             host.copy_(tokens, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        self.fetched[1 - self.turn] = event  # the last graph's tokens lie in the other buffer
+        event = self.fetched[1 - self.turn] = self.download.record_event()  # the last graph's tokens' buffer
         return host, event
