@@ -125,7 +125,7 @@ class DecodeGraphs:
 
     def _upload(self, t: int, b: int, w: int, skip_ids: bool = False) -> None:
         """Copies host buffer t into its device twin, one copy of the used prefix (the fields lie side by side,
-        the block tables last); with `skip_ids`, all but the input ids. On the main stream."""
+        the block tables last); with `skip_ids`, all but the input ids. On the current stream."""
         start, end = self.max_bs if skip_ids else 0, len(self.FIELDS) * self.max_bs + b * w
         self.inputs[t][start:end].copy_(self.hosts[t][start:end], non_blocking=True)
 
