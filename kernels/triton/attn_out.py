@@ -60,8 +60,6 @@ def _gemv_add_rms_norm_kernel(x_ptr, w_ptr, ws_ptr, r_ptr, nw_ptr, out_ptr, res_
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
                               PREFETCH: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (N blocks, SPLIT_K, M blocks): partial sums, then the last program to finish does every row."""
-    if PDL:
-        gdc_launch_dependents()
     acc, _, offs_m, offs_n, pid_k = program_tile(x_ptr, w_ptr, x_ptr, x_ptr, M, N, K, stride_xm, stride_wn, 0, eps,
                                                  False, False, SPLIT_K, EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K,
                                                  DOT_F32, PDL, PREFETCH)

@@ -17,7 +17,7 @@ from torch.library import triton_op, wrap_triton
 from nanovllm.ops.plugins import load_sibling
 
 core = load_sibling(__file__, "_gemv_core")
-gemv_tile, gdc_launch_dependents, gdc_wait = core.gemv_tile, core.gdc_launch_dependents, core.gdc_wait
+gemv_tile = core.gemv_tile
 
 
 @triton.jit
@@ -26,8 +26,6 @@ def _lm_head_argmax_kernel(x_ptr, w_ptr, nw_ptr, val_ptr, idx_ptr, M, N, K, stri
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
                            PREFETCH: tl.constexpr):
     """Grid (num_progs, 1, M blocks): program p covers vocab blocks [p * blocks_per_prog, +blocks_per_prog)."""
-    if PDL:
-        gdc_launch_dependents()
     pid, pid_m = tl.program_id(0), tl.program_id(2)
     best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_M,), tl.int32)

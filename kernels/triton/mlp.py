@@ -22,7 +22,7 @@ from torch.library import triton_op, wrap_triton
 from nanovllm.ops.plugins import load_sibling
 
 core = load_sibling(__file__, "_gemv_core")
-gemv_tile, gdc_launch_dependents, silu_mul_pairs = core.gemv_tile, core.gdc_launch_dependents, core.silu_mul_pairs
+gemv_tile, silu_mul_pairs = core.gemv_tile, core.silu_mul_pairs
 interleave_gate_up = core.interleave_gate_up
 
 
@@ -33,8 +33,6 @@ def _gate_up_silu_kernel(x_ptr, w_ptr, a_ptr, nw_ptr, M, N, K, stride_xm, stride
                          PREFETCH: tl.constexpr):
     """Grid (N blocks, 1, M blocks), N = 2I interleaved rows: a = silu(x @ gate.T) * (x @ up.T), rounded as
     the native rounds; HAS_NORM: of rms_norm(x) * nw (the RMSNorm applied on the fly, as in the norm GEMV)."""
-    if PDL:
-        gdc_launch_dependents()
     pid_n, pid_m = tl.program_id(0), tl.program_id(2)
     acc, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, x_ptr, 0, M, N, K, 0, K, eps, pid_m, pid_n, HAS_NORM,
                        False, EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
