@@ -44,15 +44,17 @@ except ImportError:  # an older Triton: PDL stays off
         pass
 
 
+# one line: torch.compile copies kernel sources into generated modules, where a "\n" escape breaks the string
+LAUNCH_AFTER_ASM: tl.constexpr = tl.constexpr("griddepcontrol.launch_dependents; mov.b32 $0, $1;")
+
+
 @triton.jit
 def launch_dependents_after(w):
     """w unchanged, and griddepcontrol.launch_dependents once it is in registers: the asm reads w, so it waits
     for the loads' data, not just their issue."""
     if w.dtype.primitive_bitwidth == 16:
-        return tl.inline_asm_elementwise("griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;", "=r,r", [w],
-                                         dtype=w.dtype, is_pure=False, pack=2)
-    return tl.inline_asm_elementwise("griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;", "=r,r", [w],
-                                     dtype=w.dtype, is_pure=False, pack=1)
+        return tl.inline_asm_elementwise(LAUNCH_AFTER_ASM, "=r,r", [w], dtype=w.dtype, is_pure=False, pack=2)
+    return tl.inline_asm_elementwise(LAUNCH_AFTER_ASM, "=r,r", [w], dtype=w.dtype, is_pure=False, pack=1)
 
 
 def pdl(*tensors: torch.Tensor) -> bool:
