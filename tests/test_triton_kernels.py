@@ -65,6 +65,25 @@ def test_shipped_tables_hold_valid_configs():
             assert entry.get("us") is not None or entry.get("chosen"), (path.name, key)
 
 
+def test_kernel_sources_hold_no_backslash():
+    """torch.compile pastes a Triton kernel's source (its jit helpers' and its constexpr globals' too) into a
+    generated module, inside a string literal that torch 2.11 does not escape: a backslash escape there (an
+    inline asm's newline) breaks that module, a failure only a GPU run would show. No kernel may hold one."""
+    if INTERPRETED:
+        pytest.skip("the interpreter's kernels are not what torch.compile pastes")
+    from torch._inductor.codegen import wrapper
+
+    closure = getattr(wrapper, "user_defined_triton_kernel_transitive_closure_source_code", None)
+    if closure is None:
+        pytest.skip("this torch has no user_defined_triton_kernel_transitive_closure_source_code")
+    load_plugins()
+    kernels = {f"{mod_name}.{name}": obj for mod_name, mod in list(sys.modules.items())
+               if mod_name.startswith("nanovllm_plugins.triton") for name, obj in vars(mod).items()
+               if name.endswith("_kernel") and hasattr(obj, "fn")}
+    assert len(kernels) > 12, sorted(kernels)
+    assert not [name for name, kernel in kernels.items() if "\\" in closure(kernel)]
+
+
 # -- reference helpers -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def core():
