@@ -111,7 +111,7 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, r_ptr, stride_rm, M, N
     PDL: waits for the previous kernel (programmatic dependent launch) before touching activations, and lets
     the next kernel launch (the caller does not): at once, or with one row, PREFETCH and ONE_TILE only once the
     weight tile is in registers. Launched at once, the kernels after it start prefetching too and share DRAM
-    with this one's tile, which the critical path needs first (+4.8% / +2.4% end to end at batch 1, contexts 128
+    with this one's tile, which the critical path needs first (+4.7% / +2.2% end to end at batch 1, contexts 128
     / 4096, on the H100). PREFETCH (weights that no kernel in flight writes) issues the first weight tile before
     the wait, and with ONE_TILE the norm weights too: a per-layer weight is a DRAM miss, which after the wait
     queues behind the weight prefetch of the kernels already launched (+1.6% end to end on the H100).
