@@ -2,6 +2,10 @@
 step; on the CPU, top-level aten ops), time per op kind, the top kernels (also per call site: by the kernel
 launched before), and a Chrome trace.
 
+Tracing changes what it measures for kernels launched with PDL: it seems to delay each kernel's start a little,
+which paces the chain (the H100's batch-1 graph replayed 5% faster under the profiler before the GEMVs paced it
+themselves, benchmarks/RESULTS.md, eleventh session). Time steps without the profiler (`bench latency`).
+
 Kernels replayed from a CUDA graph are reported by CUPTI as ordinary kernel events on recent torch, so
 one count covers eager and graph steps. If a graph was launched but no kernel was seen, the count is
 flagged as not covering graph kernels instead of reporting a silent zero.
@@ -118,8 +122,8 @@ def summarize(events, steps: int, on_cuda: bool) -> dict:
         host_launches_per_step=host_launches / steps,
         busy_us_per_step=sum(durations[id(e)] for e in launched) / steps,
         critical_us_per_step=sum(critical[id(e)] for e in launched) / steps,
-        # the rest of the device's span: its copies (tokens out, the next step's inputs in) and idle gaps (graph
-        # launches, the first kernel of a graph, which no PDL overlaps, waiting for its inputs' copy)
+        # the rest of the device's span: its copies (those on the compute stream's path) and idle gaps (graph
+        # launches, the first kernel of a graph, which no PDL overlaps, a host that falls behind)
         copy_us_per_step=sum(critical[id(e)] for e in copies) / steps,
         idle_us_per_step=idle_us(device_events, critical) / steps,
         us_per_step_by_kind={k: v / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
