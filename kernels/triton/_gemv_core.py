@@ -52,9 +52,8 @@ LAUNCH_AFTER_ASM: tl.constexpr = tl.constexpr("griddepcontrol.launch_dependents;
 def launch_dependents_after(w):
     """w unchanged, and griddepcontrol.launch_dependents once it is in registers: the asm reads w, so it waits
     for the loads' data, not just their issue."""
-    if w.dtype.primitive_bitwidth == 16:
-        return tl.inline_asm_elementwise(LAUNCH_AFTER_ASM, "=r,r", [w], dtype=w.dtype, is_pure=False, pack=2)
-    return tl.inline_asm_elementwise(LAUNCH_AFTER_ASM, "=r,r", [w], dtype=w.dtype, is_pure=False, pack=1)
+    pack: tl.constexpr = 2 if w.dtype.primitive_bitwidth == 16 else 1  # a 32-bit register holds two 16-bit values
+    return tl.inline_asm_elementwise(LAUNCH_AFTER_ASM, "=r,r", [w], dtype=w.dtype, is_pure=False, pack=pack)
 
 
 def pdl(*tensors: torch.Tensor) -> bool:

@@ -9,6 +9,7 @@ A miss that cannot tune (capture, tracing, NANOVLLM_TRITON_TUNE=0) uses a shape 
 Shipped entries with a "chosen" note were picked end to end instead: timed alone, a GEMV prefers many
 one-warp programs, but in the decode chain fewer, larger programs (fewer registers and program slots per
 weight byte) leave room for the kernels PDL launches ahead to prefetch theirs (+4% at batch 1 on the H100).
+An optional "note" says where an entry's numbers come from (an entry re-timed by hand after a kernel change).
 """
 
 from __future__ import annotations
