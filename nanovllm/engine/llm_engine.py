@@ -10,6 +10,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import NO_TEXT, Detokenizer
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.prompts import encode_prompt
 from nanovllm.engine.scheduler import ScheduledSeq, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.models.catalog import resolve_model
@@ -66,26 +67,8 @@ class LLMEngine:
 
     def tokenize(self, prompt) -> list[int]:
         """Checks one prompt (text or token ids) and returns its ids; raises ValueError naming the problem."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        elif isinstance(prompt, (list, tuple)):
-            ids = list(prompt)
-            if not ids:
-                raise ValueError("prompt is empty (no token ids)")
-            for i, t in enumerate(ids):
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                    raise ValueError(f"token id {t!r} at position {i} is outside the vocabulary "
-                                     f"[0, {self.vocab_size})")
-        else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt is empty after tokenization")
-        if len(ids) >= self.config.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.config.max_model_len} "
-                             "(which must leave room for at least one new token)")
-        return ids
+        return encode_prompt(self.tokenizer, prompt, max_model_len=self.config.max_model_len,
+                             vocab_size=self.vocab_size)
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         params = params or SamplingParams()

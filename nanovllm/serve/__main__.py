@@ -63,7 +63,8 @@ def main(cfg: DictConfig) -> None:
         if server.warmup:
             warmup(engine)
         app = create_app(engine, model_name=server.served_model_name or str(cfg.model.name),
-                         api_key=server.api_key, max_queued_requests=server.max_queued_requests)
+                         api_key=server.api_key, max_queued_requests=server.max_queued_requests,
+                         max_body_bytes=server.max_body_bytes)
         uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=5)
     finally:
         engine.runner.close()

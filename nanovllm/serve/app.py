@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.serve.async_engine import AsyncEngine, EngineDeadError
@@ -18,6 +19,7 @@ from nanovllm.serve.chat import create_chat_completion
 from nanovllm.serve.completions import create_completion
 from nanovllm.serve.errors import error_body, install_error_handlers
 from nanovllm.serve.metrics import Metrics
+from nanovllm.serve.prompts import PromptEncoder
 from nanovllm.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -29,7 +31,7 @@ from nanovllm.serve.protocol import (
 )
 from nanovllm.serve.state import ServeState
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
 
 
 class APIKeyMiddleware:
@@ -51,11 +53,44 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class BodySizeLimit:
+    """Pure ASGI: a request body over `max_bytes` gets 413, from its Content-Length before anything is read, or
+    as soon as a streamed (chunked) body passes the limit, so an oversized body is never held in memory whole."""
+
+    def __init__(self, app, max_bytes: int, on_reject):
+        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
+
+    def _message(self) -> str:
+        return f"the request body exceeds {self.max_bytes} bytes (the server's max_body_bytes)"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            self.on_reject(413)
+            body = error_body(413, self._message(), code="request_too_large")
+            return await JSONResponse(body, 413, headers={"Connection": "close"})(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # answered by the app's HTTPException handler
+                    raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
-               max_queued_requests: int = 256) -> FastAPI:
+               max_queued_requests: int = 256, max_body_bytes: int = 4 << 20) -> FastAPI:
     metrics = Metrics()
     async_engine = AsyncEngine(engine, metrics, max_queued_requests)
-    state = ServeState(async_engine, model_name, engine.config.max_model_len, engine.tokenizer)
+    prompts = PromptEncoder(engine.tokenizer, engine.model_path, engine.config.max_model_len, engine.vocab_size)
+    state = ServeState(async_engine, model_name, engine.config.max_model_len, engine.tokenizer, prompts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -64,6 +99,7 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
             yield
         finally:
             async_engine.shutdown()
+            prompts.close()
 
     app = FastAPI(title="nano-vllm", summary="OpenAI-compatible completions and chat completions",
                   lifespan=lifespan)
@@ -78,7 +114,8 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     async def _engine_dead(request: Request, e: EngineDeadError):
         return JSONResponse(error_body(503, str(e), code="engine_dead"), 503)
 
-    if api_key:
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, on_reject=on_reject)
+    if api_key:  # added last, so it runs first: a request without the key is refused before its body is read
         app.add_middleware(APIKeyMiddleware, api_key=api_key, on_reject=on_reject)
 
     @app.get("/health", summary="200 while the engine runs, 503 once it has failed")

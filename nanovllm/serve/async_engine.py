@@ -4,7 +4,8 @@ Requests and aborts reach the engine thread through a command queue that it drai
 every request that arrives while others decode joins the next step (continuous batching). Outputs go
 back to the event loop once per step via `loop.call_soon_threadsafe` and are handed to per-request
 asyncio queues there. With nothing to run, the thread blocks on the command queue instead of spinning.
-Prompts are tokenized on the engine thread too: the HF tokenizer is then only ever used from one thread.
+Prompts reach the engine as token ids (nanovllm/serve/prompts.py tokenizes them elsewhere), so nothing a
+client sends makes the engine thread wait; a request the engine refuses fails alone.
 """
 
 from __future__ import annotations
@@ -42,13 +43,6 @@ class EngineStats:
     num_blocks: int = 0
     steps: int = 0            # engine steps that ran a batch
     max_running: int = 0      # the most sequences one step has decoded together
-
-
-@dataclass(frozen=True)
-class ChatText:
-    """A prompt rendered by the chat template: it already holds its special tokens (BOS and the like),
-    so it is encoded without adding them again."""
-    text: str
 
 
 class _Request:
@@ -94,8 +88,8 @@ class AsyncEngine:
         return self.stats.waiting + self._pending_adds
 
     # -- requests (event loop side) --------------------------------------------------------------------
-    def stream(self, request_id: str, prompts: list, params: list[SamplingParams]) -> RequestStream:
-        """Engine requests `{request_id}-{i}`, one per (prompt, params) pair; use as `async with`."""
+    def stream(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
+        """Engine requests `{request_id}-{i}`, one per (token ids, params) pair; use as `async with`."""
         return RequestStream(self, [f"{request_id}-{i}" for i in range(len(prompts))], prompts, params)
 
     async def _add(self, ids: list[str], prompts: list, params: list[SamplingParams], q: asyncio.Queue) -> None:
@@ -204,19 +198,13 @@ class AsyncEngine:
             return
         _, ids, prompts, params, done = cmd
         try:  # check every prompt before adding any
-            token_ids = [self.engine.tokenize(self._encode(p) if isinstance(p, ChatText) else p) for p in prompts]
-        except ValueError as e:
-            self._loop.call_soon_threadsafe(self._resolve, done, ValueError(str(e)))
+            token_ids = [self.engine.tokenize(p) for p in prompts]
+        except Exception as e:  # ValueError: the client's mistake (400); anything else fails this request alone
+            self._loop.call_soon_threadsafe(self._resolve, done, e)
             return
         for rid, ids_, sp in zip(ids, token_ids, params):
             self.engine.add_request(ids_, sp, rid)
         self._loop.call_soon_threadsafe(self._resolve, done, None)
-
-    def _encode(self, p: ChatText) -> list[int]:
-        ids = self.engine.tokenizer.encode(p.text, add_special_tokens=False)
-        if not ids:
-            raise ValueError("the chat template rendered an empty prompt")
-        return ids
 
     def _snapshot(self, stepped: bool) -> EngineStats:
         sched, bm, s = self.engine.scheduler, self.engine.block_manager, self.stats

@@ -9,11 +9,11 @@ import uuid
 
 from fastapi import Request
 
-from nanovllm.serve.async_engine import ChatText
 from nanovllm.serve.errors import APIError
 from nanovllm.serve.generation import Choices, cancel_on_disconnect, sse, sse_response
 from nanovllm.serve.logprobs import chat_logprobs
 from nanovllm.serve.params import check_supported, sampling_params
+from nanovllm.serve.prompts import ChatPrompt
 from nanovllm.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -29,9 +29,9 @@ _RESERVED = {"conversation", "chat_template", "tokenize", "tools", "documents", 
              "tokenizer_kwargs", "padding", "truncation", "max_length"}
 
 
-def render(state: ServeState, req: ChatCompletionRequest) -> str:
-    tok = state.tokenizer
-    if not getattr(tok, "chat_template", None):
+def chat_prompt(state: ServeState, req: ChatCompletionRequest) -> ChatPrompt:
+    """The request's messages and template variables, checked; rendered off the event loop (serve/prompts.py)."""
+    if not getattr(state.tokenizer, "chat_template", None):
         raise APIError(400, f"the model {state.model_name!r} has no chat template; use /v1/completions", "messages")
     kwargs = dict(req.chat_template_kwargs or {})
     plain = (str, int, float, bool, type(None))
@@ -43,10 +43,7 @@ def render(state: ServeState, req: ChatCompletionRequest) -> str:
     for m in req.messages:
         content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-    try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
-    except Exception as e:  # the template's own checks (jinja raise_exception) and rendering errors
-        raise APIError(400, f"could not apply the chat template: {e}", "messages") from None
+    return ChatPrompt(messages, kwargs)
 
 
 async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: ServeState):
@@ -56,9 +53,9 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     max_tokens = req.max_completion_tokens or req.max_tokens or state.max_model_len
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = [sampling_params(req, max_tokens, top, j) for j in range(n)]
-    prompt = ChatText(render(state, req))
+    prompt = chat_prompt(state, req)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = await state.open(rid, [prompt] * n, params, "messages")
+    stream = await state.open(rid, [prompt], n, params, "messages")
     head = dict(id=rid, object="chat.completion.chunk", created=int(time.time()), model=state.model_name)
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage

@@ -28,7 +28,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
     prompts = _prompts(req.prompt)
     params = [sampling_params(req, req.max_tokens or 16, req.logprobs, j) for _ in prompts for j in range(n)]
     rid = f"cmpl-{uuid.uuid4().hex}"
-    stream = await state.open(rid, [p for p in prompts for _ in range(n)], params, "prompt")
+    stream = await state.open(rid, prompts, n, params, "prompt")
     head = dict(id=rid, object="text_completion", created=int(time.time()), model=state.model_name)
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage

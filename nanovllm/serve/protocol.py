@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nanovllm.engine.prompts import check_unicode
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1   # what torch.Generator.manual_seed accepts
 INT32_MAX = 2**31 - 1
@@ -18,6 +20,28 @@ class _Request(BaseModel):
     # Unknown fields are ignored, as OpenAI clients send extras (user, metadata, store, ...); NaN and
     # infinity are not numbers any parameter accepts.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value, info):
+        """Every string a client sends must be encodable (a lone UTF-16 surrogate, as a JavaScript client
+        sends after cutting an emoji in half, is not): a 400 naming the field, before any tokenizer sees it."""
+        _check_strings(value, info.field_name)
+        return value
+
+
+def _check_strings(value, where: str) -> None:
+    if isinstance(value, str):
+        check_unicode(value, where)
+    elif isinstance(value, (list, tuple)):
+        if value and isinstance(value[0], int):  # a validated list[int] (token ids) holds no strings
+            return
+        for i, item in enumerate(value):
+            _check_strings(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key, f"a key of {where}")
+            _check_strings(item, f"{where}.{key}")
 
 
 class StreamOptions(_Request):

@@ -21,6 +21,7 @@ class ServerConfig:
     api_key: str | None = None      # when set, /v1/* needs `Authorization: Bearer <key>`
     served_model_name: str | None = None  # the `model` clients send; default: model.name
     max_queued_requests: int = 256  # engine requests waiting for a slot before new ones get 429
+    max_body_bytes: int = 4 << 20   # larger request bodies get 413
     warmup: bool = True             # run one short request before accepting traffic
     log_level: str = "info"         # uvicorn's log level
 
@@ -57,6 +58,8 @@ def check_serve_schema(cfg) -> None:
     server = cfg.server
     if not 0 <= server.port < 65536:
         raise ValueError(f"server.port={server.port} is not a TCP port (0-65535)")
+    if server.max_body_bytes < 1024:
+        raise ValueError(f"server.max_body_bytes must be >= 1024, got {server.max_body_bytes}")
     if server.max_queued_requests < 1:
         raise ValueError(f"server.max_queued_requests must be >= 1, got {server.max_queued_requests}")
     if server.api_key is not None and not server.api_key.strip():

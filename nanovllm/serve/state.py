@@ -9,6 +9,7 @@ from nanovllm.sampling_params import SamplingParams
 from nanovllm.serve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from nanovllm.serve.errors import APIError
 from nanovllm.serve.logprobs import TokenText
+from nanovllm.serve.prompts import PromptEncoder
 
 
 @dataclass
@@ -17,6 +18,7 @@ class ServeState:
     model_name: str
     max_model_len: int
     tokenizer: object
+    prompts: PromptEncoder
     token_text: TokenText = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -28,15 +30,17 @@ class ServeState:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r} "
                            "(see /v1/models)", "model", "model_not_found")
 
-    async def open(self, request_id: str, prompts: list, params: list[SamplingParams],
+    async def open(self, request_id: str, prompts: list, n: int, params: list[SamplingParams],
                    prompt_param: str) -> RequestStream:
-        """Add the request's engine requests, mapping refusals to OpenAI errors."""
+        """Tokenize the prompts (text, token ids or a ChatPrompt) and add n engine requests for each, with
+        `params` in that order, mapping refusals to OpenAI errors naming `prompt_param`."""
         limit = self.engine.max_queued_requests
-        if len(prompts) > limit:
-            raise APIError(400, f"the request asks for {len(prompts)} sequences (prompts x n) but the server "
+        if len(prompts) * n > limit:
+            raise APIError(400, f"the request asks for {len(prompts) * n} sequences (prompts x n) but the server "
                            f"queues at most {limit}", "n")
         try:
-            return await self.engine.stream(request_id, prompts, params).open()
+            token_ids = await self.prompts.encode(prompts)
+            return await self.engine.stream(request_id, [ids for ids in token_ids for _ in range(n)], params).open()
         except ValueError as e:
             code = "context_length_exceeded" if "max_model_len" in str(e) else None
             raise APIError(400, str(e), prompt_param, code) from None
