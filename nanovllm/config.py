@@ -17,7 +17,7 @@ class KernelConfig:
     """Which backend implements each op: `layers[N][op]` beats `layers[group][op]` beats `ops[op]` beats
     `default`. `groups` names sets of layers ("0-13", "0,2,5-7") that `layers` may use as keys."""
 
-    default: str = "eager"
+    default: str = "auto"           # auto: the fastest validated backend per op (nanovllm/ops/auto.py)
     ops: dict[str, str] = field(default_factory=dict)
     layers: dict[str, dict[str, str]] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)

@@ -102,6 +102,16 @@ class LLM:
         return {k: dict(v) for k, v in self.engine.runner.resolver.table.items()}
 
     @property
+    def kernel_reasons(self) -> dict[str, str]:
+        """Why an op did not get the backend asked for: `auto` passed over a faster one, or a fallback."""
+        return dict(self.engine.runner.resolver.reasons)
+
+    @property
+    def kernel_summary(self) -> str:
+        """One line: the backends the ops got, and why any is not the one asked for."""
+        return self.engine.runner.resolver.summary()
+
+    @property
     def device_name(self) -> str:
         dev = torch.device(self.config.device)
         if dev.type == "cuda":

@@ -125,7 +125,8 @@ def results(cfg: DictConfig, llm, sizes: dict, speed: dict, roof: dict, demo_out
         decode_tok_s=speed["decode_tok_s"], prefill_tok_s=speed["prefill_tok_s"], ttft_ms=speed["ttft_ms"],
         pct_roofline=roof["pct"], roofline_tok_s=roof["tok_s"], targets_tok_s=list(TARGETS),
         device=llm.device_name, device_type=_device_type(llm), dtype=llm.config.dtype,
-        model=llm.model_info, kernel_table=llm.kernel_table, speed=speed, roofline=roof, bench=sizes,
+        model=llm.model_info, kernel_table=llm.kernel_table, kernel_reasons=llm.kernel_reasons,
+        kernel_summary=llm.kernel_summary, speed=speed, roofline=roof, bench=sizes,
         overrides=list(HydraConfig.get().overrides.task), config=OmegaConf.to_container(cfg, resolve=True),
         demo=demo_out, git_sha=git_sha(), versions=versions(), date=now(),
     )
@@ -150,6 +151,7 @@ def main(cfg: DictConfig) -> float:
 
         speed = measure(llm, sizes["decode_tokens"], sizes["prefill_len"], sizes["warmup"], sizes["repeats"])
         roof = roofline_for(llm, speed)
+        console.print(llm.kernel_summary)
         console.print(speed_table(speed, roof))
         out = Path(HydraConfig.get().runtime.output_dir) / cfg.output.results_file
         out.write_text(json.dumps(results(cfg, llm, sizes, speed, roof, demo_out), indent=2, default=str))

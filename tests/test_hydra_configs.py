@@ -50,16 +50,18 @@ def table(cfg, num_layers: int = 4):
 
     r = OpResolver(OmegaConf.to_container(cfg.kernels), Target("cpu", torch.float32), num_layers)
     scopes = [str(i) for i in range(num_layers)] + [MODEL_SCOPE]
-    return {s: {op: r.backend_for(s, op) for op in OPS} for s in scopes}
+    return {s: {op: r.pick(s, op) for op in OPS} for s in scopes}
 
 
-def test_primary_config_is_the_eager_baseline():
+def test_primary_config_is_the_auto_table():
+    """`auto` by default, which is the native op everywhere on the CPU; `+kernels=baseline` names it explicitly."""
     cfg = compose_run()
     check_schema(cfg)
     assert cfg.model.name == "default" and cfg.device == "auto" and cfg.dtype == "auto"
-    assert OmegaConf.to_container(cfg.kernels) == {"default": "eager", "ops": {}, "layers": {}, "groups": {},
+    assert OmegaConf.to_container(cfg.kernels) == {"default": "auto", "ops": {}, "layers": {}, "groups": {},
                                                    "plugin_dirs": [], "allow_fallback": True}
     assert all(b == "eager" for ops in table(cfg).values() for b in ops.values())
+    assert compose_run(["+kernels=baseline"]).kernels.default == "eager"
 
 
 def test_every_group_has_options():

@@ -43,7 +43,8 @@ def test_run_writes_results(tmp_path, env):
     assert r["model"]["name"] == "tiny" and r["model"]["random_weights"] is True
     assert r["model"]["weight_bytes"] > 0 and r["model"]["kv_bytes_per_token"] > 0
     assert r["kernel_table"]["0"]["mlp"] == "eager" and "model" in r["kernel_table"]
-    assert r["config"]["model"]["name"] == "tiny" and r["config"]["kernels"]["default"] == "eager"
+    assert r["config"]["model"]["name"] == "tiny" and r["config"]["kernels"]["default"] == "auto"
+    assert r["kernel_summary"].startswith("kernels (cpu, float32, default auto): eager for")
     assert r["bench"] == r["config"]["bench"]["cpu"]  # device=cpu picked the CPU sizes
     assert r["overrides"] == ["model=tiny", "device=cpu"]
     assert r["git_sha"] and r["date"] and {"torch", "triton", "transformers", "flashinfer", "python"} <= set(

@@ -38,6 +38,13 @@ def unavailable() -> str | None:
 SUPPORT = dict(devices=("cuda",), dtypes=DTYPES, needs=unavailable)
 
 
+def cold(target) -> str | None:
+    """The attention backends' `cold` hook (Impl.cold): see _warm.py."""
+    from nanovllm.ops.plugins import load_sibling
+
+    return load_sibling(__file__, "_warm").cold(target)
+
+
 def check_head_dim(shapes: dict) -> str | None:
     """head_dim in {64, 128, 256}, whole GQA groups"""
     if shapes.get("head_dim", 128) not in (64, 128, 256):

@@ -15,7 +15,7 @@ def _register(backend: str, tensor_cores: bool | None) -> None:
     def decode(q, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         return torch.ops.nanovllm_fi.attention(q, k_cache, v_cache, common.key(backend, window, softcap), scale)
 
-    register_impl("attention_decode", backend, check=common.check_head_dim,
+    register_impl("attention_decode", backend, check=common.check_head_dim, cold=common.cold,
                   plan=planning.DecodePlanner(backend, tensor_cores), **common.SUPPORT)(decode)
 
 

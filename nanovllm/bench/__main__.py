@@ -45,7 +45,7 @@ def _run_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help=f"run the {name} part" if name != "all" else "run every part")
     _common(p)
     p.add_argument("--presets", type=_names, default=None, help="comma list of configs/kernels presets; "
-                   "a+b stacks two (default: baseline)")
+                   "a+b stacks two (default: auto)")
     p.add_argument("--budget-s", type=float, default=None, help="skip parts that would start after this many s")
     if name == "all":
         p.add_argument("--skip", type=_names, default=(), help="parts to leave out, e.g. peers,ops")
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         _run_parser(sub, name)
     p = sub.add_parser("profile", help="profile batch-1 decode steps of one preset")
     _common(p)
-    p.add_argument("--preset", default="baseline")
+    p.add_argument("--preset", default="auto")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--context", type=int, default=None, help="prompt tokens before the profiled steps (128)")

@@ -25,7 +25,7 @@ ENGINE_PARTS = ("latency", "profile", "throughput")
 
 @dataclass
 class Options:
-    presets: tuple[str, ...] = ("baseline",)
+    presets: tuple[str, ...] = ("auto",)
     overrides: tuple[str, ...] = ()          # Hydra overrides for every preset (model=..., device=..., ...)
     parts: tuple[str, ...] = PARTS
     out_dir: Path = results.RESULTS_DIR
@@ -83,7 +83,7 @@ class Suite:
         self.console = console or Console(soft_wrap=True)
         self.budget = Budget(opts.budget_s)
         self.overrides = presets.merge_overrides(QUICK_OVERRIDES if opts.quick else (), opts.overrides)
-        self.cfg = presets.compose_config("baseline", self.overrides)  # model, device, dtype of every preset
+        self.cfg = presets.compose_config("auto", self.overrides)  # model, device, dtype of every preset
         engine = EngineConfig(model=self.cfg.model.name, device=self.cfg.device, dtype=self.cfg.dtype)
         self.device, self.torch_dtype = engine.device, engine.torch_dtype
         self.model_path: str | None = None

@@ -54,6 +54,7 @@ class ModelRunner:
         with torch.device(self.device):
             self.resolver = OpResolver(vars(config.kernels), self._target(), self.hf_config.num_hidden_layers)
             self.model = build_model(self.hf_config, self.resolver)
+        log.info("%s", self.resolver.summary())
         for p in self.model.parameters():
             p.data = p.data.to(self.dtype)
         files = weight_files(model_path)
@@ -99,7 +100,9 @@ class ModelRunner:
         heads = c.num_attention_heads
         shapes = dict(hidden=c.hidden_size, heads=heads, kv_heads=getattr(c, "num_key_value_heads", heads),
                       head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-                      intermediate=getattr(c, "intermediate_size", 0), vocab=c.vocab_size)
+                      intermediate=getattr(c, "intermediate_size", 0), vocab=c.vocab_size,
+                      windows=bool(getattr(c, "sliding_window", None)),
+                      softcap=bool(getattr(c, "attn_logit_softcapping", None)))
         return Target(self.device.type, self.dtype, shapes)
 
     @property

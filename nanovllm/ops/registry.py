@@ -22,6 +22,7 @@ log = logging.getLogger("nanovllm.ops")
 
 NATIVE = "eager"
 COMPILE = "compile"
+AUTO = "auto"  # not an implementation: the resolver picks one per op (ops/auto.py)
 
 
 class RegistryError(ValueError):
@@ -73,6 +74,9 @@ class Impl:
     # layouts[arg]: converts the weight passed as `arg` into the layout this backend reads; the model applies
     # it once, after loading, to the layers that resolved to this backend (e.g. interleaved gate/up rows).
     layouts: dict[str, Callable] = field(default_factory=dict)
+    # cold(target) -> why the first use would stop to compile for long (a JIT cache miss), or None. `auto`
+    # passes over a cold backend; the hook may start that build in the background.
+    cold: Callable[[Target], str | None] | None = None
 
 
 @dataclass
@@ -109,21 +113,21 @@ def define_op(name: str, parts: tuple[str, ...] = ()):
 
 
 def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=None, needs=None,
-                  build=None, plan=None, layouts=None, replace: bool = False):
+                  build=None, plan=None, layouts=None, cold=None, replace: bool = False):
     """Register `fn` as backend `backend` of `op` (decorator). Raises on unknown ops and on clashes.
 
     devices/dtypes: what it runs on; check(shapes) -> reason it cannot serve these model shapes, or None;
-    needs() -> reason it is unavailable (a missing library), or None; plan, layouts: see Impl.
+    needs() -> reason it is unavailable (a missing library), or None; plan, layouts, cold: see Impl.
     """
 
     def deco(fn: Callable) -> Callable:
         opdef = get_op(op)
-        if backend in (NATIVE, COMPILE):
+        if backend in (NATIVE, COMPILE, AUTO):
             raise RegistryError(f"backend name {backend!r} is built in for every op ({op!r})")
         if backend in opdef.impls and not replace:
             raise RegistryError(f"backend {backend!r} of op {op!r} is registered twice")
         support = Support(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None, check, needs)
-        opdef.impls[backend] = Impl(op, backend, fn, support, build, plan, dict(layouts or {}))
+        opdef.impls[backend] = Impl(op, backend, fn, support, build, plan, dict(layouts or {}), cold)
         return fn
 
     return deco
@@ -147,18 +151,18 @@ def get_op(name: str) -> OpDef:
 
 
 def backends_of(name: str) -> list[str]:
-    return sorted(get_op(name).impls)
+    """The names a kernel table may give this op: its implementations and `auto`."""
+    return sorted([*get_op(name).impls, AUTO])
 
 
 def all_backends() -> list[str]:
-    return sorted({b for op in OPS.values() for b in op.impls})
+    return sorted({AUTO, *(b for op in OPS.values() for b in op.impls)})
 
 
 def check_backend(op: str, backend: str) -> None:
-    opdef = get_op(op)
-    if backend not in opdef.impls:
+    if backend not in backends_of(op):
         raise RegistryError(
-            f"unknown backend {backend!r} for op {op!r}; valid backends: {', '.join(sorted(opdef.impls))}")
+            f"unknown backend {backend!r} for op {op!r}; valid backends: {', '.join(backends_of(op))}")
 
 
 @dataclass(frozen=True)
@@ -171,21 +175,27 @@ class Target:
 
 
 def resolve(op: str, backend: str, target: Target, *, allow_fallback: bool = True,
-            parts: dict[str, Callable] | None = None, where: str = "") -> tuple[Callable, str]:
-    """Pick the callable for `op` on `backend`. Returns (fn, backend actually used).
+            parts: dict[str, Callable] | None = None, where: str = "",
+            on_fallback: Callable[[str], None] | None = None) -> tuple[Callable, str]:
+    """Pick the callable for `op` on `backend` (an implementation's name: `auto` is the resolver's to
+    choose). Returns (fn, backend actually used).
 
     For a fusion site, `parts` holds the resolved primitives of the same layer; the native site
-    composes them. An unsupported backend falls back to the native with a logged warning, if allowed.
+    composes them. An unsupported backend falls back to the native, if allowed, and says so: through
+    `on_fallback(message)` when given (the resolver reports each distinct fallback once), else a warning.
     """
     check_backend(op, backend)
+    if backend == AUTO:
+        raise RegistryError(f"op {op!r}: backend {AUTO!r} is chosen by the resolver (OpResolver), not resolve()")
     opdef = get_op(op)
     impl = opdef.impls[backend]
     why = impl.support.reason_unsupported(target.device, target.dtype, target.shapes)
     if why is not None:
-        msg = f"{where}op {op!r}: backend {backend!r} unsupported here ({why})"
+        msg = f"op {op!r}: backend {backend!r} unsupported here ({why})"
         if not allow_fallback:
-            raise RegistryError(msg + "; set kernels.allow_fallback=true to use the native op instead")
-        log.warning("%s; falling back to %r", msg, NATIVE)
+            raise RegistryError(where + msg + "; set kernels.allow_fallback=true to use the native op instead")
+        msg += f"; falling back to {NATIVE!r}"
+        on_fallback(msg) if on_fallback is not None else log.warning("%s%s", where, msg)
         impl, backend = opdef.impls[NATIVE], NATIVE
     if opdef.is_site:
         missing = [p for p in opdef.parts if parts is None or p not in parts]

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from types import SimpleNamespace
 
+from nanovllm.ops.auto import choose
 from nanovllm.ops.plugins import load_plugins
-from nanovllm.ops.registry import NATIVE, OPS, RegistryError, Target, check_backend, get_op, resolve
+from nanovllm.ops.registry import (
+    AUTO,
+    NATIVE,
+    OPS,
+    RegistryError,
+    Target,
+    all_backends,
+    check_backend,
+    get_op,
+    resolve,
+)
+
+log = logging.getLogger("nanovllm.ops")
 
 MODEL_SCOPE = "model"  # ops outside the decoder layers: final norm, LM head, sampling
 
 
 class OpResolver:
-    """Backend for (layer, op) = layers[layer][op], else ops[op], else `default` where the op has it.
+    """Backend for (layer, op) = layers[layer][op], else ops[op], else `default` where the op has it;
+    `auto` picks the fastest backend that serves the target (ops/auto.py), once per op.
 
     kernels: a mapping with keys default, ops, layers, plugin_dirs, allow_fallback (see config.py).
+    `table[scope][op]` is the backend each op got; `reasons[op]` says why, where `auto` chose it or a
+    backend fell back; each distinct fallback is logged once, not once per layer.
     """
 
     def __init__(self, kernels: Mapping, target: Target, num_layers: int):
@@ -27,6 +44,9 @@ class OpResolver:
                        for name, spec in (kernels.get("groups") or {}).items()}
         self.allow_fallback = bool(kernels.get("allow_fallback", True))
         self.table: dict[str, dict[str, str]] = {}
+        self.reasons: dict[str, str] = {}
+        self._auto: dict[str, str] = {}  # op -> the backend auto chose
+        self._fallbacks: set[str] = set()
         self._validate()
 
     @property
@@ -41,9 +61,9 @@ class OpResolver:
         return list(dict.fromkeys(hooks.values()))
 
     def _validate(self) -> None:
-        known = sorted({b for op in OPS.values() for b in op.impls})
-        if self.default not in known:
-            raise RegistryError(f"unknown default backend {self.default!r}; valid backends: {', '.join(known)}")
+        if self.default not in all_backends():
+            raise RegistryError(f"unknown default backend {self.default!r}; valid backends: "
+                                f"{', '.join(all_backends())}")
         for op, backend in self.ops.items():
             check_backend(op, backend)
         for name in self.groups:
@@ -66,7 +86,39 @@ class OpResolver:
                 return self.layers[name][op]
         if op in self.ops:
             return self.ops[op]
-        return self.default if self.default in get_op(op).impls else NATIVE
+        return self.default if self.default in get_op(op).impls or self.default == AUTO else NATIVE
+
+    def pick(self, scope: str, op: str) -> str:
+        """The backend named for (scope, op), with `auto` replaced by its choice (made once per op)."""
+        backend = self.backend_for(scope, op)
+        if backend != AUTO:
+            return backend
+        if op not in self._auto:
+            self._auto[op], passed = choose(op, self.target)
+            if passed:
+                self.reasons[op] = "auto passed over " + "; ".join(passed)
+        return self._auto[op]
+
+    def _fallback(self, op: str, message: str) -> None:
+        self.reasons[op] = message
+        if message not in self._fallbacks:
+            self._fallbacks.add(message)
+            log.warning("%s", message)
+
+    def summary(self) -> str:
+        """One line: the backends the ops got, with the reasons for any backend that was not the one asked for
+        (`auto` passing over a faster one, a fallback)."""
+        by_backend: dict[str, set[str]] = {}
+        for used in self.table.values():
+            for op, backend in used.items():
+                by_backend.setdefault(backend, set()).add(op)
+        parts = []
+        for backend, ops in sorted(by_backend.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            notes = "; ".join(f"{op}: {self.reasons[op]}" for op in sorted(ops) if op in self.reasons)
+            count = f"{len(ops)} op" + "s" * (len(ops) > 1)
+            parts.append(f"{backend} for {count}" + (f" ({notes})" if notes else ""))
+        where = f"{self.target.device}, {str(self.target.dtype).removeprefix('torch.')}"
+        return f"kernels ({where}, default {self.default}): " + ", ".join(parts)
 
     def scope(self, scope: int | str, names: tuple[str, ...] | None = None) -> SimpleNamespace:
         """Resolved callables for one layer (or MODEL_SCOPE), each site built from that scope's parts."""
@@ -77,8 +129,8 @@ class OpResolver:
         for op in _sites_last(list(names)):
             parts = {p: done[p] for p in get_op(op).parts}
             where = f"layer {scope}: " if scope != MODEL_SCOPE else ""
-            done[op], used[op] = resolve(op, self.backend_for(scope, op), self.target,
-                                         allow_fallback=self.allow_fallback, parts=parts, where=where)
+            done[op], used[op] = resolve(op, self.pick(scope, op), self.target, allow_fallback=self.allow_fallback,
+                                         parts=parts, where=where, on_fallback=lambda m, op=op: self._fallback(op, m))
         return SimpleNamespace(**{n: done[n] for n in names})
 
 
