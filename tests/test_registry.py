@@ -28,7 +28,8 @@ def test_unknown_op_lists_valid_ones():
 
 
 def test_unknown_backend_lists_valid_ones():
-    with pytest.raises(RegistryError, match="unknown backend 'trition' for op 'mlp'; valid backends: auto, compile, eager"):
+    with pytest.raises(RegistryError, match="unknown backend 'trition' for op 'mlp'; valid backends: auto, compile, "
+                                            "eager"):
         OpResolver({"ops": {"mlp": "trition"}}, CPU, 2)
     with pytest.raises(RegistryError, match="unknown default backend 'fast'"):
         OpResolver({"default": "fast"}, CPU, 2)
