@@ -7,6 +7,7 @@
   peers       transformers eager and transformers + StaticCache + torch.compile on the same weights
   roofline    bytes per token over the device's bandwidth
   profile     kernel launches per decode step, time per op kind, top kernels, Chrome trace
+  paths       every execution path's teacher-forced logits against transformers (correctness, not speed)
   compare     compare RUN.json [--baseline B] [--threshold 0.05]: RUN against its GPU's baseline
               (benchmarks/baseline/<gpu>.json), or compare A.json B.json; exit 1 on a regression
   baseline    baseline RUN.json [--presets auto]: fold a run's rows into its GPU's baseline file
@@ -80,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="requests decoding together (the throughput regime: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the requests (0: greedy; "
                    "the throughput workload samples at 0.6)")
+    p = sub.add_parser("paths", help="every execution path's logits against transformers (correctness)")
+    _common(p)
+    p.add_argument("--paths", type=_names, default=None, help="paths to check (default: all of nanovllm.bench.paths)")
+    p.add_argument("--dtypes", type=_names, default=None, help="float32, bfloat16 (default: both)")
+    p.add_argument("--positions", type=int, default=512, help="teacher-forced positions after a 50-token prompt")
+    p.add_argument("--text", type=Path, default=None, help="text file to teach (default: a built-in paragraph)")
     p = sub.add_parser("compare", help="a run against its GPU's baseline (or A B: B over A); exit 1 on a regression")
     p.add_argument("files", type=Path, nargs="+", metavar="RUN.json", help="RUN.json, or A.json B.json")
     p.add_argument("--baseline", type=Path, default=None, help="baseline file (default: benchmarks/baseline/"
@@ -151,6 +158,37 @@ def profile_command(args, console: Console) -> int:
     return 0
 
 
+def paths_command(args, console: Console) -> int:
+    from nanovllm.bench import paths, presets, results
+    from nanovllm.bench.suite import QUICK_OVERRIDES
+
+    try:
+        chosen = paths.select(args.paths, args.dtypes)
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        return 2
+    overrides = tuple(presets.merge_overrides(QUICK_OVERRIDES if args.quick else (), args.overrides))
+    text = args.text.read_text() if args.text else paths.TEXT
+    rows = paths.check(overrides, args.positions, chosen, text, report=lambda r: console.print(
+        paths.describe(r), highlight=False, markup=False))
+    gpu = device_name(overrides)
+    r = results.new(gpu, dict(overrides=list(overrides), positions=args.positions, dtypes=chosen))
+    r["paths"] = rows
+    out = results.save(r, paths.out_path(args.out_dir or results.DEFAULT_OUT_DIR, gpu))
+    failed = [f"{x['dtype']} {x['path']}" for x in rows if "error" in x]
+    console.print(f"results: {out}" + (f"\n[red]failed: {', '.join(failed)}[/]" if failed else ""))
+    return 1 if failed else 0
+
+
+def device_name(overrides) -> str:
+    """The name of the device the overrides resolve to (device=auto: the GPU when there is one)."""
+    from nanovllm.bench import presets, roof
+    from nanovllm.config import EngineConfig
+
+    cfg = presets.compose_config("baseline", overrides)
+    return roof.device_name(EngineConfig(model=cfg.model.name, device=cfg.device, dtype=cfg.dtype).device)
+
+
 def compare_command(args, console: Console) -> int:
     from nanovllm.bench import compare
 
@@ -186,6 +224,8 @@ def main(argv=None) -> int:
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 180)
     if args.command == "compare":
         return compare_command(args, console)
+    if args.command == "paths":
+        return paths_command(args, console)
     if args.command == "baseline":
         return baseline_command(args, console)
     if args.command == "plot":
