@@ -1,10 +1,10 @@
-"""pytest-benchmark suites (not collected by the CPU CI: testpaths is tests/). Run on the lent GPU:
+"""pytest-benchmark suites (not collected by the CPU CI: testpaths is tests/). Run on a CUDA machine:
 
-    python3 -m pytest benchmarks -m gpu --benchmark-json=$OUT/bench.json
+    python -m pytest benchmarks -m gpu --benchmark-json=bench-results/bench.json
 
 Results are also upserted into a CSV keyed by GPU name (Liger-Kernel style): $NANOVLLM_BENCH_CSV, else
-benchmarks/results/decode_step.csv. NANOVLLM_BENCH_OVERRIDES holds Hydra overrides for every engine
-("model=tiny device=cpu engine=cpu_small" runs the suite on the CPU).
+bench-results/decode_step.csv under the current directory. NANOVLLM_BENCH_OVERRIDES holds Hydra overrides for
+every engine ("model=tiny device=cpu engine=cpu_small" runs the suite on the CPU).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CSV_DEFAULT = Path(__file__).resolve().parent / "results" / "decode_step.csv"
+CSV_DEFAULT = Path("bench-results") / "decode_step.csv"
 KEY = ("gpu_name", "preset", "context", "metric_name")
 COLUMNS = (*KEY, "metric_unit", "y_50", "y_20", "y_80", "rounds", "git_sha", "timestamp")
 

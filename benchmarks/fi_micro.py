@@ -1,8 +1,8 @@
 """Batch-1 decode micro-benchmark: each backend's attention_decode over 28 layers back-to-back in one CUDA
-graph, at several context lengths (the DESIGN §4 method), plus the small per-layer ops (RMSNorm, add+RMSNorm,
+graph, at several context lengths (nanovllm.bench.timing's method), plus the small per-layer ops (RMSNorm, add+RMSNorm,
 RoPE, SiLU*up). Qwen3-0.6B shapes, bf16, block size 16, each layer its own KV cache. Prints µs per layer.
 
-    python3 benchmarks/fi_micro.py [--contexts 128,1024,4096] [--backends eager,sdpa,flashinfer,flashinfer_tc]
+    python benchmarks/fi_micro.py [--contexts 128,1024,4096] [--backends eager,sdpa,flashinfer,flashinfer_tc]
                                    [--replays 50] [--out fi_micro.json]
 """
 

@@ -1,6 +1,6 @@
 """Batch-1 decode speed of every model family against its roofline, on random weights of realistic size.
 
-    python benchmarks/models_gpu.py --out models_gpu.json            # on the GPU (bf16)
+    python benchmarks/models_gpu.py                                   # on the GPU (bf16)
     python benchmarks/models_gpu.py --device cpu --scale tiny        # a smoke run anywhere
 
 Each family gets a random-weight checkpoint shaped like a real model (SmolLM2-135M for Llama, a
@@ -119,7 +119,8 @@ def bench(name: str, args) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="models_gpu.json")
+    p.add_argument("--out", default="bench-results/models_gpu.json",
+                   help="results JSON (default: under the git-ignored bench-results/)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--scale", choices=("real", "tiny"), default="real", help="tiny: a CPU smoke run")
@@ -138,6 +139,7 @@ def main(argv=None) -> None:
         print(f"{name:30s} {r['params'] / 1e6:8.1f}M {r['active_weight_bytes'] / 1e6:9.1f} MB "
               f"{r['decode_tok_s']:9.1f} tok/s  roofline {r['roofline_tok_s']:9.1f}  "
               f"({100 * r['fraction_of_roofline']:.1f}%)", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(results=rows, args=vars(args)), indent=2) + "\n")
     print(f"wrote {args.out}")
 

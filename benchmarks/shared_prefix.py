@@ -7,7 +7,7 @@ the 28 layers (Qwen3-0.6B shapes, bf16). Attention only: the rest of the model i
 tok/s here is an upper bound set by attention. `flashinfer_graph` replays the 28 layers from a CUDA graph
 (cascade cannot: its kernels change with the prefix), to separate launch overhead from KV traffic.
 
-    python3 benchmarks/shared_prefix.py [--requests 64] [--prefix 2048] [--steps 32] [--out shared_prefix.json]
+    python benchmarks/shared_prefix.py [--requests 64] [--prefix 2048] [--steps 32] [--out shared_prefix.json]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One batch-1 decode step per kernel preset, with pytest-benchmark (benchmark.pedantic): a request is
 prefilled at a 128-token context, then each round is one engine step that decodes one token.
 
-    python3 -m pytest benchmarks/test_bench_decode.py -m gpu          # presets: $NANOVLLM_BENCH_PRESETS
+    python -m pytest benchmarks/test_bench_decode.py -m gpu          # presets: $NANOVLLM_BENCH_PRESETS
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Decode GEMV bandwidth per projection of Qwen3-0.6B (bf16): cuBLAS vs the Triton GEMV, plus the fused
 Triton sites against their unfused (eager) compositions and the Triton decode attention.
 
-DESIGN §4 method: 50 launches back-to-back in one CUDA graph, launch i reading weight copy i % copies, with
-enough copies to overflow L2, so a launch streams its weights from HBM; TB/s = weight bytes / time per
+Method (as nanovllm.bench.timing): 50 launches back-to-back in one CUDA graph, launch i reading weight copy i %
+copies, with enough copies to overflow L2, so a launch streams its weights from HBM; TB/s = weight bytes / time per
 launch. The first Triton call of each shape tunes it (or reads ~/.cache/nanovllm/triton/<gpu>.json).
 
     python benchmarks/triton_gemv.py [--rows 1,8] [--no-fused] [--no-attention] [--out triton_gemv.json]

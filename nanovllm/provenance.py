@@ -16,7 +16,7 @@ LIBRARIES = {"torch": "torch", "triton": "triton", "transformers": "transformers
 
 
 def git_sha() -> str:
-    """$NANOVLLM_GIT_SHA if set (a copy of the tree without .git, e.g. on a lent GPU), else HEAD of the
+    """$NANOVLLM_GIT_SHA if set (a copy of the tree without .git), else HEAD of the
     checkout with "-dirty" when tracked files differ from it; "unknown" outside git."""
     if os.environ.get("NANOVLLM_GIT_SHA"):
         return os.environ["NANOVLLM_GIT_SHA"]

@@ -14,8 +14,8 @@ import torch
 
 # (substring of torch.cuda.get_device_name, weight-read bytes/s, source); first match wins.
 BANDWIDTHS: tuple[tuple[str, float, str], ...] = (
-    ("H100 80GB HBM3", 3.12e12, "measured: lm_head GEMV, plain Triton kernel, lent H100 SXM (DESIGN §4)"),
-    ("H100 SXM", 3.12e12, "measured: lm_head GEMV, plain Triton kernel, lent H100 SXM (DESIGN §4)"),
+    ("H100 80GB HBM3", 3.12e12, "measured: lm_head GEMV, plain Triton kernel, H100 SXM (benchmarks/RESULTS.md)"),
+    ("H100 SXM", 3.12e12, "measured: lm_head GEMV, plain Triton kernel, H100 SXM (benchmarks/RESULTS.md)"),
     ("H200", 4.3e12, "datasheet-derived: ~90% of 4.8 TB/s, not measured"),
 )
 

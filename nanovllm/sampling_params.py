@@ -17,7 +17,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None       # return the sampled token's logprob and this many top alternatives
-    detokenize: bool = True           # False: token ids only, no text (saves the host ~8 us per token)
+    detokenize: bool = True           # False: token ids only, no text (the host skips detokenizing each token)
 
     def __post_init__(self):
         def bad(name, value, want):

@@ -30,7 +30,7 @@ def test_compiled_model_matches_eager(tiny_model):
 
 def test_kv_caches_share_no_storage(tiny_model):
     """torch.compile writes K/V into the cache in place only when no other input aliases it: with K and V
-    as views of one tensor, the `compile` backend copied a whole cache per layer and step (10 tok/s)."""
+    as views of one tensor, the `compile` backend would copy a whole cache per layer and step."""
     llm = LLM(str(tiny_model), max_model_len=128, num_kvcache_blocks=16)
     caches = [t for layer in llm.engine.runner.model.layers for t in (layer.k_cache, layer.v_cache)]
     assert len({t.untyped_storage().data_ptr() for t in caches}) == len(caches)
@@ -38,7 +38,7 @@ def test_kv_caches_share_no_storage(tiny_model):
 
 def test_compiled_kv_write_is_in_place():
     """The `compile` backend's qk_norm_rope calls the K/V write on the caches themselves: Inductor on CUDA
-    lowered a traced index_copy_/index_put_ into a pass over the whole cache per layer (10 tok/s on an H100).
+    lowers a traced index_copy_/index_put_ into a pass over the whole cache per layer.
     The generated code must call the custom op directly on its cache inputs, no clone or cache-sized buffer."""
     from torch._inductor.utils import run_and_get_code
 

@@ -1,10 +1,10 @@
 """Build the FlashInfer JIT modules the plugins use, several at once, before first use.
 
-FlashInfer compiles each kernel module on first use, one module at a time (RMSNorm ~46 s, batch decode
-~16 s on the lent H100). Here every module is built by its own ninja run in its own build directory,
-exactly as FlashInfer's run-time `build()` does, a few modules in parallel: the run-time check then finds
-them up to date. (FlashInfer's `build_jit_specs` runs one combined ninja from another directory, whose
-log the run-time ninja never sees: it rebuilt every module again, serially, at the first engine build.)
+FlashInfer compiles each kernel module on first use, one module at a time (tens of seconds each). Here every module
+is built by its own ninja run in its own build directory, exactly as FlashInfer's run-time `build()` does, a few
+modules in parallel: the run-time check then finds them up to date. (FlashInfer's `build_jit_specs` runs one
+combined ninja from another directory, whose log the run-time ninja never sees, so the first engine build would
+rebuild every module, serially.)
 The module list must match what the plugins ask for at run time (same dtypes, head_dim, index dtype,
 variants), else they build at run time.
 

@@ -111,8 +111,8 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     PREFETCH: wait for the kernel before (programmatic dependent launch) here, once the constants are loaded
     (else the caller waits first, or has no kernel to wait for): the q/k norm weights (Parameters), the step's
     position, slot, cos|sin row and first key block's page ids (inputs no kernel of the step writes).
-    Per-layer weights are DRAM misses, which after the wait queue behind the weight prefetch of the kernels
-    launched since (+5% end to end at context 128 on the H100). KV_POLICY: the L2 eviction policy of the
+    Per-layer weights are DRAM misses, which after the wait would queue behind the weight prefetch of the
+    kernels launched since. KV_POLICY: the L2 eviction policy of the
     cache's loads and stores (see kv_policy)."""
     kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
     lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)  # sliding window: the last `window` keys
@@ -123,7 +123,7 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     heads = kh * group + offs_g
     mask_g, mask_d = offs_g < group, offs_d < head_dim
     # the first key block's page ids before the wait (see PREFETCH), each later block's one block ahead: the K/V
-    # loads after the wait need no block-table round trip first (+3% end to end with the one-round-trip q/k/v)
+    # loads after the wait need no block-table round trip first
     nxt_blk = tl.load(bt_ptr + b * stride_bt + (start + offs_n) // page, mask=(start + offs_n) < stop, other=0)
     if ROPE:
         qw, qwp = head_norm_w(qw_ptr, head_dim, HAS_NORM, BLOCK_D)
@@ -214,8 +214,8 @@ def merge_head(o_ptr, lse_ptr, out_ptr, b, h, num_heads, num_splits, stride_ob, 
 
 def kv_policy(batch: int) -> str:
     """"evict_last" for a few rows' caches: with the weights streamed "evict_first" (_gemv_core), a short
-    context's keys and values stay in L2 from one step to the next (the whole model's at context 128 is 14.7 MB
-    of the H100's 50 MB); a large batch's cache would only crowd out the GEMMs' reused tiles."""
+    context's keys and values stay in L2 from one step to the next (the whole model's cache at context 128
+    fits the L2 of an H100); a large batch's cache would only crowd out the GEMMs' reused tiles."""
     return "evict_last" if batch <= core.tuning.MAX_M else ""
 
 

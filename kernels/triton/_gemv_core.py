@@ -110,18 +110,16 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, r_ptr, stride_rm, M, N
     PDL: waits for the previous kernel (programmatic dependent launch) before touching activations, and lets
     the next kernel launch (the caller does not): at once, or with one row, PREFETCH and ONE_TILE only once the
     weight tile is in registers. Launched at once, the kernels after it start prefetching too and share DRAM
-    with this one's tile, which the critical path needs first (+4.7% / +2.2% end to end at batch 1, contexts 128
-    / 4096, on the H100). PREFETCH (weights that no kernel in flight writes) issues the first weight tile before
-    the wait, and with ONE_TILE the norm weights too: a per-layer weight is a DRAM miss, which after the wait
-    queues behind the weight prefetch of the kernels already launched (+1.6% end to end on the H100).
+    with this one's tile, which the critical path needs first. PREFETCH (weights that no kernel in flight
+    writes) issues the first weight tile before the wait, and with ONE_TILE the norm weights too: a per-layer
+    weight is a DRAM miss, which after the wait queues behind the weight prefetch of the kernels already launched.
     One row: ONE_TILE (k_hi - k_lo <= BLOCK_K) loads the weights once and reduces them at once, holding
     nothing but the tile, so more programs stay resident and prefetch during the kernel before; otherwise
     the weight tiles are double-buffered (the next tile's loads in flight during the FMAs) into a
     (BLOCK_N, BLOCK_K) accumulator. More rows leave the pipelining of the tl.dot operands to Triton.
     HAS_RES loads the residual (the epilogue's) right after the wait, with x: loaded after the reduction it
     would be a second round trip after the wait (a cross-warp reduction's barriers keep ptxas from hoisting
-    it), on the critical path of the decode chain (+0.8% / +0.4% end to end at batch 1, contexts 128 / 4096, on
-    the H100)."""
+    it), on the critical path of the decode chain."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

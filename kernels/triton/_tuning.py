@@ -4,12 +4,12 @@ Why not `triton.autotune`: its benchmark cannot run inside CUDA-graph capture or
 it re-tunes in every process, and it times a single weight copy that sits in L2. Here a config is looked
 up by (op, dtype, N, K, M-bucket) in ~/.cache/nanovllm/triton/<gpu>.json (then in the shipped
 kernels/triton/tuned/<gpu>.json); a miss on real tensors outside capture tunes once, timing each candidate
-back-to-back in a CUDA graph over rotating weight copies (the DESIGN §4 method), and records the winner.
+back-to-back in a CUDA graph over rotating weight copies (as nanovllm.bench.timing does), and records the winner.
 A miss that cannot tune (capture, tracing, NANOVLLM_TRITON_TUNE=0) uses a shape heuristic.
 Shipped entries with a "chosen" note were picked end to end instead: timed alone, a GEMV prefers many
 one-warp programs, but in the decode chain fewer, larger programs (fewer registers and program slots per
-weight byte) leave room for the kernels PDL launches ahead to prefetch theirs (+4% at batch 1 on the H100).
-An optional "note" says where an entry's numbers come from (an entry re-timed by hand after a kernel change).
+weight byte) leave room for the kernels PDL launches ahead to prefetch theirs (benchmarks/RESULTS.md).
+An optional "note" states how an entry was chosen; only the config fields are read.
 """
 
 from __future__ import annotations

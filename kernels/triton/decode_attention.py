@@ -60,8 +60,8 @@ def _decode_merge_kernel(o_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, num_spli
 
 
 def split_warps(batch: int) -> int:
-    """8 warps for the few-row steps (latency-bound, few keys a program: +3-4% end to end at batch 1 on the
-    H100 at contexts 128 and 4096; 16 warps or 3 stages were slower); 4 for larger batches (not measured)."""
+    """8 warps for the few-row steps (latency-bound, few keys a program: more loads in flight per program);
+    4 for larger batches. The measurements behind the choice are in benchmarks/RESULTS.md."""
     return 8 if batch <= core.tuning.MAX_M else 4
 
 

@@ -14,9 +14,9 @@ while the slowest program finishes the phase before. The barrier needs every pro
 grid is PER_SM programs per SM, and that many always fit one. Under the Triton interpreter programs run one
 after another, so there each phase is a launch of its own (BARRIER=False). Steps of more than one row run the
 composition of the layer's sites.
-Measured on the H100 (benchmarks/RESULTS.md) it is slower than the all_fused sites it replaces: a grid barrier
-costs about what a PDL kernel boundary costs, and one program per SM streams the GEMV phases at 1.0-1.6 TB/s
-where the tuned site kernels, several programs per SM, reach 2.0-2.2. It stays an opt-in preset.
+It is slower than the all_fused sites it replaces (benchmarks/RESULTS.md): a grid barrier costs about what
+a PDL kernel boundary costs, and one program per SM streams the GEMV phases slower than the tuned site kernels,
+which run several programs per SM. It stays an opt-in preset.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ gdc_launch_dependents, gdc_wait, arrive_last = core.gdc_launch_dependents, core.
 split_program, silu_mul_pairs = attn.split_program, core.silu_mul_pairs
 # Tunables (read at each call; benchmarks/triton_gemv.py sweeps them): weight elements a program loads per step
 # (double-buffered; 0: a program's whole tile at once), warps per program, the attention's split count
-# ("capacity": as the decode attention kernel picks it; "max": as many as the programs allow). Measured on the
-# H100: issuing each tile one barrier sooner (two tiles live) was slower, from the register pressure.
-CHUNK = int(os.environ.get("NANOVLLM_LAYER_CHUNK", "0"))  # 0: fastest on the H100 (benchmarks/RESULTS.md)
+# ("capacity": as the decode attention kernel picks it; "max": as many as the programs allow). A phase's tile is
+# issued just before its own barrier, not one barrier sooner: two live tiles cost more registers than they hide.
+CHUNK = int(os.environ.get("NANOVLLM_LAYER_CHUNK", "0"))  # 0: the whole tile at once
 NUM_WARPS = int(os.environ.get("NANOVLLM_LAYER_WARPS", "8"))
 # programs per SM: 2 only with 4 warps or fewer, so that two programs always fit an SM's registers (2 x 128
 # threads x 255) and every program is resident, as the barrier needs

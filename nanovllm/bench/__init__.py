@@ -1,4 +1,5 @@
-"""The benchmark suite: python -m nanovllm.bench {latency,throughput,ops,peers,roofline,profile,all,compare,plot}
+"""The benchmark suite: python -m nanovllm.bench {latency,throughput,ops,peers,roofline,profile,all,paths,compare,
+baseline,plot}
 
 One module per job:
   presets     kernel presets -> engines, through Hydra's compose API (the same files `nanovllm.run` uses)
@@ -13,6 +14,8 @@ One module per job:
   profiling   torch.profiler: launches per decode step, time per op kind, top kernels, Chrome trace
   results     the results file: provenance, naming, saving
   suite       `all`: every part in one process under a time budget
-  compare     ratio B/A per entry, non-zero exit on a regression
+  paths       every execution path's logits against transformers on the same weights
+  compare     ratio B/A per entry, non-zero exit on a regression; a run against its GPU's baseline
+  baseline    the per-GPU baseline files (benchmarks/baseline/<gpu>.json) compare gates against
   plot        tok/s per preset against targets, peers and the roofline
 """

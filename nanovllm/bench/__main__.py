@@ -7,7 +7,10 @@
   peers       transformers eager and transformers + StaticCache + torch.compile on the same weights
   roofline    bytes per token over the device's bandwidth
   profile     kernel launches per decode step, time per op kind, top kernels, Chrome trace
-  compare     compare A.json B.json [--threshold 0.05]: B/A per entry, exit 1 on a regression
+  paths       every execution path's teacher-forced logits against transformers (correctness, not speed)
+  compare     compare RUN.json [--baseline B] [--threshold 0.05]: RUN against its GPU's baseline
+              (benchmarks/baseline/<gpu>.json), or compare A.json B.json; exit 1 on a regression
+  baseline    baseline RUN.json [--presets auto]: fold a run's rows into its GPU's baseline file
   plot        plot RUN.json --out x.png: tok/s per preset against targets, peers and roofline
 
 Hydra overrides apply to every preset, as in `python -m nanovllm.run`: model=tiny device=cpu engine.enforce_eager=true.
@@ -37,7 +40,7 @@ def _names(text: str) -> tuple[str, ...]:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="CPU smoke run: model=tiny device=cpu, tiny sizes")
     p.add_argument("--out-dir", type=Path, default=None, help="where results, traces and plots go "
-                   "(default benchmarks/results)")
+                   "(default ./bench-results)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every preset (model=..., device=..., ...)")
 
 
@@ -78,10 +81,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="requests decoding together (the throughput regime: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the requests (0: greedy; "
                    "the throughput workload samples at 0.6)")
-    p = sub.add_parser("compare", help="B/A per entry; exit 1 on a regression beyond --threshold")
-    p.add_argument("a", type=Path)
-    p.add_argument("b", type=Path)
-    p.add_argument("--threshold", type=float, default=0.05)
+    p = sub.add_parser("paths", help="every execution path's logits against transformers (correctness)")
+    _common(p)
+    p.add_argument("--paths", type=_names, default=None, help="paths to check (default: all of nanovllm.bench.paths)")
+    p.add_argument("--dtypes", type=_names, default=None, help="float32, bfloat16 (default: both)")
+    p.add_argument("--positions", type=int, default=512, help="teacher-forced positions after a 50-token prompt")
+    p.add_argument("--text", type=Path, default=None, help="text file to teach (default: a built-in paragraph)")
+    p = sub.add_parser("compare", help="a run against its GPU's baseline (or A B: B over A); exit 1 on a regression")
+    p.add_argument("files", type=Path, nargs="+", metavar="RUN.json", help="RUN.json, or A.json B.json")
+    p.add_argument("--baseline", type=Path, default=None, help="baseline file (default: benchmarks/baseline/"
+                   "<gpu>.json for the run's GPU)")
+    p.add_argument("--threshold", type=float, default=0.05, help="tolerated relative loss (default 0.05)")
+    p = sub.add_parser("baseline", help="fold a run's rows into its GPU's baseline file")
+    p.add_argument("run", type=Path)
+    p.add_argument("--presets", type=_names, default=None, help="take only these presets' rows (default: all)")
+    p.add_argument("--out", type=Path, default=None, help="baseline file (default: benchmarks/baseline/<gpu>.json)")
     p = sub.add_parser("plot", help="bar chart of tok/s per preset")
     p.add_argument("run", type=Path)
     p.add_argument("--out", type=Path, default=None, help="PNG path (default: next to RUN)")
@@ -128,7 +142,7 @@ def profile_command(args, console: Console) -> int:
 
     overrides = presets.merge_overrides(QUICK_OVERRIDES if args.quick else (), args.overrides)
     context = args.context or (QUICK["profile_context"] if args.quick else 128)
-    out_dir = args.out_dir or results.RESULTS_DIR
+    out_dir = args.out_dir or results.DEFAULT_OUT_DIR
     cfg = presets.compose_config(args.preset, overrides)
     llm = presets.build_llm(cfg, min_model_len=context + args.warmup + 3 * args.steps + 16)  # + eager steps
     try:
@@ -144,15 +158,76 @@ def profile_command(args, console: Console) -> int:
     return 0
 
 
+def paths_command(args, console: Console) -> int:
+    from nanovllm.bench import paths, presets, results
+    from nanovllm.bench.suite import QUICK_OVERRIDES
+
+    try:
+        chosen = paths.select(args.paths, args.dtypes)
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        return 2
+    overrides = tuple(presets.merge_overrides(QUICK_OVERRIDES if args.quick else (), args.overrides))
+    text = args.text.read_text() if args.text else paths.TEXT
+    rows = paths.check(overrides, args.positions, chosen, text, report=lambda r: console.print(
+        paths.describe(r), highlight=False, markup=False))
+    gpu = device_name(overrides)
+    r = results.new(gpu, dict(overrides=list(overrides), positions=args.positions, dtypes=chosen))
+    r["paths"] = rows
+    out = results.save(r, paths.out_path(args.out_dir or results.DEFAULT_OUT_DIR, gpu))
+    failed = [f"{x['dtype']} {x['path']}" for x in rows if "error" in x]
+    console.print(f"results: {out}" + (f"\n[red]failed: {', '.join(failed)}[/]" if failed else ""))
+    return 1 if failed else 0
+
+
+def device_name(overrides) -> str:
+    """The name of the device the overrides resolve to (device=auto: the GPU when there is one)."""
+    from nanovllm.bench import presets, roof
+    from nanovllm.config import EngineConfig
+
+    cfg = presets.compose_config("baseline", overrides)
+    return roof.device_name(EngineConfig(model=cfg.model.name, device=cfg.device, dtype=cfg.dtype).device)
+
+
+def compare_command(args, console: Console) -> int:
+    from nanovllm.bench import compare
+
+    if len(args.files) > 2 or (len(args.files) == 2 and args.baseline):
+        console.print("[red]compare takes RUN.json [--baseline B], or A.json B.json[/]")
+        return 2
+    if len(args.files) == 2:
+        return compare.main(str(args.files[0]), str(args.files[1]), args.threshold, console)
+    return compare.gate(str(args.files[0]), args.baseline and str(args.baseline), args.threshold, console)
+
+
+def baseline_command(args, console: Console) -> int:
+    from nanovllm.bench import baseline, results
+
+    run = results.load(args.run)
+    if not run.get("gpu"):
+        console.print(f"[red]{args.run} names no GPU: not a results file of `python -m nanovllm.bench`[/]")
+        return 2
+    try:
+        out = args.out or baseline.find(run["gpu"])
+    except FileNotFoundError:  # the first baseline of this GPU
+        out = baseline.default_path(run["gpu"])
+    before = results.load(out) if Path(out).is_file() else None
+    merged = baseline.merge(before, run, args.presets)
+    console.print(f"baseline: {results.save(merged, out)} ({len(merged['latency'])} latency rows)")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # logs of a GPU run are read later: tables there get a wide page rather than a cut one
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 180)
     if args.command == "compare":
-        from nanovllm.bench.compare import main as compare_main
-
-        return compare_main(str(args.a), str(args.b), args.threshold, console)
+        return compare_command(args, console)
+    if args.command == "paths":
+        return paths_command(args, console)
+    if args.command == "baseline":
+        return baseline_command(args, console)
     if args.command == "plot":
         from nanovllm.bench.plot import plot
         from nanovllm.bench.results import load

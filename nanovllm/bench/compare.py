@@ -1,6 +1,11 @@
-"""compare A.json B.json: the ratio B/A of every entry two results files share, and exit status 1 when a
-gated entry got worse by more than the threshold. Peers are shown but not gated (they are not ours);
-launches per token are gated the other way round (fewer is better)."""
+"""compare: the ratio B/A of every entry two results files share, and exit status 1 when a gated entry got worse
+by more than the threshold. Peers are shown but not gated (they are not ours); launches per token are gated the
+other way round (fewer is better); entries found in only one file are listed, not gated.
+
+  compare RUN.json                  RUN against the baseline of RUN's GPU (nanovllm.bench.baseline)
+  compare RUN.json --baseline B     RUN against the baseline file B
+  compare A.json B.json             two runs: B over A
+"""
 
 from __future__ import annotations
 
@@ -72,6 +77,30 @@ def main(path_a: str, path_b: str, threshold: float = 0.05, console: Console | N
         return 1
     console.print(f"no regression beyond {threshold:.0%} ({sum(r[3] is not None for r in rows)} entries compared)")
     return 0
+
+
+def gate(run_path: str, baseline_path: str | None = None, threshold: float = 0.05,
+         console: Console | None = None) -> int:
+    """Compare a run with a baseline: the given file, else the one of the run's GPU (the GPU this process sees
+    when the run names none). 0: no regression; 1: a regression; 2: no usable baseline or run file."""
+    from nanovllm.bench import baseline
+    from nanovllm.bench.results import load
+
+    console = console or Console(soft_wrap=True)
+    try:
+        if baseline_path is None:
+            baseline_path = str(baseline.find(load(run_path).get("gpu") or _current_gpu()))
+        console.print(f"baseline: {escape(baseline_path)}")
+        return main(baseline_path, run_path, threshold, console)
+    except (OSError, ValueError) as e:  # a missing file, or one that is not JSON
+        console.print(f"[red]compare: {escape(str(e))}[/]")
+        return 2
+
+
+def _current_gpu() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def _num(x) -> str:

@@ -18,7 +18,7 @@ PREFILL_LEN = 256            # prefill: new tokens per request
 
 @dataclass(frozen=True)
 class ModelShapes:
-    """Qwen3-0.6B by default (DESIGN §4)."""
+    """Qwen3-0.6B by default."""
 
     hidden: int = 1024
     heads: int = 16

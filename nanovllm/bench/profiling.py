@@ -2,9 +2,9 @@
 step; on the CPU, top-level aten ops), time per op kind, the top kernels (also per call site: by the kernel
 launched before), and a Chrome trace.
 
-Tracing changes what it measures for kernels launched with PDL: it seems to delay each kernel's start a little,
-which paces the chain (the H100's batch-1 graph replayed 5% faster under the profiler before the GEMVs paced it
-themselves, benchmarks/RESULTS.md, eleventh session). Time steps without the profiler (`bench latency`).
+Tracing changes what it measures for kernels launched with PDL: it delays each kernel's start a little, which
+paces the chain of launched-ahead kernels differently from an untraced replay. Time steps without the profiler
+(`bench latency`); use the profile for where the time goes, not for how much there is.
 
 Kernels replayed from a CUDA graph are reported by CUPTI as ordinary kernel events on recent torch, so
 one count covers eager and graph steps. If a graph was launched but no kernel was seen, the count is

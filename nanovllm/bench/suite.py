@@ -28,7 +28,7 @@ class Options:
     presets: tuple[str, ...] = ("auto",)
     overrides: tuple[str, ...] = ()          # Hydra overrides for every preset (model=..., device=..., ...)
     parts: tuple[str, ...] = PARTS
-    out_dir: Path = results.RESULTS_DIR
+    out_dir: Path = results.DEFAULT_OUT_DIR
     budget_s: float | None = None
     contexts: tuple[int, ...] = latency.CONTEXTS
     new_tokens: int = latency.NEW_TOKENS

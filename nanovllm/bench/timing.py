@@ -1,6 +1,6 @@
 """Time one call of a function on the device.
 
-CUDA (DESIGN §4 method): `launches` back-to-back calls captured in one CUDA graph, each call on the next
+CUDA: `launches` back-to-back calls captured in one CUDA graph, each call on the next
 of several input copies, so that together the copies exceed L2 many times over and weights come from
 HBM, not cache. Replaying the graph removes the host's launch cost, leaving the GPU's time per call.
 If capture fails (a kernel that cannot be captured), the same calls are timed with CUDA events outside a
