@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 _spec = importlib.util.spec_from_file_location("experiments_aggregate", ROOT / "experiments" / "aggregate.py")
 aggregate = sys.modules["experiments_aggregate"] = importlib.util.module_from_spec(_spec)  # dataclasses need it
 _spec.loader.exec_module(aggregate)
