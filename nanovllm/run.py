@@ -1,8 +1,8 @@
 """Hydra entry point: python -m nanovllm.run [overrides]
 
 Builds the engine from configs/, runs a few built-in prompts, benchmarks batch-1 decode, prints the
-numbers against the roadmap targets and the device's roofline, and writes results.json into the Hydra
-run dir (one per job in a `-m` sweep; experiments/aggregate.py collects them).
+numbers against the device's roofline (and, on a GPU, the roadmap's decode targets), and writes
+results.json into the Hydra run dir (one per job in a `-m` sweep; experiments/aggregate.py collects them).
 """
 
 from __future__ import annotations
