@@ -1,7 +1,7 @@
 """The official `openai` client against nano-vllm's server: nothing changes but base_url.
 
-    python -m nanovllm.serve model=tiny server.port=8000        # in another terminal
-    python examples/openai_client.py --base-url http://127.0.0.1:8000/v1
+    python -m nanovllm.serve model=tiny        # in another terminal: 127.0.0.1:8000, API key $NANOVLLM_API_KEY
+    python examples/openai_client.py           # --base-url and --api-key default to that server
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def test_resolve_warns_that_weights_are_random(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(CATALOG, "fake", entry)
     with caplog.at_level("WARNING"):
         resolve_model("fake")
-    assert "weights are random; pass model=/path/to/hf/folder for real weights" in caplog.text
+    assert "weights are random" in caplog.text and "model.name=/path/to/hf/folder" in caplog.text
 
 
 def test_catalog_names():

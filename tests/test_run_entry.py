@@ -52,6 +52,7 @@ def test_run_writes_results(tmp_path, env):
     assert len(r["demo"]) == r["bench"]["num_prompts"]
     assert "random weights" in p.stdout and "model.name=/path/to/hf/folder" in p.stdout
     assert "decode" in p.stdout and "roofline" in p.stdout
+    assert "target" not in p.stdout and r["targets_tok_s"] == []  # the GPU targets do not apply on a CPU
 
 
 def test_bad_backend_fails_before_building(tmp_path, env):
@@ -79,6 +80,5 @@ def test_sweep_then_aggregate(tmp_path, env):
     assert all(float(r["decode_tok_s"]) > 0 and float(r["pct_roofline"]) > 0 for r in rows)
     md = (out / "summary.md").read_text()
     assert "+kernels=compile_norms" in md and "decode tok/s" in md
-    best = max(rows, key=lambda r: float(r["decode_tok_s"]))
-    assert f"fastest: run {best['run']} ({best['overrides']})" in md
+    assert "ran once" in md and "fastest:" not in md  # single runs: the noise is unknown, no fastest named
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -99,14 +99,19 @@ def test_spawned_server_load_benchmark(tiny_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def example_server(tiny_model):
-    with serve_model(tiny_model, "default", device="cpu", max_model_len=256, num_kvcache_blocks=64) as server:
+    """Served as `python -m nanovllm.serve model=tiny` serves it: under the name "tiny", no API key."""
+    with serve_model(tiny_model, "tiny", device="cpu", max_model_len=256, num_kvcache_blocks=64) as server:
         yield server
 
 
 @pytest.mark.parametrize("script", ["openai_client.py", "langchain_chat.py"])
 def test_examples_run(example_server, script, monkeypatch, capsys):
-    """In this process (runpy), so the test does not pay for importing openai / LangChain again."""
+    """In this process (runpy), so the test does not pay for importing openai / LangChain again. The server
+    listens on a free port, given through OPENAI_BASE_URL; model id and API key are the scripts' defaults."""
     pytest.importorskip("langchain_openai" if "langchain" in script else "openai")
-    monkeypatch.setattr(sys, "argv", [script, "--base-url", f"{example_server.url}/v1", "--max-tokens", "4"])
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{example_server.url}/v1")
+    monkeypatch.delenv("NANOVLLM_API_KEY", raising=False)
+    monkeypatch.setattr(sys, "argv", [script, "--max-tokens", "4"])
     runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
-    assert "usage" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage" in out and "model: tiny" in out

