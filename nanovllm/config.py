@@ -183,22 +183,11 @@ def check_schema(cfg) -> None:
 
 def check_kernel_names(kernels) -> None:
     """Fail before the model is built on an unknown op, backend or layer key; errors list valid names."""
-    from nanovllm.ops import MODEL_SCOPE, RegistryError, load_plugins
-    from nanovllm.ops.registry import all_backends, check_backend
+    from nanovllm.ops import load_plugins
+    from nanovllm.ops.resolver import validate_kernel_table
 
     load_plugins(kernels.get("plugin_dirs") or ())
-    if kernels.get("default") not in all_backends():
-        raise RegistryError(f"unknown kernels.default backend {kernels.get('default')!r}; "
-                            f"valid backends: {', '.join(all_backends())}")
-    for op, backend in (kernels.get("ops") or {}).items():
-        check_backend(op, backend)
-    groups = kernels.get("groups") or {}
-    for layer, table in (kernels.get("layers") or {}).items():
-        if not (str(layer).isdigit() or layer == MODEL_SCOPE or layer in groups):
-            raise RegistryError(f"kernels.layers has key {layer!r}; valid keys: layer indices, {MODEL_SCOPE!r} "
-                                f"and the names in kernels.groups ({', '.join(groups) or 'none'})")
-        for op, backend in (table or {}).items():
-            check_backend(op, backend)
+    validate_kernel_table(kernels)
 
 
 def bench_sizes(bench, device: str) -> dict[str, int]:

@@ -31,7 +31,7 @@ def test_unknown_backend_lists_valid_ones():
     with pytest.raises(RegistryError, match="unknown backend 'trition' for op 'mlp'; valid backends: auto, compile, "
                                             "eager"):
         OpResolver({"ops": {"mlp": "trition"}}, CPU, 2)
-    with pytest.raises(RegistryError, match="unknown default backend 'fast'"):
+    with pytest.raises(RegistryError, match="unknown kernels.default backend 'fast'"):
         OpResolver({"default": "fast"}, CPU, 2)
 
 

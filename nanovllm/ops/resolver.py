@@ -61,22 +61,8 @@ class OpResolver:
         return list(dict.fromkeys(hooks.values()))
 
     def _validate(self) -> None:
-        if self.default not in all_backends():
-            raise RegistryError(f"unknown default backend {self.default!r}; valid backends: "
-                                f"{', '.join(all_backends())}")
-        for op, backend in self.ops.items():
-            check_backend(op, backend)
-        for name in self.groups:
-            if name.isdigit() or name == MODEL_SCOPE:
-                raise RegistryError(f"kernels.groups name {name!r} is taken by a layer key; use a word")
-        valid_layers = [str(i) for i in range(self.num_layers)] + [MODEL_SCOPE, *self.groups]
-        for layer, table in self.layers.items():
-            if layer not in valid_layers:
-                raise RegistryError(
-                    f"kernels.layers has key {layer!r}; valid keys: 0..{self.num_layers - 1}, {MODEL_SCOPE!r} "
-                    f"and the names in kernels.groups ({', '.join(self.groups) or 'none'})")
-            for op, backend in table.items():
-                check_backend(op, backend)
+        validate_kernel_table(dict(default=self.default, ops=self.ops, layers=self.layers, groups=self.groups),
+                              self.num_layers)
 
     def backend_for(self, scope: str, op: str) -> str:
         if op in self.layers.get(scope, {}):
@@ -132,6 +118,30 @@ class OpResolver:
             done[op], used[op] = resolve(op, self.pick(scope, op), self.target, allow_fallback=self.allow_fallback,
                                          parts=parts, where=where, on_fallback=lambda m, op=op: self._fallback(op, m))
         return SimpleNamespace(**{n: done[n] for n in names})
+
+
+def validate_kernel_table(kernels: Mapping, num_layers: int | None = None) -> None:
+    """Fail on an unknown op, backend or layer key, with an error that lists the valid names. Layer indices
+    are checked against `num_layers` when it is known (at model construction), else only for their form
+    (when a config is composed, before the model is read). Plugins must be loaded first."""
+    default = kernels.get("default") or NATIVE
+    if default not in all_backends():
+        raise RegistryError(f"unknown kernels.default backend {default!r}; valid backends: {', '.join(all_backends())}")
+    for op, backend in (kernels.get("ops") or {}).items():
+        check_backend(op, backend)
+    groups = kernels.get("groups") or {}
+    for name in groups:
+        if str(name).isdigit() or name == MODEL_SCOPE:
+            raise RegistryError(f"kernels.groups name {name!r} is taken by a layer key; use a word")
+    indices = "layer indices" if num_layers is None else f"0..{num_layers - 1}"
+    for layer, table in (kernels.get("layers") or {}).items():
+        layer = str(layer)
+        index_ok = layer.isdigit() and (num_layers is None or int(layer) < num_layers)
+        if not (index_ok or layer == MODEL_SCOPE or layer in groups):
+            raise RegistryError(f"kernels.layers has key {layer!r}; valid keys: {indices}, {MODEL_SCOPE!r} and the "
+                                f"names in kernels.groups ({', '.join(groups) or 'none'})")
+        for op, backend in (table or {}).items():
+            check_backend(op, backend)
 
 
 def parse_layers(spec, num_layers: int, name: str = "") -> frozenset[int]:
