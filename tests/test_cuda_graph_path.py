@@ -20,6 +20,7 @@ def emulated(path, **kwargs) -> LLM:
     llm = LLM(str(path), dtype="float64", max_model_len=256, num_kvcache_blocks=96, **kwargs)
     runner = llm.engine.runner
     runner.graphs = DecodeGraphs(runner, runner.forward, capture_graphs=False)
+    runner.graphs.capture()
     return llm
 
 
@@ -96,16 +97,16 @@ def test_async_scheduling_gives_the_same_tokens(tiny_model, tiny_llm):
     launched, ahead_rows = [], []
     launch = engine.runner.launch_decode
 
-    def spy(batch, prev=None):
+    def spy(batch, prev=None, mode=None):
         launched.append(prev is not None)
         if prev is not None:
             ahead_rows.append(len(batch))
-        return launch(batch, prev)
+        return launch(batch, prev, mode)
 
     engine.runner.launch_decode = spy
     graphs, skipped_ids = engine.runner.graphs, []
-    upload = graphs._upload
-    graphs._upload = lambda t, b, w, skip_ids=False: skipped_ids.append(skip_ids) or upload(t, b, w, skip_ids)
+    copy = graphs.buffers.copy
+    graphs.buffers.copy = lambda t, b, w, skip_ids=False: skipped_ids.append(skip_ids) or copy(t, b, w, skip_ids)
     assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
     assert any(launched), "no step was launched ahead"
     # every row kept: the input ids are where the last graph wrote its tokens; a row dropped: they are copied
@@ -179,7 +180,8 @@ def test_step_ahead_feeds_the_in_flight_tokens(tiny_model):
     seq = engine.requests[rid][0]
     engine.block_manager.grow(seq, seq.num_tokens + 1)
     graphs.run([ScheduledSeq(seq, 1)], prev_tokens=torch.tensor([777]))
-    views = graphs._views(graphs.inputs[graphs.turn], 1, graphs.max_blocks)
+    buffers = graphs.buffers
+    views = buffers.views(buffers.inputs[buffers.turn], 1, graphs.max_blocks)
     assert views["input_ids"].tolist() == [777]
     assert views["positions"].tolist() == [seq.num_computed_tokens + 1]
     assert views["seq_lens"].tolist() == [seq.num_computed_tokens + 2]
@@ -198,7 +200,7 @@ def test_graphs_set_aside_while_a_step_is_in_flight(tiny_model, tiny_llm):
         got += [t for out in engine.step() for t in out.token_ids]
         steps += 1
         if steps == 4:
-            assert engine.inflight is not None, "no step in flight to set the graphs aside under"
+            assert engine.scheduler.in_flight is not None, "no step in flight to set the graphs aside under"
             runner.graphs = None
         if steps == 8:
             runner.graphs = graphs
