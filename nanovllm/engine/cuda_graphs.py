@@ -107,7 +107,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self, sizes=None) -> float:
         """Captures the graphs of the given batch sizes (default: every size), largest first so that smaller
-        graphs reuse its memory pool; sizes captured before are skipped. Returns the seconds it took."""
+        graphs reuse its memory pool; sizes captured before are skipped. Returns the seconds it took.
+        Call it with no step in flight: capturing fills and copies into both step buffers."""
         t0 = time.perf_counter()
         sizes = self.sizes if sizes is None else list(sizes)
         unknown = sorted(set(sizes) - set(self.sizes))
@@ -150,7 +151,7 @@ class DecodeGraphs:
 
         With `prev_tokens` (the device tokens of the step still in flight for the same rows), each row runs
         one position ahead and takes its input token from that tensor, without a round trip to the host. The
-        tokens returned are a view that the step after next overwrites: read them (`to_host`) before then."""
+        tokens returned are a view that the step after next overwrites: read them (StepBuffers.to_host) before then."""
         n = len(batch)
         b = self.size_for(n)
         if b is None:

@@ -101,9 +101,6 @@ class HostMetadata:
             host=self.host, graph_batch=graph_batch)
 
 
-OUT_FIELDS = ("positions", "slot_mapping", "seq_lens", "block_tables")
-
-
 def build_metadata(block_tables: Sequence[Sequence[int]], seq_lens: Sequence[int], block_size: int, *,
                    q_lens: Sequence[int] | None = None, rows: int | None = None, width: int | None = None,
                    scratch_block: int | None = None, out: dict[str, np.ndarray] | None = None) -> HostMetadata:
@@ -129,18 +126,18 @@ def build_metadata(block_tables: Sequence[Sequence[int]], seq_lens: Sequence[int
     if len(seq_lens) != n or (q_lens is not None and len(q_lens) != n):
         raise ValueError(f"{n} block tables but {len(seq_lens)} seq_lens"
                          + ("" if q_lens is None else f" and {len(q_lens)} q_lens"))
+    lens = [len(table) for table in block_tables]
+    longest = max(lens, default=1)
+    width = longest if width is None else width
     num_blocks = np.ones(rows, dtype=np.int64)
-    num_blocks[:n] = [len(table) for table in block_tables]
-    width = int(num_blocks.max(initial=1)) if width is None else width
+    num_blocks[:n] = lens
     seq = np.ones(rows, dtype=np.int64)
     seq[:n] = seq_lens
-    too_long = np.flatnonzero(num_blocks[:n] > width)
-    short = np.flatnonzero(seq[:n] > num_blocks[:n] * block_size)
-    if too_long.size or short.size:
-        i = int((too_long if too_long.size else short)[0])
-        raise ValueError(f"request {i}: {num_blocks[i]} blocks " + (
-            f"do not fit a {width}-column block table" if too_long.size
-            else f"of {block_size} tokens cannot hold its {seq[i]} tokens"))
+    if longest > width:
+        raise ValueError(f"request {lens.index(longest)}: {longest} blocks do not fit a {width}-column block table")
+    if (seq > num_blocks * block_size).any():
+        i = int(np.flatnonzero(seq > num_blocks * block_size)[0])
+        raise ValueError(f"request {i}: {num_blocks[i]} blocks of {block_size} tokens cannot hold its {seq[i]} tokens")
 
     tables = out["block_tables"] if out is not None else np.empty((rows, width), dtype=np.int64)
     tables[:] = 0
@@ -151,8 +148,8 @@ def build_metadata(block_tables: Sequence[Sequence[int]], seq_lens: Sequence[int
         tables[:n][used] = np.fromiter(itertools.chain.from_iterable(block_tables), np.int64,
                                        int(num_blocks[:n].sum()))
     if q_lens is None:  # one token per request: no ragged packing (the decode graphs' per-step path)
-        req, offset, max_q = np.arange(rows), 0, 1
-        cu = np.arange(rows + 1)
+        req = pad_index = np.arange(rows)
+        cu, max_q = np.arange(rows + 1), 1
         positions = seq - 1
     else:
         q = np.ones(rows, dtype=np.int64)
@@ -166,11 +163,12 @@ def build_metadata(block_tables: Sequence[Sequence[int]], seq_lens: Sequence[int
         offset = np.arange(cu[-1]) - cu[req]
         max_q = int(q.max(initial=1))
         positions = (seq - q)[req] + offset
+        pad_index = req * max_q + offset
     slots = kv_slots(tables, req, positions, block_size)
     if out is not None:
         out["positions"][:] = positions
         out["slot_mapping"][:] = slots
         out["seq_lens"][:] = seq
     return HostMetadata(positions=positions, slot_mapping=slots, seq_lens=seq, cu_seqlens_q=cu,
-                        pad_index=req * max_q + offset, block_tables=tables, num_blocks=num_blocks,
+                        pad_index=pad_index, block_tables=tables, num_blocks=num_blocks,
                         max_seqlen_q=max_q, max_seqlen_k=int(seq.max(initial=1)))
