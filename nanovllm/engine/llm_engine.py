@@ -120,11 +120,11 @@ class LLMEngine:
             batch = sched.schedule()
             if not batch:
                 return []
-            sched.launch(batch, self.runner.launch(batch))
+            sched.add_launched(batch, self.runner.launch(batch))
         ahead = sched.schedule_ahead(lambda batch: self.runner.step_mode(batch).run_ahead)
         if ahead is not None:
             batch, keep = ahead
-            sched.launch(batch, self.runner.launch(batch, sched.in_flight.tokens.rows(keep)))
+            sched.add_launched(batch, self.runner.launch(batch, sched.in_flight.tokens.rows(keep)))
         step = sched.take_oldest()
         tokens, logprobs = step.tokens.read()  # with a step launched ahead, the GPU already has it queued
         return self._finish_step(step.batch, tokens, logprobs)

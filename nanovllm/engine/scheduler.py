@@ -62,7 +62,7 @@ class Scheduler:
         """The newest step launched and not yet read."""
         return self.launched[-1] if self.launched else None
 
-    def launch(self, batch: list[ScheduledSeq], tokens) -> None:
+    def add_launched(self, batch: list[ScheduledSeq], tokens) -> None:
         """Records a launched step and the runner's handle of its tokens."""
         self.launched.append(LaunchedStep(batch, tokens))
 
