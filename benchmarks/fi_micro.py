@@ -17,6 +17,7 @@ import torch
 
 from nanovllm.bench.timing import capture
 from nanovllm.ops import AttentionMetadata, PlanContext, get_op, load_plugins
+from nanovllm.ops.meta import build_metadata
 
 LAYERS, HQ, HK, D, BS, HIDDEN, INTER = 28, 16, 8, 128, 16, 1024, 3072
 DTYPE = torch.bfloat16
@@ -25,14 +26,8 @@ DTYPE = torch.bfloat16
 def decode_step(context: int, device) -> AttentionMetadata:
     """One request decoding its token number `context`, on shuffled blocks, as the model runner builds it
     for a CUDA-graph step of batch 1."""
-    blocks = -(-context // BS)
-    table = np.random.default_rng(0).permutation(blocks)[None, :].astype(np.int64)
-    host = dict(seq_lens=np.array([context]), cu_seqlens_q=np.array([0, 1]), block_tables=table,
-                num_blocks=np.array([blocks]))
-    t = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
-    pos = np.array([context - 1])
-    return AttentionMetadata(t(pos), t(table[0, pos // BS] * BS + pos % BS), t(host["seq_lens"]), t(table),
-                             t(host["cu_seqlens_q"]), t(np.array([0])), 1, context, host=host, graph_batch=1)
+    table = np.random.default_rng(0).permutation(-(-context // BS))
+    return build_metadata([table], [context], BS).to_device(device, graph_batch=1)
 
 
 def graph_time_us(fn, replays: int) -> float:

@@ -21,6 +21,7 @@ import torch
 
 from nanovllm.bench.timing import capture
 from nanovllm.ops import AttentionMetadata, PlanContext, get_op, load_plugins
+from nanovllm.ops.meta import build_metadata
 
 LAYERS, HQ, HK, D, BS = 28, 16, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -45,14 +46,8 @@ class Workload:
 
     def meta(self, step: int, device, graph: bool = False) -> AttentionMetadata:
         seq_lens = self.lens + step  # this step's new token is number seq_len
-        pos = seq_lens - 1
-        host = dict(seq_lens=seq_lens, cu_seqlens_q=np.arange(len(seq_lens) + 1), block_tables=self.tables,
-                    num_blocks=-(-seq_lens // BS))
-        t = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device, non_blocking=True)  # noqa: E731
-        slots = self.tables[np.arange(len(pos)), pos // BS] * BS + pos % BS
-        return AttentionMetadata(t(pos), t(slots), t(seq_lens), t(self.tables), t(host["cu_seqlens_q"]),
-                                 t(np.arange(len(pos))), 1, int(seq_lens.max()), host=host,
-                                 graph_batch=len(pos) if graph else None)
+        step_meta = build_metadata(list(self.tables), seq_lens, BS)  # rows as allocated: blocks for every step
+        return step_meta.to_device(device, graph_batch=len(seq_lens) if graph else None)
 
 
 def run(backend: str, work: Workload, steps: int, kv, q, ctx, graph: bool = False):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.ops import AttentionMetadata, get_op, load_plugins, native_site
+from nanovllm.ops.meta import build_metadata
 
 H, HQ, HK, D, INTER, VOCAB, EPS = 1024, 16, 8, 128, 3072, 151936, 1e-6
 # name: (N, K, target TB/s from the issue)
@@ -113,10 +114,7 @@ def fused_sites(tuning):
 def one_request(ctx: int, page: int) -> tuple[int, AttentionMetadata]:
     """(cache blocks, decode metadata) of one request whose newest token is at position ctx - 1, blocks in order."""
     blocks = -(-ctx // page)
-    pos = torch.tensor([ctx - 1], device="cuda")
-    return blocks, AttentionMetadata(pos, pos, pos + 1, torch.arange(blocks, device="cuda")[None],
-                                     torch.tensor([0, 1], device="cuda"),
-                                     torch.zeros(1, dtype=torch.long, device="cuda"), 1, ctx)
+    return blocks, build_metadata([range(blocks)], [ctx], page).to_device("cuda")
 
 
 def attention_time(tuning, fn, q, caches, meta) -> float:

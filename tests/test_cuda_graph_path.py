@@ -3,6 +3,7 @@ and the GPU warmup that sizes the KV cache, with the CUDA memory calls stubbed."
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
@@ -16,10 +17,12 @@ def test_graph_batch_sizes():
     assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
-def emulated(path, **kwargs) -> LLM:
+def emulated(path, capture=None, **kwargs) -> LLM:
+    """An engine whose decode graphs replay eagerly; `capture`: the batch sizes captured (default: all)."""
     llm = LLM(str(path), dtype="float64", max_model_len=256, num_kvcache_blocks=96, **kwargs)
     runner = llm.engine.runner
     runner.graphs = DecodeGraphs(runner, runner.forward, capture_graphs=False)
+    runner.graphs.capture(capture)
     return llm
 
 
@@ -96,16 +99,16 @@ def test_async_scheduling_gives_the_same_tokens(tiny_model, tiny_llm):
     launched, ahead_rows = [], []
     launch = engine.runner.launch_decode
 
-    def spy(batch, prev=None):
+    def spy(batch, prev=None, mode=None):
         launched.append(prev is not None)
         if prev is not None:
             ahead_rows.append(len(batch))
-        return launch(batch, prev)
+        return launch(batch, prev, mode)
 
     engine.runner.launch_decode = spy
     graphs, skipped_ids = engine.runner.graphs, []
-    upload = graphs._upload
-    graphs._upload = lambda t, b, w, skip_ids=False: skipped_ids.append(skip_ids) or upload(t, b, w, skip_ids)
+    copy = graphs.buffers.copy
+    graphs.buffers.copy = lambda t, b, w, skip_ids=False: skipped_ids.append(skip_ids) or copy(t, b, w, skip_ids)
     assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
     assert any(launched), "no step was launched ahead"
     # every row kept: the input ids are where the last graph wrote its tokens; a row dropped: they are copied
@@ -179,7 +182,8 @@ def test_step_ahead_feeds_the_in_flight_tokens(tiny_model):
     seq = engine.requests[rid][0]
     engine.block_manager.grow(seq, seq.num_tokens + 1)
     graphs.run([ScheduledSeq(seq, 1)], prev_tokens=torch.tensor([777]))
-    views = graphs._views(graphs.inputs[graphs.turn], 1, graphs.max_blocks)
+    buffers = graphs.buffers
+    views = buffers.views(buffers.inputs[buffers.turn], 1, graphs.max_blocks)
     assert views["input_ids"].tolist() == [777]
     assert views["positions"].tolist() == [seq.num_computed_tokens + 1]
     assert views["seq_lens"].tolist() == [seq.num_computed_tokens + 2]
@@ -198,7 +202,7 @@ def test_graphs_set_aside_while_a_step_is_in_flight(tiny_model, tiny_llm):
         got += [t for out in engine.step() for t in out.token_ids]
         steps += 1
         if steps == 4:
-            assert engine.inflight is not None, "no step in flight to set the graphs aside under"
+            assert engine.scheduler.in_flight is not None, "no step in flight to set the graphs aside under"
             runner.graphs = None
         if steps == 8:
             runner.graphs = graphs
@@ -223,3 +227,56 @@ def test_temperature_sampling_runs_in_the_sampled_graph(tiny_model, tiny_llm):
         assert ([r["token_ids"] for r in llm.generate(prompts, params)]
                 == [r["token_ids"] for r in tiny_llm.generate(prompts, params)])
         assert modes and set(modes) == {graph_samples}
+
+
+def test_capture_a_subset_of_sizes_first(tiny_model, tiny_llm):
+    """Sizes captured later: a batch replays the smallest captured size that holds it, and runs eagerly
+    while none does; the tokens are the eager engine's throughout."""
+    llm = emulated(tiny_model, capture=[], max_num_seqs=6)  # sizes 1, 2, 4, 6
+    graphs = llm.engine.runner.graphs
+    assert not any(graphs.captured(b) for b in graphs.sizes) and not graphs.ready
+    with pytest.raises(ValueError, match=r"batch sizes \[3\] are not decode graph sizes"):
+        graphs.capture([3])
+    sizes = []
+    meta = graphs._meta
+    graphs._meta = lambda b, w, host, t: sizes.append(b) or meta(b, w, host, t)
+    prompts = [[i + 2] * (6 + 5 * i) for i in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (2, 4, 6)]
+    expected = [r["token_ids"] for r in tiny_llm.generate(prompts, params)]
+    for captured, replayed in (([], set()), ([1], {1}), ([6], {1, 6}), ([4], {1, 4})):
+        graphs.capture(captured)
+        sizes.clear()
+        assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
+        assert set(sizes) == replayed, (captured, sizes)  # decode steps of 3, 2 and 1 rows
+    assert graphs.ready == [1, 4, 6] and graphs.captured(4) and not graphs.captured(2)
+
+
+def test_step_mode():
+    from nanovllm.engine.scheduler import ScheduledSeq
+    from nanovllm.engine.sequence import Sequence
+    from nanovllm.engine.step_mode import FILTERED, GREEDY, LOGPROBS, SAMPLED, StepMode
+
+    class Graphs:  # holds up to 2 decode rows
+        def fits(self, batch):
+            return len(batch) <= 2 and all(item.num_new_tokens == 1 and item.completes for item in batch)
+
+    def decode(**params):
+        seq = Sequence([1, 2, 3], SamplingParams(**params))
+        seq.num_computed_tokens = 2
+        return ScheduledSeq(seq, 1)
+
+    greedy, hot = decode(temperature=0), decode(temperature=0.7)
+    cases = [
+        ([greedy], Graphs(), True, StepMode(True, GREEDY, True)),
+        ([greedy, hot], Graphs(), True, StepMode(True, SAMPLED, True)),
+        ([greedy, decode(temperature=0.7, top_p=0.9)], Graphs(), True, StepMode(True, FILTERED, True)),
+        ([decode(temperature=0, top_k=5)], Graphs(), True, StepMode(True, GREEDY, True)),  # greedy: no filter
+        ([hot, decode(temperature=0, logprobs=2)], Graphs(), True, StepMode(True, LOGPROBS, False)),
+        ([greedy], Graphs(), False, StepMode(True, GREEDY, False)),  # async scheduling off
+        ([greedy] * 3, Graphs(), True, StepMode(False, GREEDY, False)),  # no graph holds 3 rows
+        ([greedy], None, True, StepMode(False, GREEDY, False)),  # eager engine
+        ([ScheduledSeq(Sequence([1, 2, 3], SamplingParams()), 3)], Graphs(), True,
+         StepMode(False, SAMPLED, False)),  # a prefill
+    ]
+    for batch, graphs, async_scheduling, want in cases:
+        assert StepMode.of(batch, graphs, async_scheduling) == want

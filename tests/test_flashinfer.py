@@ -15,6 +15,7 @@ import torch
 
 from nanovllm.bench.timing import capture
 from nanovllm.ops import AttentionMetadata, PlanContext, get_op, load_plugins
+from nanovllm.ops.meta import build_metadata
 from nanovllm.ops.testing import random_step
 
 pytestmark = pytest.mark.gpu
@@ -42,13 +43,10 @@ def make_step(q_lens, kv_lens, *, shared_blocks: int = 0, seed: int = 0, device:
 def pad_for_graph(meta: AttentionMetadata, graph_batch: int, scratch: int) -> AttentionMetadata:
     """A decode step padded as the model runner pads a CUDA-graph step: extra rows of seq_len 1 whose one
     block is the scratch block."""
-    host, extra = meta.host, graph_batch - meta.num_seqs
-    tables = np.zeros((graph_batch, host["block_tables"].shape[1]), dtype=np.int64)
-    tables[:meta.num_seqs] = host["block_tables"]
-    tables[meta.num_seqs:, 0] = scratch
-    padded = dict(seq_lens=np.concatenate([host["seq_lens"], np.ones(extra, np.int64)]),
-                  cu_seqlens_q=np.arange(graph_batch + 1), block_tables=tables,
-                  num_blocks=np.concatenate([host["num_blocks"], np.ones(extra, np.int64)]))
+    host = meta.host
+    tables = [row[:n] for row, n in zip(host["block_tables"], host["num_blocks"])]
+    padded = build_metadata(tables, host["seq_lens"], BS, rows=graph_batch, width=host["block_tables"].shape[1],
+                            scratch_block=scratch).host
     return AttentionMetadata(meta.positions, meta.slot_mapping, meta.seq_lens, meta.block_tables, meta.cu_seqlens_q,
                              meta.pad_index, 1, meta.max_seqlen_k, host=padded, graph_batch=graph_batch)
 
@@ -367,7 +365,7 @@ def test_engine_short_context_graphs_give_the_full_width_tokens():
                   short_context_graphs=short)
         graphs = llm.engine.runner.graphs
         widths[short] = set()
-        graphs._meta = lambda b, w, host, meta=graphs._meta, seen=widths[short]: seen.add(w) or meta(b, w, host)
+        graphs._meta = lambda b, w, host, t, meta=graphs._meta, seen=widths[short]: seen.add(w) or meta(b, w, host, t)
         tokens[short] = [r["token_ids"] for r in llm.generate(prompts, params)]
         llm.close()
     assert widths == {2048: {128, 256}, 0: {256}}

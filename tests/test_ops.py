@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nanovllm.ops import OPS, Target, get_op, native_site, resolve
+from nanovllm.ops.meta import kv_slots
 from nanovllm.ops.testing import random_step
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -30,7 +31,7 @@ def ref_attention(q, k_cache, v_cache, meta, scale, window=0, softcap=0.0):
     for b in range(meta.num_seqs):
         lo, hi = meta.cu_seqlens_q[b], meta.cu_seqlens_q[b + 1]
         kl = int(meta.seq_lens[b])
-        slots = meta.block_tables[b][torch.arange(kl) // bs] * bs + torch.arange(kl) % bs
+        slots = kv_slots(meta.block_tables, b, torch.arange(kl), bs)
         k = k_cache.flatten(0, 1)[slots].double()
         v = v_cache.flatten(0, 1)[slots].double()
         group = q.shape[1] // k.shape[1]

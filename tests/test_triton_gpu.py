@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovllm.ops import AttentionMetadata, get_op, load_plugins, native_site
+from nanovllm.ops import get_op, load_plugins, native_site
+from nanovllm.ops.meta import build_metadata
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.gpu
@@ -191,15 +192,8 @@ def paged_meta(kv_lens, page=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     width = max(-(-k // page) for k in kv_lens)
     perm = torch.randperm(len(kv_lens) * width + 1, generator=g)
-    tables = perm[:len(kv_lens) * width].view(len(kv_lens), width)
-    pos = torch.tensor(kv_lens) - 1
-    slots = tables[torch.arange(len(kv_lens)), pos // page] * page + pos % page
-    n = len(kv_lens)
-    meta = AttentionMetadata(pos, slots, torch.tensor(kv_lens), tables, torch.arange(n + 1), torch.arange(n), 1,
-                             max(kv_lens))
-    for f in ("positions", "slot_mapping", "seq_lens", "block_tables", "cu_seqlens_q", "pad_index"):
-        setattr(meta, f, getattr(meta, f).cuda())
-    return meta, len(kv_lens) * width + 1
+    tables = perm[:len(kv_lens) * width].view(len(kv_lens), width).tolist()
+    return build_metadata(tables, kv_lens, page).to_device("cuda"), len(kv_lens) * width + 1
 
 
 @pytest.mark.parametrize("kv_lens", [[1], [128], [4100], [1, 300, 17, 4100]])

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanovllm.ops import AttentionMetadata, Target, get_op, load_plugins, native_site, resolve
+from nanovllm.ops import Target, get_op, load_plugins, native_site, resolve
+from nanovllm.ops.meta import build_metadata
 
 pytest.importorskip("triton")
 
@@ -110,15 +111,8 @@ def paged_meta(kv_lens, block_size=4, num_blocks=40, seed=0):
     """Decode metadata: one query per request, at the last of its kv_lens positions, scattered pages."""
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(num_blocks, generator=g).tolist()
-    width = max(-(-k // block_size) for k in kv_lens)
-    tables = torch.zeros(len(kv_lens), width, dtype=torch.long)
-    for b, kl in enumerate(kv_lens):
-        tables[b, :-(-kl // block_size)] = torch.tensor([perm.pop() for _ in range(-(-kl // block_size))])
-    pos = torch.tensor(kv_lens) - 1
-    slots = tables[torch.arange(len(kv_lens)), pos // block_size] * block_size + pos % block_size
-    n = len(kv_lens)
-    return AttentionMetadata(pos, slots, torch.tensor(kv_lens), tables, torch.arange(n + 1), torch.arange(n), 1,
-                             max(kv_lens))
+    tables = [[perm.pop() for _ in range(-(-kl // block_size))] for kl in kv_lens]
+    return build_metadata(tables, kv_lens, block_size).to_device("cpu")
 
 
 # -- primitives and sites ------------------------------------------------------------------------------------

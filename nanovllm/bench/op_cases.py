@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from nanovllm.ops import AttentionMetadata
+from nanovllm.ops.meta import build_metadata
 
 ATTN_CONTEXTS = (128, 4096)  # decode: latency-bound short context, bandwidth-bound long context
 PREFILL_LEN = 256            # prefill: new tokens per request
@@ -80,34 +81,10 @@ class _Make:
 
 def paged_meta(q_lens, kv_lens, block_size: int, device, graph_batch: int | None = None):
     """(meta, blocks used) for requests whose last `q_lens` tokens are new, as ModelRunner.prepare builds it."""
-    tables, pos, slots, pad, nblocks = [], [], [], [], []
-    next_block, max_q = 0, max(q_lens)
-    for b, (ql, kl) in enumerate(zip(q_lens, kv_lens)):
-        n = -(-kl // block_size)
-        table = np.arange(next_block, next_block + n)
-        next_block += n
-        p = np.arange(kl - ql, kl)
-        tables.append(table)
-        nblocks.append(n)
-        pos.append(p)
-        slots.append(table[p // block_size] * block_size + p % block_size)
-        pad.append(b * max_q + np.arange(ql))
-    width = max(nblocks)
-    block_tables = np.zeros((len(q_lens), width), dtype=np.int64)
-    for b, table in enumerate(tables):
-        block_tables[b, :len(table)] = table
-    cu = np.concatenate([[0], np.cumsum(q_lens)])
-    host = dict(seq_lens=np.asarray(kv_lens), cu_seqlens_q=cu, block_tables=block_tables,
-                num_blocks=np.asarray(nblocks))
-
-    def dev(x):
-        return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.int64, device=device)
-
-    meta = AttentionMetadata(
-        positions=dev(np.concatenate(pos)), slot_mapping=dev(np.concatenate(slots)), seq_lens=dev(kv_lens),
-        block_tables=dev(block_tables), cu_seqlens_q=dev(cu), pad_index=dev(np.concatenate(pad)),
-        max_seqlen_q=max_q, max_seqlen_k=max(kv_lens), host=host, graph_batch=graph_batch)
-    return meta, next_block
+    bounds = np.cumsum([0] + [-(-kl // block_size) for kl in kv_lens])
+    tables = [np.arange(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    step = build_metadata(tables, kv_lens, block_size, q_lens=q_lens)
+    return step.to_device(device, graph_batch=graph_batch), int(bounds[-1])
 
 
 # ---- one builder per op: (make, batch) -> [Case] -------------------------------------------------------

@@ -11,7 +11,7 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import NO_TEXT, Detokenizer
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.prompts import encode_prompt
-from nanovllm.engine.scheduler import ScheduledSeq, Scheduler
+from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.models.catalog import resolve_model
 from nanovllm.sampling_params import SamplingParams
@@ -50,7 +50,6 @@ class LLMEngine:
         self.eos_ids = self._eos_ids()
         self.requests: dict[str, tuple[Sequence, Detokenizer]] = {}
         self._ids = count()
-        self.inflight = None  # (batch, PendingTokens) of a launched step not yet read (async scheduling)
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -93,49 +92,31 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self.inflight is not None
+        return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass's worth of new tokens. With async scheduling, a decode step (without logprobs)
-        is launched before the previous one is read, so each call returns the tokens of the step before."""
-        if self.inflight is None:
-            batch = self.scheduler.schedule()
+        """One forward pass's worth of new tokens: schedule, launch, read, append. A step whose mode may run
+        ahead (StepMode.run_ahead: async scheduling) is followed at once by its rows one token later, launched
+        on its device tokens before it is read, so each call returns the tokens of the step before."""
+        sched = self.scheduler
+        if sched.in_flight is None:
+            batch = sched.schedule()
             if not batch:
                 return []
-            if not self._can_overlap(batch):
-                tokens, logprobs = self.runner.run(batch)
-                return self._finish_step(batch, tokens, logprobs)
-            self.inflight = (batch, self.runner.launch_decode(batch))
-        batch, pending = self.inflight
-        ahead, keep = self._step_ahead(batch)
-        self.inflight = (ahead, self.runner.launch_decode(ahead, pending.rows(keep))) if ahead else None
-        tokens = pending.tolist()  # the GPU already has the next step queued
-        return self._finish_step(batch, tokens, [None] * len(tokens))
+            sched.add_launched(batch, self.runner.launch(batch))
+        ahead = sched.schedule_ahead(lambda batch: self.runner.step_mode(batch).run_ahead)
+        if ahead is not None:
+            batch, keep = ahead
+            sched.add_launched(batch, self.runner.launch(batch, sched.in_flight.tokens.rows(keep)))
+        step = sched.take_oldest()
+        tokens, logprobs = step.tokens.read()  # with a step launched ahead, the GPU already has it queued
+        return self._finish_step(step.batch, tokens, logprobs)
 
     def _finish_step(self, batch, tokens, logprobs) -> list[RequestOutput]:
         live = [(item, tok, lp) for item, tok, lp in zip([i for i in batch if i.completes], tokens, logprobs)
                 if not item.seq.is_finished]  # a request aborted or stopped while its step was in flight
         self.scheduler.advance([item for item in batch if not item.seq.is_finished])
         return [self._append(item.seq, tok, lp) for item, tok, lp in live]
-
-    def _can_overlap(self, batch) -> bool:
-        graphs = self.runner.graphs
-        return (self.config.async_scheduling and graphs is not None and graphs.fits(batch)
-                and all(item.seq.params.logprobs is None for item in batch))
-
-    def _step_ahead(self, batch):
-        """(the decode rows one token later, their indices in `batch`), or (None, None) if the batch may
-        change before then: a request waits to be admitted, or a row has no KV slot. Rows that reach their
-        length limit with the step in flight are left out (requests finish at different steps: waiting
-        for each would make every such step synchronous); a row that stops on EOS is dropped later."""
-        seqs = [item.seq for item in batch]
-        if not self._can_overlap(batch) or self.scheduler.waiting or self.scheduler.running != seqs:
-            return None, None
-        keep = [i for i, seq in enumerate(seqs) if seq.num_completion_tokens + 2 <= seq.params.max_tokens
-                and seq.num_tokens + 2 <= self.config.max_model_len]
-        if not keep or not all(self.block_manager.grow(seqs[i], seqs[i].num_tokens + 1) for i in keep):
-            return None, None
-        return [ScheduledSeq(seqs[i], 1) for i in keep], keep
 
     def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> RequestOutput:
         seq.token_ids.append(token)

@@ -4,6 +4,7 @@ sampled tokens."""
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import time
 
@@ -14,9 +15,11 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_mode import GREEDY, LOGPROBS, SAMPLED, StepMode
 from nanovllm.models.loader import count_tensors, iter_tensors, load_hf_config, load_weights, weight_files
 from nanovllm.models.registry import build_model
-from nanovllm.ops import AttentionMetadata, OpResolver, PlanContext, Target
+from nanovllm.ops import OpResolver, PlanContext, Target
+from nanovllm.ops.meta import build_metadata
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.progress import progress_bar
 
@@ -28,7 +31,7 @@ class PendingTokens:
 
     def __init__(self, tokens: torch.Tensor, graphs):
         self.device = tokens
-        self.host, self.event = graphs.to_host(tokens)
+        self.host, self.event = graphs.buffers.to_host(tokens)
 
     def rows(self, keep: list[int]) -> torch.Tensor:
         """The device tokens of rows `keep` (increasing indices): the tensor itself when that is every row."""
@@ -41,6 +44,21 @@ class PendingTokens:
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()
+
+    def read(self) -> tuple[list[int], list[None]]:
+        """(tokens, logprobs): waits for the tokens; a step that runs ahead has no logprobs."""
+        tokens = self.tolist()
+        return tokens, [None] * len(tokens)
+
+
+class ReadyTokens:
+    """Tokens (and logprobs) of a step that ran synchronously, in PendingTokens' shape."""
+
+    def __init__(self, tokens: list[int], logprobs: list[dict | None]):
+        self.tokens, self.logprobs = tokens, logprobs
+
+    def read(self) -> tuple[list[int], list[dict | None]]:
+        return self.tokens, self.logprobs
 
 
 class ModelRunner:
@@ -190,39 +208,23 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = k, v
 
     def prepare(self, batch: list[ScheduledSeq]):
-        bs = self.block_size
-        ids, pos, slots, pad = [], [], [], []
-        max_q = max(item.num_new_tokens for item in batch)
-        max_blocks = max(len(item.seq.block_table) for item in batch)
-        tables = np.zeros((len(batch), max_blocks), dtype=np.int64)
-        seq_lens, cu, rows = [], [0], []
-        for b, item in enumerate(batch):
-            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            p = np.arange(start, start + n)
-            table = np.asarray(seq.block_table, dtype=np.int64)
-            ids.append(np.asarray(seq.token_ids[start:start + n], dtype=np.int64))
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            pad.append(b * max_q + np.arange(n))
-            tables[b, :len(table)] = table
-            seq_lens.append(start + n)
-            cu.append(cu[-1] + n)
-            if item.completes:
-                rows.append(cu[-1] - 1)
+        """(input ids, positions, attention metadata, rows whose logits are wanted) of an eager step."""
+        seqs = [item.seq for item in batch]
+        q_lens = [item.num_new_tokens for item in batch]
+        seq_lens = [seq.num_computed_tokens + n for seq, n in zip(seqs, q_lens)]
+        step = build_metadata([seq.block_table for seq in seqs], seq_lens, self.block_size, q_lens=q_lens)
+        ids = np.fromiter(itertools.chain.from_iterable(seq.token_ids[end - n:end]
+                                                        for seq, n, end in zip(seqs, q_lens, seq_lens)),
+                          np.int64, int(step.cu_seqlens_q[-1]))
+        rows = step.cu_seqlens_q[1:][[item.completes for item in batch]] - 1
+        meta = step.to_device(self.device)
+        for plan in self.plans:
+            plan(meta, self.plan_context)
 
         def dev(x):
             return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
 
-        positions = dev(np.concatenate(pos))
-        host = dict(seq_lens=np.array(seq_lens), cu_seqlens_q=np.array(cu), block_tables=tables,
-                    num_blocks=np.array([len(item.seq.block_table) for item in batch]))
-        meta = AttentionMetadata(
-            positions=positions, slot_mapping=dev(np.concatenate(slots)), seq_lens=dev(host["seq_lens"]),
-            block_tables=dev(tables), cu_seqlens_q=dev(host["cu_seqlens_q"]), pad_index=dev(np.concatenate(pad)),
-            max_seqlen_q=max_q, max_seqlen_k=max(seq_lens), host=host)
-        for plan in self.plans:
-            plan(meta, self.plan_context)
-        return dev(np.concatenate(ids)), positions, meta, dev(np.array(rows, dtype=np.int64))
+        return dev(ids), meta.positions, meta, dev(rows)
 
     def sampling_tensors(self, seqs, noise_out: torch.Tensor | None = None):
         """Per-row sampling tensors; a filter no row uses is None, so the sampler can skip it. The noise is
@@ -251,6 +253,9 @@ class ModelRunner:
                     noise[i].exponential_(generator=s.generator)
         return temperature, top_k, top_p, min_p, noise
 
+    def step_mode(self, batch: list[ScheduledSeq]) -> StepMode:
+        return StepMode.of(batch, self.graphs, self.config.async_scheduling)
+
     @torch.inference_mode()
     def hidden_states(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Final hidden state of each completing sequence (the rows whose logits are wanted)."""
@@ -263,43 +268,51 @@ class ModelRunner:
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         return self.model.compute_logits(self.hidden_states(batch))
 
+    def launch(self, batch: list[ScheduledSeq], prev: torch.Tensor | None = None) -> PendingTokens | ReadyTokens:
+        """Start a step: without waiting for it when its mode may run ahead (`launch_decode`), else run it
+        through (`run`). `prev`: see launch_decode."""
+        mode = self.step_mode(batch)
+        if mode.run_ahead:
+            return self.launch_decode(batch, prev, mode)
+        if prev is not None:
+            raise RuntimeError(f"a step launched on the tokens in flight cannot run ahead (mode {mode})")
+        return ReadyTokens(*self.run(batch, mode))
+
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[dict | None]]:
+    def run(self, batch: list[ScheduledSeq], mode: StepMode | None = None) -> tuple[list[int], list[dict | None]]:
         """One forward pass; returns the new token (and logprobs, if asked) of each completing sequence."""
+        mode = mode or self.step_mode(batch)
         seqs = [item.seq for item in batch if item.completes]
-        want = [s.params.logprobs for s in seqs]
-        if self.graphs is not None and self.graphs.fits(batch):
-            if all(k is None for k in want):  # the graph samples: the one host sync of the step
-                return self._graph_decode(batch).tolist(), [None] * len(seqs)
-            hidden = self.graphs.run(batch)[0]
-        else:
-            hidden = self.hidden_states(batch)
+        if mode.graph and mode.sampling != LOGPROBS:  # the graph samples: the one host sync of the step
+            return self._graph_decode(batch, None, mode).tolist(), [None] * len(seqs)
+        hidden = self.graphs.run(batch)[0] if mode.graph else self.hidden_states(batch)
         if not seqs:
             return [], []
         sampling = self.sampling_tensors(seqs)
-        if all(k is None for k in want):
+        if mode.sampling != LOGPROBS:
             return self.model.sample(hidden, *sampling).tolist(), [None] * len(seqs)
         logits = self.model.compute_logits(hidden)
         tokens = self.model.ops.sample(logits, *sampling)
-        return tokens.tolist(), self._logprobs(logits, tokens, want)
+        return tokens.tolist(), self._logprobs(logits, tokens, [s.params.logprobs for s in seqs])
 
     @torch.inference_mode()
-    def launch_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None = None) -> PendingTokens:
+    def launch_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None = None,
+                      mode: StepMode | None = None) -> PendingTokens:
         """Start a decode step (no logprobs) through the CUDA graphs and return without waiting for it.
         With `prev` (device tokens of the step in flight, one per row of `batch`), the rows run one position
         ahead on those tokens (async scheduling). No host sync."""
-        return PendingTokens(self._graph_decode(batch, prev), self.graphs)
+        return PendingTokens(self._graph_decode(batch, prev, mode or self.step_mode(batch)), self.graphs)
 
-    def _graph_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None = None) -> torch.Tensor:
-        """Device tokens of a decode batch through the graphs: the greedy graph when every row is greedy, the
-        sampled graph (temperature and noise in its buffers) when no row filters (top-k, top-p, min-p),
-        else the greedy graph's hidden states sampled outside it."""
-        seqs = [item.seq for item in batch]
-        if all(s.params.greedy for s in seqs):
+    def _graph_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None, mode: StepMode) -> torch.Tensor:
+        """Device tokens of a decode batch through the graphs, as `mode.sampling` says: the greedy graph, the
+        sampled graph (temperature and noise in its buffers), or the greedy graph's hidden states sampled
+        outside it (FILTERED)."""
+        if mode.sampling == GREEDY:
             return self.graphs.run(batch, prev)[1]
+        seqs = [item.seq for item in batch]
         g = self.graphs
         temperature, *filters, _ = self.sampling_tensors(seqs, noise_out=g.noise[:len(seqs)])
-        if all(f is None for f in filters):
+        if mode.sampling == SAMPLED:
             g.temperature[:len(seqs)].copy_(temperature)
             return g.run(batch, prev, sampled=True)[1]
         return self.model.sample(g.run(batch, prev)[0], temperature, *filters, g.noise[:len(seqs)])

@@ -4,6 +4,9 @@ Each step spends a token budget: running sequences first (a decode costs one tok
 prompt its next chunk), then waiting sequences in arrival order. When the KV cache runs out of
 blocks, the most recently admitted sequence is preempted: its blocks are freed and it waits again,
 to be recomputed later (its full blocks usually come back from the prefix cache).
+
+With async scheduling the scheduler also keeps the steps launched and not yet read, and decides which rows
+of the step in flight run one step ahead (`schedule_ahead`).
 """
 
 from __future__ import annotations
@@ -27,13 +30,24 @@ class ScheduledSeq:
         self.completes = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
+@dataclass
+class LaunchedStep:
+    """A step launched and not yet read: its batch, and the runner's handle of its tokens (`read()`; for a
+    step that runs ahead also `rows(keep)`, the device tokens of rows `keep`)."""
+
+    batch: list[ScheduledSeq]
+    tokens: object
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.launched: deque[LaunchedStep] = deque()  # oldest first; at most one between engine steps
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -41,7 +55,39 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.launched)
+
+    @property
+    def in_flight(self) -> LaunchedStep | None:
+        """The newest step launched and not yet read."""
+        return self.launched[-1] if self.launched else None
+
+    def add_launched(self, batch: list[ScheduledSeq], tokens) -> None:
+        """Records a launched step and the runner's handle of its tokens."""
+        self.launched.append(LaunchedStep(batch, tokens))
+
+    def take_oldest(self) -> LaunchedStep:
+        """The oldest launched step, to be read now (its tokens go to `advance` and the sequences)."""
+        return self.launched.popleft()
+
+    def schedule_ahead(self, may_run_ahead) -> tuple[list[ScheduledSeq], list[int]] | None:
+        """The decode rows of the step in flight one token later and their indices in its batch, to launch on
+        its device tokens before it is read; None when the batch may change before then (a request waits to
+        be admitted, or a row has no KV slot) or `may_run_ahead(batch)` (its StepMode's run_ahead) is False.
+        Rows that reach their length limit with the step in flight are left out (requests finish at different
+        steps: waiting for each would make every such step synchronous); a row that stops on EOS is dropped
+        later, when its token is read."""
+        step = self.in_flight
+        if step is None:
+            return None
+        seqs = [item.seq for item in step.batch]
+        if self.waiting or self.running != seqs or not may_run_ahead(step.batch):
+            return None
+        keep = [i for i, seq in enumerate(seqs) if seq.num_completion_tokens + 2 <= seq.params.max_tokens
+                and seq.num_tokens + 2 <= self.max_model_len]
+        if not keep or not all(self.block_manager.grow(seqs[i], seqs[i].num_tokens + 1) for i in keep):
+            return None
+        return [ScheduledSeq(seqs[i], 1) for i in keep], keep
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens

@@ -4,9 +4,8 @@ runner builds them (device tensors plus the `host` numpy arrays that plan hooks 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from nanovllm.ops.meta import AttentionMetadata
+from nanovllm.ops.meta import AttentionMetadata, build_metadata
 
 
 def random_step(q_lens, kv_lens, *, block_size: int = 4, shared_blocks: int = 0, seed: int = 0,
@@ -19,23 +18,11 @@ def random_step(q_lens, kv_lens, *, block_size: int = 4, shared_blocks: int = 0,
     num_blocks = shared_blocks + sum(n - shared_blocks for n in need) + 5
     free = list(rng.permutation(num_blocks))
     shared = [free.pop() for _ in range(shared_blocks)]
-    tables = np.zeros((len(kv_lens), max(need) + 1), dtype=np.int64)  # one padding column, as in real steps
-    pos, slots, pad = [], [], []
-    for b, (ql, kl, n) in enumerate(zip(q_lens, kv_lens, need)):
+    tables = []
+    for n in need:
         if shared_blocks and n <= shared_blocks:
             raise ValueError("a shared prefix must leave each request a block of its own")
-        tables[b, :n] = shared + [free.pop() for _ in range(n - shared_blocks)]
-        p = np.arange(kl - ql, kl)
-        pos.append(p)
-        slots.append(tables[b][p // block_size] * block_size + p % block_size)
-        pad.append(b * max(q_lens) + np.arange(ql))
-    host = dict(seq_lens=np.array(kv_lens), cu_seqlens_q=np.cumsum([0, *q_lens]), block_tables=tables,
-                num_blocks=np.array(need))
-
-    def dev(x):
-        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
-
-    meta = AttentionMetadata(dev(np.concatenate(pos)), dev(np.concatenate(slots)), dev(host["seq_lens"]),
-                             dev(tables), dev(host["cu_seqlens_q"]), dev(np.concatenate(pad)), max(q_lens),
-                             max(kv_lens), host=host)
-    return meta, num_blocks
+        tables.append(shared + [free.pop() for _ in range(n - shared_blocks)])
+    # one padding column, as in real steps
+    step = build_metadata(tables, kv_lens, block_size, q_lens=q_lens, width=max(need) + 1)
+    return step.to_device(device), num_blocks

@@ -1,0 +1,52 @@
+"""How one step runs: through a CUDA graph or eagerly, how its tokens are sampled, and whether it may be
+launched before the step in flight is read. Decided in one place, once per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GREEDY = "greedy"
+SAMPLED = "sampled"
+FILTERED = "filtered"
+LOGPROBS = "logprobs"
+
+
+@dataclass(frozen=True)
+class StepMode:
+    """The mode of one step.
+
+    graph:      the step replays a captured decode graph: the runner has graphs, every row decodes one token
+                that completes it, and a captured batch size holds the batch. Otherwise (prefill chunks, mixed
+                steps, `enforce_eager`, CPU, batches larger than every captured size) the forward pass runs
+                eagerly and the tokens are sampled after it, all filters and logprobs included.
+    sampling:   of the rows that complete (every row, in a graph step):
+                GREEDY    every row has temperature 0: argmax inside the greedy graph;
+                SAMPLED   temperature-only sampling: inside the sampled graph, whose temperature and noise
+                          buffers the runner fills before the replay;
+                FILTERED  a sampled row uses top-k, top-p or min-p: the greedy graph's hidden states are
+                          sampled outside it;
+                LOGPROBS  a row asks for logprobs (checked first): the graph's hidden states give logits and
+                          logprobs outside it, which need the host.
+    run_ahead:  the step may be launched before the step in flight is read, and the step after it launched on
+                its device tokens (async scheduling): a graph step that is not LOGPROBS, with
+                `async_scheduling` on. Otherwise the step runs synchronously.
+    """
+
+    graph: bool
+    sampling: str
+    run_ahead: bool
+
+    @classmethod
+    def of(cls, batch, graphs, async_scheduling: bool) -> StepMode:
+        """The mode of `batch` (ScheduledSeqs) given the runner's DecodeGraphs (None: eager only)."""
+        graph = graphs is not None and graphs.fits(batch)
+        params = [item.seq.params for item in batch if item.completes]
+        if any(p.logprobs is not None for p in params):
+            sampling = LOGPROBS
+        elif all(p.greedy for p in params):
+            sampling = GREEDY
+        elif any(p.top_k > 0 or p.top_p != 1.0 or p.min_p != 0.0 for p in params):
+            sampling = FILTERED
+        else:
+            sampling = SAMPLED
+        return cls(graph, sampling, async_scheduling and graph and sampling != LOGPROBS)
