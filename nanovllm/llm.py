@@ -96,6 +96,10 @@ class LLM:
         while self.engine.has_unfinished():
             yield from self.engine.step()
 
+    def capture_cuda_graphs(self) -> None:
+        """Capture the decode graphs of every batch size now rather than when each is first needed."""
+        self.engine.runner.capture_all_graphs()
+
     # -- facts for results files ----------------------------------------------------------------------
     @property
     def kernel_table(self) -> dict[str, dict[str, str]]:

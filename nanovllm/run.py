@@ -46,6 +46,9 @@ PROMPTS = [
 register_configs()  # before @hydra.main composes: config.yaml extends the schema stored here
 
 
+BUILD_STAGES = {"load_s": "weights", "warmup_s": "memory warmup", "cuda_graphs_s": "CUDA graphs"}
+
+
 def build_llm(cfg: DictConfig, console: Console):
     from nanovllm import LLM  # imported after the config checks, so config errors come fast
 
@@ -56,8 +59,10 @@ def build_llm(cfg: DictConfig, console: Console):
               kernels=OmegaConf.to_container(cfg.kernels, resolve=True),
               **OmegaConf.to_container(cfg.engine, resolve=True))
     info = llm.model_info
+    stages = ", ".join(f"{name} {llm.engine.runner.timings[key]:.1f} s" for key, name in BUILD_STAGES.items()
+                       if key in llm.engine.runner.timings)
     console.print(f"built {info['architecture']} ({info['num_params'] / 1e6:.1f}M params) on "
-                  f"{escape(llm.device_name)}, {llm.config.dtype}, in {time.perf_counter() - t0:.1f} s")
+                  f"{escape(llm.device_name)}, {llm.config.dtype}, in {time.perf_counter() - t0:.1f} s ({stages})")
     if info["random_weights"]:
         console.print("[yellow]random weights: completions are gibberish, speeds are representative.[/]")
         for line in REAL_WEIGHTS_HINT:
@@ -166,8 +171,9 @@ def main(cfg: DictConfig) -> float:
 
         speed = measure(llm, sizes["decode_tokens"], sizes["prefill_len"], sizes["warmup"], sizes["repeats"])
         roof = roofline_for(llm, speed)
-        console.print(llm.kernel_summary)
-        console.print(speed_table(speed, roof, decode_targets(_device_type(llm))))
+        table = speed_table(speed, roof, decode_targets(_device_type(llm)))
+        table.caption = llm.kernel_summary  # which backend each op got, and why where it is not the one asked for
+        console.print(table)
         out = Path(HydraConfig.get().runtime.output_dir) / cfg.output.results_file
         out.write_text(json.dumps(results(cfg, llm, sizes, speed, roof, demo_out), indent=2, default=str))
         console.print(f"results: {escape(str(out))}")

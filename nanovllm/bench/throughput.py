@@ -32,6 +32,7 @@ def measure(llm, num_requests: int = NUM_REQUESTS, min_len: int = MIN_LEN, max_l
     ids only, as nano-vllm's bench.py measures (its engine decodes no text while generating)."""
     prompts, params = workload(num_requests, min_len, max_len, temperature, detokenize=detokenize)
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8))  # warm up outside the clock
+    llm.capture_cuda_graphs()  # the workload's batch sizes too
     generated, complete = 0, True
     preempted = llm.engine.scheduler.num_preemptions
     t0 = time.perf_counter()

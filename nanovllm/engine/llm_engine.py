@@ -103,6 +103,7 @@ class LLMEngine:
             batch = sched.schedule()
             if not batch:
                 return []
+            self.runner.ensure_graph(batch)
             sched.add_launched(batch, self.runner.launch(batch))
         ahead = sched.schedule_ahead(lambda batch: self.runner.step_mode(batch).run_ahead)
         if ahead is not None:

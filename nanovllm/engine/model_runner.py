@@ -96,11 +96,29 @@ class ModelRunner:
             self._allocate_kv_cache()
             if self.device.type == "cuda" and not config.enforce_eager:
                 self.graphs = DecodeGraphs(self, self.forward)
-                with progress_bar(f"capturing CUDA graphs ({len(self.graphs.sizes)} batch sizes)"):
-                    self.timings["cuda_graphs_s"] = self.graphs.capture()
+                with progress_bar("capturing CUDA graphs (batch size 1; the others when first needed)"):
+                    self.timings["cuda_graphs_s"] = self.graphs.capture([1])
         except BaseException:  # e.g. out of memory: give the memory back, so a sweep's next job can run
             self.close()
             raise
+
+    def ensure_graph(self, batch: list[ScheduledSeq]) -> None:
+        """Capture the decode graphs a batch would replay if its size has none yet, so each batch size costs
+        its capture once, when first needed. Call it with no step in flight (capture fills both step buffers)."""
+        g = self.graphs
+        if g is None or not batch or len(batch) > g.max_bs or not all(
+                item.num_new_tokens == 1 and item.completes for item in batch):
+            return
+        b = next(s for s in g.sizes if s >= len(batch))
+        if not g.captured(b):
+            log.info("captured the decode graphs of batch size %d in %.2f s", b, g.capture([b]))
+
+    def capture_all_graphs(self) -> None:
+        """Capture every decode batch size now (a server before its first client, a benchmark before its clock)."""
+        g = self.graphs
+        if g is not None and len(g.ready) < len(g.sizes):
+            with progress_bar(f"capturing CUDA graphs ({len(g.sizes) - len(g.ready)} more batch sizes)"):
+                self.timings["cuda_graphs_s"] = self.timings.get("cuda_graphs_s", 0.0) + g.capture()
 
     def close(self) -> None:
         if self.model is None:

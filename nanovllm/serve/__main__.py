@@ -35,11 +35,12 @@ def build_engine(cfg: DictConfig):
 
 
 def warmup(engine) -> None:
-    """One greedy and one sampled request with logprobs, so the first client does not pay for lazy
-    initialisation (torch.compile, allocator growth) of either sampling path."""
+    """One greedy and one sampled request with logprobs, and the decode graphs of every batch size, so no
+    client pays for lazy initialisation (torch.compile, allocator growth, graph capture)."""
     from nanovllm.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
+    engine.runner.capture_all_graphs()
     engine.add_request("warmup", SamplingParams(temperature=0.0, max_tokens=4))
     engine.add_request("warmup", SamplingParams(temperature=1.0, max_tokens=4, logprobs=1, seed=0))
     for _ in range(1000):  # bounded: two 4-token requests finish in a handful of steps
