@@ -243,12 +243,29 @@ def test_capture_a_subset_of_sizes_first(tiny_model, tiny_llm):
     prompts = [[i + 2] * (6 + 5 * i) for i in range(3)]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (2, 4, 6)]
     expected = [r["token_ids"] for r in tiny_llm.generate(prompts, params)]
+    ensure_graph = llm.engine.runner.ensure_graph
+    llm.engine.runner.ensure_graph = lambda batch: None  # only the sizes captured here
     for captured, replayed in (([], set()), ([1], {1}), ([6], {1, 6}), ([4], {1, 4})):
         graphs.capture(captured)
         sizes.clear()
         assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
         assert set(sizes) == replayed, (captured, sizes)  # decode steps of 3, 2 and 1 rows
     assert graphs.ready == [1, 4, 6] and graphs.captured(4) and not graphs.captured(2)
+    llm.engine.runner.ensure_graph = ensure_graph
+
+
+def test_batch_sizes_are_captured_when_first_needed(tiny_model, tiny_llm):
+    """With nothing captured, the first decode step of three rows captures size 4 (the smallest that holds it)
+    before it launches; smaller batches of the same requests replay it; the tokens are the eager engine's."""
+    llm = emulated(tiny_model, capture=[], max_num_seqs=6)  # sizes 1, 2, 4, 6
+    graphs = llm.engine.runner.graphs
+    prompts = [[i + 2] * (6 + 5 * i) for i in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (2, 4, 6)]
+    expected = [r["token_ids"] for r in tiny_llm.generate(prompts, params)]
+    assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
+    assert 4 in graphs.ready and 6 not in graphs.ready
+    llm.capture_cuda_graphs()
+    assert graphs.ready == graphs.sizes
 
 
 def test_step_mode():
