@@ -44,7 +44,7 @@ def build_llm(cfg: DictConfig, console: Console):
     console.print(f"building model [bold]{escape(cfg.model.name)}[/] "
                   f"(device={cfg.device}, dtype={cfg.dtype})")
     t0 = time.perf_counter()
-    llm = LLM(cfg.model.name, device=cfg.device, dtype=cfg.dtype,
+    llm = LLM(cfg.model.name, revision=cfg.model.revision, device=cfg.device, dtype=cfg.dtype,
               kernels=OmegaConf.to_container(cfg.kernels, resolve=True),
               **OmegaConf.to_container(cfg.engine, resolve=True))
     info = llm.model_info

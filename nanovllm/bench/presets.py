@@ -61,7 +61,7 @@ def build_llm(cfg, min_model_len: int = 0):
 
     engine = OmegaConf.to_container(cfg.engine, resolve=True)
     engine["max_model_len"] = max(engine["max_model_len"], min_model_len)
-    return LLM(cfg.model.name, device=cfg.device, dtype=cfg.dtype,
+    return LLM(cfg.model.name, revision=cfg.model.revision, device=cfg.device, dtype=cfg.dtype,
                kernels=OmegaConf.to_container(cfg.kernels, resolve=True), **engine)
 
 

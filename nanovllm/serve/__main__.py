@@ -24,8 +24,8 @@ def build_engine(cfg: DictConfig):
     from nanovllm.config import EngineConfig
     from nanovllm.engine.llm_engine import LLMEngine
 
-    config = EngineConfig.from_kwargs(cfg.model.name, device=cfg.device, dtype=cfg.dtype,
-                                      kernels=OmegaConf.to_container(cfg.kernels, resolve=True),
+    config = EngineConfig.from_kwargs(cfg.model.name, revision=cfg.model.revision, device=cfg.device,
+                                      dtype=cfg.dtype, kernels=OmegaConf.to_container(cfg.kernels, resolve=True),
                                       **OmegaConf.to_container(cfg.engine, resolve=True))
     t0 = time.perf_counter()
     engine = LLMEngine(config)
