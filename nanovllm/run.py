@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from nanovllm.config import bench_sizes, check_kernel_names, check_schema, register_configs
+from nanovllm.resources import hydra_config_path
 
 log = logging.getLogger("nanovllm.run")
 
@@ -135,7 +136,7 @@ def _device_type(llm) -> str:
     return llm.config.device.split(":")[0]
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=hydra_config_path(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     check_schema(cfg)              # `+engine.typo=1` gets past compose; not past this
     check_kernel_names(cfg.kernels)

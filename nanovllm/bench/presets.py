@@ -9,11 +9,12 @@ every preset.
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from nanovllm.resources import configs_dir
+
+CONFIGS = configs_dir()
 
 
 def available() -> list[str]:

@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nanovllm.config import check_kernel_names
+from nanovllm.resources import hydra_config_path
 from nanovllm.serve.schema import check_serve_schema, register_serve_configs
 
 log = logging.getLogger("nanovllm.serve")
@@ -49,7 +50,7 @@ def warmup(engine) -> None:
     log.info("warmup done in %.1f s", time.perf_counter() - t0)
 
 
-@hydra.main(config_path="../../configs", config_name="serve", version_base="1.3")
+@hydra.main(config_path=hydra_config_path(), config_name="serve", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     import uvicorn
 
