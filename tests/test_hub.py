@@ -157,3 +157,23 @@ def test_llm_runs_a_downloaded_repo(fake_hub, tmp_path, monkeypatch):
     finally:
         llm.close()
     assert [(c["repo_id"], c["revision"]) for c in fake_hub.downloads] == [("acme/tiny-qwen3", "abc123")]
+
+
+def test_run_and_serve_configs_take_model_revision():
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    from nanovllm.config import EngineConfig, register_configs
+    from nanovllm.resources import configs_dir
+    from nanovllm.serve.schema import register_serve_configs
+
+    register_configs()
+    register_serve_configs()
+    with initialize_config_dir(str(configs_dir()), version_base="1.3"):
+        for name in ("config", "serve"):
+            cfg = compose(name, overrides=["model.name=Qwen/Qwen3-0.6B", "model.revision=v1.0"])
+            assert (cfg.model.name, cfg.model.revision) == ("Qwen/Qwen3-0.6B", "v1.0")
+        assert compose("config").model.revision is None
+        with pytest.raises(ConfigCompositionException):
+            compose("config", overrides=["engine.revision=v1.0"])  # the revision belongs to the model node
+    assert EngineConfig.from_kwargs("Qwen/Qwen3-0.6B", revision="v1.0", device="cpu").revision == "v1.0"
