@@ -61,7 +61,7 @@ def write_placeholder_tokenizer(dest: Path, vocab: int) -> None:
 def checkpoint(name: str, cache: Path, scale: str) -> Path:
     import transformers
 
-    from nanovllm.models.catalog import write_random_checkpoint
+    from nanovllm.checkpoints import write_random_checkpoint
 
     cls, arch, kw = FAMILIES[name]
     kw = {**COMMON, **kw, **(TINY if scale == "tiny" else {})}

@@ -27,7 +27,8 @@ class KernelConfig:
 
 @dataclass
 class EngineConfig:
-    model: str = "default"
+    model: str = "default"         # catalog name, local folder, .gguf file or Hugging Face repo id (org/name)
+    revision: str | None = None    # a Hugging Face repo's branch, tag or commit (None: its default branch)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: str = "auto"             # auto: bfloat16 on GPU, float32 on CPU
     max_model_len: int = 4096
@@ -85,14 +86,16 @@ class EngineConfig:
 
 
 # ---- Hydra schema of `python -m nanovllm.run` (configs/config.yaml) ------------------------------------
-# Engine args that live at the top level of the run config (device, dtype) or in their own node (kernels)
-# are left out of EngineArgs, which is derived from EngineConfig.
-RUN_TOP_LEVEL_ENGINE_ARGS = ("model", "device", "dtype", "kernels")
+# Engine args that live at the top level of the run config (device, dtype), in the model node (model.name,
+# model.revision) or in their own node (kernels) are left out of EngineArgs, which is derived from EngineConfig.
+RUN_TOP_LEVEL_ENGINE_ARGS = ("model", "revision", "device", "dtype", "kernels")
 
 
 @dataclass
 class ModelSchema:
-    name: str = "default"           # "default" (Qwen3-0.6B, random weights) or a local Hugging Face folder
+    name: str = "default"           # a catalog name ("default": Qwen3-0.6B, random weights), a local Hugging Face
+                                    # folder, a .gguf file or a Hugging Face repo id (org/name, downloaded once)
+    revision: str | None = None     # the repo's branch, tag or commit (None: its default branch)
     chat_template: bool = False     # wrap the demo prompts in the tokenizer's chat template
 
 

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from nanovllm.config import bench_sizes, check_kernel_names, check_schema, register_configs
+from nanovllm.resources import hydra_config_path
 
 log = logging.getLogger("nanovllm.run")
 
@@ -55,7 +56,7 @@ def build_llm(cfg: DictConfig, console: Console):
     console.print(f"building model [bold]{escape(cfg.model.name)}[/] "
                   f"(device={cfg.device}, dtype={cfg.dtype})")
     t0 = time.perf_counter()
-    llm = LLM(cfg.model.name, device=cfg.device, dtype=cfg.dtype,
+    llm = LLM(cfg.model.name, revision=cfg.model.revision, device=cfg.device, dtype=cfg.dtype,
               kernels=OmegaConf.to_container(cfg.kernels, resolve=True),
               **OmegaConf.to_container(cfg.engine, resolve=True))
     info = llm.model_info
@@ -156,7 +157,7 @@ def _device_type(llm) -> str:
     return llm.config.device.split(":")[0]
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=hydra_config_path(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     check_schema(cfg)              # `+engine.typo=1` gets past compose; not past this
     check_kernel_names(cfg.kernels)

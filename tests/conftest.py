@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from nanovllm.models.catalog import qwen3_config
+from nanovllm.checkpoints import qwen3_config
 
 # Tiny models run faster on one thread than on two that wait on each other.
 torch.set_num_threads(1)

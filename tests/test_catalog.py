@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanovllm.models import catalog
-from nanovllm.models.catalog import CATALOG, CatalogEntry, qwen3_config, resolve_model
-from nanovllm.models.catalog import write_random_checkpoint as write_random
+from nanovllm.checkpoints import CATALOG, RANDOM_NOTE, CatalogEntry, qwen3_config, resolve_model
+from nanovllm.checkpoints import resolve as resolving
+from nanovllm.checkpoints import write_random_checkpoint as write_random
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def cache(tmp_path, monkeypatch):
 def tiny(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOVLLM_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(catalog, "_noted", set())
+        mp.setattr(resolving, "_noted", set())
         return resolve_model("tiny")
 
 
@@ -71,8 +71,8 @@ def test_second_resolve_reuses_the_folder(tiny, monkeypatch):
 
 
 def test_resolve_warns_that_weights_are_random(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(catalog, "_noted", set())
-    entry = CatalogEntry("fake", "a fake", _write_config_only, note=catalog.RANDOM_NOTE)
+    monkeypatch.setattr(resolving, "_noted", set())
+    entry = CatalogEntry("fake", "a fake", _write_config_only, note=RANDOM_NOTE)
     monkeypatch.setitem(CATALOG, "fake", entry)
     with caplog.at_level("WARNING"):
         resolve_model("fake")

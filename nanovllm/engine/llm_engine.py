@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from itertools import count
 
+from nanovllm.checkpoints import resolve_model
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import NO_TEXT, Detokenizer
@@ -13,7 +14,6 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.prompts import encode_prompt
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
-from nanovllm.models.catalog import resolve_model
 from nanovllm.sampling_params import SamplingParams
 
 log = logging.getLogger("nanovllm")
@@ -36,7 +36,7 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         self.config = config
-        self.model_path = resolve_model(config.model)
+        self.model_path = resolve_model(config.model, revision=config.revision)
         self.runner = ModelRunner(config, self.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
         self.vocab_size = self.runner.args.vocab_size

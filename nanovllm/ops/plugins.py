@@ -1,7 +1,8 @@
 """Plugin discovery: every .py file under kernels/ (and extra directories) registers implementations.
 
-`kernels/` is a plugin directory, not a package: files are imported by path under private module
-names, so a researcher's kernel file can live anywhere and be named in `kernels.plugin_dirs`.
+`kernels/` is a plugin directory: files are imported by path under private module names, so a
+researcher's kernel file can live anywhere and be named in `kernels.plugin_dirs`. The built-in one is
+the source checkout's `kernels/` or, installed, the `nanovllm.kernels` package folder (nanovllm/resources.py).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
+from nanovllm.resources import kernels_dir
+
 log = logging.getLogger("nanovllm.ops")
 
-BUILTIN_DIR = Path(__file__).resolve().parents[2] / "kernels"
+BUILTIN_DIR = kernels_dir()
 _loaded: dict[Path, str | None] = {}  # file -> error message, None when it loaded
 
 
@@ -44,8 +47,8 @@ def load_plugins(extra_dirs=()) -> dict[Path, str | None]:
 def load_sibling(plugin_file: str, name: str):
     """Import a shared helper file (`_name.py`, skipped by discovery) beside a plugin file, once per process.
 
-    kernels/ is not a package, so plugins cannot use relative imports; this gives helpers a stable module
-    name per directory instead."""
+    Plugins are imported by path, not as package modules, so they cannot use relative imports; this gives
+    helpers a stable module name per directory instead."""
     path = Path(plugin_file).resolve().with_name(f"{name}.py")
     mod_name = f"nanovllm_plugins.{path.parent.name}.{name}"
     if mod_name not in sys.modules:

@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nanovllm.config import check_kernel_names
+from nanovllm.resources import hydra_config_path
 from nanovllm.serve.schema import check_serve_schema, register_serve_configs
 
 log = logging.getLogger("nanovllm.serve")
@@ -24,8 +25,8 @@ def build_engine(cfg: DictConfig):
     from nanovllm.config import EngineConfig
     from nanovllm.engine.llm_engine import LLMEngine
 
-    config = EngineConfig.from_kwargs(cfg.model.name, device=cfg.device, dtype=cfg.dtype,
-                                      kernels=OmegaConf.to_container(cfg.kernels, resolve=True),
+    config = EngineConfig.from_kwargs(cfg.model.name, revision=cfg.model.revision, device=cfg.device,
+                                      dtype=cfg.dtype, kernels=OmegaConf.to_container(cfg.kernels, resolve=True),
                                       **OmegaConf.to_container(cfg.engine, resolve=True))
     t0 = time.perf_counter()
     engine = LLMEngine(config)
@@ -50,7 +51,7 @@ def warmup(engine) -> None:
     log.info("warmup done in %.1f s", time.perf_counter() - t0)
 
 
-@hydra.main(config_path="../../configs", config_name="serve", version_base="1.3")
+@hydra.main(config_path=hydra_config_path(), config_name="serve", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     import uvicorn
 

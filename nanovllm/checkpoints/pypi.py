@@ -45,7 +45,7 @@ def gemma3_270m_parts() -> list[Path]:
 
 
 def materialize_smollm2(dest: Path) -> None:
-    from nanovllm.models.gguf_loader import gguf_to_hf
+    from nanovllm.checkpoints.gguf_convert import gguf_to_hf
 
     gguf_to_hf(smollm2_gguf(), dest)
 
@@ -53,7 +53,7 @@ def materialize_smollm2(dest: Path) -> None:
 def materialize_gemma3_270m(dest: Path) -> None:
     """The four parts concatenate to the GGUF file (checked by its sha256), assembled beside the folder
     being written and removed once converted."""
-    from nanovllm.models.gguf_loader import gguf_to_hf
+    from nanovllm.checkpoints.gguf_convert import gguf_to_hf
 
     parts = gemma3_270m_parts()
     work = dest / "_assembly"

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanovllm.checkpoints.hf_config import write_config
+
 log = logging.getLogger("nanovllm")
 
 # GGUF architecture -> (transformers config class, HF architecture)
@@ -151,8 +153,6 @@ def gguf_to_hf(gguf_path: Path, dest: Path) -> None:
     """Write a complete Hugging Face folder for a GGUF file into `dest` (an existing empty folder)."""
     from gguf import GGUFReader
     from safetensors.torch import save_file
-
-    from nanovllm.models.catalog import write_config
 
     gguf_path = Path(gguf_path)
     reader = GGUFReader(str(gguf_path))
