@@ -18,7 +18,6 @@ pytestmark = pytest.mark.gpu
 
 from test_triton_gpu import (  # noqa: E402  (pytest puts tests/ on sys.path)
     VOCAB,
-    D,
     H,
     check_greedy_tokens,
     check_teacher_forced_logits,
@@ -76,10 +75,9 @@ def test_persistent_decode_layer(arrival, kv_len):
     """The persistent layer kernel against the native layer; with its grid barriers it must equal, bit for
     bit, its phases launched one by one (no barrier: the launches order them), with either way of polling,
     eagerly and replayed in a graph."""
-    s, inputs, _ = layer_against_native("triton_persistent", kv_len)
-    x = s["x"]
-    args = (*inputs, s["meta"].slot_mapping, s["meta"].block_tables, arrival.counters(x.device, 64), D ** -0.5, 0,
-            0.0)
+    s, (x, weights, settings, positions, table, kc, vc), _ = layer_against_native("triton_persistent", kv_len)
+    args = (x, *weights, settings.eps, positions, table, kc, vc, s["meta"].slot_mapping, s["meta"].block_tables,
+            arrival.counters(x.device, 64), settings.scale, settings.window, settings.softcap)
     op = torch.ops.nanovllm_experiments.persistent_decode_layer
     phased = op(*args, barrier=False)
     for poll_atomic in (False, True):

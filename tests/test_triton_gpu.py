@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.ops import AttentionMetadata, get_op, load_plugins, native_site
+from nanovllm.ops.sites import AttentionSettings, LayerWeights
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.gpu
@@ -237,13 +238,14 @@ def layer_against_native(backend: str, kv_len: int):
     torch.manual_seed(kv_len)
     s = chain_state(kv_len)
     layer = get_op("decode_layer").impls[backend]
-    weights = (s["in_norm"], s["qkv_w"], None, s["q_norm"], s["k_norm"], s["o_w"], s["post_norm"])
-    rest = (EPS, s["meta"].positions, s["table"])
+    weights = LayerWeights(s["in_norm"], s["qkv_w"], None, s["q_norm"], s["k_norm"], s["o_w"], s["post_norm"],
+                           s["gate_up_w"], s["down_w"])
+    laid_out = weights._replace(gate_up_w=layer.layouts["gate_up_w"](s["gate_up_w"]))
+    settings, rest = AttentionSettings(EPS, D ** -0.5), (s["meta"].positions, s["table"])
     kc, vc = s["kc"].clone(), s["vc"].clone()
-    inputs = (s["x"], *weights, layer.layouts["gate_up_w"](s["gate_up_w"]), s["down_w"], *rest, kc, vc)
-    got = layer.fn(*inputs, s["meta"], D ** -0.5)
-    want = native_site("decode_layer")(s["x"], *weights, s["gate_up_w"], s["down_w"], *rest, s["kc"], s["vc"],
-                                       s["meta"], D ** -0.5)
+    inputs = (s["x"], laid_out, settings, *rest, kc, vc)
+    got = layer.fn(*inputs, s["meta"])
+    want = native_site("decode_layer")(s["x"], weights, settings, *rest, s["kc"], s["vc"], s["meta"])
     report(f"decode_layer {backend} kv_len={kv_len}", got, want)
     torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(kc, s["kc"], **BF16)
@@ -259,7 +261,7 @@ def test_decode_layer_chain(core, kv_len):
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        replayed = layer.fn(*inputs, s["meta"], D ** -0.5)
+        replayed = layer.fn(*inputs, s["meta"])
     for _ in range(5):  # the same step again: rewrites the same K/V slot with the same values
         graph.replay()
         assert torch.equal(replayed, got)

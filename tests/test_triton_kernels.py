@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from nanovllm.ops import AttentionMetadata, Target, get_op, load_plugins, native_site, resolve
+from nanovllm.ops.sites import AttentionSettings, LayerWeights
 
 pytest.importorskip("triton")
 
@@ -239,6 +240,10 @@ def test_interleaved_layout_is_applied_once_where_resolved(core, make_checkpoint
         inter = a[1].gate_up_proj.shape[0] // 2
         assert torch.equal(b[1].gate_up_proj[0::2], a[1].gate_up_proj[:inter])
         assert torch.equal(b[1].gate_up_proj[1::2], a[1].gate_up_proj[inter:])
+        # decode_layer's LayerWeights bundle holds the Parameters themselves: it reads the interleaved rows too
+        assert all(w is getattr(b[1], name) for w, name in zip(b[1].decode_weights, (
+            "input_norm", "qkv_proj", "qkv_bias", "q_norm", "k_norm", "o_proj", "post_norm", "gate_up_proj",
+            "down_proj")))
         prompt = list(range(3, 24))  # 21 rows: more than a GEMV takes
         torch.testing.assert_close(teacher_forced_logits(fused.engine, prompt, [7, 9]),
                                    teacher_forced_logits(ref.engine, prompt, [7, 9]), atol=1e-4, rtol=1e-4)
@@ -421,14 +426,16 @@ def test_decode_layer(core, dtype, kv_lens, qk_norm, bias, window, backend="trit
     qkv_w = weight((hq + 2 * hk) * d, hidden, dtype=dtype)
     gate_up, down = weight(2 * inter, hidden, dtype=dtype), weight(hidden, inter, dtype=dtype)
     x = torch.randn(len(kv_lens), hidden, dtype=dtype)
-    first = (x, weight(hidden, dtype=dtype) + 1, qkv_w, weight(qkv_w.shape[0], dtype=dtype) if bias else None, *norms,
-             weight(hidden, hq * d, dtype=dtype), weight(hidden, dtype=dtype) + 1)
-    rest = (1e-6, meta.positions, cos_sin_table(Rope(), d, 256))
+    qkv_b = weight(qkv_w.shape[0], dtype=dtype) if bias else None
+    weights = LayerWeights(weight(hidden, dtype=dtype) + 1, qkv_w, qkv_b, *norms, weight(hidden, hq * d, dtype=dtype),
+                           weight(hidden, dtype=dtype) + 1, gate_up, down)
+    settings, rest = AttentionSettings(1e-6, 0.3, window), (meta.positions, cos_sin_table(Rope(), d, 256))
     kc, vc = torch.randn(60, 4, hk, d, dtype=dtype), torch.randn(60, 4, hk, d, dtype=dtype)
     caches = [kc.clone(), vc.clone(), kc, vc]
     layer = get_op("decode_layer").impls[backend]
-    got = layer.fn(*first, layer.layouts["gate_up_w"](gate_up), down, *rest, caches[0], caches[1], meta, 0.3, window)
-    want = native_site("decode_layer")(*first, gate_up, down, *rest, caches[2], caches[3], meta, 0.3, window)
+    laid_out = weights._replace(gate_up_w=layer.layouts["gate_up_w"](gate_up))
+    got = layer.fn(x, laid_out, settings, *rest, caches[0], caches[1], meta)
+    want = native_site("decode_layer")(x, weights, settings, *rest, caches[2], caches[3], meta)
     # bf16: the interpreter rounds float32 to bfloat16 toward zero (the GPU to nearest), and a layer compounds it
     torch.testing.assert_close(got, want, **(TOL[dtype] if dtype == torch.float32 else dict(atol=0.3, rtol=0.06)))
     for got_cache, want_cache in zip(caches[:2], caches[2:]):  # v too: our GEMV sums in another order

@@ -270,19 +270,17 @@ def decode_layer_op(x: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tens
     return out
 
 
-def decode_layer(x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, eps: float,
-                 positions, cos_sin, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0,
-                 *, parts):
-    """The whole layer in one persistent kernel for one row; more rows run the layer's sites (parts)."""
-    args = (x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, eps, positions, cos_sin,
-            k_cache, v_cache, meta, scale, window, softcap)
+def decode_layer(x, weights, settings, positions, cos_sin, k_cache, v_cache, meta, *, parts):
+    """The whole layer in one persistent kernel for one row; more rows run the layer's sites (parts). weights:
+    a LayerWeights, settings: an AttentionSettings (nanovllm/ops/sites.py)."""
     counters = arrival.counters(x.device, 2 + k_cache.shape[2]) if x.shape[0] == 1 else None
     if counters is None:  # more than one row, or no counters here (torch.compile tracing, capture before use)
-        return get_op("decode_layer").native(*args, **parts)
+        return get_op("decode_layer").native(x, weights, settings, positions, cos_sin, k_cache, v_cache, meta, **parts)
+    w, s = weights, settings
     return torch.ops.nanovllm_experiments.persistent_decode_layer(
-        x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, float(eps), positions,
-        cos_sin, k_cache, v_cache, meta.slot_mapping, meta.block_tables, counters, float(scale), int(window),
-        float(softcap), barrier=not core.tuning.INTERPRET)
+        x, w.input_norm, w.qkv_w, w.qkv_b, w.q_norm_w, w.k_norm_w, w.o_w, w.post_norm, w.gate_up_w, w.down_w,
+        float(s.eps), positions, cos_sin, k_cache, v_cache, meta.slot_mapping, meta.block_tables, counters,
+        float(s.scale), int(s.window), float(s.softcap), barrier=not core.tuning.INTERPRET)
 
 
 def _check(shapes: dict) -> str | None:
