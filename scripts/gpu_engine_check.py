@@ -39,14 +39,13 @@ def preset(*names: str) -> dict:
 for _name in ("sdpa", "fi_attn", "flashinfer", "fi_cascade", "all_fused"):
     CONFIGS[f"graphs_{_name}"] = dict(kernels=preset(_name))
 CONFIGS["graphs_fi_attn_compile_model"] = dict(kernels=preset("fi_attn"), compile_model=True)
-CONFIGS["graphs_persistent_layer"] = dict(kernels=preset("all_fused", "persistent_layer"))
 
 
 MODEL, DEVICE = "default", "cuda"
 TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "perplexity.txt"
-CHECKED = {"float32": ("eager_nographs", "graphs", "graphs_sdpa", "graphs_all_fused", "graphs_persistent_layer"),
+CHECKED = {"float32": ("eager_nographs", "graphs", "graphs_sdpa", "graphs_all_fused"),
            "bfloat16": ("eager_nographs", "graphs", "graphs_compile_ops", "graphs_sdpa", "graphs_all_fused",
-                        "graphs_fi_attn", "graphs_flashinfer", "graphs_persistent_layer")}
+                        "graphs_fi_attn", "graphs_flashinfer")}
 
 
 def hf_logits(path: str, ids: list[int], start: int, dtype=torch.float32, device: str = "cpu") -> torch.Tensor:
