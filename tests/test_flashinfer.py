@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from nanovllm.bench.timing import capture
 from nanovllm.ops import AttentionMetadata, PlanContext, get_op, load_plugins
 from nanovllm.ops.meta import build_metadata
 from nanovllm.ops.testing import random_step
+from nanovllm.utils.cuda_graph import capture
 
 pytestmark = pytest.mark.gpu
 

@@ -7,6 +7,7 @@ import torch
 
 from nanovllm.ops import OPS, Target, get_op, native_site, resolve
 from nanovllm.ops.meta import kv_slots
+from nanovllm.ops.sites import AttentionSettings, LayerWeights
 from nanovllm.ops.testing import random_step
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -96,15 +97,16 @@ def test_compiled_decode_layer_matches_native():
     meta = paged_meta([1, 1, 1], [5, 17, 33])
     h, hq, hk, d, inter = 40, 4, 2, 8, 52
     w = lambda *s: torch.randn(*s) * 0.2  # noqa: E731
-    args = (torch.randn(3, h), w(h) + 1, w((hq + 2 * hk) * d, h), None, w(d) + 1, w(d) + 1, w(h, hq * d), w(h) + 1,
-            w(2 * inter, h), w(h, inter), 1e-6, meta.positions, torch.randn(64, d))
+    weights = LayerWeights(w(h) + 1, w((hq + 2 * hk) * d, h), None, w(d) + 1, w(d) + 1, w(h, hq * d), w(h) + 1,
+                           w(2 * inter, h), w(h, inter))
+    args = (torch.randn(3, h), weights, AttentionSettings(1e-6, 0.3, 6, 5.0), meta.positions, torch.randn(64, d))
     caches = [torch.randn(64, 4, hk, d) for _ in range(2)]
     copies = [c.clone() for c in caches]
-    expected = native_site("decode_layer")(*args, *caches, meta, 0.3, 6, 5.0)
+    expected = native_site("decode_layer")(*args, *caches, meta)
     parts = {p: native_site(p) for p in get_op("decode_layer").parts}
     fn, used = resolve("decode_layer", "compile", Target("cpu", torch.float32), parts=parts)
     assert used == "compile"
-    torch.testing.assert_close(fn(*args, *copies, meta, 0.3, 6, 5.0), expected, **TOL[torch.float32])
+    torch.testing.assert_close(fn(*args, *copies, meta), expected, **TOL[torch.float32])
     for got, want in zip(copies, caches):
         torch.testing.assert_close(got, want, **TOL[torch.float32])
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from nanovllm.ops import get_op, load_plugins, native_site
 from nanovllm.ops.meta import build_metadata
+from nanovllm.ops.sites import AttentionSettings, LayerWeights
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.gpu
@@ -61,18 +62,6 @@ def report(name, got, want):
 
 
 # -- kernels against their native ops ------------------------------------------------------------------------
-@pytest.mark.parametrize("rows", [1, 16, 300])
-@pytest.mark.parametrize("scaled", [False, True])
-def test_embedding(core, rows, scaled):
-    """The vocabulary's last row included; a bf16 scale product rounds as the native's (exact)."""
-    torch.manual_seed(rows)
-    table, scale = param(VOCAB, H, scale=1.0), torch.tensor(H ** 0.5, device="cuda") if scaled else None
-    ids = torch.randint(0, VOCAB, (rows,), device="cuda")
-    ids[0] = VOCAB - 1
-    want = get_op("embedding").native(ids, table, scale)
-    torch.testing.assert_close(triton_impl("embedding")(ids, table, scale), want, atol=0, rtol=0)
-
-
 @pytest.mark.parametrize("rows", [1, 4, 16, 40])
 @pytest.mark.parametrize("proj", list(PROJ))
 def test_linear(core, proj, rows, untuned):
@@ -153,10 +142,8 @@ def test_mlp(core, rows, residual, untuned):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("backend", ["triton", "triton_onepass"])
-def test_attn_out(core, rows, backend, untuned):
-    """triton_onepass: the last GEMV program to arrive adds and normalizes (concurrent programs on the GPU);
-    repeated, so a counter left non-zero or a stale read would show."""
+def test_attn_out(core, rows, untuned, backend="triton"):
+    """Repeated: a stale read (or, for a one-pass `backend`, a counter left non-zero) would show."""
     torch.manual_seed(4)
     args = (randn(rows, HQ * D), param(H, HQ * D), randn(rows, H), randn(H, scale=0.1).add_(1), EPS)
     for _ in range(3):
@@ -198,12 +185,11 @@ def paged_meta(kv_lens, page=16, seed=0):
 
 @pytest.mark.parametrize("kv_lens", [[1], [128], [4100], [1, 300, 17, 4100]])
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (256, 0.0), (0, 30.0)])
-@pytest.mark.parametrize("backend", ["triton", "triton_onepass"])
-def test_attention_decode(core, kv_lens, window, softcap, backend):
+def test_attention_decode(core, kv_lens, window, softcap, backend="triton"):
     torch.manual_seed(6)
     meta, blocks = paged_meta(kv_lens)
     kc, vc, q = randn(blocks, 16, HK, D), randn(blocks, 16, HK, D), randn(len(kv_lens), HQ, D)
-    for _ in range(3):  # the one-pass merge relies on counters every launch leaves at zero
+    for _ in range(3):  # repeated: a one-pass `backend` relies on counters every launch leaves at zero
         got = get_op("attention_decode").impls[backend].fn(q, kc, vc, meta, D ** -0.5, window, softcap)
     want = get_op("attention_decode").native(q, kc, vc, meta, D ** -0.5, window, softcap)
     report(f"attention_decode {kv_lens} window={window} softcap={softcap}", got, want)
@@ -211,8 +197,7 @@ def test_attention_decode(core, kv_lens, window, softcap, backend):
 
 
 @pytest.mark.parametrize("kv_lens", [[1], [128], [4100], [1, 300, 17, 4100], [513] * 256])
-@pytest.mark.parametrize("backend", ["triton", "triton_onepass"])
-def test_rope_decode_attention(core, kv_lens, backend):
+def test_rope_decode_attention(core, kv_lens, backend="triton"):
     """q/k norm + RoPE + KV write fused into decode attention, against qk_norm_rope then attention_decode
     (natives) at the model's heads: the output and both caches; raw q, k, v are views of a packed QKV."""
     from nanovllm.layers.rotary import cos_sin_table
@@ -229,7 +214,7 @@ def test_rope_decode_attention(core, kv_lens, backend):
     table = cos_sin_table(Rope(), D, 8192).cuda()
     kc, vc = randn(blocks, 16, HK, D), randn(blocks, 16, HK, D)
     caches = [kc.clone(), vc.clone(), kc, vc]
-    for _ in range(3):  # the one-pass merge relies on counters every launch leaves at zero
+    for _ in range(3):  # repeated: a one-pass `backend` relies on counters every launch leaves at zero
         got = get_op("rope_decode_attention").impls[backend].fn(q, k, v, *norms, EPS, meta.positions, table,
                                                                  caches[0], caches[1], meta, D ** -0.5, 0, 0.0)
     want = native_site("rope_decode_attention")(q, k, v, *norms, EPS, meta.positions, table, caches[2], caches[3],
@@ -247,41 +232,19 @@ def layer_against_native(backend: str, kv_len: int):
     torch.manual_seed(kv_len)
     s = chain_state(kv_len)
     layer = get_op("decode_layer").impls[backend]
-    weights = (s["in_norm"], s["qkv_w"], None, s["q_norm"], s["k_norm"], s["o_w"], s["post_norm"])
-    rest = (EPS, s["meta"].positions, s["table"])
+    weights = LayerWeights(s["in_norm"], s["qkv_w"], None, s["q_norm"], s["k_norm"], s["o_w"], s["post_norm"],
+                           s["gate_up_w"], s["down_w"])
+    laid_out = weights._replace(gate_up_w=layer.layouts["gate_up_w"](s["gate_up_w"]))
+    settings, rest = AttentionSettings(EPS, D ** -0.5), (s["meta"].positions, s["table"])
     kc, vc = s["kc"].clone(), s["vc"].clone()
-    inputs = (s["x"], *weights, layer.layouts["gate_up_w"](s["gate_up_w"]), s["down_w"], *rest, kc, vc)
-    got = layer.fn(*inputs, s["meta"], D ** -0.5)
-    want = native_site("decode_layer")(s["x"], *weights, s["gate_up_w"], s["down_w"], *rest, s["kc"], s["vc"],
-                                       s["meta"], D ** -0.5)
+    inputs = (s["x"], laid_out, settings, *rest, kc, vc)
+    got = layer.fn(*inputs, s["meta"])
+    want = native_site("decode_layer")(s["x"], weights, settings, *rest, s["kc"], s["vc"], s["meta"])
     report(f"decode_layer {backend} kv_len={kv_len}", got, want)
     torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(kc, s["kc"], **BF16)
     torch.testing.assert_close(vc, s["vc"], **BF16)
     return s, inputs, got
-
-
-@pytest.mark.parametrize("kv_len", [1, 129, 4100])
-def test_decode_layer(core, kv_len):
-    """The persistent layer kernel against the native layer; with its grid barriers it must equal, bit for
-    bit, its phases launched one by one (no barrier: the launches order them), with either way of polling,
-    eagerly and replayed in a graph."""
-    s, inputs, _ = layer_against_native("triton", kv_len)
-    args = (*inputs, s["meta"].slot_mapping, s["meta"].block_tables, core.counters(s["x"].device, 64), D ** -0.5, 0,
-            0.0)
-    op = torch.ops.nanovllm_triton.decode_layer
-    phased = op(*args, barrier=False)
-    for poll_atomic in (False, True):
-        for _ in range(20):
-            assert torch.equal(op(*args, poll_atomic=poll_atomic), phased)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = op(*args)
-    for _ in range(20):
-        graph.replay()
-        assert torch.equal(replayed, phased)
-    assert not core.counters(s["x"].device, 64).any(), "a counter is left armed"
 
 
 @pytest.mark.parametrize("kv_len", [1, 129, 4100])
@@ -292,7 +255,7 @@ def test_decode_layer_chain(core, kv_len):
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        replayed = layer.fn(*inputs, s["meta"], D ** -0.5)
+        replayed = layer.fn(*inputs, s["meta"])
     for _ in range(5):  # the same step again: rewrites the same K/V slot with the same values
         graph.replay()
         assert torch.equal(replayed, got)
@@ -384,28 +347,22 @@ def engines():
     fused.close()
 
 
-def engine_over_all_fused(preset: str):
+def engine_over_all_fused(ops: dict, plugin_dirs=()):
+    """An engine of the default model with all_fused's table, `ops` over it."""
     import yaml
 
     from nanovllm import LLM
 
     kernels = yaml.safe_load((ROOT / "configs/kernels/all_fused.yaml").read_text())
-    kernels["ops"].update(yaml.safe_load((ROOT / f"configs/kernels/{preset}.yaml").read_text())["ops"])
+    kernels["ops"].update(ops)
+    kernels["plugin_dirs"] = [str(d) for d in plugin_dirs]
     return LLM("default", kernels=kernels, max_model_len=1024, num_kvcache_blocks=256, max_num_seqs=4)
 
 
 @pytest.fixture(scope="module")
-def persistent(engines):
-    """all_fused with each layer's batch-1 decode step in the persistent layer kernel."""
-    llm = engine_over_all_fused("persistent_layer")
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(scope="module")
-def layer_sites(engines):
+def sites_in_a_row(engines):
     """all_fused with each layer's decode step as its four sites in a row (not the five-launch chain)."""
-    llm = engine_over_all_fused("layer_sites")
+    llm = engine_over_all_fused({"decode_layer": "eager"})
     yield llm
     llm.close()
 
@@ -477,20 +434,12 @@ def test_async_graph_steps_match_synchronous_ones(engines):
     assert out[2] == out[1]
 
 
-def test_persistent_layer_model(engines, persistent):
-    """The persistent layer kernel in the engine: eager decode steps (teacher forcing) and the CUDA graphs
-    (greedy generation)."""
-    assert persistent.engine.runner.resolver.table["0"]["decode_layer"] == "triton"
-    check_teacher_forced_logits(engines[0], persistent, "all_fused+persistent_layer")
-    check_greedy_tokens(engines[0], persistent, "all_fused+persistent_layer")
-
-
-def test_layer_sites_model(engines, layer_sites):
+def test_sites_in_a_row_model(engines, sites_in_a_row):
     """all_fused's sites one after another in the engine (all_fused itself runs the five-launch chain): eager
     decode steps (teacher forcing) and the CUDA graphs."""
-    assert layer_sites.engine.runner.resolver.table["0"]["decode_layer"] == "eager"
-    check_teacher_forced_logits(engines[0], layer_sites, "all_fused+layer_sites")
-    check_greedy_tokens(engines[0], layer_sites, "all_fused+layer_sites")
+    assert sites_in_a_row.engine.runner.resolver.table["0"]["decode_layer"] == "eager"
+    check_teacher_forced_logits(engines[0], sites_in_a_row, "all_fused, decode_layer eager")
+    check_greedy_tokens(engines[0], sites_in_a_row, "all_fused, decode_layer eager")
 
 
 def test_all_fused_sampled_decode_graph(engines):

@@ -23,6 +23,7 @@ import torch
 
 from nanovllm.ops import Target, get_op, load_plugins, native_site, resolve
 from nanovllm.ops.meta import build_metadata
+from nanovllm.ops.sites import AttentionSettings, LayerWeights
 
 pytest.importorskip("triton")
 
@@ -64,6 +65,13 @@ def test_shipped_tables_hold_valid_configs():
             assert cfg.SPLIT_K >= 1 and cfg.num_stages >= 1, (path.name, key)
             assert m > 1 or cfg.SPLIT_K * cfg.BLOCK_K >= k, (path.name, key)
             assert entry.get("us") is not None or entry.get("chosen"), (path.name, key)
+
+
+def test_kernels_do_not_import_the_bench():
+    """The shipped kernels depend on the engine's packages only, never on the benchmark harness."""
+    offenders = [str(path.relative_to(ROOT)) for path in (ROOT / "kernels").rglob("*.py")
+                 if "nanovllm.bench" in path.read_text()]
+    assert not offenders
 
 
 def test_kernel_sources_hold_no_backslash():
@@ -130,22 +138,6 @@ def test_linear(core, dtype, rows, cfg, bias):
     with config(core, cfg):
         got = triton_impl("linear")(x, w, b)
     torch.testing.assert_close(got, get_op("linear").native(x, w, b), **TOL[dtype])
-
-
-@inner
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("scaled", [False, True])
-def test_embedding(core, dtype, scaled):
-    """Odd widths (one column block, and two with a short second one), repeated ids, a (batch, seq) id shape,
-    and Gemma's scale rounded to the table's dtype before the product, as the native rounds (the interpreter
-    truncates bf16 where the GPU rounds: a bf16 product gets bf16's tolerance; a plain gather is exact)."""
-    torch.manual_seed(int(scaled))
-    scale = torch.tensor(37 ** 0.5) if scaled else None
-    for hidden, ids in ((37, torch.tensor([5, 0, 96, 5])), (4096 + 3, torch.tensor([[1, 2, 3], [3, 2, 96]]))):
-        table = weight(97, hidden, dtype=dtype)
-        torch.testing.assert_close(triton_impl("embedding")(ids, table, scale),
-                                   get_op("embedding").native(ids, table, scale),
-                                   **(TOL[dtype] if scaled else dict(atol=0, rtol=0)))
 
 
 @inner
@@ -242,6 +234,10 @@ def test_interleaved_layout_is_applied_once_where_resolved(core, make_checkpoint
         inter = a[1].gate_up_proj.shape[0] // 2
         assert torch.equal(b[1].gate_up_proj[0::2], a[1].gate_up_proj[:inter])
         assert torch.equal(b[1].gate_up_proj[1::2], a[1].gate_up_proj[inter:])
+        # decode_layer's LayerWeights bundle holds the Parameters themselves: it reads the interleaved rows too
+        assert all(w is getattr(b[1], name) for w, name in zip(b[1].decode_weights, (
+            "input_norm", "qkv_proj", "qkv_bias", "q_norm", "k_norm", "o_proj", "post_norm", "gate_up_proj",
+            "down_proj")))
         prompt = list(range(3, 24))  # 21 rows: more than a GEMV takes
         torch.testing.assert_close(teacher_forced_logits(fused.engine, prompt, [7, 9]),
                                    teacher_forced_logits(ref.engine, prompt, [7, 9]), atol=1e-4, rtol=1e-4)
@@ -249,7 +245,7 @@ def test_interleaved_layout_is_applied_once_where_resolved(core, make_checkpoint
 
 @inner
 def test_sites_sharing_a_weight_must_agree_on_its_layout(core, make_checkpoint):
-    """decode_layer's Triton kernel reads gate/up interleaved; with the eager mlp (as loaded) in the same layer
+    """decode_layer's Triton chain reads gate/up interleaved; with the eager mlp (as loaded) in the same layer
     the model refuses to build and names both, rather than one of them reading the wrong layout."""
     from nanovllm import LLM
     from nanovllm.ops import RegistryError
@@ -257,30 +253,25 @@ def test_sites_sharing_a_weight_must_agree_on_its_layout(core, make_checkpoint):
     path = make_checkpoint(seed=5, vocab_size=256)
     common = dict(device="cpu", dtype="float32", max_model_len=64, num_kvcache_blocks=16, kvcache_block_size=4)
     with pytest.raises(RegistryError, match=r"gate_up_proj is read in different layouts by mlp \(eager\) and "
-                                            r"decode_layer \(triton\)"):
-        LLM(str(path), kernels={"ops": {"decode_layer": "triton"}}, **common)
-    with LLM(str(path), kernels={"ops": {"decode_layer": "triton", "mlp": "triton"}}, **common) as llm:
-        assert llm.engine.runner.resolver.table["0"]["decode_layer"] == "triton"
+                                            r"decode_layer \(triton_chain\)"):
+        LLM(str(path), kernels={"ops": {"decode_layer": "triton_chain"}}, **common)
+    with LLM(str(path), kernels={"ops": {"decode_layer": "triton_chain", "mlp": "triton"}}, **common) as llm:
+        assert llm.engine.runner.resolver.table["0"]["decode_layer"] == "triton_chain"
 
 
 @inner
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (1, (8, 128, 1)), (3, (16, 16, 3)),
                                       (5, (16, 16, 1))])
-@pytest.mark.parametrize("backend", ["triton", "triton_onepass"])
-def test_attn_out(core, dtype, rows, cfg, backend):
-    """triton_onepass: the last GEMV program to arrive adds and normalizes every row, and leaves the arrival
-    counters at zero for the next launch."""
+def test_attn_out(core, dtype, rows, cfg):
     torch.manual_seed(rows)
     args = (torch.randn(rows, 71, dtype=dtype), weight(37, 71, dtype=dtype), torch.randn(rows, 37, dtype=dtype),
             weight(37, dtype=dtype) + 1, 1e-6)
     with config(core, cfg):
-        normed, res = get_op("attn_out").impls[backend].fn(*args)
+        normed, res = triton_impl("attn_out")(*args)
     want_normed, want_res = native_site("attn_out")(*args)
     torch.testing.assert_close(res, want_res, **TOL[dtype])
     torch.testing.assert_close(normed, want_normed, **TOL[dtype])
-    if backend == "triton_onepass":
-        assert not core.counters(args[0].device, 1).any()
 
 
 @inner
@@ -370,11 +361,10 @@ def test_attention_decode(core, dtype, window, softcap, splits):
 
 
 @inner
-@pytest.mark.parametrize("dtype,qk_norm,window,splits,onepass", [
-    (torch.float32, True, 0, 0, False), (torch.float32, True, 0, 3, False), (torch.float32, False, 6, 5, False),
-    (torch.float32, True, 0, 4, True), (torch.float32, True, 0, 1, False), (torch.bfloat16, True, 0, 3, False),
-    (torch.bfloat16, False, 0, 0, False)])
-def test_rope_decode_attention(core, dtype, qk_norm, window, splits, onepass):
+@pytest.mark.parametrize("dtype,qk_norm,window,splits", [
+    (torch.float32, True, 0, 0), (torch.float32, True, 0, 3), (torch.float32, False, 6, 5), (torch.float32, True, 0, 1),
+    (torch.bfloat16, True, 0, 3), (torch.bfloat16, False, 0, 0)])
+def test_rope_decode_attention(core, dtype, qk_norm, window, splits):
     """q/k norm + RoPE + the KV write fused into decode attention, against qk_norm_rope then attention_decode
     (natives): the output, and both caches after the step. Raw q, k, v are strided views of a packed QKV;
     the split holding each request's newest key (the first, a middle or the last; one split over 70 keys: in
@@ -394,9 +384,9 @@ def test_rope_decode_attention(core, dtype, qk_norm, window, splits, onepass):
     kc, vc = torch.randn(40, 4, hk, d, dtype=dtype), torch.randn(40, 4, hk, d, dtype=dtype)
     caches = [kc.clone(), vc.clone(), kc, vc]
     args = (q, k, v, *norms, 1e-6, meta.positions, table)
-    if splits or onepass:
+    if splits:
         got = torch.ops.nanovllm_triton.rope_decode_attention(*args, caches[0], caches[1], meta.slot_mapping,
-                                                              meta.block_tables, 0.3, window, 0.0, splits, onepass)
+                                                              meta.block_tables, 0.3, window, 0.0, splits)
     else:
         got = triton_impl("rope_decode_attention")(*args, caches[0], caches[1], meta, 0.3, window, 0.0)
     want = native_site("rope_decode_attention")(*args, caches[2], caches[3], meta, 0.3, window, 0.0)
@@ -411,16 +401,13 @@ LAYER_CASES = [(torch.float32, [70], True, False, 0), (torch.float32, [150], Tru
 
 
 @inner
-@pytest.mark.parametrize("backend,dtype,kv_lens,qk_norm,bias,window", [
-    *(("triton", *case) for case in LAYER_CASES), *(("triton_chain", *case) for case in LAYER_CASES),
-    ("triton_chain", torch.float32, [70, 5, 33], True, False, 0)])
-def test_decode_layer(core, backend, dtype, kv_lens, qk_norm, bias, window):
-    """The persistent layer kernel (one launch per phase here: the interpreter runs programs one by one) and
-    the five-launch chain against the native composition of the layer's sites: the new residual stream and
-    both caches. hidden 48, 4 query heads over 2 kv heads of 12 dims, intermediate 37 (odd: the last
-    program's rows are ragged); 70 keys in a 72-key table run one split (no merge), 150 keys two splits (the
-    merge), 9 a sliding window; three requests run the chain's tl.dot GEMVs (the persistent kernel takes one
-    row only and hands more to the layer's sites as the engine resolved them)."""
+@pytest.mark.parametrize("dtype,kv_lens,qk_norm,bias,window",
+                         [*LAYER_CASES, (torch.float32, [70, 5, 33], True, False, 0)])
+def test_decode_layer(core, dtype, kv_lens, qk_norm, bias, window, backend="triton_chain"):
+    """The five-launch chain (or `backend`) against the native composition of the layer's sites: the new
+    residual stream and both caches. hidden 48, 4 query heads over 2 kv heads of 12 dims, intermediate 37 (odd:
+    ragged last GEMV blocks); 70 keys in a 72-key table run one split (no merge), 150 keys two splits (the
+    merge), 9 a sliding window; three requests run the chain's tl.dot GEMVs."""
     from nanovllm.layers.rotary import cos_sin_table
 
     class Rope:
@@ -433,37 +420,20 @@ def test_decode_layer(core, backend, dtype, kv_lens, qk_norm, bias, window):
     qkv_w = weight((hq + 2 * hk) * d, hidden, dtype=dtype)
     gate_up, down = weight(2 * inter, hidden, dtype=dtype), weight(hidden, inter, dtype=dtype)
     x = torch.randn(len(kv_lens), hidden, dtype=dtype)
-    first = (x, weight(hidden, dtype=dtype) + 1, qkv_w, weight(qkv_w.shape[0], dtype=dtype) if bias else None, *norms,
-             weight(hidden, hq * d, dtype=dtype), weight(hidden, dtype=dtype) + 1)
-    rest = (1e-6, meta.positions, cos_sin_table(Rope(), d, 256))
+    qkv_b = weight(qkv_w.shape[0], dtype=dtype) if bias else None
+    weights = LayerWeights(weight(hidden, dtype=dtype) + 1, qkv_w, qkv_b, *norms, weight(hidden, hq * d, dtype=dtype),
+                           weight(hidden, dtype=dtype) + 1, gate_up, down)
+    settings, rest = AttentionSettings(1e-6, 0.3, window), (meta.positions, cos_sin_table(Rope(), d, 256))
     kc, vc = torch.randn(60, 4, hk, d, dtype=dtype), torch.randn(60, 4, hk, d, dtype=dtype)
     caches = [kc.clone(), vc.clone(), kc, vc]
     layer = get_op("decode_layer").impls[backend]
-    got = layer.fn(*first, layer.layouts["gate_up_w"](gate_up), down, *rest, caches[0], caches[1], meta, 0.3, window)
-    want = native_site("decode_layer")(*first, gate_up, down, *rest, caches[2], caches[3], meta, 0.3, window)
+    laid_out = weights._replace(gate_up_w=layer.layouts["gate_up_w"](gate_up))
+    got = layer.fn(x, laid_out, settings, *rest, caches[0], caches[1], meta)
+    want = native_site("decode_layer")(x, weights, settings, *rest, caches[2], caches[3], meta)
     # bf16: the interpreter rounds float32 to bfloat16 toward zero (the GPU to nearest), and a layer compounds it
     torch.testing.assert_close(got, want, **(TOL[dtype] if dtype == torch.float32 else dict(atol=0.3, rtol=0.06)))
     for got_cache, want_cache in zip(caches[:2], caches[2:]):  # v too: our GEMV sums in another order
         torch.testing.assert_close(got_cache, want_cache, **TOL[dtype])
-    assert not core.counters(x.device, 4).any(), "the merge counters are left armed"
-
-
-@inner
-@pytest.mark.parametrize("splits,window", [(2, 0), (5, 0), (3, 6), (0, 0)])
-def test_attention_decode_onepass(core, splits, window):
-    """The last split of each (request, kv head) to arrive merges its group's heads: no merge launch, the
-    same answer, counters back at zero. Requests shorter than a split's share leave splits empty."""
-    torch.manual_seed(splits + 7)
-    meta = paged_meta([1, 17, 70, 33])
-    kc, vc = torch.randn(40, 4, 2, 12), torch.randn(40, 4, 2, 12)
-    q = torch.randn(4, 6, 12)
-    got = torch.ops.nanovllm_triton.decode_attention(q, kc, vc, meta.block_tables, meta.positions, 0.3, window, 0.0,
-                                                     splits, True)
-    want = get_op("attention_decode").native(q, kc, vc, meta, 0.3, window, 0.0)
-    torch.testing.assert_close(got, want, **TOL[torch.float32])
-    assert not core.counters(q.device, 1).any()
-    torch.testing.assert_close(get_op("attention_decode").impls["triton_onepass"].fn(q, kc, vc, meta, 0.3, window),
-                               want, **TOL[torch.float32])
 
 
 # -- wiring: registry, presets, a whole model --------------------------------------------------------------
@@ -473,9 +443,10 @@ def test_every_triton_backend_resolves_on_the_interpreter(core):
            "rope_decode_attention", "rms_norm", "add_rms_norm", "silu_and_mul", "sample", "decode_layer")
     for op in ops:
         parts = {p: get_op(p).native for p in get_op(op).parts}
-        _, used = resolve(op, "triton", Target("cpu", torch.float32, dict(hidden=64, head_dim=16, heads=4, kv_heads=2)),
+        backend = "triton_chain" if op == "decode_layer" else "triton"
+        _, used = resolve(op, backend, Target("cpu", torch.float32, dict(hidden=64, head_dim=16, heads=4, kv_heads=2)),
                           allow_fallback=False, parts=parts)
-        assert used == "triton"
+        assert used == backend
     import yaml
 
     preset = yaml.safe_load((ROOT / "configs/kernels/all_fused.yaml").read_text())["ops"]
@@ -483,22 +454,32 @@ def test_every_triton_backend_resolves_on_the_interpreter(core):
     assert set(preset) == set(ops) - {"decode_layer"} and set(preset.values()) == {"triton"}
 
 
-@inner
-@pytest.mark.parametrize("presets", [("all_fused",), ("all_fused", "onepass"), ("all_fused", "persistent_layer"),
-                                     ("all_fused", "layer_sites"), ("all_fused", "triton_embedding")])
-def test_all_fused_tiny_model_matches_eager(core, make_checkpoint, presets):
-    """Teacher-forced logits through the engine (a prefill of 20 rows runs the sites' parts: the Triton norms and
-    SiLU * up around cuBLAS; decode the FMA path),
-    then greedy tokens through lm_head_sample; float32, so the fused model must agree to rounding."""
+def preset(path: Path) -> dict:
+    """A preset file's kernel table (plugin_dirs relative to the repository root, where presets are run)."""
     import yaml
 
+    table = yaml.safe_load(path.read_text())
+    table["plugin_dirs"] = [str(ROOT / d) for d in table.get("plugin_dirs", ())]
+    return table
+
+
+@inner
+@pytest.mark.parametrize("over_all_fused", [{}, {"decode_layer": "eager"}], ids=["chain", "sites_in_a_row"])
+def test_all_fused_tiny_model_matches_eager(core, make_checkpoint, over_all_fused):
+    """all_fused (and with each layer's decode step as its sites in a row, not the chain) against eager."""
+    kernels = preset(ROOT / "configs/kernels/all_fused.yaml")
+    kernels["ops"].update(over_all_fused)
+    check_tiny_model_matches_eager(make_checkpoint, kernels)
+
+
+def check_tiny_model_matches_eager(make_checkpoint, kernels: dict):
+    """Teacher-forced logits through the engine (a prefill of 20 rows runs the sites' parts: the Triton norms and
+    SiLU * up around cuBLAS; decode the FMA path), then greedy tokens through lm_head_sample; float32, so the
+    fused model must agree to rounding."""
     from nanovllm import LLM, SamplingParams
     from nanovllm.engine.teacher_forcing import teacher_forced_logits
 
     path = make_checkpoint(seed=3, vocab_size=512)  # a small vocab keeps the interpreted LM head cheap
-    kernels = {"ops": {}}
-    for name in presets:
-        kernels["ops"].update(yaml.safe_load((ROOT / f"configs/kernels/{name}.yaml").read_text())["ops"])
     common = dict(device="cpu", dtype="float32", max_model_len=64, num_kvcache_blocks=16, kvcache_block_size=4,
                   max_num_seqs=2)
     prompt, forced = [5, 77, 301, 12, 9] + list(range(100, 115)), [44, 410]  # 20 rows: the many-rows parts

@@ -1,6 +1,6 @@
-"""Decode-attention building blocks shared by the Triton attention kernels (decode_attention.py) and the
-persistent layer kernel (decode_layer.py): q/k norm + RoPE of a token's heads, the new key/value's cache
-write, one split of split-KV flash decoding, and the merge of the splits."""
+"""Decode-attention building blocks of the Triton attention kernels (decode_attention.py, and plugins that
+build on them): q/k norm + RoPE of a token's heads, the new key/value's cache write, one split of split-KV
+flash decoding, and the merge of the splits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import triton.language as tl
 from nanovllm.ops.plugins import load_sibling
 
 core = load_sibling(__file__, "_gemv_core")
-arrive_last, gdc_launch_dependents, gdc_wait = core.arrive_last, core.gdc_launch_dependents, core.gdc_wait
+gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
 BLOCK_KV = 64
 
@@ -52,7 +52,7 @@ def load_heads(x_ptr, stride_h, heads, mask_h, head_dim, BLOCK_D: tl.constexpr):
     """Heads `heads` of one token's (heads, head_dim) q or k, and the same at the partner dims (for RoPE)."""
     offs_d = tl.arange(0, BLOCK_D)
     mask = mask_h[:, None] & (offs_d < head_dim)[None, :]
-    # .cg: in the persistent layer kernel another program of the same kernel wrote x (L1 is not coherent)
+    # .cg: x may come from another program of the calling kernel (L1 is not coherent across SMs)
     x = tl.load(x_ptr + heads[:, None] * stride_h + offs_d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
     xp = tl.load(x_ptr + heads[:, None] * stride_h + partner_dims(head_dim, BLOCK_D)[None, :], mask=mask, other=0.0,
                  cache_modifier=".cg")
@@ -96,16 +96,16 @@ def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_n
 
 
 @triton.jit
-def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, b, kh, split,
+def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, b, kh, split,
                   num_kv_heads, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                   stride_bt, page, group, head_dim, qk_scale, softcap, window, num_splits, stride_ob, stride_oh,
                   k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps,
                   ROPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
-                  MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, PREFETCH: tl.constexpr, KV_POLICY: tl.constexpr):
+                  BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+                  PREFETCH: tl.constexpr, KV_POLICY: tl.constexpr):
     """Request b, kv head kh, split `split` of split-KV decoding: its share of the keys, page by page through
     the block table (online softmax, exp2), for the GQA group's query heads as one tile. DIRECT (one split):
-    the output; else its partial output and log-sum-exp, merged by the last split to arrive if MERGE.
+    the output; else its partial output and log-sum-exp, for merge_head.
     ROPE: q, k, v are this step's raw projections; the query heads are normed and rotated here, and the split
     that holds the newest position writes its key and value into the caches before it reads them.
     PREFETCH: wait for the kernel before (programmatic dependent launch) here, once the constants are loaded
@@ -189,18 +189,13 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         base = (b * num_kv_heads * group + heads) * num_splits + split  # o: (B, Hq, S, D), lse: (B, Hq, S)
         tl.store(o_ptr + base[:, None] * BLOCK_D + offs_d[None, :], out, mask=mask_g[:, None])
         tl.store(lse_ptr + base, lse, mask=mask_g)
-        if MERGE:  # the last split of this (request, kv head) to finish merges the group's heads
-            if arrive_last(count_ptr + b * num_kv_heads + kh, num_splits):
-                for g in range(group):
-                    merge_head(o_ptr, lse_ptr, out_ptr, b, kh * group + g, num_kv_heads * group, num_splits,
-                               stride_ob, stride_oh, head_dim, BLOCK_S, BLOCK_D)
 
 
 @triton.jit
 def merge_head(o_ptr, lse_ptr, out_ptr, b, h, num_heads, num_splits, stride_ob, stride_oh, head_dim,
                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[b, h] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse). The partials come from other
-    programs, possibly of this very kernel: loaded past L1 (.cg)."""
+    programs, possibly of the calling kernel: loaded past L1 (.cg)."""
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
     base = (b * num_heads + h) * num_splits
     lse = tl.load(lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"), cache_modifier=".cg")

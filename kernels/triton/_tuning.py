@@ -4,7 +4,7 @@ Why not `triton.autotune`: its benchmark cannot run inside CUDA-graph capture or
 it re-tunes in every process, and it times a single weight copy that sits in L2. Here a config is looked
 up by (op, dtype, N, K, M-bucket) in ~/.cache/nanovllm/triton/<gpu>.json (then in the shipped
 kernels/triton/tuned/<gpu>.json); a miss on real tensors outside capture tunes once, timing each candidate
-back-to-back in a CUDA graph over rotating weight copies (as nanovllm.bench.timing does), and records the winner.
+back-to-back in a CUDA graph over rotating weight copies, and records the winner.
 A miss that cannot tune (capture, tracing, NANOVLLM_TRITON_TUNE=0) uses a shape heuristic.
 Shipped entries with a "chosen" note were picked end to end instead: timed alone, a GEMV prefers many
 one-warp programs, but in the decode chain fewer, larger programs (fewer registers and program slots per
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import triton
 
-from nanovllm.bench.timing import capture
+from nanovllm.utils.cuda_graph import capture
 
 log = logging.getLogger("nanovllm.triton")
 

@@ -2,9 +2,8 @@
 
 Kernel 1, grid (request, kv head, split): the program loads the GQA group's query heads as one tile,
 walks its share of the request's keys page by page through the block table (online softmax, exp2), and
-writes its partial output and log-sum-exp. Kernel 2, grid (request, q head): merges the splits. Backend
-`triton_onepass` (experimental) skips kernel 2: the last split of a (request, kv head) to finish (an
-arrival counter) merges its group's heads.
+writes its partial output and log-sum-exp. Kernel 2, grid (request, q head): merges the splits (none
+with one split: kernel 1 writes the output).
 The split count depends only on shapes (batch, heads, block-table width), never on the step's lengths,
 so a captured CUDA graph stays valid as contexts grow; splits past a request's keys exit at once.
 """
@@ -26,26 +25,26 @@ split_program, merge_head, num_splits, BLOCK_KV = attn.split_program, attn.merge
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, stride_qb,
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, stride_qb,
                          stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, page,
                          group, head_dim, qk_scale, softcap, window, num_splits, stride_ob, stride_oh,
                          k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr, stride_nkb, stride_nkh, stride_nvb,
                          stride_nvh, eps, ROPE: tl.constexpr, HAS_NORM: tl.constexpr,
-                         HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, MERGE: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                         DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, KV_POLICY: tl.constexpr):
+                         HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+                         PREFETCH: tl.constexpr, KV_POLICY: tl.constexpr):
     """Grid (request, kv head, split): one split_program each (ROPE: q/k norm + RoPE + KV write fused, one
     launch fewer per layer). PREFETCH (the q/k norm weights are Parameters): split_program loads its constants
     before it waits for the kernel before; otherwise the wait comes first."""
     if PDL and not PREFETCH:
         gdc_launch_dependents()
         gdc_wait()
-    split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, tl.program_id(0),
+    split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_ptr, tl.program_id(0),
                   tl.program_id(1), tl.program_id(2), tl.num_programs(1), stride_qb, stride_qh, stride_kb, stride_ks,
                   stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, page, group, head_dim, qk_scale, softcap,
                   window, num_splits, stride_ob, stride_oh, k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr,
-                  stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps, ROPE, HAS_NORM, HAS_SOFTCAP, DIRECT, MERGE,
-                  BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32, PREFETCH, KV_POLICY)
+                  stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps, ROPE, HAS_NORM, HAS_SOFTCAP, DIRECT,
+                  BLOCK_G, BLOCK_KV, BLOCK_D, DOT_F32, PREFETCH, KV_POLICY)
 
 
 @triton.jit
@@ -65,9 +64,9 @@ def split_warps(batch: int) -> int:
     return 8 if batch <= core.tuning.MAX_M else 4
 
 
-def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap, splits, onepass, rope=None):
-    """The split kernel (and the merge kernel unless one split or `onepass`); rope: (k, v, q_norm_w, k_norm_w,
-    eps, cos_sin, slot_mapping) when q, k, v are raw projections to norm, rotate and write first."""
+def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap, splits, rope=None):
+    """The split kernel (and the merge kernel unless one split); rope: (k, v, q_norm_w, k_norm_w, eps,
+    cos_sin, slot_mapping) when q, k, v are raw projections to norm, rotate and write first."""
     batch, hq, d = q.shape
     page, hk = k_cache.shape[1], k_cache.shape[2]
     group = hq // hk
@@ -78,21 +77,19 @@ def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap,
     lse = q.new_empty(batch, hq, splits, dtype=torch.float32)
     out = q.new_empty(batch, hq, d)
     pdl = core.pdl(q, k_cache)
-    count = core.counters(q.device, batch * hk) if onepass and splits > 1 else None
     k, v, q_norm_w, k_norm_w, eps, cos_sin, slots = rope or (q, q, None, None, 0.0, q, positions)
     if batch:
         wrap_triton(_decode_split_kernel)[(batch, hk, splits)](
-            q, k_cache, v_cache, block_tables, positions, o, lse, out, count if count is not None else lse,
+            q, k_cache, v_cache, block_tables, positions, o, lse, out,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
             v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), page, group, d, scale, softcap, window,
             splits, out.stride(0), out.stride(1), k, v, q_norm_w, k_norm_w, cos_sin, slots, k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), eps, ROPE=rope is not None, HAS_NORM=q_norm_w is not None,
-            HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1, MERGE=count is not None,
-            BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_KV=BLOCK_KV, BLOCK_D=block_d, BLOCK_S=block_s,
-            DOT_F32=core.dot_f32(q), PDL=pdl, PREFETCH=core.prefetch(pdl, q_norm_w, k_norm_w),
-            KV_POLICY=attn.kv_policy(batch),
+            HAS_SOFTCAP=softcap > 0, DIRECT=splits == 1, BLOCK_G=max(16, triton.next_power_of_2(group)),
+            BLOCK_KV=BLOCK_KV, BLOCK_D=block_d, DOT_F32=core.dot_f32(q), PDL=pdl,
+            PREFETCH=core.prefetch(pdl, q_norm_w, k_norm_w), KV_POLICY=attn.kv_policy(batch),
             num_warps=split_warps(batch), num_stages=2, **core.launch_opts(pdl))
-    if batch and splits > 1 and count is None:
+    if batch and splits > 1:
         wrap_triton(_decode_merge_kernel)[(batch, hq)](
             o, lse, out, out.stride(0), out.stride(1), splits, d, BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl,
             num_warps=4, **core.launch_opts(pdl))
@@ -101,26 +98,24 @@ def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap,
 
 @triton_op("nanovllm_triton::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     positions: torch.Tensor, scale: float, window: int, softcap: float, splits: int,
-                     onepass: bool = False) -> torch.Tensor:
-    """Attention of one query per request (q: (B, Hq, D)) over its paged keys; splits=0 picks the count;
-    `onepass` merges the splits in the split kernel (no second launch)."""
-    return launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap, splits, onepass)
+                     positions: torch.Tensor, scale: float, window: int, softcap: float, splits: int) -> torch.Tensor:
+    """Attention of one query per request (q: (B, Hq, D)) over its paged keys; splits=0 picks the count."""
+    return launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap, splits)
 
 
 @triton_op("nanovllm_triton::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
 def rope_decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_w: torch.Tensor | None,
                              k_norm_w: torch.Tensor | None, eps: float, positions: torch.Tensor, cos_sin: torch.Tensor,
                              k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                             block_tables: torch.Tensor, scale: float, window: int, softcap: float, splits: int,
-                             onepass: bool = False) -> torch.Tensor:
+                             block_tables: torch.Tensor, scale: float, window: int, softcap: float,
+                             splits: int) -> torch.Tensor:
     """decode_attention(rope(q_norm(q))) after writing rope(k_norm(k)) and v at slot_mapping: raw q, k, v
     (strided views of the packed projection, unit last stride) in, one launch fewer than the two ops."""
     d = q.shape[-1]
     assert d % 2 == 0 and q.stride(2) == k.stride(2) == v.stride(2) == 1, "head_dim must be even and contiguous"
     assert cos_sin.shape[1] == d and cos_sin.is_contiguous(), "cos_sin must be a contiguous (positions, head_dim) table"
     rope = (k, v, q_norm_w, k_norm_w, eps, cos_sin, slot_mapping)
-    return launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap, splits, onepass, rope)
+    return launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap, splits, rope)
 
 
 def attention_decode(q, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0):
@@ -129,28 +124,14 @@ def attention_decode(q, k_cache, v_cache, meta, scale: float, window: int = 0, s
                                                       float(scale), int(window), float(softcap), 0)
 
 
-def attention_decode_onepass(q, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0):
-    """Split-KV paged decode attention, the splits merged by the last of them to finish (one launch)."""
-    return torch.ops.nanovllm_triton.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.positions,
-                                                      float(scale), int(window), float(softcap), 0, True)
-
-
 def rope_decode_attention(q, k, v, q_norm_w, k_norm_w, eps: float, positions, cos_sin, k_cache, v_cache, meta,
-                          scale: float, window: int = 0, softcap: float = 0.0, *, parts, onepass: bool = False):
+                          scale: float, window: int = 0, softcap: float = 0.0, *, parts):
     """q/k norm + RoPE + KV write inside the split-KV decode attention kernel."""
     return torch.ops.nanovllm_triton.rope_decode_attention(
         q, k, v, q_norm_w, k_norm_w, float(eps), positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
-        meta.block_tables, float(scale), int(window), float(softcap), 0, onepass)
+        meta.block_tables, float(scale), int(window), float(softcap), 0)
 
 
-def rope_decode_attention_onepass(*args, parts):
-    """q/k norm + RoPE + KV write inside the decode attention kernel, the splits merged in it too."""
-    return rope_decode_attention(*args, parts=parts, onepass=True)
-
-
-for _backend, _fn in (("triton", attention_decode), ("triton_onepass", attention_decode_onepass)):
-    register_impl("attention_decode", _backend, devices=core.devices(), dtypes=core.DTYPES,
-                  check=attn.check_attention)(_fn)
-for _backend, _fn in (("triton", rope_decode_attention), ("triton_onepass", rope_decode_attention_onepass)):
-    core.register_site("rope_decode_attention", _fn, check=attn.check_rope_attention, gemv_rows=False,
-                       backend=_backend)
+register_impl("attention_decode", "triton", devices=core.devices(), dtypes=core.DTYPES,
+              check=attn.check_attention)(attention_decode)
+core.register_site("rope_decode_attention", rope_decode_attention, check=attn.check_rope_attention, gemv_rows=False)

@@ -21,20 +21,21 @@ core = load_sibling(__file__, "_gemv_core")
 attn = load_sibling(__file__, "_decode_core")
 
 
-def decode_layer(x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, eps: float,
-                 positions, cos_sin, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0,
-                 *, parts):
-    """The layer's decode step in five GEMV / attention launches (see the module docstring)."""
-    ops = torch.ops.nanovllm_triton
+def decode_layer(x, weights, settings, positions, cos_sin, k_cache, v_cache, meta, *, parts):
+    """The layer's decode step in five GEMV / attention launches (see the module docstring); weights: a
+    LayerWeights, settings: an AttentionSettings (nanovllm/ops/sites.py)."""
+    ops, w, s = torch.ops.nanovllm_triton, weights, settings
     kv_heads, head_dim = k_cache.shape[-2:]
     kv = kv_heads * head_dim
-    qkv = ops.gemv(x, qkv_w, qkv_b, None, input_norm, eps)
-    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv.split((qkv_w.shape[0] - 2 * kv, kv, kv), dim=-1))
-    o = ops.rope_decode_attention(q, k, v, q_norm_w, k_norm_w, float(eps), positions, cos_sin, k_cache, v_cache,
-                                  meta.slot_mapping, meta.block_tables, float(scale), int(window), float(softcap), 0)
-    x = ops.gemv(o.flatten(1), o_w, None, x, None, 0.0)
-    act = ops.gate_up_silu(x, gate_up_w, post_norm, eps)
-    return ops.gemv(act, down_w, None, x, None, 0.0)
+    eps = float(s.eps)
+    qkv = ops.gemv(x, w.qkv_w, w.qkv_b, None, w.input_norm, eps)
+    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv.split((w.qkv_w.shape[0] - 2 * kv, kv, kv), dim=-1))
+    o = ops.rope_decode_attention(q, k, v, w.q_norm_w, w.k_norm_w, eps, positions, cos_sin, k_cache, v_cache,
+                                  meta.slot_mapping, meta.block_tables, float(s.scale), int(s.window),
+                                  float(s.softcap), 0)
+    x = ops.gemv(o.flatten(1), w.o_w, None, x, None, 0.0)
+    act = ops.gate_up_silu(x, w.gate_up_w, w.post_norm, eps)
+    return ops.gemv(act, w.down_w, None, x, None, 0.0)
 
 
 # more rows than a GEMV takes (register_site's default): the layer's sites, as resolved

@@ -17,6 +17,7 @@ from torch import nn
 import nanovllm.ops.family_ops  # noqa: F401  (defines gelu_mlp, moe ...; until ops/__init__ imports it)
 from nanovllm.layers.rotary import cos_sin_table
 from nanovllm.ops import COMPILE, MODEL_SCOPE, NATIVE, AttentionMetadata, OpResolver, RegistryError, get_op
+from nanovllm.ops.sites import AttentionSettings, LayerWeights
 
 LAYER_OPS = ("norm_qkv", "qk_norm_rope", "attention_prefill", "attention_decode", "rope_decode_attention", "attn_out",
              "mlp", "decode_layer")
@@ -122,6 +123,11 @@ class DenseLayer(nn.Module):
         self.scale = args.attn_scale or args.head_dim ** -0.5
         self.window = args.sliding_window[idx] if args.sliding_window else 0
         self.rope_table = f"cos_sin_{args.rope_types[idx]}" if args.rope_types else "cos_sin"
+        self.settings = AttentionSettings(args.rms_norm_eps, self.scale, self.window, args.attn_softcap)
+        # the decode_layer site's weights (a plain pre-norm SiLU layer only): the Parameters above themselves
+        self.decode_weights = None if not hasattr(ops, "decode_layer") else LayerWeights(
+            self.input_norm, self.qkv_proj, self.qkv_bias, self.q_norm, self.k_norm, self.o_proj, self.post_norm,
+            self.gate_up_proj, self.down_proj)
         self.k_cache = self.v_cache = None  # set by the model runner
 
     def feed_forward(self, h, residual):
@@ -133,11 +139,9 @@ class DenseLayer(nn.Module):
 
     def forward(self, x, positions, meta: AttentionMetadata, cos_sin):
         a, ops = self.args, self.ops
-        if meta.is_decode and hasattr(ops, "decode_layer"):
-            return ops.decode_layer(x, self.input_norm, self.qkv_proj, self.qkv_bias, self.q_norm, self.k_norm,
-                                    self.o_proj, self.post_norm, self.gate_up_proj, self.down_proj, a.rms_norm_eps,
-                                    positions, cos_sin, self.k_cache, self.v_cache, meta, self.scale, self.window,
-                                    a.attn_softcap)
+        if meta.is_decode and self.decode_weights is not None:
+            return ops.decode_layer(x, self.decode_weights, self.settings, positions, cos_sin, self.k_cache,
+                                    self.v_cache, meta)
         qkv = ops.norm_qkv(x, self.input_norm, self.qkv_proj, self.qkv_bias, a.rms_norm_eps)
         q, k, v = qkv.split(self.split, dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)
@@ -193,7 +197,7 @@ class DenseCausalLM(nn.Module):
             x = layer(x, positions, meta, getattr(self, layer.rope_table))
         return x
 
-    # (site, its weight argument) -> the layer parameter passed there, for backends' weight layouts
+    # (site, its weight argument or LayerWeights field) -> the layer parameter passed there, for backends' layouts
     SITE_WEIGHTS = {("norm_qkv", "qkv_w"): "qkv_proj", ("attn_out", "o_w"): "o_proj",
                     ("mlp", "gate_up_w"): "gate_up_proj", ("mlp", "down_w"): "down_proj",
                     ("decode_layer", "qkv_w"): "qkv_proj", ("decode_layer", "o_w"): "o_proj",

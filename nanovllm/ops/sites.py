@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from nanovllm.ops.registry import define_op
+
+
+class LayerWeights(NamedTuple):
+    """A pre-norm decoder layer's weights (SiLU MLP), as the decode_layer site reads them. A model builds one
+    per layer at construction from the layer's Parameters themselves, so loading and weight layouts (which
+    replace a Parameter's .data) show through. Backends' `layouts` name these fields (e.g. "gate_up_w")."""
+
+    input_norm: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    q_norm_w: torch.Tensor | None  # per-head q/k RMSNorm weights, None when the model has none
+    k_norm_w: torch.Tensor | None
+    o_w: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up_w: torch.Tensor
+    down_w: torch.Tensor
+
+
+class AttentionSettings(NamedTuple):
+    """A layer's fixed numbers: the RMSNorm epsilon, the attention's score scale, its sliding window (0: full
+    attention) and its logit soft-cap (0: none)."""
+
+    eps: float
+    scale: float
+    window: int = 0
+    softcap: float = 0.0
 
 
 @define_op("norm_qkv", parts=("rms_norm", "linear"))
@@ -46,18 +74,18 @@ def mlp(h, gate_up_w, down_w, residual, *, linear, silu_and_mul) -> torch.Tensor
 
 
 @define_op("decode_layer", parts=("norm_qkv", "rope_decode_attention", "attn_out", "mlp"))
-def decode_layer(x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, eps: float,
-                 positions, cos_sin, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0,
+def decode_layer(x, weights: LayerWeights, settings: AttentionSettings, positions, cos_sin, k_cache, v_cache, meta,
                  *, norm_qkv, rope_decode_attention, attn_out, mlp) -> torch.Tensor:
     """A pre-norm decoder layer's decode step (SiLU MLP) on the residual stream x: its four sites in a row."""
+    w, s = weights, settings
     kv_heads, head_dim = k_cache.shape[-2:]
     kv = kv_heads * head_dim
-    q, k, v = norm_qkv(x, input_norm, qkv_w, qkv_b, eps).split((qkv_w.shape[0] - 2 * kv, kv, kv), dim=-1)
+    q, k, v = norm_qkv(x, w.input_norm, w.qkv_w, w.qkv_b, s.eps).split((w.qkv_w.shape[0] - 2 * kv, kv, kv), dim=-1)
     o = rope_decode_attention(q.unflatten(-1, (-1, head_dim)), k.unflatten(-1, (kv_heads, head_dim)),
-                              v.unflatten(-1, (kv_heads, head_dim)), q_norm_w, k_norm_w, eps, positions, cos_sin,
-                              k_cache, v_cache, meta, scale, window, softcap)
-    h, x = attn_out(o.flatten(1), o_w, x, post_norm, eps)
-    return mlp(h, gate_up_w, down_w, x)
+                              v.unflatten(-1, (kv_heads, head_dim)), w.q_norm_w, w.k_norm_w, s.eps, positions,
+                              cos_sin, k_cache, v_cache, meta, s.scale, s.window, s.softcap)
+    h, x = attn_out(o.flatten(1), w.o_w, x, w.post_norm, s.eps)
+    return mlp(h, w.gate_up_w, w.down_w, x)
 
 
 @define_op("lm_head_sample", parts=("rms_norm", "linear", "sample"))

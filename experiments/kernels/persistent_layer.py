@@ -1,5 +1,5 @@
-"""Backend `triton` of site `decode_layer` (experimental; the roadmap's "full layer fusion"): a whole decoder
-layer's batch-1 decode step in one persistent kernel.
+"""Backend `triton_persistent` of site `decode_layer` (experimental, preset `persistent_layer`: full layer
+fusion): a whole decoder layer's batch-1 decode step in one persistent kernel.
 
 One program per SM walks the layer's phases, with a grid-wide barrier (an arrival counter) wherever a phase
 needs what every program wrote in the phase before:
@@ -14,9 +14,9 @@ while the slowest program finishes the phase before. The barrier needs every pro
 grid is PER_SM programs per SM, and that many always fit one. Under the Triton interpreter programs run one
 after another, so there each phase is a launch of its own (BARRIER=False). Steps of more than one row run the
 composition of the layer's sites.
-It is slower than the all_fused sites it replaces (benchmarks/RESULTS.md): a grid barrier costs about what
-a PDL kernel boundary costs, and one program per SM streams the GEMV phases slower than the tuned site kernels,
-which run several programs per SM. It stays an opt-in preset.
+It lost against all_fused's five-launch chain (benchmarks/RESULTS.md, "what we tried that lost"): a grid
+barrier costs about what a PDL kernel boundary costs, and one program per SM streams the GEMV phases slower
+than the tuned site kernels with several programs per SM.
 """
 
 from __future__ import annotations
@@ -29,17 +29,19 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from nanovllm.ops import get_op
-from nanovllm.ops.plugins import load_sibling
+from nanovllm.ops.plugins import load_builtin, load_sibling
 
-core = load_sibling(__file__, "_gemv_core")
-attn = load_sibling(__file__, "_decode_core")
-gdc_launch_dependents, gdc_wait, arrive_last = core.gdc_launch_dependents, core.gdc_wait, core.arrive_last
-split_program, silu_mul_pairs = attn.split_program, core.silu_mul_pairs
-# Tunables (read at each call; benchmarks/triton_gemv.py sweeps them): weight elements a program loads per step
-# (double-buffered; 0: a program's whole tile at once), warps per program, the attention's split count
-# ("capacity": as the decode attention kernel picks it; "max": as many as the programs allow). A phase's tile is
-# issued just before its own barrier, not one barrier sooner: two live tiles cost more registers than they hide.
-CHUNK = int(os.environ.get("NANOVLLM_LAYER_CHUNK", "0"))  # 0: the whole tile at once
+core = load_builtin("triton/_gemv_core")
+attn = load_builtin("triton/_decode_core")
+arrival = load_sibling(__file__, "_arrival")
+gdc_launch_dependents, gdc_wait, arrive_last = core.gdc_launch_dependents, core.gdc_wait, arrival.arrive_last
+split_program, merge_head, silu_mul_pairs = attn.split_program, attn.merge_head, core.silu_mul_pairs
+BACKEND = "triton_persistent"
+# Tunables (read at each call): weight elements a program loads per step (double-buffered; 0: a program's whole
+# tile at once), warps per program, the attention's split count ("capacity": as the decode attention kernel
+# picks it; "max": as many as the programs allow). Issuing each tile one barrier sooner (two tiles live) was
+# slower, from the register pressure.
+CHUNK = int(os.environ.get("NANOVLLM_LAYER_CHUNK", "0"))
 NUM_WARPS = int(os.environ.get("NANOVLLM_LAYER_WARPS", "8"))
 # programs per SM: 2 only with 4 warps or fewer, so that two programs always fit an SM's registers (2 x 128
 # threads x 255) and every program is resident, as the barrier needs
@@ -178,13 +180,19 @@ def _decode_layer_kernel(
         if BARRIER:
             grid_barrier(count_ptr, progs, POLL_ATOMIC)
         if pid < KV_HEADS * num_splits:
-            split_program(qkv_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, part_ptr, lse_ptr, attn_ptr, count_ptr + 2, 0,
-                          pid // num_splits, pid % num_splits, KV_HEADS, n_qkv, HEAD_DIM, stride_kb, stride_ks,
-                          stride_kh, stride_vb, stride_vs, stride_vh, 0, page, Q_DIM // KV_DIM, HEAD_DIM, qk_scale,
-                          softcap, window, num_splits, Q_DIM, HEAD_DIM, qkv_ptr + Q_DIM, qkv_ptr + Q_DIM + KV_DIM,
-                          q_norm_ptr, k_norm_ptr, cs_ptr, slot_ptr, n_qkv, HEAD_DIM, n_qkv, HEAD_DIM, eps, True,
-                          HAS_QK_NORM, HAS_SOFTCAP, DIRECT, not DIRECT, BLOCK_G, BLOCK_KV, BLOCK_D, BLOCK_S, DOT_F32,
-                          False, KV_POLICY)  # PREFETCH: the grid barrier above is this phase's wait
+            kh, group = pid // num_splits, Q_DIM // KV_DIM
+            split_program(qkv_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, part_ptr, lse_ptr, attn_ptr, 0, kh,
+                          pid % num_splits, KV_HEADS, n_qkv, HEAD_DIM, stride_kb, stride_ks, stride_kh, stride_vb,
+                          stride_vs, stride_vh, 0, page, group, HEAD_DIM, qk_scale, softcap, window, num_splits,
+                          Q_DIM, HEAD_DIM, qkv_ptr + Q_DIM, qkv_ptr + Q_DIM + KV_DIM, q_norm_ptr, k_norm_ptr, cs_ptr,
+                          slot_ptr, n_qkv, HEAD_DIM, n_qkv, HEAD_DIM, eps, True, HAS_QK_NORM, HAS_SOFTCAP, DIRECT,
+                          BLOCK_G, BLOCK_KV, BLOCK_D, DOT_F32, False,
+                          KV_POLICY)  # PREFETCH off: the grid barrier above is this phase's wait
+            if not DIRECT:  # the last split of a kv head to finish merges the group's query heads
+                if arrive_last(count_ptr + 2 + kh, num_splits):
+                    for g in range(group):
+                        merge_head(part_ptr, lse_ptr, attn_ptr, 0, kh * group + g, KV_HEADS * group, num_splits,
+                                   Q_DIM, HEAD_DIM, HEAD_DIM, BLOCK_S, BLOCK_D)
     # C: O projection + residual
     if run_c:
         acc = phase_gemv(o_w_ptr, row_c, n_c, Q_DIM, attn_ptr, attn_ptr, eps, count_ptr, 2 * progs, False, BARRIER,
@@ -213,7 +221,7 @@ def tile(rows: int, k: int) -> tuple[int, int]:
     return bn, min(bk, max(16, CHUNK // bn)) if CHUNK else bk
 
 
-@triton_op("nanovllm_triton::decode_layer", mutates_args=("k_cache", "v_cache"))
+@triton_op("nanovllm_experiments::persistent_decode_layer", mutates_args=("k_cache", "v_cache"))
 def decode_layer_op(x: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,
                     q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None, o_w: torch.Tensor,
                     post_norm: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor, eps: float,
@@ -262,19 +270,17 @@ def decode_layer_op(x: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tens
     return out
 
 
-def decode_layer(x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, eps: float,
-                 positions, cos_sin, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0,
-                 *, parts):
-    """The whole layer in one persistent kernel for one row; more rows run the layer's sites (parts)."""
-    args = (x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, eps, positions, cos_sin,
-            k_cache, v_cache, meta, scale, window, softcap)
-    counters = core.counters(x.device, 2 + k_cache.shape[2]) if x.shape[0] == 1 else None
+def decode_layer(x, weights, settings, positions, cos_sin, k_cache, v_cache, meta, *, parts):
+    """The whole layer in one persistent kernel for one row; more rows run the layer's sites (parts). weights:
+    a LayerWeights, settings: an AttentionSettings (nanovllm/ops/sites.py)."""
+    counters = arrival.counters(x.device, 2 + k_cache.shape[2]) if x.shape[0] == 1 else None
     if counters is None:  # more than one row, or no counters here (torch.compile tracing, capture before use)
-        return get_op("decode_layer").native(*args, **parts)
-    return torch.ops.nanovllm_triton.decode_layer(
-        x, input_norm, qkv_w, qkv_b, q_norm_w, k_norm_w, o_w, post_norm, gate_up_w, down_w, float(eps), positions,
-        cos_sin, k_cache, v_cache, meta.slot_mapping, meta.block_tables, counters, float(scale), int(window),
-        float(softcap), barrier=not core.tuning.INTERPRET)
+        return get_op("decode_layer").native(x, weights, settings, positions, cos_sin, k_cache, v_cache, meta, **parts)
+    w, s = weights, settings
+    return torch.ops.nanovllm_experiments.persistent_decode_layer(
+        x, w.input_norm, w.qkv_w, w.qkv_b, w.q_norm_w, w.k_norm_w, w.o_w, w.post_norm, w.gate_up_w, w.down_w,
+        float(s.eps), positions, cos_sin, k_cache, v_cache, meta.slot_mapping, meta.block_tables, counters,
+        float(s.scale), int(s.window), float(s.softcap), barrier=not core.tuning.INTERPRET)
 
 
 def _check(shapes: dict) -> str | None:
@@ -283,5 +289,5 @@ def _check(shapes: dict) -> str | None:
     return attn.check_rope_attention(shapes) or (f"hidden size {hidden} > 8192" if hidden > 8192 else None)
 
 
-core.register_site("decode_layer", decode_layer, check=_check, gemv_rows=False,
+core.register_site("decode_layer", decode_layer, check=_check, gemv_rows=False, backend=BACKEND,
                    layouts={"gate_up_w": core.interleave_gate_up})

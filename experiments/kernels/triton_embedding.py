@@ -1,9 +1,10 @@
-"""Backend `triton` of `embedding`: the token rows' gather in a kernel launched with PDL.
+"""Backend `triton` of `embedding` (experimental, preset `triton_embedding`): the token rows' gather in a kernel
+launched with PDL.
 
 The native gather (`weight[ids]`, an ATen index kernel) is the one kernel of a Triton decode step that PDL
-does not overlap: the first layer's GEMV starts only once it has finished, and streams its weights after it,
-so layer 0's QKV GEMV takes longer than the other layers'. Here the gather lets its dependents launch at once,
-so that GEMV prefetches while it runs.
+does not overlap: the first layer's GEMV starts only once it has finished, and streams its weights after it.
+Here the gather lets its dependents launch at once, so that GEMV prefetches while it runs. Measured within
+noise of all_fused (benchmarks/RESULTS.md, "what we tried that lost"), so it is not shipped.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from nanovllm.ops import register_impl
-from nanovllm.ops.plugins import load_sibling
+from nanovllm.ops.plugins import load_builtin
 
-core = load_sibling(__file__, "_gemv_core")
+core = load_builtin("triton/_gemv_core")
 gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
 MAX_BLOCK = 4096
 
@@ -39,7 +40,7 @@ def _embedding_kernel(ids_ptr, w_ptr, scale_ptr, out_ptr, hidden, stride_w, stri
     tl.store(out_ptr + t * hidden + offs, x, mask=mask)
 
 
-@triton_op("nanovllm_triton::embedding", mutates_args=())
+@triton_op("nanovllm_experiments::embedding", mutates_args=())
 def embedding_op(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     flat = ids.reshape(-1)
     hidden = weight.shape[1]
@@ -56,4 +57,4 @@ def embedding_op(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
 @register_impl("embedding", "triton", devices=core.devices(), dtypes=core.DTYPES)
 def embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """The rows' gather in one PDL kernel (the first layer's GEMV prefetches its weights meanwhile)."""
-    return torch.ops.nanovllm_triton.embedding(ids, weight, scale)
+    return torch.ops.nanovllm_experiments.embedding(ids, weight, scale)
