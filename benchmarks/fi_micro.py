@@ -15,9 +15,9 @@ import traceback
 import numpy as np
 import torch
 
-from nanovllm.bench.timing import capture
 from nanovllm.ops import AttentionMetadata, PlanContext, get_op, load_plugins
 from nanovllm.ops.meta import build_metadata
+from nanovllm.utils.cuda_graph import capture
 
 LAYERS, HQ, HK, D, BS, HIDDEN, INTER = 28, 16, 8, 128, 16, 1024, 3072
 DTYPE = torch.bfloat16

@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 
-from nanovllm.bench.timing import capture
 from nanovllm.ops import AttentionMetadata, PlanContext, get_op, load_plugins
 from nanovllm.ops.meta import build_metadata
+from nanovllm.utils.cuda_graph import capture
 
 LAYERS, HQ, HK, D, BS = 28, 16, 8, 128, 16
 DTYPE = torch.bfloat16

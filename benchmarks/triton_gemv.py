@@ -131,23 +131,9 @@ def attention(tuning, contexts=(128, 1024, 4096), page=16):
         caches = [(randn(blocks, page, HK, D), randn(blocks, page, HK, D)) for _ in range(28)]
         impls = get_op("attention_decode").impls
         base = attention_time(tuning, impls["eager"].fn, q, caches, meta)
-        for backend in ("triton", "triton_onepass"):
-            t = attention_time(tuning, impls[backend].fn, q, caches, meta)
-            name = f"attention ctx={ctx}" + (" onepass" if backend == "triton_onepass" else "")
-            out.append(row(name, 1, 2 * caches[0][0].nbytes, base, t))
+        t = attention_time(tuning, impls["triton"].fn, q, caches, meta)
+        out.append(row(f"attention ctx={ctx}", 1, 2 * caches[0][0].nbytes, base, t))
     return out
-
-
-# (name, decode_layer.py tunables, op arguments): the persistent layer kernel's variants (the defaults: a program's
-# whole tile at once, 8 warps, the split count of the decode attention kernel), the first four at every
-# context; then each phase alone (launched by itself: its time without the barrier before it)
-LAYER_VARIANTS = [
-    ("persistent", {}, {}), ("chunks of 16384", dict(CHUNK=16384), {}),
-    ("16 warps", dict(NUM_WARPS=16), {}), ("max splits", dict(SPLITS="max"), {}),
-    ("2 programs per SM, 4 warps", dict(PER_SM=2, NUM_WARPS=4), {}),
-    ("2 programs per SM, 4 warps, chunks of 8192", dict(PER_SM=2, NUM_WARPS=4, CHUNK=8192), {}),
-    ("atomic poll", {}, dict(poll_atomic=True)), ("5 phase launches", {}, dict(barrier=False)),
-    *((f"phase {p} alone", {}, dict(only_phase=i)) for i, p in enumerate("ABCDE"))]
 
 
 def sites_alone(tuning, sites, x, norms, table, meta, weights, base):
@@ -163,63 +149,39 @@ def sites_alone(tuning, sites, x, norms, table, meta, weights, base):
             for name, (fn, ws) in parts.items()]
 
 
-@contextlib.contextmanager
-def knobs(module: str, **values):
-    """Set module-level tunables of the Triton plugin `module` (e.g. "decode_layer") inside the block."""
-    mod = next(m for n, m in sys.modules.items() if n.startswith(f"nanovllm_plugins.triton_{module}"))
-    saved = {k: getattr(mod, k) for k in values}
-    for k, v in values.items():
-        setattr(mod, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(mod, k, v)
-
-
-def decode_layer(tuning, contexts=(128, 4096), page=16, persistent=True):
+def decode_layer(tuning, contexts=(128, 4096), page=16):
     """A whole decoder layer at batch 1 (weights and KV rotating, so each launch reads HBM): the all_fused
-    sites one after another (7 launches) and the five-launch chain (all_fused's decode_layer, triton_chain),
-    against the persistent layer kernel in its variants."""
+    sites one after another (7 launches) against the five-launch chain (all_fused's decode_layer, triton_chain)."""
     from nanovllm.layers.rotary import cos_sin_table
+    from nanovllm.ops.sites import AttentionSettings, LayerWeights
 
     class Rope:
         rope_theta = 1e6
 
-    layer = get_op("decode_layer").impls["triton"]
-    chain = get_op("decode_layer").impls["triton_chain"].fn
+    chain = get_op("decode_layer").impls["triton_chain"]
     sites = {op: get_op(op).impls["triton"].fn for op in get_op("decode_layer").parts}
     composed = functools.partial(get_op("decode_layer").native, **sites)
-    counters = sys.modules["nanovllm_plugins.triton._gemv_core"].counters(torch.device("cuda"), 64)
     x, table = randn(1, H), cos_sin_table(Rope(), D, 8192).cuda()
     norms = [randn(n, scale=0.1).add_(1) for n in (H, D, D, H)]
+    settings = AttentionSettings(EPS, D ** -0.5)
     out = []
     for ctx in contexts:
         blocks, meta = one_request(ctx, page)
         weights = [param(PROJ["qkv"][0], H), param(H, HQ * D), param(2 * INTER, H), param(H, INTER),
                    randn(blocks, page, HK, D), randn(blocks, page, HK, D)]
-        weights[2] = torch.nn.Parameter(layer.layouts["gate_up_w"](weights[2]), requires_grad=False)
+        weights[2] = torch.nn.Parameter(chain.layouts["gate_up_w"](weights[2]), requires_grad=False)
         nbytes = sum(w.nbytes for w in weights[:4]) + 2 * ctx * HK * D * 2
 
         def site_call(fn, qkv_w, o_w, gu, dw, kc, vc, meta=meta):
-            return fn(x, norms[0], qkv_w, None, norms[1], norms[2], o_w, norms[3], gu, dw, EPS, meta.positions, table,
-                      kc, vc, meta, D ** -0.5)
-
-        def op_call(qkv_w, o_w, gu, dw, kc, vc, meta=meta, **kw):
-            return torch.ops.nanovllm_triton.decode_layer(
-                x, norms[0], qkv_w, None, norms[1], norms[2], o_w, norms[3], gu, dw, EPS, meta.positions, table, kc,
-                vc, meta.slot_mapping, meta.block_tables, counters, D ** -0.5, 0, 0.0, **kw)
+            w = LayerWeights(norms[0], qkv_w, None, norms[1], norms[2], o_w, norms[3], gu, dw)
+            return fn(x, w, settings, meta.positions, table, kc, vc, meta)
 
         base = timed(tuning, functools.partial(site_call, composed), weights)
         out.append(row(f"layer ctx={ctx} sites", 1, nbytes, base, base))
         out.append(row(f"layer ctx={ctx} chain", 1, nbytes, base,
-                       timed(tuning, functools.partial(site_call, chain), weights)))
-        if ctx == contexts[0]:  # each site alone, to set beside the phases alone
+                       timed(tuning, functools.partial(site_call, chain.fn), weights)))
+        if ctx == contexts[0]:  # each site alone
             out += sites_alone(tuning, sites, x, norms, table, meta, weights, base)
-        for name, tunables, kw in (LAYER_VARIANTS if ctx == contexts[0] else LAYER_VARIANTS[:4]) if persistent else ():
-            with knobs("decode_layer", **tunables):
-                t = timed(tuning, functools.partial(op_call, **kw), weights)
-            out.append(row(f"layer ctx={ctx} {name}", 1, nbytes, base, t, config=tunables or None))
     return out
 
 
@@ -246,7 +208,6 @@ def main(argv=None) -> None:
     p.add_argument("--no-fused", action="store_true")
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--skip-gemv", action="store_true", help="only the attention and whole-layer rows")
-    p.add_argument("--no-persistent", action="store_true", help="no rows of the persistent layer kernel")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -269,7 +230,7 @@ def main(argv=None) -> None:
                 result["fused"] = fused_sites(tuning)
         if not args.no_attention:
             result["attention"] = attention(tuning)
-        result["decode_layer"] = decode_layer(tuning, persistent=not args.no_persistent)
+        result["decode_layer"] = decode_layer(tuning)
         result["kernels"] = kernel_resources()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"done in {result['seconds']} s")

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from nanovllm.utils.cuda_graph import capture
+
 LAUNCHES = 50
 REPEATS = 7
 L2_MULTIPLE = 4  # input copies together span this many L2 caches
@@ -39,21 +41,6 @@ def num_copies(case_bytes: int, device, launches: int = LAUNCHES) -> int:
 def rotating(args: tuple, case_bytes: int, device, launches: int = LAUNCHES) -> list[tuple]:
     """The original inputs plus enough clones to rotate through (clones share non-tensor arguments)."""
     return [args] + [clone_args(args) for _ in range(num_copies(case_bytes, device, launches) - 1)]
-
-
-def capture(fn: Callable[[], object], warmup: Callable[[], object] | None = None):
-    """(CUDA graph of fn(), fn's static outputs). `warmup` (default: fn) runs first on a side stream, as
-    capture requires: lazy initialization, JIT and autotuning stay outside the graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        (warmup or fn)()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def _cuda_graph(fn: Callable, arg_sets: list[tuple], launches: int, repeats: int) -> float:
