@@ -17,8 +17,8 @@ from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_mode import GREEDY, LOGPROBS, SAMPLED, StepMode
 from nanovllm.models.loader import count_tensors, iter_tensors, load_hf_config, load_weights, weight_files
-from nanovllm.models.registry import build_model
-from nanovllm.ops import OpResolver, PlanContext, Target
+from nanovllm.models.registry import build_model, model_target
+from nanovllm.ops import OpResolver, PlanContext
 from nanovllm.ops.meta import build_metadata
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.progress import progress_bar
@@ -70,7 +70,8 @@ class ModelRunner:
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         with torch.device(self.device):
-            self.resolver = OpResolver(vars(config.kernels), self._target(), self.hf_config.num_hidden_layers)
+            target = model_target(self.hf_config, self.device.type, self.dtype)
+            self.resolver = OpResolver(vars(config.kernels), target, self.hf_config.num_hidden_layers)
             self.model = build_model(self.hf_config, self.resolver)
         log.info("%s", self.resolver.summary())
         for p in self.model.parameters():
@@ -130,16 +131,6 @@ class ModelRunner:
         gc.collect()  # graphs, wrappers and modules can sit in reference cycles; their pools only go once collected
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def _target(self) -> Target:
-        c = self.hf_config
-        heads = c.num_attention_heads
-        shapes = dict(hidden=c.hidden_size, heads=heads, kv_heads=getattr(c, "num_key_value_heads", heads),
-                      head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-                      intermediate=getattr(c, "intermediate_size", 0), vocab=c.vocab_size,
-                      windows=bool(getattr(c, "sliding_window", None)),
-                      softcap=bool(getattr(c, "attn_logit_softcapping", None)))
-        return Target(self.device.type, self.dtype, shapes)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from nanovllm.ops import Target
+
 # architecture -> module under nanovllm.models with a `build(hf_config, resolver)` function
 ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
@@ -23,3 +25,16 @@ def build_model(hf_config, resolver):
             return importlib.import_module(f"nanovllm.models.{ARCHITECTURES[arch]}").build(hf_config, resolver)
     raise ValueError(f"unsupported model architecture {archs or '(none in config.json)'}; "
                      f"supported: {', '.join(sorted(ARCHITECTURES))}")
+
+
+def model_target(hf_config, device_type: str, dtype) -> Target:
+    """What the op registry resolves a model's kernels for: the device type, the dtype and the shapes that
+    backends' support checks read."""
+    c = hf_config
+    heads = c.num_attention_heads
+    shapes = dict(hidden=c.hidden_size, heads=heads, kv_heads=getattr(c, "num_key_value_heads", heads),
+                  head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+                  intermediate=getattr(c, "intermediate_size", 0), vocab=c.vocab_size,
+                  windows=bool(getattr(c, "sliding_window", None)),
+                  softcap=bool(getattr(c, "attn_logit_softcapping", None)))
+    return Target(device_type, dtype, shapes)

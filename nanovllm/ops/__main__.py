@@ -1,4 +1,5 @@
-"""python -m nanovllm.ops [--plugin-dir DIR ...]: print the registry, one line per (op, backend).
+"""python -m nanovllm.ops [--plugin-dir DIR ...]: print the registry, one line per (op, backend), and the presets.
+python -m nanovllm.ops --resolved [overrides]: the backend each op of a model gets, and why (ops/resolved.py).
 
 Plain text wrapped to the terminal's width (80 columns when not a terminal), so it reads in a narrow
 terminal, in a log and through `grep`.
@@ -66,13 +67,38 @@ def registry_text(width: int) -> str:
     return "\n".join(lines)
 
 
+def presets_text(width: int) -> str:
+    """The kernel presets (configs/kernels/*.yaml) with the first line of each one's own description."""
+    from nanovllm.resources import configs_dir
+
+    lines = ["", "presets (+kernels=NAME; stack with '+kernels=[a,b]'):"]
+    for path in sorted((configs_dir() / "kernels").glob("*.yaml")):
+        comments = [line[1:].strip() for line in path.read_text().splitlines()
+                    if line.startswith("#") and not line.startswith("# @package")]
+        lead = f"  - {path.stem:<{BACKEND_WIDTH}} "
+        lines += textwrap.wrap(comments[0] if comments else "", width, initial_indent=lead,
+                               subsequent_indent=" " * len(lead)) or [lead.rstrip()]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanovllm.ops", description=__doc__.splitlines()[0])
     parser.add_argument("--plugin-dir", action="append", default=[], help="extra kernel plugin directory")
+    parser.add_argument("--resolved", action="store_true", help="which backend each op of a model gets, and why")
+    parser.add_argument("overrides", nargs="*", help="with --resolved: run overrides, e.g. model=tiny device=cuda")
     args = parser.parse_args(argv)
-    loaded = load_plugins(args.plugin_dir)
     width = max(40, shutil.get_terminal_size((80, 24)).columns)
+    if args.overrides and not args.resolved:
+        parser.error("overrides go with --resolved")
+    if args.resolved:
+        from nanovllm.ops.resolved import compose, resolve_for, resolved_text
+
+        dirs = [f"kernels.plugin_dirs=[{','.join(args.plugin_dir)}]"] if args.plugin_dir else []
+        print(resolved_text(resolve_for(compose([*dirs, *args.overrides])), width))
+        return
+    loaded = load_plugins(args.plugin_dir)
     print(registry_text(width))
+    print(presets_text(width))
     failed = {path: error for path, error in loaded.items() if error is not None}
     print(f"\nplugin files: {len(loaded) - len(failed)} loaded, {len(failed)} failed")
     for path, error in failed.items():
