@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from nanovllm.models.catalog import qwen3_config
+from tests.helpers import TINY, randomize_constants, save_with_tokenizer
 
 # Tiny models run faster on one thread than on two that wait on each other.
 torch.set_num_threads(1)
-
-TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            intermediate_size=96, max_position_embeddings=1024)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,28 +28,6 @@ def tokenizer_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("qwen3_tokenizer")
     write_qwen3_tokenizer(d)
     return d
-
-
-def randomize_constants(model, norm_center: float = 1.0):
-    """Draw the parameters HF initializes to constants at random too (norms around `norm_center`, biases,
-    MoE routers scaled up), so a swapped or skipped one shows in the logits."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(norm_center + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-            elif name.endswith("mlp.gate.weight"):
-                p.copy_(0.5 * torch.randn_like(p))
-    return model
-
-
-def save_with_tokenizer(model, dest, tokenizer_dir):
-    """An HF folder: the model's weights and config, plus the tokenizer files of `tokenizer_dir`."""
-    model.save_pretrained(dest)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, dest / f.name)
-    return dest
 
 
 @pytest.fixture(scope="session")

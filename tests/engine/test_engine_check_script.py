@@ -4,19 +4,17 @@ tiny model, so a broken script is found here rather than in a device call."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, subprocess_env
 
 
 def test_engine_check_runs_on_cpu(tiny_model, tmp_path):
     out = tmp_path / "engine.json"
-    subprocess.run([sys.executable, "scripts/gpu_engine_check.py", "--out", str(out), "--check", "--configs", "",
-                    "--model", str(tiny_model), "--device", "cpu", "--positions", "6"],
-                   cwd=ROOT, check=True, timeout=600, env=dict(os.environ, NANOVLLM_PROGRESS="0"))
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_engine_check.py"), "--out", str(out), "--check",
+                    "--configs", "", "--model", str(tiny_model), "--device", "cpu", "--positions", "6"],
+                   cwd=tmp_path, check=True, timeout=600, env=subprocess_env())
     rows = json.loads(out.read_text())["correctness"]
     assert not [r for r in rows if "error" in r]
     by_name = {(r["dtype"], r["config"]): r for r in rows}

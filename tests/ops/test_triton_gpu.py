@@ -8,17 +8,16 @@ Kernels launch with PDL (programmatic dependent launch) as in the engine; weight
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanovllm.ops import AttentionMetadata, get_op, load_plugins, native_site
+from tests.helpers import ROOT
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[1]
 H, HQ, HK, D, INTER, VOCAB, EPS = 1024, 16, 8, 128, 3072, 151936, 1e-6
 BF16 = dict(atol=2e-2, rtol=2e-2)
 PROJ = {"qkv": ((HQ + 2 * HK) * D, H), "o_proj": (H, HQ * D), "gate_up": (2 * INTER, H), "down": (H, INTER),

@@ -16,12 +16,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from nanovllm.ops import AttentionMetadata, Target, get_op, load_plugins, native_site, resolve
+from tests.helpers import ROOT
 
 pytest.importorskip("triton")
 
@@ -29,7 +29,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 inner = pytest.mark.skipif(not INTERPRETED, reason="runs in test_kernels_under_the_interpreter's subprocess")
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
 DTYPES = [torch.float32, torch.bfloat16]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_kernels_under_the_interpreter():
