@@ -1,5 +1,6 @@
 """scripts/gpu_engine_check.py (the GPU's cross-path correctness check) runs end to end on the CPU with the
-tiny model, so a broken script is found here rather than in a device call."""
+tiny model, so a broken script is found here rather than in a device call. It runs from the checkout: it reads
+configs/kernels/ by relative path and writes only its --out file."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def test_engine_check_runs_on_cpu(tiny_model, tmp_path):
     out = tmp_path / "engine.json"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_engine_check.py"), "--out", str(out), "--check",
                     "--configs", "", "--model", str(tiny_model), "--device", "cpu", "--positions", "6"],
-                   cwd=tmp_path, check=True, timeout=600, env=subprocess_env())
+                   cwd=ROOT, check=True, timeout=600, env=subprocess_env())
     rows = json.loads(out.read_text())["correctness"]
     assert not [r for r in rows if "error" in r]
     by_name = {(r["dtype"], r["config"]): r for r in rows}

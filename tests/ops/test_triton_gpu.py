@@ -1,6 +1,6 @@
 """The Triton kernels on the GPU at Qwen3-0.6B's shapes (bf16): each against its native op, a CUDA graph of
 the fused decode chain, torch.compile(fullgraph=True) over the ops, and the all_fused model against the
-unfused one (teacher-forced logits, then greedy tokens). Run: pytest -m gpu tests/test_triton_gpu.py
+unfused one (teacher-forced logits, then greedy tokens). Run: pytest -m gpu tests/ops/test_triton_gpu.py
 Rows > 1 use the untuned heuristic config (NANOVLLM_TRITON_TUNE=0) to keep tuning time down; one row tunes.
 Kernels launch with PDL (programmatic dependent launch) as in the engine; weights are Parameters.
 """
