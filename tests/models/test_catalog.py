@@ -14,11 +14,7 @@ from nanovllm.models import catalog
 from nanovllm.models.catalog import CATALOG, CatalogEntry, qwen3_config, resolve_model
 from nanovllm.models.catalog import write_random_checkpoint as write_random
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("cache")  # every test gets an empty model cache (models/conftest.py)
 
 
 @pytest.fixture(scope="module")

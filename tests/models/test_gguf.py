@@ -112,9 +112,7 @@ def tiny_llama():
     return randomize_constants(AutoModelForCausalLM.from_config(config).float())
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache")  # every test gets an empty model cache (models/conftest.py)
 
 
 def teacher_forced(model_arg, prompt, forced):
