@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +22,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def tokenizer_files_key(folder: Path) -> str:
+    """A digest of what AutoTokenizer reads from `folder`: every file but the weights."""
+    digest = hashlib.sha1()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenizers_loaded_once():
+    """Every LLM(...) loads its folder's tokenizer, seconds for Qwen's 151k-token vocabulary, and most tests'
+    checkpoints carry the same tokenizer files. Within the session a folder's tokenizer is loaded once per
+    distinct content and shared: engines only read their tokenizer. Loads with other options than
+    local_files_only (a GGUF file's tokenizer) and hub names are not cached."""
+    from transformers import AutoTokenizer
+
+    load = AutoTokenizer.from_pretrained
+    loaded = {}
+
+    def from_pretrained(name, *args, **kwargs):
+        folder = Path(name)
+        if args or set(kwargs) - {"local_files_only"} or not folder.is_dir():
+            return load(name, *args, **kwargs)
+        key = tokenizer_files_key(folder)
+        if key not in loaded:
+            loaded[key] = load(name, **kwargs)
+        return loaded[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AutoTokenizer, "from_pretrained", from_pretrained)
+        yield
 
 
 @pytest.fixture(scope="session")
