@@ -15,13 +15,20 @@ from tests.helpers import TINY, randomize_constants, save_with_tokenizer
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (real model weights)")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on the lent GPU)")
+    """gpu tests are skipped without a CUDA GPU; slow ones unless asked for (--run-slow, or -m naming slow)."""
+    run_slow = config.getoption("--run-slow") or "slow" in (config.getoption("markexpr") or "")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on the lent GPU)")
+    skip_slow = pytest.mark.skip(reason="slow: run with -m slow or --run-slow")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        elif "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
