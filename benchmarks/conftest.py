@@ -2,9 +2,10 @@
 
     python -m pytest benchmarks -m gpu --benchmark-json=bench-results/bench.json
 
-Results are also upserted into a CSV keyed by GPU name (Liger-Kernel style): $NANOVLLM_BENCH_CSV, else
-bench-results/decode_step.csv under the current directory. NANOVLLM_BENCH_OVERRIDES holds Hydra overrides for
-every engine ("model=tiny device=cpu engine=cpu_small" runs the suite on the CPU).
+pytest-benchmark's storage defaults to $NANOVLLM_CACHE/benchmarks (else ~/.cache/nanovllm/benchmarks; see the
+repository's conftest.py). Results are also upserted into a CSV keyed by GPU name (Liger-Kernel style):
+$NANOVLLM_BENCH_CSV, else decode_step.csv in that storage folder. NANOVLLM_BENCH_OVERRIDES holds Hydra
+overrides for every engine ("model=tiny device=cpu engine=cpu_small" runs the suite on the CPU).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-CSV_DEFAULT = Path("bench-results") / "decode_step.csv"
 KEY = ("gpu_name", "preset", "context", "metric_name")
 COLUMNS = (*KEY, "metric_unit", "y_50", "y_20", "y_80", "rounds", "git_sha", "timestamp")
 
@@ -54,10 +54,19 @@ def bench_overrides() -> list[str]:
     return overrides()
 
 
+def csv_path(config) -> Path | None:
+    """$NANOVLLM_BENCH_CSV, else decode_step.csv beside pytest-benchmark's saved runs when they are files."""
+    if os.environ.get("NANOVLLM_BENCH_CSV"):
+        return Path(os.environ["NANOVLLM_BENCH_CSV"])
+    folder = config.getoption("benchmark_storage").removeprefix("file://")
+    return None if "://" in folder else Path(folder) / "decode_step.csv"
+
+
 @pytest.fixture(scope="session")
-def csv_rows():
+def csv_rows(request):
     """Tests append rows; they are written once, at the end of the session."""
     rows: list[dict] = []
     yield rows
-    if rows:
-        upsert_csv(Path(os.environ.get("NANOVLLM_BENCH_CSV") or CSV_DEFAULT), rows)
+    path = csv_path(request.config)
+    if rows and path:
+        upsert_csv(path, rows)

@@ -2,27 +2,70 @@
 
 from __future__ import annotations
 
-import shutil
+import hashlib
+from pathlib import Path
 
 import pytest
 import torch
 
 from nanovllm.checkpoints import qwen3_config
+from tests.helpers import TINY, randomize_constants, save_with_tokenizer
 
 # Tiny models run faster on one thread than on two that wait on each other.
 torch.set_num_threads(1)
 
-TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            intermediate_size=96, max_position_embeddings=1024)
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (real model weights)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on the lent GPU)")
+    """gpu tests are skipped without a CUDA GPU; slow ones unless asked for (--run-slow, or -m naming slow)."""
+    run_slow = config.getoption("--run-slow") or "slow" in (config.getoption("markexpr") or "")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on the lent GPU)")
+    skip_slow = pytest.mark.skip(reason="slow: run with -m slow or --run-slow")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        elif "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def tokenizer_files_key(folder: Path) -> str:
+    """A digest of what AutoTokenizer reads from `folder`: every file but the weights."""
+    digest = hashlib.sha1()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenizers_loaded_once():
+    """Every LLM(...) loads its folder's tokenizer, seconds for Qwen's 151k-token vocabulary, and most tests'
+    checkpoints carry the same tokenizer files. Within the session a folder's tokenizer is loaded once per
+    distinct content and shared: engines only read their tokenizer. Loads with other options than
+    local_files_only (a GGUF file's tokenizer) and hub names are not cached."""
+    from transformers import AutoTokenizer
+
+    load = AutoTokenizer.from_pretrained
+    loaded = {}
+
+    def from_pretrained(name, *args, **kwargs):
+        folder = Path(name)
+        if args or set(kwargs) - {"local_files_only"} or not folder.is_dir():
+            return load(name, *args, **kwargs)
+        key = tokenizer_files_key(folder)
+        if key not in loaded:
+            loaded[key] = load(name, **kwargs)
+        return loaded[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AutoTokenizer, "from_pretrained", from_pretrained)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -32,28 +75,6 @@ def tokenizer_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("qwen3_tokenizer")
     write_qwen3_tokenizer(d)
     return d
-
-
-def randomize_constants(model, norm_center: float = 1.0):
-    """Draw the parameters HF initializes to constants at random too (norms around `norm_center`, biases,
-    MoE routers scaled up), so a swapped or skipped one shows in the logits."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(norm_center + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-            elif name.endswith("mlp.gate.weight"):
-                p.copy_(0.5 * torch.randn_like(p))
-    return model
-
-
-def save_with_tokenizer(model, dest, tokenizer_dir):
-    """An HF folder: the model's weights and config, plus the tokenizer files of `tokenizer_dir`."""
-    model.save_pretrained(dest)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, dest / f.name)
-    return dest
 
 
 @pytest.fixture(scope="session")

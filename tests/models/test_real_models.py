@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
+from tests.helpers import ROOT
+
+TEXT = (ROOT / "tests" / "data" / "perplexity.txt").read_text()
 pytestmark = pytest.mark.slow
 
 

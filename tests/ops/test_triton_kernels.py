@@ -24,6 +24,7 @@ import torch
 from nanovllm.ops import Target, get_op, load_plugins, native_site, resolve
 from nanovllm.ops.meta import build_metadata
 from nanovllm.ops.sites import AttentionSettings, LayerWeights
+from tests.helpers import ROOT
 
 pytest.importorskip("triton")
 
@@ -31,18 +32,41 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 inner = pytest.mark.skipif(not INTERPRETED, reason="runs in test_kernels_under_the_interpreter's subprocess")
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
 DTYPES = [torch.float32, torch.bfloat16]
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_kernels_under_the_interpreter():
+# The interpreter run in parts of comparable length, one subprocess each (without the pytest plugins that the
+# inner tests do not use: they take seconds to import), so that no test runs for minutes.
+INTERPRETER_RUNS = {
+    "elementwise": ("test_prefetch_only_when_every_weight_read_early_is_a_parameter",
+                    "test_rms_norm_and_add_rms_norm", "test_rms_norm_reads_strided_head_views_in_place",
+                    "test_silu_and_mul", "test_sample_race", "test_qk_norm_rope", "test_attention_decode",
+                    "test_every_triton_backend_resolves_on_the_interpreter"),
+    "gemv": ("test_linear", "test_norm_qkv", "test_attn_out", "test_lm_head_sample"),
+    "mlp": ("test_mlp", "test_rope_decode_attention"),
+    "layer": ("test_decode_layer", "test_interleaved_layout_is_applied_once_where_resolved",
+              "test_sites_sharing_a_weight_must_agree_on_its_layout"),
+    "model": ("test_all_fused_tiny_model_matches_eager",),
+}
+
+
+@pytest.mark.parametrize("run", INTERPRETER_RUNS)
+def test_kernels_under_the_interpreter(run):
     if INTERPRETED:
         pytest.skip("this process is the interpreter run")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=8", __file__],
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    tests = [f"{__file__}::{name}" for name in INTERPRETER_RUNS[run]]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=8", *tests],
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     print(proc.stdout[-6000:], proc.stderr[-2000:], f"interpreter run: {time.perf_counter() - t0:.1f} s", sep="\n")
     assert proc.returncode == 0, "interpreter run failed:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_interpreter_runs_hold_every_inner_test_once():
+    runs = [name for names in INTERPRETER_RUNS.values() for name in names]
+    inner_tests = [name for name, fn in globals().items()
+                   if name.startswith("test_") and inner.mark in getattr(fn, "pytestmark", [])]
+    assert sorted(runs) == sorted(inner_tests)
 
 
 def test_shipped_tables_hold_valid_configs():

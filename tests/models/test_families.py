@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_constants, save_with_tokenizer
+
+from tests.helpers import randomize_constants, save_with_tokenizer
 
 TINY = dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             intermediate_size=96, vocab_size=512, max_position_embeddings=256, initializer_range=0.05)

@@ -23,8 +23,9 @@ from nanovllm.config import (
     register_configs,
 )
 from nanovllm.ops import MODEL_SCOPE, OpResolver, RegistryError, Target, load_plugins
+from tests.helpers import ROOT
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = ROOT / "configs"
 # groups selected with `group=name` (in config.yaml's defaults) or appended with `+group=name`
 SELECTED, APPENDED = ("model", "engine"), ("kernels", "experiment")
 

@@ -6,18 +6,15 @@ from __future__ import annotations
 import copy
 import gzip
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from nanovllm.bench import compare
 from nanovllm.bench.__main__ import main as bench_main
 from nanovllm.bench.results import REQUIRED, save
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +26,9 @@ def cache(tmp_path_factory):
 def quick_run(tmp_path_factory, cache):
     """One `python -m nanovllm.bench all --quick` run, shared by the tests below."""
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, NANOVLLM_CACHE=str(cache), NANOVLLM_PROGRESS="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = subprocess_env(NANOVLLM_CACHE=str(cache))
     p = subprocess.run([sys.executable, "-m", "nanovllm.bench", "all", "--quick", "--out-dir", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
     files = sorted(out.glob("*.json"))
     assert len(files) == 1, files  # traces are .json.gz

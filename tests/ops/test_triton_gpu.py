@@ -1,6 +1,6 @@
 """The Triton kernels on the GPU at Qwen3-0.6B's shapes (bf16): each against its native op, a CUDA graph of
 the fused decode chain, torch.compile(fullgraph=True) over the ops, and the all_fused model against the
-unfused one (teacher-forced logits, then greedy tokens). Run: pytest -m gpu tests/test_triton_gpu.py
+unfused one (teacher-forced logits, then greedy tokens). Run: pytest -m gpu tests/ops/test_triton_gpu.py
 Rows > 1 use the untuned heuristic config (NANOVLLM_TRITON_TUNE=0) to keep tuning time down; one row tunes.
 Kernels launch with PDL (programmatic dependent launch) as in the engine; weights are Parameters.
 """
@@ -8,7 +8,6 @@ Kernels launch with PDL (programmatic dependent launch) as in the engine; weight
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +16,10 @@ import torch.nn.functional as F
 from nanovllm.ops import get_op, load_plugins, native_site
 from nanovllm.ops.meta import build_metadata
 from nanovllm.ops.sites import AttentionSettings, LayerWeights
+from tests.helpers import ROOT
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[1]
 H, HQ, HK, D, INTER, VOCAB, EPS = 1024, 16, 8, 128, 3072, 151936, 1e-6
 BF16 = dict(atol=2e-2, rtol=2e-2)
 PROJ = {"qkv": ((HQ + 2 * HK) * D, H), "o_proj": (H, HQ * D), "gate_up": (2 * INTER, H), "down": (H, INTER),

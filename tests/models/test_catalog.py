@@ -14,11 +14,7 @@ from nanovllm.checkpoints import CATALOG, RANDOM_NOTE, CatalogEntry, qwen3_confi
 from nanovllm.checkpoints import resolve as resolving
 from nanovllm.checkpoints import write_random_checkpoint as write_random
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("cache")  # every test gets an empty model cache (models/conftest.py)
 
 
 @pytest.fixture(scope="module")

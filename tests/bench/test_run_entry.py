@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, subprocess_env
+
 pytestmark = pytest.mark.skipif(not (ROOT / "nanovllm" / "llm.py").exists(),
                                 reason="nanovllm/llm.py (the engine API) does not exist yet")
 # the smallest run that still exercises every part: the tiny model, a few tokens
@@ -23,12 +22,12 @@ SMALL = ["model=tiny", "device=cpu", "engine=cpu_small", "bench.num_prompts=2", 
 def env(tmp_path_factory):
     """A model cache shared by this module's runs (the tiny model is written once)."""
     cache = tmp_path_factory.mktemp("nanovllm_cache")
-    return dict(os.environ, NANOVLLM_CACHE=str(cache), NANOVLLM_PROGRESS="0", HYDRA_FULL_ERROR="1",
-                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess_env(NANOVLLM_CACHE=str(cache))
 
 
 def run(args, env, timeout=600) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    """Run from the model cache's folder, so nothing the child writes lands in the checkout."""
+    p = subprocess.run([sys.executable, *args], cwd=env["NANOVLLM_CACHE"], env=env, capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode == 0, f"{args} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
     return p
@@ -58,7 +57,7 @@ def test_run_writes_results(tmp_path, env):
 def test_bad_backend_fails_before_building(tmp_path, env):
     p = subprocess.run([sys.executable, "-m", "nanovllm.run", "model=tiny", "device=cpu",
                         "kernels.ops.rms_norm=tritonn", f"hydra.run.dir={tmp_path}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "valid backends" in p.stderr and "eager" in p.stderr
     assert "building model" not in p.stdout

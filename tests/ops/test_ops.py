@@ -1,11 +1,12 @@
-"""Every op's compile backend against its native reference on fresh random inputs, odd shapes included."""
+"""Every backend this process can run on the CPU (compile for every op, sdpa for attention; the Triton kernels
+too under TRITON_INTERPRET=1) against its op's native reference on fresh random inputs, odd shapes included."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nanovllm.ops import OPS, Target, get_op, native_site, resolve
+from nanovllm.ops import OPS, Target, get_op, load_plugins, native_site, resolve
 from nanovllm.ops.meta import kv_slots
 from nanovllm.ops.sites import AttentionSettings, LayerWeights
 from nanovllm.ops.testing import random_step
@@ -135,6 +136,16 @@ def test_rope_matches_transformers_rotate_half():
 
 def random_args(op: str, dtype):
     n, h, d, inter, vocab = 7, 40, 12, 52, 97
+    if "attention" in op:  # 4 query heads over 2 KV heads, requests on shuffled blocks of 4, a window of 3
+        q_lens, kv_lens = ([7, 1, 13], [7, 9, 30]) if op == "attention_prefill" else ([1, 1, 1], [5, 17, 33])
+        meta, num_blocks = random_step(q_lens, kv_lens)
+        kc, vc = torch.randn(2, num_blocks + 1, 4, 2, d, dtype=dtype)
+        if op == "rope_decode_attention":  # raw q, k, v: strided views of one packed QKV row per request
+            q, k, v = torch.randn(3, 8 * d, dtype=dtype).split((4 * d, 2 * d, 2 * d), -1)
+            norms = ((torch.randn(d) * 0.2 + 1).to(dtype), (torch.randn(d) * 0.2 + 1).to(dtype))
+            return (q.view(3, 4, d), k.view(3, 2, d), v.view(3, 2, d), *norms, 1e-6, meta.positions,
+                    torch.randn(64, d), kc, vc, meta, d ** -0.5, 3)
+        return torch.randn(sum(q_lens), 4, d, dtype=dtype), kc, vc, meta, d ** -0.5, 3
     r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
     w = lambda *s: (torch.randn(*s) * 0.2).to(dtype)  # noqa: E731
     cos_sin = torch.randn(64, d)
@@ -169,18 +180,35 @@ def random_args(op: str, dtype):
     }[op]
 
 
-# attention ops (and the whole layer) take step metadata: own tests
-SIMPLE_OPS = [op for op in sorted(OPS) if "attention" not in op and op != "decode_layer"]
+SHAPES = dict(hidden=40, head_dim=12, heads=4, kv_heads=2)  # the widths random_args draws
 
 
-@pytest.mark.parametrize("op", SIMPLE_OPS)
-def test_compile_backend_matches_native(op):
+def cpu_backends() -> list[tuple[str, str]]:
+    """(op, backend) for every registered backend but the native that runs on this process's CPU in float32.
+    Compiling attention takes minutes on a CPU: test_compiled_attention_matches_native compiles the two
+    attention ops once each, test_compiled_decode_layer_matches_native the whole layer."""
+    load_plugins()
+    return [(op, backend) for op in sorted(OPS) if op != "decode_layer"
+            for backend, impl in sorted(OPS[op].impls.items())
+            if backend != "eager" and not (backend == "compile" and "attention" in op)
+            and impl.support.reason_unsupported("cpu", torch.float32, SHAPES) is None]
+
+
+def implementation(op: str, backend: str):
+    parts = {p: native_site(p) for p in get_op(op).parts}
+    fn, used = resolve(op, backend, Target("cpu", torch.float32, SHAPES), allow_fallback=False, parts=parts)
+    assert used == backend
+    return fn
+
+
+@pytest.mark.parametrize("op,backend", cpu_backends())
+def test_backend_matches_native(op, backend):
     torch.manual_seed(hash(op) % 1000)
     args = random_args(op, torch.float32)
     clone = lambda a: a.clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
     expected = native_site(op)(*[clone(a) for a in args])
     got_args = [clone(a) for a in args]
-    got = compiled(op)(*got_args)
+    got = implementation(op, backend)(*got_args)
     if op == "store_kv":  # compare the caches it wrote
         expected, got = args[2].clone(), got_args[2]
         native_site(op)(*args)

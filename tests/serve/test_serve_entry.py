@@ -4,11 +4,9 @@ the load benchmark's --spawn mode runs the real entry point end to end; the exam
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -18,19 +16,14 @@ from omegaconf import OmegaConf
 from nanovllm.config import check_schema
 from nanovllm.serve.background import serve_model
 from nanovllm.serve.schema import check_serve_schema, register_serve_configs
+from tests.helpers import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
 register_serve_configs()
 
 
 def compose_serve(overrides=(), name="serve"):
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         return compose(name, overrides=list(overrides))
-
-
-def env(**extra) -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                NANOVLLM_PROGRESS="0", HYDRA_FULL_ERROR="1", **extra)
 
 
 def test_serve_config_defaults():
@@ -84,10 +77,11 @@ def test_spawned_server_load_benchmark(tiny_model, tmp_path):
     """benchmarks/serve_load.py --spawn: starts `python -m nanovllm.serve`, waits for /health, streams
     from concurrent clients, writes the JSON, and stops the server."""
     out = tmp_path / "load.json"
-    cmd = [sys.executable, "benchmarks/serve_load.py", "--spawn", "-c", "4", "-n", "8", "--max-tokens", "8",
-           "--prompt-words", "16", "--startup-timeout", "120", "--time-limit", "60", "--out", str(out), "--",
-           f"model.name={tiny_model}", "device=cpu", "engine=cpu_small", "server.served_model_name=tiny-served"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--spawn", "-c", "4", "-n", "8",
+           "--max-tokens", "8", "--prompt-words", "16", "--startup-timeout", "120", "--time-limit", "60",
+           "--out", str(out), "--", f"model.name={tiny_model}", "device=cpu", "engine=cpu_small",
+           "server.served_model_name=tiny-served"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["model"] == "tiny-served" and res["ok"] == 8 and res["failed"] == 0

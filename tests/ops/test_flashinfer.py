@@ -17,6 +17,7 @@ from nanovllm.ops import AttentionMetadata, PlanContext, get_op, load_plugins
 from nanovllm.ops.meta import build_metadata
 from nanovllm.ops.testing import random_step
 from nanovllm.utils.cuda_graph import capture
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.gpu
 
@@ -350,13 +351,11 @@ def test_engine_short_context_graphs_give_the_full_width_tokens():
     """The `flashinfer` preset's decode graphs over the short block table give the tokens of the full-width
     graphs, also across the switch: the second row outgrows 2,048 tokens mid-generation, and its batch moves
     to the full-width graph (FlashInfer plans each step from the actual lengths: the same kernels, bit for bit)."""
-    from pathlib import Path
-
     import yaml
 
     from nanovllm import LLM, SamplingParams
 
-    kernels = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/kernels/flashinfer.yaml").read_text())
+    kernels = yaml.safe_load((ROOT / "configs/kernels/flashinfer.yaml").read_text())
     prompts = [list(range(1000, 1100)), [7 + (i * 31) % 5000 for i in range(2030)]]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     tokens, widths = {}, {}

@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_constants
+
+from tests.helpers import randomize_constants
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -111,9 +112,7 @@ def tiny_llama():
     return randomize_constants(AutoModelForCausalLM.from_config(config).float())
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache")  # every test gets an empty model cache (models/conftest.py)
 
 
 def teacher_forced(model_arg, prompt, forced):

@@ -84,7 +84,8 @@ def test_preemption_under_tiny_kv_budget(tiny_model, tiny_llm):
     small = LLM(str(tiny_model), dtype="float64", max_model_len=128, num_kvcache_blocks=12, kvcache_block_size=16)
     out = [r["token_ids"] for r in small.generate(ps, params)]
     assert small.engine.scheduler.num_preemptions > 0
-    assert out == solo(tiny_llm, ps, params)
+    # the float64 engine's batched tokens are each request's solo tokens (test_batch_of_32_equals_each_alone)
+    assert out == [r["token_ids"] for r in tiny_llm.generate(ps, params)]
     assert_all_blocks_free(small)
 
 
