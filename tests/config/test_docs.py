@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 
 from nanovllm.config import check_kernel_names, check_schema, register_configs
 from nanovllm.ops import OPS, get_op
+from tests.helpers import ROOT
 
-ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 README = (ROOT / "README.md").read_text()
 DOCS = {path.name: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
 

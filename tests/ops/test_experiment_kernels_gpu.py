@@ -1,22 +1,22 @@
 """The experimental kernel variants (experiments/kernels/, loaded through kernels.plugin_dirs) on the GPU at
 Qwen3-0.6B's shapes (bf16), with test_triton_gpu.py's cases and helpers. Run: pytest -m gpu
-tests/test_experiment_kernels_gpu.py
+tests/ops/test_experiment_kernels_gpu.py
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from nanovllm.ops import get_op, load_plugins
+from tests.helpers import ROOT
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.gpu
 
-from test_triton_gpu import (  # noqa: E402  (pytest puts tests/ on sys.path)
+from tests.ops.test_triton_gpu import (  # noqa: E402
     VOCAB,
     H,
     check_greedy_tokens,
@@ -28,11 +28,11 @@ from test_triton_gpu import (  # noqa: E402  (pytest puts tests/ on sys.path)
     param,
     untuned,  # noqa: F401  (a fixture)
 )
-from test_triton_gpu import test_attention_decode as check_attention_decode  # noqa: E402  (not collected here)
-from test_triton_gpu import test_attn_out as check_attn_out  # noqa: E402
-from test_triton_gpu import test_rope_decode_attention as check_rope_decode_attention  # noqa: E402
+from tests.ops.test_triton_gpu import test_attention_decode as check_attention_decode  # noqa: E402  (not collected here)
+from tests.ops.test_triton_gpu import test_attn_out as check_attn_out  # noqa: E402
+from tests.ops.test_triton_gpu import test_rope_decode_attention as check_rope_decode_attention  # noqa: E402
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "kernels"
+EXPERIMENTS = ROOT / "experiments" / "kernels"
 
 
 @pytest.fixture(scope="module")

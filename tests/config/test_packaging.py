@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from nanovllm import resources
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("nanovllm", "kernels", "configs", "pyproject.toml", "setup.py", "README.md")
 
 

@@ -8,11 +8,11 @@ import ast
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 ORDINALS = "first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|[0-9]+th"
 # Spelled so that this file does not match its own patterns.
 FORBIDDEN = "|".join(["DESIGN \u00a7", r"DESIGN\.md", r"\.\./shared", f"({ORDINALS}) " + "session"])

@@ -12,8 +12,8 @@ import pytest
 from nanovllm.bench import baseline
 from nanovllm.bench.__main__ import main as bench_main
 from nanovllm.bench.results import DEFAULT_OUT_DIR, command_line, save
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 GPU = "NVIDIA Test GPU 80GB"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,8 @@ from nanovllm.ops import get_op, load_plugins, native_site
 
 pytest.importorskip("triton")
 
-from test_triton_kernels import (  # noqa: E402  (pytest puts tests/ on sys.path; the helpers need triton)
+from tests.helpers import ROOT
+from tests.ops.test_triton_kernels import (  # noqa: E402  (the helpers need triton)
     DTYPES,
     LAYER_CASES,
     TOL,
@@ -31,11 +31,11 @@ from test_triton_kernels import (  # noqa: E402  (pytest puts tests/ on sys.path
     preset,
     weight,
 )
-from test_triton_kernels import test_decode_layer as check_decode_layer  # noqa: E402  (not collected here)
+from tests.ops.test_triton_kernels import test_decode_layer as check_decode_layer  # noqa: E402  (not collected here)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 inner = pytest.mark.skipif(not INTERPRETED, reason="runs in test_experiments_under_the_interpreter's subprocess")
-ROOT = Path(__file__).resolve().parents[1]
+
 EXPERIMENTS = ROOT / "experiments"
 PRESETS = ("onepass", "persistent_layer", "triton_embedding")
 

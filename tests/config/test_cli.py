@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from nanovllm.cli import CliError, hydra_value, main, to_hydra
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("default", "gemma3-270m", "smollm2-135m", "tiny")
 KERNELS = ("all_fused", "baseline", "fused_mlp", "sdpa")
 
