@@ -13,10 +13,10 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.cuda_graphs import DecodeGraphs
-from nanovllm.engine.scheduler import ScheduledSeq
-from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.logits_processing import LogitsAdjustment
 from nanovllm.engine.prompt_logprobs import record_prompt_logprobs
+from nanovllm.engine.scheduler import ScheduledSeq
+from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_mode import ADJUSTED, GREEDY, LOGPROBS, SAMPLED, StepMode
 from nanovllm.models.loader import count_tensors, iter_tensors, load_hf_config, load_weights, weight_files
 from nanovllm.models.registry import build_model, model_target
