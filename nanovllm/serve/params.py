@@ -37,8 +37,8 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     "bad_words": ((None, []), "bad_words is not supported"),
     "skip_special_tokens": ((None, True), "special tokens are always skipped in the output text"),
     "spaces_between_special_tokens": ((None, True), "spaces_between_special_tokens=false is not supported"),
-    "add_special_tokens": ((None,), "add_special_tokens is not supported: completions add the tokenizer's "
-                                    "special tokens, chat templates hold their own"),
+    "add_special_tokens": ((None,), "completions add the tokenizer's special tokens (true) and chat prompts "
+                                    "take theirs from the template (false); the other choice is not supported"),
     "add_generation_prompt": ((None, True), "the chat template always ends with the generation prompt"),
     "continue_final_message": ((None, False), "continue_final_message is not supported"),
     "chat_template": ((None,), "a request may not set its own chat template"),
@@ -58,11 +58,17 @@ REFUSED: dict[str, tuple[tuple, str]] = {
 }
 
 
+# The values of a REFUSED field that each endpoint honours (what it does anyway).
+HONOURED_AS_IS = {CompletionRequest: {"add_special_tokens": True}, ChatCompletionRequest: {"add_special_tokens": False}}
+
+
 def check_supported(req: SamplingFields) -> None:
     """A 400 naming the field beats silently ignoring a feature the client relies on."""
+    as_is = HONOURED_AS_IS.get(type(req), {})
     for name, value in (req.model_extra or {}).items():
         if name in REFUSED:
             off, why = REFUSED[name]
+            off = off + ((as_is[name],) if name in as_is else ())
             if not any(value == v and type(value) is type(v) or value is v for v in off):
                 raise APIError(400, f"{name}={value!r} is not supported: {why}", name)
     if req.prompt_logprobs is not None and req.stream:
