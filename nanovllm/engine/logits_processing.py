@@ -103,7 +103,8 @@ class LogitsAdjustment:
         """The adjusted logits (float32, a new tensor)."""
         logits = logits.float().clone()
         if self.banned is not None:
-            logits.index_put_(self.banned, torch.tensor(float("-inf"), device=logits.device))
+            rows, ids = self.banned  # a fill on the device, not a host value copied in (which would sync)
+            logits.index_put_((rows, ids), torch.full(rows.shape, float("-inf"), device=logits.device))
         if self.bias is not None:
             rows, ids, values = self.bias
             logits.index_put_((rows, ids), values, accumulate=True)
