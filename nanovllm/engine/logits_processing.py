@@ -53,6 +53,9 @@ class LogitsAdjustment:
 
     banned: tuple[torch.Tensor, torch.Tensor] | None          # (rows, token ids) set to -inf (min_tokens)
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, biases) added
+    # The penalties, over the penalized rows only (`penalized`: their indices in the step), so a step with few
+    # penalized rows builds small (rows, vocab) tensors.
+    penalized: torch.Tensor | None
     output_counts: torch.Tensor | None
     prompt_mask: torch.Tensor | None
     presence: torch.Tensor | None
@@ -86,18 +89,20 @@ class LogitsAdjustment:
             rows, items = pairs(biases)
             bias = (upload(rows, torch.int64), upload([t for t, _ in items], torch.int64),
                     upload([b for _, b in items], torch.float32))
-        params = [s.params for s in seqs]
-        presence = column([p.presence_penalty for p in params], 0.0)
-        frequency = column([p.frequency_penalty for p in params], 0.0)
-        repetition = column([p.repetition_penalty for p in params], 1.0)
-        output_counts = prompt_mask = None
-        if presence is not None or frequency is not None or repetition is not None:
-            output_counts = _token_counts([s.completion_token_ids if s.params.penalized else [] for s in seqs],
-                                          vocab_size, upload, device)
-        if repetition is not None:
-            prompt = [s.token_ids[:s.num_prompt_tokens] if s.params.repetition_penalty != 1 else [] for s in seqs]
-            prompt_mask = _token_counts(prompt, vocab_size, upload, device) > 0
-        return cls(banned, bias, output_counts, prompt_mask, presence, frequency, repetition)
+        index = [i for i, s in enumerate(seqs) if s.params.penalized]
+        penalized = output_counts = prompt_mask = presence = frequency = repetition = None
+        if index:
+            params = [seqs[i].params for i in index]
+            penalized = upload(index, torch.int64)
+            presence = column([p.presence_penalty for p in params], 0.0)
+            frequency = column([p.frequency_penalty for p in params], 0.0)
+            repetition = column([p.repetition_penalty for p in params], 1.0)
+            output_counts = _token_counts([seqs[i].completion_token_ids for i in index], vocab_size, upload, device)
+            if repetition is not None:
+                prompt = [seqs[i].token_ids[:seqs[i].num_prompt_tokens] if p.repetition_penalty != 1 else []
+                          for i, p in zip(index, params)]
+                prompt_mask = _token_counts(prompt, vocab_size, upload, device) > 0
+        return cls(banned, bias, penalized, output_counts, prompt_mask, presence, frequency, repetition)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """The adjusted logits (float32, a new tensor)."""
@@ -108,9 +113,10 @@ class LogitsAdjustment:
         if self.bias is not None:
             rows, ids, values = self.bias
             logits.index_put_((rows, ids), values, accumulate=True)
-        if self.output_counts is not None:
-            logits = apply_penalties(logits, self.output_counts, self.prompt_mask, self.presence, self.frequency,
-                                     self.repetition)
+        if self.penalized is not None:
+            rows = apply_penalties(logits.index_select(0, self.penalized), self.output_counts, self.prompt_mask,
+                                   self.presence, self.frequency, self.repetition)
+            logits.index_copy_(0, self.penalized, rows)
         return logits
 
 

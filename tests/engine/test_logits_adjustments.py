@@ -36,11 +36,11 @@ def make_seq(prompt, output, params):
 
 def test_batched_penalties_match_the_per_row_reference():
     g = torch.Generator().manual_seed(0)
-    vocab, rows = 50, 6
-    logits = torch.randn(rows, vocab, generator=g) * 3
     settings = [dict(), dict(presence_penalty=1.5), dict(frequency_penalty=-0.7), dict(repetition_penalty=1.8),
                 dict(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=0.6),
-                dict(repetition_penalty=1.3, logit_bias={3: 100.0, 7: -42.5})]
+                dict(repetition_penalty=1.3, logit_bias={3: 100.0, 7: -42.5}), dict(logit_bias={1: 2.5}), dict()]
+    vocab, rows = 50, len(settings)
+    logits = torch.randn(rows, vocab, generator=g) * 3
     seqs, want = [], []
     for i, kw in enumerate(settings):
         prompt = torch.randint(0, vocab, (8,), generator=g).tolist()
@@ -50,7 +50,8 @@ def test_batched_penalties_match_the_per_row_reference():
         want.append(reference(logits[i], prompt, output, p))
     got = LogitsAdjustment.of(seqs, vocab, torch.device("cpu")).apply(logits)
     torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-6, atol=1e-5)
-    assert torch.equal(got[0], logits[0].float())  # a row without adjustments is untouched, bit for bit
+    for plain in (0, rows - 1):  # rows without adjustments are untouched, bit for bit
+        assert torch.equal(got[plain], logits[plain].float())
 
 
 def test_apply_penalties_neutral_values_are_exact():
