@@ -51,8 +51,9 @@ def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_ma
 class LogitsAdjustment:
     """The adjustments of one step's sampled rows (build it with `of`; None when no row needs any)."""
 
-    banned: tuple[torch.Tensor, torch.Tensor] | None          # (rows, token ids) set to -inf (min_tokens)
-    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, biases) added
+    # Entries of the flattened (rows, vocab) logits, row * vocab + token id:
+    banned: torch.Tensor | None                          # set to -inf (min_tokens)
+    bias: tuple[torch.Tensor, torch.Tensor] | None       # (entries, biases) added (logit_bias)
     # The penalties, over the penalized rows only (`penalized`: their indices in the step), so a step with few
     # penalized rows builds small (rows, vocab) tensors.
     penalized: torch.Tensor | None
@@ -75,20 +76,14 @@ class LogitsAdjustment:
         def column(values, off) -> torch.Tensor | None:
             return None if all(v == off for v in values) else upload(values, torch.float32)
 
-        def pairs(per_row: list[list]) -> tuple[np.ndarray, list]:
-            rows = np.repeat(np.arange(len(per_row), dtype=np.int64), [len(x) for x in per_row])
-            return rows, list(itertools.chain.from_iterable(per_row))
-
         banned = bias = None
         stop = [sorted(s.min_tokens_stop_ids) if s.params.min_tokens > s.num_completion_tokens else [] for s in seqs]
         if any(stop):
-            rows, ids = pairs(stop)
-            banned = (upload(rows, torch.int64), upload(ids, torch.int64))
-        biases = [list((s.params.logit_bias or {}).items()) for s in seqs]
+            banned = upload(_entries(stop, vocab_size), torch.int64)
+        biases = [(s.params.logit_bias or {}) for s in seqs]
         if any(biases):
-            rows, items = pairs(biases)
-            bias = (upload(rows, torch.int64), upload([t for t, _ in items], torch.int64),
-                    upload([b for _, b in items], torch.float32))
+            bias = (upload(_entries([list(b) for b in biases], vocab_size), torch.int64),
+                    upload([v for b in biases for v in b.values()], torch.float32))
         index = [i for i, s in enumerate(seqs) if s.params.penalized]
         penalized = output_counts = prompt_mask = presence = frequency = repetition = None
         if index:
@@ -106,13 +101,11 @@ class LogitsAdjustment:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """The adjusted logits (float32, a new tensor)."""
-        logits = logits.float().clone()
+        logits = logits.float().clone(memory_format=torch.contiguous_format)  # flat views below
         if self.banned is not None:
-            rows, ids = self.banned  # a fill on the device, not a host value copied in (which would sync)
-            logits.index_put_((rows, ids), torch.full(rows.shape, float("-inf"), device=logits.device))
+            logits.view(-1).index_fill_(0, self.banned, float("-inf"))
         if self.bias is not None:
-            rows, ids, values = self.bias
-            logits.index_put_((rows, ids), values, accumulate=True)
+            logits.view(-1).index_add_(0, *self.bias)
         if self.penalized is not None:
             rows = apply_penalties(logits.index_select(0, self.penalized), self.output_counts, self.prompt_mask,
                                    self.presence, self.frequency, self.repetition)
@@ -120,13 +113,18 @@ class LogitsAdjustment:
         return logits
 
 
+def _entries(per_row: list[list[int]], vocab_size: int) -> np.ndarray:
+    """Flat indices row * vocab + token id of each row's token ids, row by row."""
+    lengths = [len(x) for x in per_row]
+    flat = np.repeat(np.arange(len(per_row), dtype=np.int64) * vocab_size, lengths)
+    flat += np.fromiter(itertools.chain.from_iterable(per_row), np.int64, sum(lengths))
+    return flat
+
+
 def _token_counts(per_row: list[list[int]], vocab_size: int, upload, device: torch.device) -> torch.Tensor:
     """(rows, vocab) float32: how often each token occurs in each row's list."""
     counts = torch.zeros(len(per_row), vocab_size, dtype=torch.float32, device=device)
-    lengths = [len(x) for x in per_row]
-    if sum(lengths):
-        flat = np.repeat(np.arange(len(per_row), dtype=np.int64) * vocab_size, lengths)
-        flat += np.fromiter(itertools.chain.from_iterable(per_row), np.int64, sum(lengths))
-        index = upload(flat, torch.int64)
-        counts.view(-1).index_add_(0, index, torch.ones(len(flat), dtype=torch.float32, device=device))
+    flat = _entries(per_row, vocab_size)
+    if flat.size:
+        counts.view(-1).index_add_(0, upload(flat, torch.int64), torch.ones(flat.size, device=device))
     return counts
