@@ -43,9 +43,10 @@ class LLM:
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             try:
-                self.engine.tokenize(prompt)
                 if not isinstance(params, SamplingParams):
                     raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+                self.engine.tokenize(prompt, params.truncate_prompt_tokens)
+                self.engine.check_params(params)
             except ValueError as e:
                 raise ValueError(f"request {i}: {e}") from None
         return [self.engine.add_request(p, sp) for p, sp in zip(prompts, sampling_params)]
@@ -63,6 +64,8 @@ class LLM:
                 r["token_ids"] += out.token_ids
                 if out.logprobs:
                     r.setdefault("logprobs", []).extend(out.logprobs)
+                if out.prompt_logprobs is not None:
+                    r["prompt_logprobs"] = out.prompt_logprobs
                 if out.finished:
                     r["finish_reason"] = out.finish_reason
                     advance()

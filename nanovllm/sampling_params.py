@@ -18,6 +18,15 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None       # return the sampled token's logprob and this many top alternatives
     detokenize: bool = True           # False: token ids only, no text (the host skips detokenizing each token)
+    presence_penalty: float = 0.0     # in [-2, 2]: subtracted once from each token already in the output
+    frequency_penalty: float = 0.0    # in [-2, 2]: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0   # > 0: tokens of the prompt or output get positive logits divided by it,
+    #                                   negative ones multiplied (1 disables)
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] added to its logit
+    min_tokens: int = 0               # EOS and stop token ids are masked, stop strings unchecked, until this many
+    include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
+    prompt_logprobs: int | None = None  # per prompt token: its logprob and this many top alternatives
+    truncate_prompt_tokens: int | None = None  # keep only the last this many prompt tokens
 
     def __post_init__(self):
         def bad(name, value, want):
@@ -48,7 +57,37 @@ class SamplingParams:
             bad("detokenize", self.detokenize, "stop strings are matched on the text: keep it True with `stop`")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, "it must be a list of non-negative token ids")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                bad(name, value, "it must be a number in [-2, 2]")
+        if isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float)) \
+                or not 0 < self.repetition_penalty <= 100:
+            bad("repetition_penalty", self.repetition_penalty, "it must be a number in (0, 100] (1 disables it)")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or any(
+                    isinstance(t, bool) or not isinstance(t, int) or t < 0 or isinstance(b, bool)
+                    or not isinstance(b, (int, float)) or not -100 <= b <= 100 for t, b in self.logit_bias.items()):
+                bad("logit_bias", self.logit_bias, "it must map non-negative token ids to biases in [-100, 100]")
+            self.logit_bias = {t: float(b) for t, b in self.logit_bias.items() if b != 0} or None
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad("min_tokens", self.min_tokens, "it must be an integer >= 0")
+        if self.min_tokens > self.max_tokens:
+            bad("min_tokens", self.min_tokens, f"it must be at most max_tokens={self.max_tokens}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            bad("include_stop_str_in_output", self.include_stop_str_in_output, "it must be True or False")
+        if self.prompt_logprobs is not None and (isinstance(self.prompt_logprobs, bool) or not isinstance(
+                self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", self.prompt_logprobs, "it must be None or an integer in [0, 20]")
+        if self.truncate_prompt_tokens is not None and (isinstance(self.truncate_prompt_tokens, bool) or not isinstance(
+                self.truncate_prompt_tokens, int) or self.truncate_prompt_tokens < 1):
+            bad("truncate_prompt_tokens", self.truncate_prompt_tokens, "it must be None or an integer >= 1")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a presence, frequency or repetition penalty changes this request's logits."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

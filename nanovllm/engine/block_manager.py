@@ -50,7 +50,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits, prev = [], None
-        for i in range(seq.num_tokens // self.block_size):
+        for i in range(seq.reusable_prefix_tokens // self.block_size):
             tokens = seq.block_tokens(i, self.block_size)
             prev = self._chain_hash(prev, tokens)
             block_id = self.cached.get(prev)

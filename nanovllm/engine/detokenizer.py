@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], include_stop: bool = False):
         self.tokenizer = tokenizer
         # A fast tokenizer's Rust tokenizer directly: half the cost of transformers' decode(), which matters
         # at 256 running requests (two decodes per token per request, on the engine's hot path).
@@ -23,13 +23,15 @@ class Detokenizer:
         self.text = ""
         self.sent = 0                      # characters of text already handed out
         self.stop = stop
+        self.include_stop = include_stop   # keep the matched stop string at the end of the text
         self.hold = max((len(s) for s in stop), default=1) - 1
 
     def _decode(self, ids) -> str:
         return self.decoder.decode(ids, skip_special_tokens=True)
 
-    def add(self, token_id: int) -> bool:
-        """Append a token; returns True when the text now contains a stop string (text cut before it)."""
+    def add(self, token_id: int, check_stop: bool = True) -> bool:
+        """Append a token; returns True when the text now contains a stop string (text cut before it, or after
+        it with include_stop). With check_stop False the new text is not searched for stop strings."""
         self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
@@ -38,9 +40,11 @@ class Detokenizer:
         old = len(self.text)
         self.text += after[len(before):]
         self.prefix, self.read = self.read, len(self.ids)
-        cuts = [c for s in self.stop if (c := self.text.find(s, max(old - len(s) + 1, 0))) != -1]
+        cuts = [(c, c + len(s)) for s in self.stop if (c := self.text.find(s, max(old - len(s) + 1, 0))) != -1] \
+            if check_stop else []
         if cuts:
-            self.text = self.text[:min(cuts)]
+            start, end = min(cuts)
+            self.text = self.text[:end if self.include_stop else start]
             self.sent = min(self.sent, len(self.text))
             return True
         return False
@@ -55,7 +59,7 @@ class Detokenizer:
 class NoText:
     """For requests with detokenize=False: token ids only, no text and no stop strings."""
 
-    def add(self, token_id: int) -> bool:
+    def add(self, token_id: int, check_stop: bool = True) -> bool:
         return False
 
     def delta(self, finished: bool) -> str:

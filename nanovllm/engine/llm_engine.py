@@ -29,6 +29,10 @@ class RequestOutput:
     logprobs: list[dict] = field(default_factory=list)  # per new token: {"token_logprob", "top": {id: lp}}
     num_prompt_tokens: int = 0
     num_completion_tokens: int = 0
+    # On a request's first output only: its prompt token ids (after truncate_prompt_tokens) and, when asked,
+    # its prompt logprobs (None for the first token, then {"token_logprob", "rank", "top": {id: lp}}).
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict | None] | None = None
 
 
 class LLMEngine:
@@ -64,21 +68,32 @@ class LLMEngine:
             pass
         return ids
 
-    def tokenize(self, prompt) -> list[int]:
-        """Checks one prompt (text or token ids) and returns its ids; raises ValueError naming the problem."""
+    def tokenize(self, prompt, keep_last: int | None = None) -> list[int]:
+        """Checks one prompt (text or token ids) and returns its ids, only the last `keep_last` of them when
+        given (before the length check); raises ValueError naming the problem."""
         return encode_prompt(self.tokenizer, prompt, max_model_len=self.config.max_model_len,
-                             vocab_size=self.vocab_size)
+                             vocab_size=self.vocab_size, keep_last=keep_last)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids against this model's vocabulary."""
+        bad = sorted(t for t in (params.logit_bias or {}) if t >= self.vocab_size)
+        if bad:
+            raise ValueError(f"logit_bias names token ids outside the vocabulary [0, {self.vocab_size}): {bad}")
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        ids = self.tokenize(prompt)
+        self.check_params(params)
+        ids = self.tokenize(prompt, params.truncate_prompt_tokens)
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(ids, params, request_id)
-        detok = Detokenizer(self.tokenizer, ids, params.stop) if params.detokenize else NO_TEXT
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        seq.min_tokens_stop_ids = frozenset(t for t in stop_ids if t < self.vocab_size)
+        detok = Detokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output) \
+            if params.detokenize else NO_TEXT
         self.requests[request_id] = (seq, detok)
         self.scheduler.add(seq)
         return request_id
@@ -124,18 +139,23 @@ class LLMEngine:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         detok = self.requests[seq.request_id][1]
-        hit_stop = detok.add(token)
         p = seq.params
+        may_stop = seq.num_completion_tokens >= p.min_tokens  # before min_tokens, no stop string or stop id ends it
+        hit_stop = detok.add(token, check_stop=may_stop)
         reason = None
         if hit_stop:
             reason = "stop"
-        elif token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+        elif may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)):
             reason = "stop"
         elif seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
             reason = "length"
         if reason:
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
-        return RequestOutput(seq.request_id, [token], detok.delta(reason is not None), reason is not None, reason,
-                             [logprobs] if logprobs is not None else [], seq.num_prompt_tokens,
-                             seq.num_completion_tokens)
+        out = RequestOutput(seq.request_id, [token], detok.delta(reason is not None), reason is not None, reason,
+                            [logprobs] if logprobs is not None else [], seq.num_prompt_tokens,
+                            seq.num_completion_tokens)
+        if seq.num_completion_tokens == 1:
+            out.prompt_token_ids = seq.token_ids[:seq.num_prompt_tokens]
+            out.prompt_logprobs = seq.prompt_logprobs
+        return out

@@ -13,9 +13,11 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.cuda_graphs import DecodeGraphs
+from nanovllm.engine.logits_processing import LogitsAdjustment
+from nanovllm.engine.prompt_logprobs import record_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.step_mode import GREEDY, LOGPROBS, SAMPLED, StepMode
+from nanovllm.engine.step_mode import ADJUSTED, GREEDY, LOGPROBS, SAMPLED, StepMode
 from nanovllm.models.loader import count_tensors, iter_tensors, load_hf_config, load_weights, weight_files
 from nanovllm.models.registry import build_model, model_target
 from nanovllm.ops import OpResolver, PlanContext
@@ -271,7 +273,10 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(batch):
             return self.graphs.run(batch)[0]
         input_ids, positions, meta, rows = self.prepare(batch)
-        return self.forward(input_ids, positions, meta)[rows]
+        hidden = self.forward(input_ids, positions, meta)
+        if any(item.seq.prompt_logprobs is not None for item in batch):
+            record_prompt_logprobs(batch, hidden, self.model.compute_logits)
+        return hidden[rows]
 
     @torch.inference_mode()
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
@@ -292,16 +297,20 @@ class ModelRunner:
         """One forward pass; returns the new token (and logprobs, if asked) of each completing sequence."""
         mode = mode or self.step_mode(batch)
         seqs = [item.seq for item in batch if item.completes]
-        if mode.graph and mode.sampling != LOGPROBS:  # the graph samples: the one host sync of the step
+        if mode.graph and mode.sampling not in (LOGPROBS, ADJUSTED):  # the graph samples: the step's one host sync
             return self._graph_decode(batch, None, mode).tolist(), [None] * len(seqs)
         hidden = self.graphs.run(batch)[0] if mode.graph else self.hidden_states(batch)
         if not seqs:
             return [], []
         sampling = self.sampling_tensors(seqs)
-        if mode.sampling != LOGPROBS:
+        if mode.sampling not in (LOGPROBS, ADJUSTED):
             return self.model.sample(hidden, *sampling).tolist(), [None] * len(seqs)
         logits = self.model.compute_logits(hidden)
-        tokens = self.model.ops.sample(logits, *sampling)
+        adjustment = LogitsAdjustment.of(seqs, self.args.vocab_size, self.device)
+        tokens = self.model.ops.sample(logits if adjustment is None else adjustment.apply(logits), *sampling)
+        if mode.sampling != LOGPROBS:
+            return tokens.tolist(), [None] * len(seqs)
+        # Logprobs are the model's own (before penalties and biases), as vLLM returns them by default.
         return tokens.tolist(), self._logprobs(logits, tokens, [s.params.logprobs for s in seqs])
 
     @torch.inference_mode()

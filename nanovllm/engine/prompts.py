@@ -26,13 +26,14 @@ def max_chars_per_token(tokenizer) -> int:
 
 
 def encode_prompt(tokenizer, prompt, *, max_model_len: int, vocab_size: int, chars_per_token: int | None = None,
-                  add_special_tokens: bool = True) -> list[int]:
-    """Checks one prompt (text or token ids) and returns its ids; raises ValueError naming the problem."""
+                  add_special_tokens: bool = True, keep_last: int | None = None) -> list[int]:
+    """Checks one prompt (text or token ids) and returns its ids; raises ValueError naming the problem.
+    `keep_last`: only the last this many ids are kept (truncate_prompt_tokens), before the length check."""
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt is empty")
         check_unicode(prompt)
-        if chars_per_token and len(prompt) > max_model_len * chars_per_token:
+        if chars_per_token and not keep_last and len(prompt) > max_model_len * chars_per_token:
             raise ValueError(f"prompt has {len(prompt)} characters, more than max_model_len={max_model_len} tokens "
                              "can hold")
         ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
@@ -40,12 +41,14 @@ def encode_prompt(tokenizer, prompt, *, max_model_len: int, vocab_size: int, cha
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty (no token ids)")
+        ids = ids[-keep_last:] if keep_last else ids
         _check_length(len(ids), max_model_len)  # before the per-id checks, which cost time on long lists
         for i, t in enumerate(ids):
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
                 raise ValueError(f"token id {t!r} at position {i} is outside the vocabulary [0, {vocab_size})")
     else:
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    ids = ids[-keep_last:] if keep_last else ids
     if not ids:
         raise ValueError("prompt is empty after tokenization")
     _check_length(len(ids), max_model_len)

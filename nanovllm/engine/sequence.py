@@ -35,6 +35,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator = None          # torch.Generator when params.seed is set (made by the runner)
         self.logprobs: list[dict] = []
+        # Token ids masked while fewer than params.min_tokens are generated (the engine sets them: EOS unless
+        # ignore_eos, and params.stop_token_ids, within the vocabulary).
+        self.min_tokens_stop_ids: frozenset[int] = frozenset()
+        # With params.prompt_logprobs: None for the first prompt token, then one entry per prompt token whose
+        # logits (those of the position before it) have been computed.
+        self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -54,6 +60,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    @property
+    def reusable_prefix_tokens(self) -> int:
+        """Leading tokens whose K/V may come from the prefix cache: all of them, unless the request still needs
+        prompt logprobs, whose logits exist only where the prompt is computed."""
+        pending = self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+        return len(self.prompt_logprobs) - 1 if pending else self.num_tokens
 
     def block_tokens(self, i: int, block_size: int) -> tuple[int, ...]:
         return tuple(self.token_ids[i * block_size:(i + 1) * block_size])

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nanovllm.engine.logits_processing import adjusts_logits
+
 GREEDY = "greedy"
 SAMPLED = "sampled"
 FILTERED = "filtered"
 LOGPROBS = "logprobs"
+ADJUSTED = "adjusted"
 
 
 @dataclass(frozen=True)
@@ -26,9 +29,12 @@ class StepMode:
                 FILTERED  a sampled row uses top-k, top-p or min-p: the greedy graph's hidden states are
                           sampled outside it;
                 LOGPROBS  a row asks for logprobs (checked first): the graph's hidden states give logits and
-                          logprobs outside it, which need the host.
+                          logprobs outside it, which need the host;
+                ADJUSTED  a row's logits change before sampling (penalties, logit_bias, min_tokens: see
+                          engine/logits_processing.py): the graph's hidden states give logits outside it; their
+                          token counts come from the host's token lists, so the step cannot run ahead.
     run_ahead:  the step may be launched before the step in flight is read, and the step after it launched on
-                its device tokens (async scheduling): a graph step that is not LOGPROBS, with
+                its device tokens (async scheduling): a graph step that is neither LOGPROBS nor ADJUSTED, with
                 `async_scheduling` on. Otherwise the step runs synchronously.
     """
 
@@ -40,13 +46,16 @@ class StepMode:
     def of(cls, batch, graphs, async_scheduling: bool) -> StepMode:
         """The mode of `batch` (ScheduledSeqs) given the runner's DecodeGraphs (None: eager only)."""
         graph = graphs is not None and graphs.fits(batch)
-        params = [item.seq.params for item in batch if item.completes]
+        seqs = [item.seq for item in batch if item.completes]
+        params = [seq.params for seq in seqs]
         if any(p.logprobs is not None for p in params):
             sampling = LOGPROBS
+        elif any(adjusts_logits(seq) for seq in seqs):
+            sampling = ADJUSTED
         elif all(p.greedy for p in params):
             sampling = GREEDY
         elif any(p.top_k > 0 or p.top_p != 1.0 or p.min_p != 0.0 for p in params):
             sampling = FILTERED
         else:
             sampling = SAMPLED
-        return cls(graph, sampling, async_scheduling and graph and sampling != LOGPROBS)
+        return cls(graph, sampling, async_scheduling and graph and sampling not in (LOGPROBS, ADJUSTED))

@@ -11,7 +11,7 @@ from fastapi import Request
 
 from nanovllm.serve.errors import APIError
 from nanovllm.serve.generation import Choices, cancel_on_disconnect, sse, sse_response
-from nanovllm.serve.logprobs import chat_logprobs
+from nanovllm.serve.logprobs import chat_logprobs, prompt_logprobs
 from nanovllm.serve.params import check_supported, sampling_params
 from nanovllm.serve.prompts import ChatPrompt
 from nanovllm.serve.protocol import (
@@ -52,37 +52,56 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     n = req.n or 1
     max_tokens = req.max_completion_tokens or req.max_tokens or state.max_model_len
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = [sampling_params(req, max_tokens, top, j) for j in range(n)]
+    params = [sampling_params(req, max_tokens, top, j, state.prompts.limits.vocab_size) for j in range(n)]
     prompt = chat_prompt(state, req)
+    echo = echo_text(req)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stream = await state.open(rid, [prompt], n, params, "messages")
     head = dict(id=rid, object="chat.completion.chunk", created=int(time.time()), model=state.model_name)
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return sse_response(_events(stream, head, state, n, top, usage), stream)
-    return await cancel_on_disconnect(request, _collect(stream, head, state, n, top))
+        return sse_response(_events(stream, head, state, n, top, usage, echo), stream)
+    return await cancel_on_disconnect(request, _collect(stream, head, state, n, top, echo))
 
 
-async def _collect(stream, head: dict, state: ServeState, n: int, top: int | None) -> ChatCompletionResponse:
+def echo_text(req: ChatCompletionRequest) -> str:
+    """What `echo` prepends to each choice's content, as in vLLM: the last message's content when that message
+    is the assistant's (the role of the reply, since the template always adds the generation prompt)."""
+    last = req.messages[-1]
+    if not req.echo or last.role != "assistant" or last.content is None:
+        return ""
+    return last.content if isinstance(last.content, str) else "\n".join(p.text for p in last.content)
+
+
+async def _collect(stream, head: dict, state: ServeState, n: int, top: int | None,
+                   echo: str) -> ChatCompletionResponse:
     choices = Choices(n, n)
     try:
         async for i, out in stream:
             choices.add(i, out)
     finally:
         stream.close()
-    return ChatCompletionResponse(**{**head, "object": "chat.completion"}, usage=choices.usage(), choices=[
-        ChatChoice(index=i, message=AssistantMessage(content=choices.text[i]), finish_reason=choices.finish_reason[i],
+    plp = None
+    if stream.params[0].prompt_logprobs is not None:  # one prompt: the same for every choice
+        plp = prompt_logprobs(state.token_text, choices.prompt_token_ids[0] or [], choices.prompt_logprobs[0] or [])
+    return ChatCompletionResponse(**{**head, "object": "chat.completion"}, usage=choices.usage(), prompt_logprobs=plp,
+                                  choices=[
+        ChatChoice(index=i, message=AssistantMessage(content=echo + choices.text[i]),
+                   finish_reason=choices.finish_reason[i],
                    logprobs=None if top is None else ChatLogprobs(
                        content=chat_logprobs(state.token_text, choices.token_ids[i], choices.logprobs[i], top)))
         for i in range(n)])
 
 
-async def _events(stream, head: dict, state: ServeState, n: int, top: int | None, include_usage: bool):
+async def _events(stream, head: dict, state: ServeState, n: int, top: int | None, include_usage: bool, echo: str):
     choices = Choices(n, n)
     extra = {"usage": None} if include_usage else {}
     for i in range(n):  # OpenAI opens each choice with the assistant role
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}], **extra})
+        if echo:
+            yield sse({**head, "choices": [{"index": i, "delta": {"content": echo}, "logprobs": None,
+                                            "finish_reason": None}], **extra})
     async for i, out in stream:
         choices.add(i, out)
         if not (out.text or out.finished or out.logprobs):

@@ -74,6 +74,8 @@ class Choices:
         self.finish_reason: list[str | None] = [None] * k
         self.prompt_tokens = [0] * k
         self.completion_tokens = [0] * k
+        self.prompt_token_ids: list[list[int] | None] = [None] * k   # from each choice's first output
+        self.prompt_logprobs: list[list | None] = [None] * k
 
     def add(self, i: int, out: RequestOutput) -> None:
         self.text[i] += out.text
@@ -81,6 +83,8 @@ class Choices:
         self.logprobs[i] += out.logprobs
         self.prompt_tokens[i] = out.num_prompt_tokens
         self.completion_tokens[i] = out.num_completion_tokens
+        if out.prompt_token_ids is not None:
+            self.prompt_token_ids[i], self.prompt_logprobs[i] = out.prompt_token_ids, out.prompt_logprobs
         if out.finished:
             self.finish_reason[i] = out.finish_reason
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from nanovllm.serve.protocol import CompletionLogprobs, TokenLogprob, TopLogprob
+from nanovllm.serve.protocol import CompletionLogprobs, PromptLogprob, TokenLogprob, TopLogprob
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -56,3 +56,32 @@ def chat_logprobs(tt: TokenText, token_ids: list[int], entries: list[dict], top:
                          top_logprobs=[TopLogprob(token=tt.text(i), logprob=lp, bytes=tt.bytes(i))
                                        for i, lp in list(e["top"].items())[:top]])
             for tid, e in zip(token_ids, entries)]
+
+
+def prompt_logprobs(tt: TokenText, prompt_ids: list[int], entries: list[dict | None]) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: None for the first token, then {token id: {logprob, rank, decoded_token}} holding
+    the prompt token itself and its top alternatives (ranked 1, 2, ...)."""
+    out: list[dict | None] = []
+    for tid, e in zip(prompt_ids, entries):
+        if e is None:
+            out.append(None)
+            continue
+        entry = {str(tid): PromptLogprob(logprob=e["token_logprob"], rank=e["rank"], decoded_token=tt.text(tid))}
+        for rank, (alt, lp) in enumerate(e["top"].items(), 1):
+            entry.setdefault(str(alt), PromptLogprob(logprob=lp, rank=rank, decoded_token=tt.text(alt)))
+        out.append(entry)
+    return out
+
+
+def echo_logprobs(tt: TokenText, prompt_ids: list[int], entries: list[dict | None], top: int) -> CompletionLogprobs:
+    """The prompt's part of an echoed completion's logprobs: the first token has none, as in OpenAI's API."""
+    out = CompletionLogprobs()
+    offset = 0
+    for tid, e in zip(prompt_ids, entries):
+        text = tt.text(tid)
+        out.tokens.append(text)
+        out.token_logprobs.append(None if e is None else e["token_logprob"])
+        out.top_logprobs.append(None if e is None else {tt.text(i): lp for i, lp in list(e["top"].items())[:top]})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out

@@ -38,12 +38,12 @@ class Limits:
     chars_per_token: int
 
 
-def prepare(tokenizer, prompt, limits: Limits) -> list[int]:
-    """Text, token ids or a ChatPrompt -> checked token ids."""
+def prepare(tokenizer, prompt, limits: Limits, keep_last: int | None = None) -> list[int]:
+    """Text, token ids or a ChatPrompt -> checked token ids (the last `keep_last` of them when given)."""
     kwargs = dict(max_model_len=limits.max_model_len, vocab_size=limits.vocab_size,
-                  chars_per_token=limits.chars_per_token)
+                  chars_per_token=limits.chars_per_token, keep_last=keep_last)
     if isinstance(prompt, ChatPrompt):
-        if len(prompt) > limits.max_model_len * limits.chars_per_token:
+        if not keep_last and len(prompt) > limits.max_model_len * limits.chars_per_token:
             raise ValueError(f"the messages hold {len(prompt)} characters, more than max_model_len="
                              f"{limits.max_model_len} tokens can hold")
         try:
@@ -67,8 +67,8 @@ def _start_worker(model_path: str, limits: Limits) -> None:
     _worker = (AutoTokenizer.from_pretrained(model_path, local_files_only=True), limits)
 
 
-def _prepare_in_worker(prompt) -> list[int]:
-    return prepare(*_worker[:1], prompt, _worker[1])
+def _prepare_in_worker(prompt, keep_last: int | None) -> list[int]:
+    return prepare(*_worker[:1], prompt, _worker[1], keep_last)
 
 
 class PromptEncoder:
@@ -78,26 +78,28 @@ class PromptEncoder:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="nanovllm-tokenize")
         self._process: ProcessPoolExecutor | None = None
 
-    async def encode(self, prompts: list) -> list[list[int]]:
-        """Token ids of each prompt, in order (ValueError for the first one refused)."""
+    async def encode(self, prompts: list, keep_last: int | None = None) -> list[list[int]]:
+        """Token ids of each prompt, in order, the last `keep_last` of each when given (truncate_prompt_tokens);
+        ValueError for the first one refused."""
         loop = asyncio.get_running_loop()
         out = []
         for prompt in prompts:
             if isinstance(prompt, list) or len(prompt) <= INLINE_CHARS:  # ids: checked in O(n), length first
-                out.append(await loop.run_in_executor(self._thread, prepare, self.tokenizer, prompt, self.limits))
+                out.append(await loop.run_in_executor(self._thread, prepare, self.tokenizer, prompt, self.limits,
+                                                      keep_last))
             else:
-                out.append(await self._encode_in_worker(loop, prompt))
+                out.append(await self._encode_in_worker(loop, prompt, keep_last))
         return out
 
-    async def _encode_in_worker(self, loop, prompt) -> list[int]:
+    async def _encode_in_worker(self, loop, prompt, keep_last: int | None) -> list[int]:
         chars = self.limits.max_model_len * self.limits.chars_per_token
-        if isinstance(prompt, str) and len(prompt) > chars:  # refused without shipping it to the worker
+        if isinstance(prompt, str) and not keep_last and len(prompt) > chars:  # refused without shipping it
             return prepare(None, prompt, self.limits)
         if self._process is None:
             self._process = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), _start_worker,
                                                 (self.model_path, self.limits))
         try:
-            return await loop.run_in_executor(self._process, _prepare_in_worker, prompt)
+            return await loop.run_in_executor(self._process, _prepare_in_worker, prompt, keep_last)
         except BrokenProcessPool:  # the worker died (e.g. out of memory): this prompt fails, the next gets a new one
             self._process = None
             raise RuntimeError("the tokenizer worker process died while encoding this prompt") from None

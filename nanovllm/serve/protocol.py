@@ -62,10 +62,22 @@ class SamplingFields(_Request):
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported (must be empty)")
-    user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted from the logit of each token "
+                                           "already in the output")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted from the logit of each token "
+                                            "once per occurrence in the output")
+    repetition_penalty: float | None = Field(None, gt=0, le=100, description="extension (vLLM): tokens of the prompt "
+                                             "or output get positive logits divided, negative ones multiplied by it")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit")
+    min_tokens: int | None = Field(None, ge=0, le=INT32_MAX, description="extension (vLLM): no EOS, stop token id "
+                                   "or stop string ends the output before this many tokens")
+    include_stop_str_in_output: bool = Field(False, description="extension (vLLM): keep the matched stop string")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="extension (vLLM): each prompt token's "
+                                        "logprob and this many top alternatives (not with stream=true)")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, le=INT32_MAX, description="extension (vLLM): keep only "
+                                               "the last this many prompt tokens")
+    user: str | None = Field(None, description="accepted and recorded nowhere")
 
 
 class CompletionRequest(SamplingFields):
@@ -73,7 +85,7 @@ class CompletionRequest(SamplingFields):
         ..., description="text, token ids, or a batch of either")
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives per token")
-    echo: bool = Field(False, description="not supported")
+    echo: bool = Field(False, description="prepend the prompt (and its logprobs, with logprobs) to each choice")
     suffix: str | None = Field(None, description="not supported")
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
 
@@ -105,6 +117,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = Field(None, description="not supported (must be empty)")
     tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' (no tools)")
     response_format: ResponseFormat | None = Field(None, description="only type 'text' is supported")
+    echo: bool = Field(False, description="extension (vLLM): prepend the last message's content when it is the "
+                       "assistant's, as vLLM does")
 
 
 # ---- responses ------------------------------------------------------------------------------------------
@@ -121,11 +135,22 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: a prompt token's (or an alternative's) logprob, rank and text."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # None for the first prompt token, then token id -> entry
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -170,6 +195,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Delta(BaseModel):

@@ -39,7 +39,7 @@ class ServeState:
             raise APIError(400, f"the request asks for {len(prompts) * n} sequences (prompts x n) but the server "
                            f"queues at most {limit}", "n")
         try:
-            token_ids = await self.prompts.encode(prompts)
+            token_ids = await self.prompts.encode(prompts, params[0].truncate_prompt_tokens if params else None)
             return await self.engine.stream(request_id, [ids for ids in token_ids for _ in range(n)], params).open()
         except ValueError as e:
             code = "context_length_exceeded" if "max_model_len" in str(e) else None

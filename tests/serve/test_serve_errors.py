@@ -76,7 +76,7 @@ def test_unknown_model_and_route(client):
     ("temperature", -0.1), ("temperature", 2.5), ("top_p", 0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.5),
     ("n", 0), ("n", 1000), ("max_tokens", 0), ("max_tokens", -5), ("logprobs", 21), ("logprobs", -1),
     ("seed", 2**70), ("stop", [""]), ("stop", ["s"] * 40), ("stop_token_ids", [-1]),
-    ("presence_penalty", 1.0), ("frequency_penalty", -1.0), ("logit_bias", {"1": 5.0}), ("echo", True),
+    ("presence_penalty", 2.5), ("frequency_penalty", -2.5), ("logit_bias", {"999999999": 5.0}), ("min_tokens", -1),
     ("suffix", "x"), ("best_of", 3), ("stream_options", {"include_usage": True}),
 ])
 def test_out_of_range_completion_params(client, field, value):
