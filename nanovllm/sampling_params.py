@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nanovllm.structured.spec import StructuredOutput
+
 
 @dataclass
 class SamplingParams:
@@ -18,6 +20,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None       # return the sampled token's logprob and this many top alternatives
     detokenize: bool = True           # False: token ids only, no text (the host skips detokenizing each token)
+    structured: StructuredOutput | None = None  # the output must match this grammar (JSON schema, regex, ...)
 
     def __post_init__(self):
         def bad(name, value, want):
@@ -46,6 +49,8 @@ class SamplingParams:
             bad("detokenize", self.detokenize, "it must be True or False")
         if self.stop and not self.detokenize:
             bad("detokenize", self.detokenize, "stop strings are matched on the text: keep it True with `stop`")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            bad("structured", self.structured, "it must be a nanovllm.structured.StructuredOutput or None")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, "it must be a list of non-negative token ids")
 

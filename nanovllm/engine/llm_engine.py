@@ -15,6 +15,7 @@ from nanovllm.engine.prompts import encode_prompt
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.grammars import GrammarCompiler
 
 log = logging.getLogger("nanovllm")
 
@@ -48,6 +49,7 @@ class LLMEngine:
                              "cache more memory")
         self.scheduler = Scheduler(config, self.block_manager)
         self.eos_ids = self._eos_ids()
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
         self.requests: dict[str, tuple[Sequence, Detokenizer]] = {}
         self._ids = count()
 
@@ -78,6 +80,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(ids, params, request_id)
+        if params.structured is not None:
+            seq.matcher = self.grammars.matcher(params.structured)
         detok = Detokenizer(self.tokenizer, ids, params.stop) if params.detokenize else NO_TEXT
         self.requests[request_id] = (seq, detok)
         self.scheduler.add(seq)
@@ -127,7 +131,10 @@ class LLMEngine:
         hit_stop = detok.add(token)
         p = seq.params
         reason = None
-        if hit_stop:
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            log.error("request %s: token %d is outside its grammar; finishing it", seq.request_id, token)
+            reason = "stop"
+        elif hit_stop or (seq.matcher is not None and seq.matcher.is_terminated()):
             reason = "stop"
         elif token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             reason = "stop"

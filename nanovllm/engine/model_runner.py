@@ -21,6 +21,7 @@ from nanovllm.models.registry import build_model, model_target
 from nanovllm.ops import OpResolver, PlanContext
 from nanovllm.ops.meta import build_metadata
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.masks import apply_grammar_masks
 from nanovllm.utils.progress import progress_bar
 
 log = logging.getLogger("nanovllm")
@@ -292,16 +293,21 @@ class ModelRunner:
         """One forward pass; returns the new token (and logprobs, if asked) of each completing sequence."""
         mode = mode or self.step_mode(batch)
         seqs = [item.seq for item in batch if item.completes]
-        if mode.graph and mode.sampling != LOGPROBS:  # the graph samples: the one host sync of the step
+        fused = mode.sampling != LOGPROBS and not mode.masked  # no logits needed outside the sampler
+        if mode.graph and fused:  # the graph samples: the one host sync of the step
             return self._graph_decode(batch, None, mode).tolist(), [None] * len(seqs)
         hidden = self.graphs.run(batch)[0] if mode.graph else self.hidden_states(batch)
         if not seqs:
             return [], []
         sampling = self.sampling_tensors(seqs)
-        if mode.sampling != LOGPROBS:
+        if fused:
             return self.model.sample(hidden, *sampling).tolist(), [None] * len(seqs)
         logits = self.model.compute_logits(hidden)
+        if mode.masked:
+            apply_grammar_masks(logits, [s.matcher for s in seqs])
         tokens = self.model.ops.sample(logits, *sampling)
+        if mode.sampling != LOGPROBS:
+            return tokens.tolist(), [None] * len(seqs)
         return tokens.tolist(), self._logprobs(logits, tokens, [s.params.logprobs for s in seqs])
 
     @torch.inference_mode()

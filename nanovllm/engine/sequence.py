@@ -35,6 +35,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator = None          # torch.Generator when params.seed is set (made by the runner)
         self.logprobs: list[dict] = []
+        self.matcher = None            # xgrammar GrammarMatcher when params.structured is set (made by the engine)
 
     def __len__(self) -> int:
         return len(self.token_ids)
