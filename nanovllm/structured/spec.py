@@ -58,7 +58,8 @@ class StructuredOutput:
             if not isinstance(schema, (dict, bool)):
                 raise ValueError(f"StructuredOutput.json must be a JSON schema object, not {type(schema).__name__}")
         elif kind == "choice":
-            if isinstance(self.choice, str) or not all(isinstance(c, str) and c for c in self.choice):
+            choices = self.choice
+            if isinstance(choices, str) or not choices or not all(isinstance(c, str) and c for c in choices):
                 raise ValueError("StructuredOutput.choice must be a list of non-empty strings")
             object.__setattr__(self, "choice", tuple(self.choice))
         elif kind in ("regex", "grammar") and not (isinstance(getattr(self, kind), str) and getattr(self, kind)):
