@@ -114,3 +114,16 @@ def test_step_mode_masked_only_with_constrained_rows():
     assert plain == StepMode(graph=True, sampling=GREEDY, run_ahead=True, masked=False)
     mixed = StepMode.of(batch(None, StructuredOutput(regex="a")), graphs, async_scheduling=True)
     assert mixed.masked and mixed.graph and not mixed.run_ahead
+
+
+def test_parallel_tool_call_grammar_accepts_several_calls(tiny_llm):
+    engine = tiny_llm.engine
+    calls = tuple(json.dumps({"type": "object", "properties": {"name": {"const": n}, "arguments": {"type": "object"}},
+                              "required": ["name", "arguments"]}) for n in ("f", "g"))
+    matcher = engine.grammars.matcher(StructuredOutput(tool_calls=ToolCallFormat(calls, parallel=True)))
+    text = ('<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>')
+    for token in engine.tokenizer.encode(text, add_special_tokens=False):
+        assert matcher.accept_token(token), token
+    assert matcher.is_completed() and matcher.accept_token(engine.tokenizer.eos_token_id)
+    assert matcher.is_terminated()
