@@ -68,8 +68,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     grammar = requested_output(req)
     if tools.grammar is not None:
         if grammar is not None:
-            raise APIError(400, f"tool_choice {req.tool_choice!r} forces tool calls; it cannot be combined with "
-                           f"{grammar[1]}", grammar[1])
+            raise APIError(400, f"tool_choice 'required' or a named function forces tool calls; it cannot be "
+                           f"combined with {grammar[1]}", grammar[1])
         grammar = (tools.grammar, "tool_choice")
     if grammar is not None:
         await check_grammar(state, *grammar)
