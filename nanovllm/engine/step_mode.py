@@ -27,10 +27,10 @@ class StepMode:
                           sampled outside it;
                 LOGPROBS  a row asks for logprobs (checked first): the graph's hidden states give logits and
                           logprobs outside it, which need the host.
-    masked:     a row's output is constrained by a grammar (SamplingParams.structured): the step's logits are
-                computed outside the graph, the grammar masks its rows' logits and the tokens are sampled after
-                it; each mask needs the row's previous token, so the step never runs ahead. Steps without
-                such rows are not affected.
+    masked:     a row's output is constrained by a grammar (SamplingParams.structured): the step's hidden
+                states are sampled outside the graph (as FILTERED), and the constrained rows are sampled again
+                from their logits under the grammar's token mask; each mask needs the row's previous token, so
+                the step never runs ahead. Steps without such rows are not affected.
     run_ahead:  the step may be launched before the step in flight is read, and the step after it launched on
                 its device tokens (async scheduling): a graph step that is not LOGPROBS nor masked, with
                 `async_scheduling` on. Otherwise the step runs synchronously.

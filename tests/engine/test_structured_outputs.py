@@ -127,3 +127,17 @@ def test_parallel_tool_call_grammar_accepts_several_calls(tiny_llm):
         assert matcher.accept_token(token), token
     assert matcher.is_completed() and matcher.accept_token(engine.tokenizer.eos_token_id)
     assert matcher.is_terminated()
+
+
+def test_only_constrained_rows_go_through_logits(tiny_llm, monkeypatch):
+    model = tiny_llm.engine.runner.model
+    real, rows = model.compute_logits, []
+
+    def compute_logits(hidden):
+        rows.append(len(hidden))
+        return real(hidden)
+
+    monkeypatch.setattr(model, "compute_logits", compute_logits)
+    spec = StructuredOutput(choice=["abc", "de"])
+    tiny_llm.generate(PROMPTS, [params(), params(spec), params(temperature=1.0, seed=2)])
+    assert rows and set(rows) == {1}
