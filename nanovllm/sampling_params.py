@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nanovllm.structured.spec import StructuredOutput
+
 
 @dataclass
 class SamplingParams:
@@ -27,6 +29,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
     prompt_logprobs: int | None = None  # per prompt token: its logprob and this many top alternatives
     truncate_prompt_tokens: int | None = None  # keep only the last this many prompt tokens
+    structured: StructuredOutput | None = None  # the output must match this grammar (JSON schema, regex, ...)
 
     def __post_init__(self):
         def bad(name, value, want):
@@ -55,6 +58,8 @@ class SamplingParams:
             bad("detokenize", self.detokenize, "it must be True or False")
         if self.stop and not self.detokenize:
             bad("detokenize", self.detokenize, "stop strings are matched on the text: keep it True with `stop`")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            bad("structured", self.structured, "it must be a nanovllm.structured.StructuredOutput or None")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, "it must be a list of non-negative token ids")
         for name in ("presence_penalty", "frequency_penalty"):

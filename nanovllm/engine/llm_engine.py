@@ -15,6 +15,7 @@ from nanovllm.engine.prompts import encode_prompt
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.grammars import GrammarCompiler
 
 log = logging.getLogger("nanovllm")
 
@@ -52,6 +53,7 @@ class LLMEngine:
                              "cache more memory")
         self.scheduler = Scheduler(config, self.block_manager)
         self.eos_ids = self._eos_ids()
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
         self.requests: dict[str, tuple[Sequence, Detokenizer]] = {}
         self._ids = count()
 
@@ -92,6 +94,8 @@ class LLMEngine:
         seq = Sequence(ids, params, request_id)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         seq.min_tokens_stop_ids = frozenset(t for t in stop_ids if t < self.vocab_size)
+        if params.structured is not None:
+            seq.matcher = self.grammars.matcher(params.structured)
         detok = Detokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output) \
             if params.detokenize else NO_TEXT
         self.requests[request_id] = (seq, detok)
@@ -143,7 +147,10 @@ class LLMEngine:
         may_stop = seq.num_completion_tokens >= p.min_tokens  # before min_tokens, no stop string or stop id ends it
         hit_stop = detok.add(token, check_stop=may_stop)
         reason = None
-        if hit_stop:
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            log.error("request %s: token %d is outside its grammar; finishing it", seq.request_id, token)
+            reason = "stop"
+        elif hit_stop or (seq.matcher is not None and seq.matcher.is_terminated()):
             reason = "stop"
         elif may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)):
             reason = "stop"

@@ -23,6 +23,7 @@ from nanovllm.models.registry import build_model, model_target
 from nanovllm.ops import OpResolver, PlanContext
 from nanovllm.ops.meta import build_metadata
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.masks import apply_grammar_masks
 from nanovllm.utils.progress import progress_bar
 
 log = logging.getLogger("nanovllm")
@@ -297,21 +298,38 @@ class ModelRunner:
         """One forward pass; returns the new token (and logprobs, if asked) of each completing sequence."""
         mode = mode or self.step_mode(batch)
         seqs = [item.seq for item in batch if item.completes]
-        if mode.graph and mode.sampling not in (LOGPROBS, ADJUSTED):  # the graph samples: the step's one host sync
+        if mode.graph and mode.sampling not in (LOGPROBS, ADJUSTED) and not mode.masked:  # the graph samples
             return self._graph_decode(batch, None, mode).tolist(), [None] * len(seqs)
         hidden = self.graphs.run(batch)[0] if mode.graph else self.hidden_states(batch)
         if not seqs:
             return [], []
         sampling = self.sampling_tensors(seqs)
         if mode.sampling not in (LOGPROBS, ADJUSTED):
-            return self.model.sample(hidden, *sampling).tolist(), [None] * len(seqs)
+            tokens = self.model.sample(hidden, *sampling)
+            if mode.masked:
+                self._sample_constrained_rows(tokens, hidden, seqs, sampling)
+            return tokens.tolist(), [None] * len(seqs)
         logits = self.model.compute_logits(hidden)
         adjustment = LogitsAdjustment.of(seqs, self.args.vocab_size, self.device)
-        tokens = self.model.ops.sample(logits if adjustment is None else adjustment.apply(logits), *sampling)
+        adjusted = logits if adjustment is None else adjustment.apply(logits)
+        if mode.masked:
+            apply_grammar_masks(adjusted, [s.matcher for s in seqs])
+        tokens = self.model.ops.sample(adjusted, *sampling)
         if mode.sampling != LOGPROBS:
             return tokens.tolist(), [None] * len(seqs)
         # Logprobs are the model's own (before penalties and biases), as vLLM returns them by default.
         return tokens.tolist(), self._logprobs(logits, tokens, [s.params.logprobs for s in seqs])
+
+    def _sample_constrained_rows(self, tokens: torch.Tensor, hidden: torch.Tensor, seqs: list[Sequence],
+                                 sampling) -> None:
+        """Replace the tokens of the grammar-constrained rows by tokens sampled from their masked logits (with
+        the same temperature, filters and noise); the other rows keep the fused LM-head sampler's tokens."""
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        index = torch.tensor(rows, device=tokens.device)
+        logits = self.model.compute_logits(hidden.index_select(0, index))
+        apply_grammar_masks(logits, [seqs[i].matcher for i in rows])
+        picked = [None if t is None else t.index_select(0, index) for t in sampling]
+        tokens.index_copy_(0, index, self.model.ops.sample(logits, *picked))
 
     @torch.inference_mode()
     def launch_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None = None,

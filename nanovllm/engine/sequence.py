@@ -41,6 +41,7 @@ class Sequence:
         # With params.prompt_logprobs: None for the first prompt token, then one entry per prompt token whose
         # logits (those of the position before it) have been computed.
         self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
+        self.matcher = None            # xgrammar GrammarMatcher when params.structured is set (made by the engine)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -33,14 +33,20 @@ class StepMode:
                 ADJUSTED  a row's logits change before sampling (penalties, logit_bias, min_tokens: see
                           engine/logits_processing.py): the graph's hidden states give logits outside it; their
                           token counts come from the host's token lists, so the step cannot run ahead.
+    masked:     a row's output is constrained by a grammar (SamplingParams.structured): the step's hidden
+                states are sampled outside the graph (as FILTERED), and the constrained rows are sampled again
+                from their logits under the grammar's token mask; each mask needs the row's previous token, so
+                the step never runs ahead. Steps without such rows are not affected.
     run_ahead:  the step may be launched before the step in flight is read, and the step after it launched on
-                its device tokens (async scheduling): a graph step that is neither LOGPROBS nor ADJUSTED, with
+                its device tokens (async scheduling): a graph step that is neither LOGPROBS nor ADJUSTED nor
+                masked, with
                 `async_scheduling` on. Otherwise the step runs synchronously.
     """
 
     graph: bool
     sampling: str
     run_ahead: bool
+    masked: bool = False
 
     @classmethod
     def of(cls, batch, graphs, async_scheduling: bool) -> StepMode:
@@ -58,4 +64,6 @@ class StepMode:
             sampling = FILTERED
         else:
             sampling = SAMPLED
-        return cls(graph, sampling, async_scheduling and graph and sampling not in (LOGPROBS, ADJUSTED))
+        masked = any(p.structured is not None for p in params)
+        run_ahead = async_scheduling and graph and sampling not in (LOGPROBS, ADJUSTED) and not masked
+        return cls(graph, sampling, run_ahead, masked)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi import Request
 
@@ -22,6 +23,8 @@ from nanovllm.serve.protocol import (
     ChatLogprobs,
 )
 from nanovllm.serve.state import ServeState
+from nanovllm.serve.structured import check_grammar, requested_output
+from nanovllm.serve.tools import ToolCallStream, delta_chunks, finish_reason, parse_tool_calls, tool_setup
 
 # apply_chat_template's own arguments: a request must not reach them (e.g. swap in its own template).
 _RESERVED = {"conversation", "chat_template", "tokenize", "tools", "documents", "add_generation_prompt",
@@ -29,8 +32,9 @@ _RESERVED = {"conversation", "chat_template", "tokenize", "tools", "documents", 
              "tokenizer_kwargs", "padding", "truncation", "max_length"}
 
 
-def chat_prompt(state: ServeState, req: ChatCompletionRequest) -> ChatPrompt:
-    """The request's messages and template variables, checked; rendered off the event loop (serve/prompts.py)."""
+def chat_prompt(state: ServeState, req: ChatCompletionRequest, tools: list[dict] | None = None) -> ChatPrompt:
+    """The request's messages, template variables and `tools` (listed by the template), checked; rendered off
+    the event loop (serve/prompts.py)."""
     if not getattr(state.tokenizer, "chat_template", None):
         raise APIError(400, f"the model {state.model_name!r} has no chat template; use /v1/completions", "messages")
     kwargs = dict(req.chat_template_kwargs or {})
@@ -42,7 +46,14 @@ def chat_prompt(state: ServeState, req: ChatCompletionRequest) -> ChatPrompt:
     messages = []
     for m in req.messages:
         content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.tool_calls:  # an assistant's calls, back into the template as it rendered them
+            message["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
+    if tools is not None:
+        kwargs["tools"] = tools
     return ChatPrompt(messages, kwargs)
 
 
@@ -53,15 +64,25 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     max_tokens = req.max_completion_tokens or req.max_tokens or state.max_model_len
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = [sampling_params(req, max_tokens, top, j, state.prompts.limits.vocab_size) for j in range(n)]
-    prompt = chat_prompt(state, req)
+    tools = tool_setup(req)
+    grammar = requested_output(req)
+    if tools.grammar is not None:
+        if grammar is not None:
+            raise APIError(400, f"tool_choice 'required' or a named function forces tool calls; it cannot be "
+                           f"combined with {grammar[1]}", grammar[1])
+        grammar = (tools.grammar, "tool_choice")
+    if grammar is not None:
+        await check_grammar(state, *grammar)
+        params = [replace(p, structured=grammar[0]) for p in params]
+    prompt = chat_prompt(state, req, tools.template_tools)
     echo = echo_text(req)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stream = await state.open(rid, [prompt], n, params, "messages")
     head = dict(id=rid, object="chat.completion.chunk", created=int(time.time()), model=state.model_name)
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return sse_response(_events(stream, head, state, n, top, usage, echo), stream)
-    return await cancel_on_disconnect(request, _collect(stream, head, state, n, top, echo))
+        return sse_response(_events(stream, head, state, n, top, usage, echo, tools.parse), stream)
+    return await cancel_on_disconnect(request, _collect(stream, head, state, n, top, echo, tools.parse))
 
 
 def echo_text(req: ChatCompletionRequest) -> str:
@@ -73,8 +94,8 @@ def echo_text(req: ChatCompletionRequest) -> str:
     return last.content if isinstance(last.content, str) else "\n".join(p.text for p in last.content)
 
 
-async def _collect(stream, head: dict, state: ServeState, n: int, top: int | None,
-                   echo: str) -> ChatCompletionResponse:
+async def _collect(stream, head: dict, state: ServeState, n: int, top: int | None, echo: str,
+                   parse_tools: bool) -> ChatCompletionResponse:
     choices = Choices(n, n)
     try:
         async for i, out in stream:
@@ -84,34 +105,54 @@ async def _collect(stream, head: dict, state: ServeState, n: int, top: int | Non
     plp = None
     if stream.params[0].prompt_logprobs is not None:  # one prompt: the same for every choice
         plp = prompt_logprobs(state.token_text, choices.prompt_token_ids[0] or [], choices.prompt_logprobs[0] or [])
+
+    def choice(i: int) -> ChatChoice:
+        content, calls = parse_tool_calls(choices.text[i]) if parse_tools else (choices.text[i], [])
+        return ChatChoice(index=i, message=AssistantMessage(content=echo + content if echo else content,
+                                                            tool_calls=calls or None),
+                          finish_reason=finish_reason(choices.finish_reason[i], calls),
+                          logprobs=None if top is None else ChatLogprobs(
+                              content=chat_logprobs(state.token_text, choices.token_ids[i], choices.logprobs[i], top)))
+
     return ChatCompletionResponse(**{**head, "object": "chat.completion"}, usage=choices.usage(), prompt_logprobs=plp,
-                                  choices=[
-        ChatChoice(index=i, message=AssistantMessage(content=echo + choices.text[i]),
-                   finish_reason=choices.finish_reason[i],
-                   logprobs=None if top is None else ChatLogprobs(
-                       content=chat_logprobs(state.token_text, choices.token_ids[i], choices.logprobs[i], top)))
-        for i in range(n)])
+                                  choices=[choice(i) for i in range(n)])
 
 
-async def _events(stream, head: dict, state: ServeState, n: int, top: int | None, include_usage: bool, echo: str):
+async def _events(stream, head: dict, state: ServeState, n: int, top: int | None, include_usage: bool, echo: str,
+                  parse_tools: bool):
     choices = Choices(n, n)
+    calls = [ToolCallStream() if parse_tools else None for _ in range(n)]
     extra = {"usage": None} if include_usage else {}
+
+    def chunk(i, delta, lp=None, reason=None):
+        return sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}],
+                    **extra})
+
     for i in range(n):  # OpenAI opens each choice with the assistant role
-        yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}], **extra})
+        yield chunk(i, {"role": "assistant", "content": ""})
         if echo:
-            yield sse({**head, "choices": [{"index": i, "delta": {"content": echo}, "logprobs": None,
-                                            "finish_reason": None}], **extra})
+            yield chunk(i, {"content": echo})
     async for i, out in stream:
         choices.add(i, out)
-        if not (out.text or out.finished or out.logprobs):
-            continue  # text held back (a partial character or a possible stop string)
+        text, made = (out.text, []) if calls[i] is None else calls[i].feed(out.text, out.finished)
+        if not (text or made or out.finished or out.logprobs):
+            continue  # text held back (a partial character, a possible stop string or tool call)
         lp = None
         if top is not None and out.logprobs:
             tokens = chat_logprobs(state.token_text, out.token_ids, out.logprobs, top)
             lp = {"content": [t.model_dump() for t in tokens]}
-        delta = {"content": out.text} if out.text else {}
-        yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                        "finish_reason": out.finish_reason}], **extra})
+        reason = out.finish_reason if out.finished else None
+        if reason is not None and calls[i] is not None:
+            reason = finish_reason(reason, [True] * calls[i].num_calls)
+        if not made:
+            yield chunk(i, {"content": text} if text else {}, lp, reason)
+            continue
+        if text or lp:
+            yield chunk(i, {"content": text} if text else {}, lp)
+        for index, call in made:
+            for delta in delta_chunks(index, call):
+                yield chunk(i, delta)
+        if reason is not None:
+            yield chunk(i, {}, None, reason)
     if include_usage:
         yield sse({**head, "choices": [], "usage": choices.usage().model_dump()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi import Request
 
@@ -12,6 +13,7 @@ from nanovllm.serve.logprobs import completion_logprobs, echo_logprobs, prompt_l
 from nanovllm.serve.params import check_supported, sampling_params
 from nanovllm.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from nanovllm.serve.state import ServeState
+from nanovllm.serve.structured import check_grammar, requested_output
 
 
 def _prompts(prompt) -> list:
@@ -32,6 +34,10 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
     vocab = state.prompts.limits.vocab_size
     params = [sampling_params(req, req.max_tokens or 16, req.logprobs, j, vocab, plp) for _ in prompts
               for j in range(n)]
+    grammar = requested_output(req)  # guided_json, structured_outputs, ...
+    if grammar is not None:
+        await check_grammar(state, *grammar)
+        params = [replace(p, structured=grammar[0]) for p in params]
     rid = f"cmpl-{uuid.uuid4().hex}"
     stream = await state.open(rid, prompts, n, params, "prompt")
     head = dict(id=rid, object="text_completion", created=int(time.time()), model=state.model_name)

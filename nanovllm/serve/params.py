@@ -80,13 +80,6 @@ def check_supported(req: SamplingFields) -> None:
             raise APIError(400, "best_of must equal n (or be unset): ranking candidates is not supported",
                            "best_of")
     if isinstance(req, ChatCompletionRequest):
-        if req.tools:
-            raise APIError(400, "tools (function calling) are not supported by this server", "tools")
-        if isinstance(req.tool_choice, dict) or req.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice must be 'none' or 'auto': tools are not supported", "tool_choice")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, f"response_format {req.response_format.type!r} is not supported; only 'text'",
-                           "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
     if req.stream_options is not None and not req.stream:

@@ -48,6 +48,15 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class StructuredOutputsParams(_Request):
+    """vLLM's `structured_outputs`: exactly one of these."""
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="an EBNF grammar")
+    json_object: bool | None = None
+
+
 class SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions. None means the default."""
     model: str | None = Field(None, description="must be the served model's id (see /v1/models)")
@@ -78,6 +87,12 @@ class SamplingFields(_Request):
     truncate_prompt_tokens: int | None = Field(None, ge=1, le=INT32_MAX, description="extension (vLLM): keep only "
                                                "the last this many prompt tokens")
     user: str | None = Field(None, description="accepted and recorded nowhere")
+    structured_outputs: StructuredOutputsParams | None = Field(
+        None, description="vLLM: constrain the output to a JSON schema, regex, choice or EBNF grammar (extension)")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM: a JSON schema (extension)")
+    guided_regex: str | None = Field(None, description="vLLM: a regular expression (extension)")
+    guided_choice: list[str] | None = Field(None, description="vLLM: one of these strings (extension)")
+    guided_grammar: str | None = Field(None, description="vLLM: an EBNF grammar (extension)")
 
 
 class CompletionRequest(SamplingFields):
@@ -95,14 +110,56 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(..., description="the arguments as a JSON object's text")
+
+
+class ToolCall(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's calls, passed back")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+
+
+class JSONSchemaFormat(_Request):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -114,9 +171,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description='passed to the chat template, e.g. {"enable_thinking": false} for Qwen3')
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported (must be empty)")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' (no tools)")
-    response_format: ResponseFormat | None = Field(None, description="only type 'text' is supported")
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default 'auto' with tools; 'required' and a named function are enforced by a grammar")
+    parallel_tool_calls: bool | None = Field(None, description="default true: several calls in one answer")
+    response_format: ResponseFormat | None = None
     echo: bool = Field(False, description="extension (vLLM): prepend the last message's content when it is the "
                        "assistant's, as vLLM does")
 
@@ -176,9 +235,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -198,9 +269,23 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: PromptLogprobs | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed call: its first chunk has id, type and the function's name, the next ones its arguments."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

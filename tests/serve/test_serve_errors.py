@@ -84,8 +84,8 @@ def test_out_of_range_completion_params(client, field, value):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("max_completion_tokens", 0), ("top_logprobs", 3), ("tools", [{"type": "function"}]),
-    ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
+    ("max_completion_tokens", 0), ("top_logprobs", 3), ("tools", "get_weather"),
+    ("tool_choice", "required"), ("response_format", {"type": "json_schema"}),
     ("chat_template_kwargs", {"chat_template": "{{ 7 * 7 }}"}), ("chat_template_kwargs", {"tokenize": True}),
 ])
 def test_out_of_range_chat_params(client, field, value):
