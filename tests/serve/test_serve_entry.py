@@ -30,7 +30,7 @@ def test_serve_config_defaults():
     cfg = compose_serve()
     check_serve_schema(cfg)
     assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8000 and cfg.server.max_queued_requests == 256
-    assert cfg.model.name == "default" and cfg.kernels.default == "eager" and "max_num_seqs" in cfg.engine
+    assert cfg.model.name == "default" and cfg.kernels.default == "auto" and "max_num_seqs" in cfg.engine
 
 
 def test_serve_config_takes_run_overrides():
