@@ -107,7 +107,9 @@ def test_bad_grammars_are_refused_by_name(tiny_llm):
 
 def test_step_mode_masked_only_with_constrained_rows():
     def batch(*structured):
-        return [SimpleNamespace(completes=True, seq=SimpleNamespace(params=params(s))) for s in structured]
+        return [SimpleNamespace(completes=True, seq=SimpleNamespace(params=params(s), num_completion_tokens=0,
+                                                                   min_tokens_stop_ids=frozenset()))
+                for s in structured]
 
     graphs = SimpleNamespace(fits=lambda batch: True)
     plain = StepMode.of(batch(None, None), graphs, async_scheduling=True)
