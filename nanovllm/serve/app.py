@@ -11,7 +11,7 @@ import hmac
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -96,6 +96,8 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     prompts = PromptEncoder(engine.tokenizer, engine.model_path, engine.config.max_model_len, engine.vocab_size)
     state = ServeState(async_engine, model_name, engine.config.max_model_len, engine.tokenizer, prompts)
 
+    closers = [prompts.close]
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async_engine.start()
@@ -103,7 +105,8 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
             yield
         finally:
             async_engine.shutdown()
-            prompts.close()
+            for close in closers:
+                close()
 
     app = FastAPI(title="nano-vllm", summary="OpenAI-compatible completions and chat completions",
                   lifespan=lifespan)
@@ -136,7 +139,7 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
             return {"status": "ok"}
         return error_json(503, f"the engine is not running: {async_engine.error!r}", code="engine_dead")
 
-    @app.get("/metrics", summary="Prometheus metrics (docs/deployment.md)")
+    @app.get("/metrics", summary="Prometheus metrics (docs/deployment.md)", response_class=PlainTextResponse)
     async def prometheus():
         return Response(metrics.render(async_engine.stats), media_type=CONTENT_TYPE_LATEST)
 
@@ -156,5 +159,5 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await create_chat_completion(req, request, state)
 
-    add_utility_routes(app, state)
+    closers.append(add_utility_routes(app, state, engine.model_path).close)
     return app

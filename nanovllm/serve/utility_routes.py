@@ -5,49 +5,47 @@ from __future__ import annotations
 
 import asyncio
 from importlib import metadata
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, create_model
 
-from nanovllm.engine.prompts import encode_prompt
 from nanovllm.serve.errors import APIError
-from nanovllm.serve.prompts import ChatPrompt
+from nanovllm.serve.prompts import ChatPrompt, PromptEncoder
 from nanovllm.serve.protocol import ErrorResponse, ModelCard, _Request
 from nanovllm.serve.state import ServeState
 
+UNBOUNDED_LEN = 1 << 62  # /tokenize counts tokens beyond max_model_len (the body-size limit bounds the text)
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 503)}
 
 
-class TokenizeMessage(_Request):
+class _Strict(_Request):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a field this route does not know is a 400
+
+
+class TokenizeMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str = ""
 
 
-class TokenizeRequest(_Request):
-    """Exactly one of `prompt` (text) and `messages` (rendered with the chat template first)."""
+class TokenizeCompletionRequest(_Strict):
     model: str | None = None
-    prompt: str | None = Field(None, min_length=1)
-    messages: list[TokenizeMessage] | None = Field(None, min_length=1)
-    add_special_tokens: bool | None = Field(None, description="default: true for a prompt, false for messages "
-                                            "(the chat template adds its own)")
+    prompt: str = Field(..., min_length=1)
+    add_special_tokens: StrictBool = True
 
-    @model_validator(mode="after")
-    def _one_input(self):
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' and 'messages'")
-        return self
+
+class TokenizeChatRequest(_Strict):
+    """The messages rendered with the chat template and its generation prompt, as a chat completion is."""
+    model: str | None = None
+    messages: list[TokenizeMessage] = Field(..., min_length=1)
+    add_special_tokens: StrictBool = Field(False, description="the chat template adds the model's special tokens "
+                                           "already")
 
 
 class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
     max_model_len: int
-
-
-class DetokenizeRequest(_Request):
-    model: str | None = None
-    tokens: list[int]
 
 
 class DetokenizeResponse(BaseModel):
@@ -58,6 +56,21 @@ class VersionResponse(BaseModel):
     version: str
 
 
+def _json_integer(value):
+    """An integer as JSON Schema has it: 3 or 3.0, never true or "3"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError("must be an integer token id")
+    return int(value)
+
+
+def detokenize_request(vocab_size: int, max_model_len: int) -> type[_Strict]:
+    """The /detokenize body of this model: its vocabulary bounds each id, max_model_len the count (the schema
+    says so, so every schema-valid request is answered)."""
+    token = Annotated[int, Field(ge=0, lt=vocab_size), BeforeValidator(_json_integer)]
+    return create_model("DetokenizeRequest", __base__=_Strict, model=(str | None, None),
+                        tokens=(list[token], Field(..., max_length=max_model_len)))
+
+
 def _version() -> str:
     try:
         return metadata.version("nano-vllm")
@@ -65,46 +78,54 @@ def _version() -> str:
         return "unknown"
 
 
-async def tokenize(state: ServeState, req: TokenizeRequest) -> TokenizeResponse:
+class SpecialTokens:
+    """The ids a tokenizer puts before and after a text when asked to add special tokens (BOS, EOS), found
+    once by encoding a probe both ways, so they can be added to or removed from ids encoded the other way."""
+
+    def __init__(self, tokenizer, probe: str = "a"):
+        with_special = tokenizer.encode(probe, add_special_tokens=True)
+        plain = tokenizer.encode(probe, add_special_tokens=False)
+        at = next((i for i in range(len(with_special) - len(plain) + 1)
+                   if with_special[i:i + len(plain)] == plain), 0)
+        self.prefix, self.suffix = with_special[:at], with_special[at + len(plain):]
+
+    def add(self, ids: list[int]) -> list[int]:
+        return [*self.prefix, *ids, *self.suffix]
+
+    def remove(self, ids: list[int]) -> list[int]:
+        start = len(self.prefix) if ids[:len(self.prefix)] == self.prefix else 0
+        end = len(ids) - len(self.suffix) if self.suffix and ids[-len(self.suffix):] == self.suffix else len(ids)
+        return ids[start:end]
+
+
+async def tokenize(state: ServeState, encoder: PromptEncoder, special: SpecialTokens,
+                   req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+    """`encoder` checks no token count (the response's max_model_len lets the client compare); it tokenizes
+    off the event loop, large texts in a worker process, as for generation."""
     state.check_model(req.model)
-    limits = state.prompts.limits
+    chat = isinstance(req, TokenizeChatRequest)
     try:
-        if req.messages is not None:
+        if chat:
             if not getattr(state.tokenizer, "chat_template", None):
                 raise APIError(400, f"the model {state.model_name!r} has no chat template; send a prompt", "messages")
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                         for m in req.messages]
-            prompt = ChatPrompt(messages)  # rendered with the generation prompt, as a chat completion is
-            if req.add_special_tokens:
-                raise APIError(400, "add_special_tokens=true is not supported with messages: the chat template "
-                               "adds the model's special tokens", "add_special_tokens")
-            (ids,) = await state.prompts.encode([prompt])
-        elif req.add_special_tokens is False:  # the shared encoder adds special tokens; this one call does not
-            ids = await asyncio.to_thread(encode_prompt, state.tokenizer, req.prompt,
-                                          max_model_len=limits.max_model_len, vocab_size=limits.vocab_size,
-                                          chars_per_token=limits.chars_per_token, add_special_tokens=False)
+            (ids,) = await encoder.encode([ChatPrompt(messages)])  # the template's special tokens, no others
+            ids = special.add(ids) if req.add_special_tokens else ids
         else:
-            (ids,) = await state.prompts.encode([req.prompt])
+            (ids,) = await encoder.encode([req.prompt])  # with special tokens
+            ids = ids if req.add_special_tokens else special.remove(ids)
     except ValueError as e:
-        code = "context_length_exceeded" if "max_model_len" in str(e) else None
-        raise APIError(400, str(e), "messages" if req.messages is not None else "prompt", code) from None
+        raise APIError(400, str(e), "messages" if chat else "prompt") from None
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len)
 
 
-async def detokenize(state: ServeState, req: DetokenizeRequest) -> DetokenizeResponse:
-    state.check_model(req.model)
-    vocab = state.prompts.limits.vocab_size
-    if len(req.tokens) > state.max_model_len:  # no prompt or output of this model is longer
-        raise APIError(400, f"{len(req.tokens)} tokens is more than max_model_len={state.max_model_len}", "tokens")
-    bad = next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise APIError(400, f"token id {req.tokens[bad]} at position {bad} is outside the vocabulary [0, {vocab})",
-                       "tokens")
-    text = await asyncio.to_thread(state.tokenizer.decode, req.tokens)
-    return DetokenizeResponse(prompt=text)
+def add_utility_routes(app: FastAPI, state: ServeState, model_path) -> PromptEncoder:
+    """Adds the routes; returns /tokenize's encoder, for the app to close on shutdown."""
+    limits = state.prompts.limits
+    encoder = PromptEncoder(state.tokenizer, model_path, UNBOUNDED_LEN, limits.vocab_size)
+    special = SpecialTokens(state.tokenizer)
 
-
-def add_utility_routes(app: FastAPI, state: ServeState) -> None:
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard,
              responses={404: {"model": ErrorResponse}, 401: {"model": ErrorResponse}})
     async def model(model_id: str):
@@ -117,11 +138,18 @@ def add_utility_routes(app: FastAPI, state: ServeState) -> None:
     async def version():
         return VersionResponse(version=_version())
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses={**_ERRORS, 404: {"model": ErrorResponse}})
-    async def tokenize_route(req: TokenizeRequest):
-        return await tokenize(state, req)
+    @app.post("/tokenize", response_model=TokenizeResponse, responses={**_ERRORS, 404: {"model": ErrorResponse}},
+              summary="Token ids of a prompt, or of chat messages rendered with the chat template")
+    async def tokenize_route(req: TokenizeCompletionRequest | TokenizeChatRequest):
+        return await tokenize(state, encoder, special, req)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse,
-              responses={**_ERRORS, 404: {"model": ErrorResponse}})
-    async def detokenize_route(req: DetokenizeRequest):
-        return await detokenize(state, req)
+    async def detokenize_route(req):
+        state.check_model(req.model)
+        text = await asyncio.to_thread(state.tokenizer.decode, req.tokens)
+        return DetokenizeResponse(prompt=text)
+
+    # the body's model is made per app (its bounds are this model's), so it is set here, not written above
+    detokenize_route.__annotations__["req"] = detokenize_request(state.prompts.limits.vocab_size, state.max_model_len)
+    app.post("/detokenize", response_model=DetokenizeResponse, responses={**_ERRORS, 404: {"model": ErrorResponse}},
+             summary="The text of token ids")(detokenize_route)
+    return encoder

@@ -48,24 +48,35 @@ def test_tokenize_and_detokenize_round_trip(client):
     assert plain["tokens"] == body["tokens"][-len(plain["tokens"]):]
 
 
+def test_tokenize_counts_beyond_max_model_len(client):
+    """The client compares count with max_model_len: a prompt too long to generate from is still counted."""
+    body = client.post("/tokenize", json={"prompt": "word " * 5000}).json()
+    assert body["count"] == len(body["tokens"]) > body["max_model_len"] == 64
+
+
 def test_tokenize_messages_uses_the_chat_template(client, server):
     tokenizer = server.app.state.serve.tokenizer
     messages = [{"role": "user", "content": "Hi"}]
     r = client.post("/tokenize", json={"messages": messages})
     assert r.status_code == 200, r.text
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert r.json()["tokens"] == tokenizer.encode(expected, add_special_tokens=False)
+    ids = tokenizer.encode(expected, add_special_tokens=False)
+    assert r.json()["tokens"] == ids
+    with_special = client.post("/tokenize", json={"messages": messages, "add_special_tokens": True}).json()["tokens"]
+    assert with_special == tokenizer.encode(expected, add_special_tokens=True)
 
 
 @pytest.mark.parametrize("path,body,param", [
     ("/tokenize", {}, None),
     ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, None),
     ("/tokenize", b'{"prompt": "hi \\ud800"}', "prompt"),  # a lone surrogate, as JSON escapes it
-    ("/tokenize", {"prompt": "word " * 5000}, "prompt"),
     ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
     ("/detokenize", {"tokens": [10**9]}, "tokens"),
     ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ("/detokenize", {"tokens": [True, 1.0]}, "tokens"),
+    ("/detokenize", {"tokens": [1] * 65}, "tokens"),  # more than max_model_len
+    ("/tokenize", {"prompt": "x", "return_token_strs": True}, "return_token_strs"),
 ])
 def test_tokenize_bad_input(client, path, body, param):
     if isinstance(body, bytes):
@@ -74,7 +85,7 @@ def test_tokenize_bad_input(client, path, body, param):
         r = client.post(path, json=body)
     assert r.status_code in (400, 404), r.text
     err = r.json()["error"]
-    assert err["message"] and (param is None or err["param"] == param), err
+    assert err["message"] and (param is None or err["param"].startswith(param)), err
 
 
 def test_version(client):
@@ -105,3 +116,20 @@ def test_429_has_retry_after(client, server):
         r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["code"] == "too_many_requests"
+
+
+class BosTokenizer:
+    """Adds BOS=1 before and EOS=2 after, as Llama-style tokenizers do."""
+
+    def encode(self, text, add_special_tokens=True):
+        ids = [ord(c) for c in text]
+        return [1, *ids, 2] if add_special_tokens else ids
+
+
+def test_special_tokens_added_and_removed():
+    from nanovllm.serve.utility_routes import SpecialTokens
+
+    special = SpecialTokens(BosTokenizer())
+    assert (special.prefix, special.suffix) == ([1], [2])
+    assert special.add([5, 6]) == [1, 5, 6, 2] and special.remove([1, 5, 6, 2]) == [5, 6]
+    assert special.remove([5, 6]) == [5, 6]
