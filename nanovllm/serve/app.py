@@ -37,15 +37,20 @@ from nanovllm.serve.utility_routes import add_utility_routes
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
 
 
+def _needs_key(path: str) -> bool:
+    return path.startswith("/v1") or path in ("/tokenize", "/detokenize")
+
+
 class APIKeyMiddleware:
-    """Pure ASGI (unlike BaseHTTPMiddleware it leaves streaming and disconnects alone): /v1/* needs
-    `Authorization: Bearer <key>`; /health and /metrics stay open for probes and scrapers."""
+    """Pure ASGI (unlike BaseHTTPMiddleware it leaves streaming and disconnects alone): /v1/*, /tokenize and
+    /detokenize need `Authorization: Bearer <key>`; /health, /metrics and /version stay open for probes and
+    scrapers."""
 
     def __init__(self, app, api_key: str, on_reject):
         self.app, self.expected, self.on_reject = app, f"Bearer {api_key}".encode(), on_reject
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and _needs_key(scope["path"]) and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 self.on_reject(401)

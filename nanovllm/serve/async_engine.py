@@ -108,7 +108,7 @@ class AsyncEngine:
             self._commands.put(_STOP)
             self._thread.join(timeout)
             self._thread = None
-            self._fail_queued(EngineDeadError("the server is shutting down"))
+            self._fail_queued(ShuttingDownError("the server is shutting down"))
 
     @property
     def alive(self) -> bool:

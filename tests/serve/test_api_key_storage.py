@@ -70,6 +70,7 @@ def test_key_from_env_or_file_is_not_written(spawn_server, tmp_path, source):
     server.wait_healthy()
     body = {"prompt": "hi", "max_tokens": 2}
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 401
+    assert httpx.post(server.url + "/tokenize", json=body, timeout=60).status_code == 401
     ok = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert ok.status_code == 200, ok.text
     server.proc.send_signal(signal.SIGTERM)
