@@ -114,11 +114,6 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
-    @property
-    def num_in_flight(self) -> int:
-        """Engine requests accepted and not yet finished (including adds the thread has not read yet)."""
-        return len(self._requests)
-
     async def drain(self, grace_s: float, poll_s: float = 0.05) -> None:
         """Refuse new requests, give the running ones `grace_s` seconds to finish, then fail the rest with
         ShuttingDownError (a stream ends with an error event and [DONE]) and abort them in the engine."""
@@ -170,8 +165,9 @@ class AsyncEngine:
 
     def _abort(self, ids: list[str]) -> None:
         live = [rid for rid in ids if self._requests.pop(rid, None) is not None]
-        if live:
-            self.metrics.requests.labels("abort").inc(len(live))
+        for _ in live:
+            self.metrics.requests.labels("abort").inc()
+            self.metrics.count_finished("abort")
         self._commands.put(("abort", ids))  # also for ids whose add is still queued (FIFO keeps order)
 
     def _dispatch(self, outputs: list[RequestOutput], stats: EngineStats, step_start: float = 0.0,
