@@ -30,6 +30,8 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # chained hash -> block id
         self.enable_prefix_caching = enable_prefix_caching
+        self.num_prefix_queried_tokens = 0  # running totals of admitted prompts' tokens and of those found cached
+        self.num_prefix_hit_tokens = 0
 
     @property
     def num_blocks(self) -> int:
@@ -71,6 +73,8 @@ class BlockManager:
         fresh = max(self.blocks_needed(computed + chunk) - len(hits), 0)
         if self.num_free_blocks - revived < fresh:
             return None
+        self.num_prefix_queried_tokens += seq.num_tokens
+        self.num_prefix_hit_tokens += computed
         for b in hits:
             block = self.blocks[b]
             if block.ref_count == 0:

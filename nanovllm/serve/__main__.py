@@ -2,11 +2,15 @@
 
 Takes the same model/engine/kernel overrides as `python -m nanovllm.run`, plus `server.*`:
     python -m nanovllm.serve model=tiny server.host=127.0.0.1 server.port=8000
+
+Exits 0 after a graceful shutdown (SIGTERM), 1 if the engine stopped for good (a supervisor restarts it),
+2 for a refused command line (an API key given as an override).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import hydra
@@ -14,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanovllm.config import check_kernel_names
 from nanovllm.resources import hydra_config_path
+from nanovllm.serve.api_keys import APIKeyOverrideError, refuse_api_key_override, resolve_api_key
 from nanovllm.serve.schema import check_serve_schema, register_serve_configs
 
 log = logging.getLogger("nanovllm.serve")
@@ -52,24 +57,37 @@ def warmup(engine) -> None:
 
 
 @hydra.main(config_path=hydra_config_path(), config_name="serve", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    import uvicorn
-
+def _serve(cfg: DictConfig) -> None:
     from nanovllm.serve.app import create_app
+    from nanovllm.serve.server import run_server
 
     check_serve_schema(cfg)
     check_kernel_names(cfg.kernels)
     server = cfg.server
+    api_key = resolve_api_key(server.api_key, server.api_key_file)
     engine = build_engine(cfg)
     try:
         if server.warmup:
             warmup(engine)
         app = create_app(engine, model_name=server.served_model_name or str(cfg.model.name),
-                         api_key=server.api_key, max_queued_requests=server.max_queued_requests,
-                         max_body_bytes=server.max_body_bytes)
-        uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=5)
+                         api_key=api_key, max_queued_requests=server.max_queued_requests,
+                         max_body_bytes=server.max_body_bytes, shutdown_grace_s=server.shutdown_grace_s,
+                         max_step_failures=server.max_step_failures)
+        status = run_server(app, host=server.host, port=server.port, log_level=server.log_level)
     finally:
         engine.runner.close()
+    if status:
+        raise SystemExit(status)
+
+
+def main() -> None:
+    """Refuse a key on the command line before Hydra records the overrides, then run the server."""
+    try:
+        refuse_api_key_override(sys.argv[1:])
+    except APIKeyOverrideError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    _serve()
 
 
 if __name__ == "__main__":

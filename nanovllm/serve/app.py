@@ -1,6 +1,8 @@
 """The FastAPI app: OpenAI-compatible routes, /health, /metrics, optional API key, OpenAI-style errors.
 
 `create_app(engine, ...)` wraps an LLMEngine; the app's lifespan starts the engine thread and stops it.
+`app.state.drain()` is graceful shutdown (nanovllm/serve/server.py calls it on SIGTERM): /health turns 503,
+new requests get 503 with Retry-After, running ones get `shutdown_grace_s` seconds to finish.
 """
 
 from __future__ import annotations
@@ -9,15 +11,15 @@ import hmac
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.serve.async_engine import AsyncEngine, EngineDeadError
+from nanovllm.serve.async_engine import AsyncEngine, RequestFailedError
 from nanovllm.serve.chat import create_chat_completion
 from nanovllm.serve.completions import create_completion
-from nanovllm.serve.errors import error_body, install_error_handlers
+from nanovllm.serve.errors import error_body, error_json, install_error_handlers
 from nanovllm.serve.metrics import Metrics
 from nanovllm.serve.prompts import PromptEncoder
 from nanovllm.serve.protocol import (
@@ -30,19 +32,25 @@ from nanovllm.serve.protocol import (
     ModelList,
 )
 from nanovllm.serve.state import ServeState
+from nanovllm.serve.utility_routes import add_utility_routes
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
 
 
+def _needs_key(path: str) -> bool:
+    return path.startswith("/v1") or path in ("/tokenize", "/detokenize")
+
+
 class APIKeyMiddleware:
-    """Pure ASGI (unlike BaseHTTPMiddleware it leaves streaming and disconnects alone): /v1/* needs
-    `Authorization: Bearer <key>`; /health and /metrics stay open for probes and scrapers."""
+    """Pure ASGI (unlike BaseHTTPMiddleware it leaves streaming and disconnects alone): /v1/*, /tokenize and
+    /detokenize need `Authorization: Bearer <key>`; /health, /metrics and /version stay open for probes and
+    scrapers."""
 
     def __init__(self, app, api_key: str, on_reject):
         self.app, self.expected, self.on_reject = app, f"Bearer {api_key}".encode(), on_reject
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and _needs_key(scope["path"]) and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 self.on_reject(401)
@@ -86,11 +94,14 @@ class BodySizeLimit:
 
 
 def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
-               max_queued_requests: int = 256, max_body_bytes: int = 4 << 20) -> FastAPI:
-    metrics = Metrics()
-    async_engine = AsyncEngine(engine, metrics, max_queued_requests)
+               max_queued_requests: int = 256, max_body_bytes: int = 4 << 20, shutdown_grace_s: float = 30.0,
+               max_step_failures: int = 3) -> FastAPI:
+    metrics = Metrics(model_name, engine.config.max_model_len)
+    async_engine = AsyncEngine(engine, metrics, max_queued_requests, max_step_failures)
     prompts = PromptEncoder(engine.tokenizer, engine.model_path, engine.config.max_model_len, engine.vocab_size)
     state = ServeState(async_engine, model_name, engine.config.max_model_len, engine.tokenizer, prompts)
+
+    closers = [prompts.close]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -99,32 +110,41 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
             yield
         finally:
             async_engine.shutdown()
-            prompts.close()
+            for close in closers:
+                close()
 
     app = FastAPI(title="nano-vllm", summary="OpenAI-compatible completions and chat completions",
                   lifespan=lifespan)
     app.state.serve, app.state.metrics = state, metrics
+
+    async def drain() -> None:
+        await async_engine.drain(shutdown_grace_s)
+
+    app.state.drain = drain
 
     def on_reject(status: int) -> None:
         metrics.requests.labels("rejected").inc()
 
     install_error_handlers(app, on_reject)
 
-    @app.exception_handler(EngineDeadError)
-    async def _engine_dead(request: Request, e: EngineDeadError):
-        return JSONResponse(error_body(503, str(e), code="engine_dead"), 503)
+    @app.exception_handler(RequestFailedError)
+    async def _request_failed(request: Request, e: RequestFailedError):
+        return error_json(e.status, str(e), code=e.code)
 
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, on_reject=on_reject)
     if api_key:  # added last, so it runs first: a request without the key is refused before its body is read
         app.add_middleware(APIKeyMiddleware, api_key=api_key, on_reject=on_reject)
 
-    @app.get("/health", summary="200 while the engine runs, 503 once it has failed")
+    @app.get("/health", summary="200 while the engine runs; 503 once it has failed or the server is shutting down",
+             responses={503: {"model": ErrorResponse}})
     async def health():
+        if async_engine.draining:
+            return error_json(503, "the server is shutting down", code="server_shutting_down")
         if async_engine.alive:
             return {"status": "ok"}
-        return JSONResponse(error_body(503, f"the engine is not running: {async_engine.error!r}"), 503)
+        return error_json(503, f"the engine is not running: {async_engine.error!r}", code="engine_dead")
 
-    @app.get("/metrics", summary="Prometheus metrics (docs/deployment.md)")
+    @app.get("/metrics", summary="Prometheus metrics (docs/deployment.md)", response_class=PlainTextResponse)
     async def prometheus():
         return Response(metrics.render(async_engine.stats), media_type=CONTENT_TYPE_LATEST)
 
@@ -144,4 +164,5 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await create_chat_completion(req, request, state)
 
+    closers.append(add_utility_routes(app, state, engine.model_path).close)
     return app

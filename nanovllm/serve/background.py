@@ -56,7 +56,7 @@ class BackgroundServer:
 @contextmanager
 def serve_model(model: str, model_name: str | None = None, api_key: str | None = None,
                 max_queued_requests: int = 256, log_level: str = "warning", max_body_bytes: int = 4 << 20,
-                **engine_args):
+                shutdown_grace_s: float = 30.0, max_step_failures: int = 3, **engine_args):
     """Build an engine, serve it on a background thread, and free both on exit. Yields the server; its
     `app.state.serve.engine` is the AsyncEngine (with `.engine`, the LLMEngine)."""
     from nanovllm.config import EngineConfig
@@ -65,7 +65,8 @@ def serve_model(model: str, model_name: str | None = None, api_key: str | None =
 
     engine = LLMEngine(EngineConfig.from_kwargs(str(model), **engine_args))
     try:
-        app = create_app(engine, model_name or str(model), api_key, max_queued_requests, max_body_bytes)
+        app = create_app(engine, model_name or str(model), api_key, max_queued_requests, max_body_bytes,
+                         shutdown_grace_s, max_step_failures)
         with BackgroundServer(app, log_level=log_level) as server:
             yield server
     finally:

@@ -1,5 +1,6 @@
 """OpenAI-style errors: every failure answers `{"error": {"message", "type", "param", "code"}}` with a
-4xx/5xx status, including FastAPI's own validation errors and unknown routes."""
+4xx/5xx status, including FastAPI's own validation errors and unknown routes. Every 429 and 503 carries
+`Retry-After` (seconds) and every 405 the `Allow` header naming the route's methods."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ log = logging.getLogger("nanovllm.serve")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+RETRY_AFTER_S = {429: 1, 503: 5}  # the Retry-After of an answer with this status that names none itself
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
         self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
 
@@ -31,8 +34,21 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
 
 
+def error_headers(status: int, headers: dict[str, str] | None = None) -> dict[str, str] | None:
+    """`headers` plus the Retry-After that every 429 and 503 carries."""
+    if status in RETRY_AFTER_S and not any(k.lower() == "retry-after" for k in headers or {}):
+        return {**(headers or {}), "Retry-After": str(RETRY_AFTER_S[status])}
+    return headers
+
+
+def error_json(status: int, message: str, param: str | None = None, code: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status, headers=error_headers(status, headers))
+
+
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(error_body(e.status, e.message, e.param, e.code, e.type), status_code=e.status)
+    return JSONResponse(error_body(e.status, e.message, e.param, e.code, e.type), status_code=e.status,
+                        headers=error_headers(e.status, e.headers))
 
 
 _SCALAR_TAGS = {"str", "int", "float", "bool", "none", "bytes"}
@@ -73,10 +89,10 @@ def validation_message(errors) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI, on_reject=None) -> None:
     """`on_reject(status)` is told of every 4xx (for the metrics)."""
 
-    def respond(status, message, param=None, code=None):
+    def respond(status, message, param=None, code=None, headers=None):
         if on_reject is not None and 400 <= status < 500:
             on_reject(status)
-        return JSONResponse(error_body(status, message, param, code), status_code=status)
+        return error_json(status, message, param, code, headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -94,7 +110,10 @@ def install_error_handlers(app: FastAPI, on_reject=None) -> None:
         message = e.detail if isinstance(e.detail, str) else str(e.detail)
         if e.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
-        return respond(e.status_code, message)
+        elif e.status_code == 405:
+            allowed = (e.headers or {}).get("Allow")
+            message = f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}"
+        return respond(e.status_code, message, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from nanovllm.engine.llm_engine import RequestOutput
-from nanovllm.serve.async_engine import EngineDeadError, RequestStream
+from nanovllm.serve.async_engine import RequestFailedError, RequestStream
 from nanovllm.serve.errors import error_body
 from nanovllm.serve.protocol import Usage
 
@@ -32,8 +32,8 @@ def sse_response(events: AsyncIterator[str], stream: RequestStream) -> Streaming
         try:
             async for event in events:
                 yield event
-        except EngineDeadError as e:
-            yield sse(error_body(500, str(e), code="engine_dead"))
+        except RequestFailedError as e:  # a failed step, the engine stopping, or shutdown after the grace period
+            yield sse(error_body(e.status, str(e), code=e.code))
         finally:
             stream.close()
         yield DONE

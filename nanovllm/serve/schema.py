@@ -18,11 +18,14 @@ SERVE_SCHEMA_NAME = "nanovllm_serve_schema"
 class ServerConfig:
     host: str = "127.0.0.1"         # 0.0.0.0 to listen on every interface (put a proxy and an API key in front)
     port: int = 8000
-    api_key: str | None = None      # when set, /v1/* needs `Authorization: Bearer <key>`
+    api_key: str | None = None      # when set, /v1/* needs `Authorization: Bearer <key>`; from $NANOVLLM_API_KEY
+    api_key_file: str | None = None  # or a file holding the key (never the key on the command line: api_keys.py)
     served_model_name: str | None = None  # the `model` clients send; default: model.name
     max_queued_requests: int = 256  # engine requests waiting for a slot before new ones get 429
     max_body_bytes: int = 4 << 20   # larger request bodies get 413
     warmup: bool = True             # run one short request before accepting traffic
+    shutdown_grace_s: float = 30.0  # on SIGTERM: how long running requests may take to finish
+    max_step_failures: int = 3      # consecutive failing model steps after which the engine stops for good
     log_level: str = "info"         # uvicorn's log level
 
 
@@ -62,5 +65,9 @@ def check_serve_schema(cfg) -> None:
         raise ValueError(f"server.max_body_bytes must be >= 1024, got {server.max_body_bytes}")
     if server.max_queued_requests < 1:
         raise ValueError(f"server.max_queued_requests must be >= 1, got {server.max_queued_requests}")
+    if server.shutdown_grace_s < 0:
+        raise ValueError(f"server.shutdown_grace_s must be >= 0, got {server.shutdown_grace_s}")
+    if server.max_step_failures < 1:
+        raise ValueError(f"server.max_step_failures must be >= 1, got {server.max_step_failures}")
     if server.api_key is not None and not server.api_key.strip():
         raise ValueError("server.api_key is empty; leave it null to serve without a key")

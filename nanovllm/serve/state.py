@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.serve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from nanovllm.serve.async_engine import AsyncEngine, QueueFullError, RequestFailedError, RequestStream
 from nanovllm.serve.errors import APIError
 from nanovllm.serve.logprobs import TokenText
 from nanovllm.serve.prompts import PromptEncoder
@@ -46,5 +46,5 @@ class ServeState:
             raise APIError(400, str(e), prompt_param, code) from None
         except QueueFullError as e:
             raise APIError(429, str(e), None, "too_many_requests") from None
-        except EngineDeadError as e:
-            raise APIError(503, str(e), None, "engine_dead") from None
+        except RequestFailedError as e:  # the engine stopped, or the server is shutting down
+            raise APIError(e.status, str(e), None, e.code) from None

@@ -173,7 +173,8 @@ def test_queue_full_is_429(strict):
 def test_engine_failure_fails_requests_cleanly(tiny_model):
     """If the engine itself breaks, running and new requests get 503 / an error event, /health says 503,
     and nothing hangs."""
-    with serve_model(tiny_model, "tiny", **ENGINE) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+    with serve_model(tiny_model, "tiny", max_step_failures=1, **ENGINE) as s, \
+            httpx.Client(base_url=s.url, timeout=30) as c:
         llm_engine = s.app.state.serve.engine.engine
         ok = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "temperature": 0})
         assert ok.status_code == 200
@@ -187,7 +188,7 @@ def test_engine_failure_fails_requests_cleanly(tiny_model):
             assert next(lines).startswith("data: {")
             llm_engine.step = broken_step  # mid-stream
             rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]" and '"code":"engine_dead"' in rest[-2]
+        assert rest[-1] == "data: [DONE]" and '"code":"step_failed"' in rest[-2]
         err = check_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503, code="engine_dead")
         assert "simulated device failure" in err["message"]
         check_error(c.post("/v1/completions", json={"prompt": "x"}), 503)

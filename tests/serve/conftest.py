@@ -1,0 +1,69 @@
+"""Helpers for tests that start `python -m nanovllm.serve` as a real process on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SpawnedServer:
+    def __init__(self, proc: subprocess.Popen, port: int, run_dir: Path):
+        self.proc, self.port, self.run_dir = proc, port, run_dir
+        self.url = f"http://127.0.0.1:{port}"
+
+    def wait_healthy(self, timeout: float = 180) -> SpawnedServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read()[-3000:]
+                raise AssertionError(f"the server exited with {self.proc.returncode}: {out}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{self.url} was not healthy within {timeout} s")
+
+    def wait_exit(self, timeout: float = 60) -> tuple[int, str]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out
+
+
+@pytest.fixture
+def spawn_server(tmp_path):
+    """spawn_server(*overrides, env=None, pythonpath=()) -> SpawnedServer running `python -m nanovllm.serve
+    model=tiny device=cpu engine=cpu_small` with its Hydra run dir under tmp_path; killed at the end if still up."""
+    procs = []
+
+    def spawn(*overrides: str, env: dict | None = None, pythonpath=()) -> SpawnedServer:
+        port, run_dir = free_port(), tmp_path / f"run{len(procs)}"
+        path = os.pathsep.join([*map(str, pythonpath), str(ROOT), os.environ.get("PYTHONPATH", "")])
+        full_env = {**os.environ, "PYTHONPATH": path, "NANOVLLM_PROGRESS": "0", **(env or {})}
+        cmd = [sys.executable, "-m", "nanovllm.serve", "model=tiny", "device=cpu", "engine=cpu_small",
+               f"server.port={port}", f"hydra.run.dir={run_dir}", *overrides]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        procs.append(proc)
+        return SpawnedServer(proc, port, run_dir)
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
