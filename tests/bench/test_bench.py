@@ -43,19 +43,19 @@ def test_all_quick_writes_required_keys(quick_run):
     assert not r["errors"], r["errors"]
     assert {e["context"] for e in r["latency"]} == {16, 32}
     for e in r["latency"]:
-        assert e["preset"] == "baseline" and e["decode_tok_s"] > 0 and e["p90_ms"] >= e["median_ms"] > 0
+        assert e["preset"] == "auto" and e["decode_tok_s"] > 0 and e["p90_ms"] >= e["median_ms"] > 0
         assert 0 < e["pct_roofline"]
     assert r["throughput"]["output_tok_s"] > 0 and r["throughput"]["generated_tokens"] > 0
     assert r["throughput"]["preemptions"] >= 0 and r["throughput"]["kv_cache_tokens"] > 0
     assert r["roofline_tok_s"] > 0 and r["roofline"]["weight_bytes"] > 0
-    assert r["launches_per_token"]["baseline"] > 0
+    assert r["launches_per_token"]["auto"] > 0
     assert set(r["peers"]) == {"hf_eager", "hf_static_compile"}
     for name, rate in r["peers"].items():  # peers fail soft, but on the CPU both should run
         assert rate and rate > 0, r["peer_details"][name]
     ops = {(e["op"], e["backend"]) for e in r["ops"] if "gbps" in e}
     assert {("linear", "eager"), ("attention_decode", "eager"), ("mlp", "eager")} <= ops
     assert r["versions"]["torch"] and r["git_sha"]
-    assert (out / "trace_baseline.json.gz").is_file() and path.with_suffix(".png").is_file()
+    assert (out / "trace_auto.json.gz").is_file() and path.with_suffix(".png").is_file()
 
 
 def test_compare_gates_regressions(quick_run, tmp_path, capsys):
@@ -90,10 +90,10 @@ def test_plot_writes_png(quick_run, tmp_path):
 def test_profile_counts_ops_and_writes_trace(quick_run, cache, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOVLLM_CACHE", str(cache))  # the tiny model quick_run wrote
     assert bench_main(["profile", "--quick", "--steps", "2", "--warmup", "1", "--out-dir", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "profile_baseline.json").read_text())
+    summary = json.loads((tmp_path / "profile_auto.json").read_text())
     assert summary["launches_per_step"] > 0 and summary["unit"].startswith("top-level aten ops")
     assert summary["top"] and sum(summary["us_per_step_by_kind"].values()) > 0
-    trace = json.loads(gzip.decompress((tmp_path / "trace_baseline.json.gz").read_bytes()))
+    trace = json.loads(gzip.decompress((tmp_path / "trace_auto.json.gz").read_bytes()))
     assert any(ev.get("name", "").startswith("aten::") for ev in trace["traceEvents"])
 
 
