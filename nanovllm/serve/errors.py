@@ -56,8 +56,8 @@ _SCALAR_TAGS = {"str", "int", "float", "bool", "none", "bytes"}
 
 def _is_union_tag(part: str) -> bool:
     """pydantic puts the union member it tried into the location (`stop.list[str]`, `content.TextPart`);
-    API fields are snake_case, so type-like parts are those tags."""
-    return part in _SCALAR_TAGS or "[" in part or part[:1].isupper()
+    API fields are snake_case, so type-like parts are those tags (`constrained-str` for a str with bounds)."""
+    return part in _SCALAR_TAGS or "[" in part or "-" in part or part[:1].isupper()
 
 
 def _param(loc) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
 from nanovllm.engine.prompts import check_unicode
 
@@ -14,6 +14,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1   # what torch.Generator.manual_seed ac
 INT32_MAX = 2**31 - 1
 MAX_N = 16
 MAX_STOP = 16
+# A prompt is non-empty text or non-empty token ids (JSON true/false are not token ids), or a non-empty batch.
+PromptText = Annotated[str, Field(min_length=1)]
+PromptIds = Annotated[list[Annotated[int, Strict()]], Field(min_length=1)]
 
 
 class _Request(BaseModel):
@@ -96,7 +99,8 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+    prompt: PromptText | PromptIds | Annotated[list[PromptText], Field(min_length=1)] | Annotated[
+        list[PromptIds], Field(min_length=1)] = Field(
         ..., description="text, token ids, or a batch of either")
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives per token")
