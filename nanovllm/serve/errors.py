@@ -78,6 +78,10 @@ def validation_message(errors) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"malformed JSON in the request body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    bad_text = next((e for e in errors if "unicode string" in str(e.get("msg"))), None)
+    if bad_text is not None:  # the other union members' complaints would only hide this one
+        where = _param(bad_text.get("loc", ()))
+        return f"{where} is not valid Unicode (a lone UTF-16 surrogate cannot be encoded)", where
     parts = []
     for e in errors[:5]:
         where = _param(e.get("loc", ()))

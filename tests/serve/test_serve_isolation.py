@@ -44,7 +44,7 @@ def still_serving(client) -> None:
 
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", {"prompt": BAD}, "prompt"),
-    ("/v1/completions", {"prompt": ["fine", BAD]}, "prompt"),
+    ("/v1/completions", {"prompt": ["fine", BAD]}, "prompt[1]"),
     ("/v1/completions", {"prompt": "fine", "stop": [BAD]}, "stop"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": BAD}]}, "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ok"}], "chat_template_kwargs": {"x": BAD}},
