@@ -1,4 +1,5 @@
-"""Helpers for tests that start `python -m nanovllm.serve` as a real process on a free 127.0.0.1 port."""
+"""Helpers for tests that start `python -m nanovllm.serve` as a real process on a free 127.0.0.1 port, and
+clients of a test module's `server` fixture (each module starts the server its tests need)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,17 @@ def spawn_server(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """An HTTP client of the test module's `server` fixture."""
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    """The openai client against the test module's `server` fixture."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

@@ -7,7 +7,6 @@ import json
 import re
 from typing import Literal
 
-import httpx
 import jsonschema
 import pytest
 from pydantic import BaseModel, Field
@@ -30,18 +29,6 @@ class City(BaseModel):
 def server(tiny_model):
     with serve_model(str(tiny_model), "tiny", **ENGINE) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def openai_client(server):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=5)])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import jsonschema
 import pytest
 
@@ -35,18 +34,6 @@ SCRIPT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"ci
 def server(tiny_model):
     with serve_model(str(tiny_model), "tiny", **ENGINE) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def openai_client(server):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture
