@@ -29,6 +29,7 @@ from tests.ops.test_triton_kernels import (  # noqa: E402  (the helpers need tri
     core,  # noqa: F401  (a fixture)
     paged_meta,
     preset,
+    rope_attention_case,
     weight,
 )
 from tests.ops.test_triton_kernels import test_decode_layer as check_decode_layer  # noqa: E402  (not collected here)
@@ -149,27 +150,14 @@ def test_attention_decode_onepass(experiments, splits, window):
 def test_rope_decode_attention_onepass(experiments, dtype, qk_norm, splits):
     """q/k norm + RoPE + KV write + attention with the splits merged in the kernel, against the natives: the
     output and both caches."""
-    from nanovllm.layers.rotary import cos_sin_table
-
-    class Rope:
-        rope_theta = 10000.0
-
-    torch.manual_seed(splits)
-    meta = paged_meta([1, 17, 70])
-    hq, hk, d = 6, 2, 12
-    qkv = torch.randn(3, (hq + 2 * hk) * d, dtype=dtype)
-    q, k, v = (t.view(3, -1, d) for t in qkv.split((hq * d, hk * d, hk * d), -1))
-    norms = (weight(d, dtype=dtype) + 1, weight(d, dtype=dtype) + 1) if qk_norm else (None, None)
-    args = (q, k, v, *norms, 1e-6, meta.positions, cos_sin_table(Rope(), d, 128))
-    kc, vc = torch.randn(40, 4, hk, d, dtype=dtype), torch.randn(40, 4, hk, d, dtype=dtype)
-    caches = [kc.clone(), vc.clone(), kc, vc]
+    meta, args, caches = rope_attention_case(dtype, qk_norm, seed=splits)
     got = torch.ops.nanovllm_experiments.rope_decode_attention_onepass(
         *args, caches[0], caches[1], meta.slot_mapping, meta.block_tables, 0.3, 0, 0.0, splits)
     want = native_site("rope_decode_attention")(*args, caches[2], caches[3], meta, 0.3, 0, 0.0)
     torch.testing.assert_close(got, want, **TOL[dtype])
     torch.testing.assert_close(caches[0], caches[2], **TOL[dtype])
     torch.testing.assert_close(caches[1], caches[3], atol=0, rtol=0)
-    assert not experiments.counters(q.device, 1).any()
+    assert not experiments.counters(args[0].device, 1).any()
 
 
 @inner

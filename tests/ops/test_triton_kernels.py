@@ -384,6 +384,25 @@ def test_attention_decode(core, dtype, window, softcap, splits):
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+def rope_attention_case(dtype, qk_norm: bool, seed: int):
+    """A rope_decode_attention step of 3 requests (1, 17 and 70 keys): (meta, the site's arguments up to the
+    caches, [k cache, v cache, their copies]). Raw q, k, v are strided views of a packed QKV."""
+    from nanovllm.layers.rotary import cos_sin_table
+
+    class Rope:
+        rope_theta = 10000.0
+
+    torch.manual_seed(seed)
+    meta = paged_meta([1, 17, 70])
+    hq, hk, d = 6, 2, 12
+    qkv = torch.randn(3, (hq + 2 * hk) * d, dtype=dtype)
+    q, k, v = (t.view(3, -1, d) for t in qkv.split((hq * d, hk * d, hk * d), -1))
+    norms = (weight(d, dtype=dtype) + 1, weight(d, dtype=dtype) + 1) if qk_norm else (None, None)
+    kc, vc = torch.randn(40, 4, hk, d, dtype=dtype), torch.randn(40, 4, hk, d, dtype=dtype)
+    return meta, (q, k, v, *norms, 1e-6, meta.positions, cos_sin_table(Rope(), d, 128)), [kc.clone(), vc.clone(),
+                                                                                         kc, vc]
+
+
 @inner
 @pytest.mark.parametrize("dtype,qk_norm,window,splits", [
     (torch.float32, True, 0, 0), (torch.float32, True, 0, 3), (torch.float32, False, 6, 5), (torch.float32, True, 0, 1),
@@ -393,21 +412,7 @@ def test_rope_decode_attention(core, dtype, qk_norm, window, splits):
     (natives): the output, and both caches after the step. Raw q, k, v are strided views of a packed QKV;
     the split holding each request's newest key (the first, a middle or the last; one split over 70 keys: in
     its second key block) writes it."""
-    from nanovllm.layers.rotary import cos_sin_table
-
-    class Rope:
-        rope_theta = 10000.0
-
-    torch.manual_seed(splits)
-    meta = paged_meta([1, 17, 70])
-    hq, hk, d = 6, 2, 12
-    qkv = torch.randn(3, (hq + 2 * hk) * d, dtype=dtype)
-    q, k, v = (t.view(3, -1, d) for t in qkv.split((hq * d, hk * d, hk * d), -1))
-    norms = (weight(d, dtype=dtype) + 1, weight(d, dtype=dtype) + 1) if qk_norm else (None, None)
-    table = cos_sin_table(Rope(), d, 128)
-    kc, vc = torch.randn(40, 4, hk, d, dtype=dtype), torch.randn(40, 4, hk, d, dtype=dtype)
-    caches = [kc.clone(), vc.clone(), kc, vc]
-    args = (q, k, v, *norms, 1e-6, meta.positions, table)
+    meta, args, caches = rope_attention_case(dtype, qk_norm, seed=splits)
     if splits:
         got = torch.ops.nanovllm_triton.rope_decode_attention(*args, caches[0], caches[1], meta.slot_mapping,
                                                               meta.block_tables, 0.3, window, 0.0, splits)
