@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from nanovllm.ops.meta import AttentionMetadata
 from nanovllm.ops.registry import define_op
+from nanovllm.quant.weights import QuantizedWeight
 
 
 @define_op("rms_norm")
@@ -54,7 +55,9 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | Non
 
 @define_op("linear")
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight.T + bias, weight (out, in) as stored by Hugging Face."""
+    """y = x @ weight.T + bias, weight (out, in) as stored by Hugging Face, or a QuantizedWeight (dequantized)."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.linear(x, bias)
     return F.linear(x, weight, bias)
 
 

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanovllm.quant.weights import FORMATS
+
 log = logging.getLogger("nanovllm.ops")
 
 NATIVE = "eager"
 COMPILE = "compile"
 AUTO = "auto"  # not an implementation: the resolver picks one per op (ops/auto.py)
+DENSE = "dense"  # the weight format of unquantized weights (Support.formats)
 
 
 class RegistryError(ValueError):
@@ -37,10 +40,14 @@ class Support:
     dtypes: tuple[torch.dtype, ...] | None = None
     check: Callable[[dict], str | None] | None = None
     needs: Callable[[], str | None] | None = None  # availability (an importable library, a GPU ...)
+    formats: tuple[str, ...] = (DENSE,)  # the weight formats it reads: dense and/or nanovllm.quant.FORMATS
 
-    def reason_unsupported(self, device: str, dtype: torch.dtype, shapes: dict) -> str | None:
+    def reason_unsupported(self, device: str, dtype: torch.dtype, shapes: dict,
+                           weight_format: str = "dense") -> str | None:
         if self.needs is not None and (why := self.needs()):
             return why
+        if weight_format not in self.formats:
+            return f"{weight_format} weights not in {list(self.formats)}"
         if self.devices is not None and device not in self.devices:
             return f"device {device!r} not in {list(self.devices)}"
         if self.dtypes is not None and dtype not in self.dtypes:
@@ -104,7 +111,7 @@ def define_op(name: str, parts: tuple[str, ...] = ()):
         for p in parts:
             get_op(p)
         op = OpDef(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "", parts)
-        op.impls[NATIVE] = Impl(name, NATIVE, fn)
+        op.impls[NATIVE] = Impl(name, NATIVE, fn, Support(formats=(DENSE, *FORMATS)))  # the dense reference
         op.impls[COMPILE] = Impl(name, COMPILE, fn, build=functools.partial(_compiled, op))
         OPS[name] = op
         return fn
@@ -113,11 +120,12 @@ def define_op(name: str, parts: tuple[str, ...] = ()):
 
 
 def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=None, needs=None,
-                  build=None, plan=None, layouts=None, cold=None, replace: bool = False):
+                  build=None, plan=None, layouts=None, cold=None, formats=(DENSE,), replace: bool = False):
     """Register `fn` as backend `backend` of `op` (decorator). Raises on unknown ops and on clashes.
 
     devices/dtypes: what it runs on; check(shapes) -> reason it cannot serve these model shapes, or None;
-    needs() -> reason it is unavailable (a missing library), or None; plan, layouts, cold: see Impl.
+    needs() -> reason it is unavailable (a missing library), or None; formats: the weight formats it reads
+    (DENSE and/or nanovllm.quant.FORMATS); plan, layouts, cold: see Impl.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -126,7 +134,8 @@ def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=Non
             raise RegistryError(f"backend name {backend!r} is built in for every op ({op!r})")
         if backend in opdef.impls and not replace:
             raise RegistryError(f"backend {backend!r} of op {op!r} is registered twice")
-        support = Support(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None, check, needs)
+        support = Support(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None, check, needs,
+                          tuple(formats))
         opdef.impls[backend] = Impl(op, backend, fn, support, build, plan, dict(layouts or {}), cold)
         return fn
 
@@ -167,11 +176,12 @@ def check_backend(op: str, backend: str) -> None:
 
 @dataclass(frozen=True)
 class Target:
-    """What a resolution is for: the device type, the dtype and the layer's shapes."""
+    """What a resolution is for: the device type, the dtype, the layer's shapes and its weights' format."""
 
     device: str
     dtype: torch.dtype
     shapes: dict = field(default_factory=dict, hash=False, compare=False)
+    weight_format: str = DENSE
 
 
 def resolve(op: str, backend: str, target: Target, *, allow_fallback: bool = True,
@@ -189,7 +199,7 @@ def resolve(op: str, backend: str, target: Target, *, allow_fallback: bool = Tru
         raise RegistryError(f"op {op!r}: backend {AUTO!r} is chosen by the resolver (OpResolver), not resolve()")
     opdef = get_op(op)
     impl = opdef.impls[backend]
-    why = impl.support.reason_unsupported(target.device, target.dtype, target.shapes)
+    why = impl.support.reason_unsupported(target.device, target.dtype, target.shapes, target.weight_format)
     if why is not None:
         msg = f"op {op!r}: backend {backend!r} unsupported here ({why})"
         if not allow_fallback:
