@@ -90,6 +90,13 @@ class QuantizedWeight(nn.Module):
             x = x.index_select(-1, self.perm)
         return torch.nn.functional.linear(x, self.dequantize(x.dtype), bias)
 
+    def map_rows(self, fn) -> QuantizedWeight:
+        """A copy with fn applied to the output rows of values, scales and offsets alike (a weight layout that
+        reorders rows, e.g. interleaved gate/up)."""
+        offset = None if self.offset is None else fn(self.offset)
+        return QuantizedWeight(self.format, fn(self.qweight), fn(self.scale), self.group_size, self.in_features,
+                               offset, self.perm, self.dtype)
+
     def extra_repr(self) -> str:
         extra = (", offset" if self.offset is not None else "") + (", act-order" if self.perm is not None else "")
         return f"{self.format}, ({self.out_features}, {self.in_features}), group {self.group_size}{extra}"
