@@ -9,6 +9,10 @@ Each client has its own HTTP connection and sends its requests one after another
 with `stream_options.include_usage`. Reported: output tok/s over the whole run, TTFT (request sent to first
 token chunk) and inter-token latency (gap between token chunks; a chunk carries one token unless text was
 held back for a split character or a possible stop string), p50/p99 each.
+
+`--constrained-fraction 0.1` makes every tenth request a constrained one: a JSON-schema structured output
+(vLLM's `structured_outputs.json`) with presence and frequency penalties, so the cost of grammar masks and
+logit adjustments under load can be compared with a plain run of the same load.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--time-limit", type=float, default=600.0, help="stop sending requests after this many s")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="--spawn: seconds to wait for /health")
     p.add_argument("--seed", type=int, default=0, help="prompt text seed")
+    p.add_argument("--constrained-fraction", type=float, default=0.0,
+                   help="fraction of requests with a JSON-schema output and presence/frequency penalties")
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for --spawn (after `--`)")
     args = p.parse_args(argv)
@@ -61,6 +67,8 @@ def parse_args(argv=None):
             args.api_key = o.split("=", 1)[1]
     if args.concurrency < 1 or args.requests < 1 or args.max_tokens < 1:
         p.error("--concurrency, --requests and --max-tokens must be >= 1")
+    if not 0 <= args.constrained_fraction <= 1:
+        p.error("--constrained-fraction must be between 0 and 1")
     return args
 
 
@@ -114,9 +122,21 @@ def make_prompt(rng: random.Random, i: int, words: int) -> str:
     return f"{i}: " + " ".join(rng.choice(WORDS) for _ in range(max(words - 1, 0)))
 
 
-async def one_request(client: httpx.AsyncClient, args, model: str, prompt: str) -> dict:
+# a schema whose strings can run to max_tokens, so constrained requests are as long as the others
+RECORD_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "notes": {"type": "string"}},
+                 "required": ["name", "notes"]}
+CONSTRAINED = {"structured_outputs": {"json": RECORD_SCHEMA}, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+
+
+def is_constrained(i: int, fraction: float) -> bool:
+    """Request i is constrained when the running count of fraction * i steps up: evenly spread, exact share."""
+    return int((i + 1) * fraction) > int(i * fraction)
+
+
+async def one_request(client: httpx.AsyncClient, args, model: str, prompt: str, constrained: bool = False) -> dict:
     body = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature, "stream": True,
-            "ignore_eos": not args.no_ignore_eos, "stream_options": {"include_usage": True}}
+            "ignore_eos": not args.no_ignore_eos, "stream_options": {"include_usage": True},
+            **(CONSTRAINED if constrained else {})}
     path = "/v1/completions"
     if args.chat:
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
@@ -142,7 +162,8 @@ async def one_request(client: httpx.AsyncClient, args, model: str, prompt: str) 
     if error or not chunks:
         return {"ok": False, "error": error or "no tokens"}
     gaps = [b - a for a, b in zip(chunks, chunks[1:])]
-    return {"ok": True, "ttft": chunks[0] - t0, "gaps": gaps, "tokens": tokens, "latency": chunks[-1] - t0}
+    return {"ok": True, "ttft": chunks[0] - t0, "gaps": gaps, "tokens": tokens, "latency": chunks[-1] - t0,
+            "constrained": constrained}
 
 
 async def run_load(url: str, args) -> dict:
@@ -161,7 +182,7 @@ async def run_load(url: str, args) -> dict:
             for i in indices:  # shared iterator: each client takes the next request when it is free
                 if time.monotonic() > deadline:
                     return
-                res = await one_request(c, args, model, prompts[i])
+                res = await one_request(c, args, model, prompts[i], is_constrained(i, args.constrained_fraction))
                 if keep:
                     results.append(res)
 
@@ -189,6 +210,7 @@ def summarize(results: list[dict], duration: float, model: str) -> dict:
     tokens = sum(r["tokens"] for r in ok)
     tpot = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
     return {"model": model, "requests": len(results), "ok": len(ok), "failed": len(results) - len(ok),
+            "constrained": sum(r.get("constrained", False) for r in ok),
             "errors": sorted({r["error"] for r in results if not r["ok"]})[:5], "duration_s": duration,
             "output_tokens": tokens, "output_tok_s": tokens / duration if duration > 0 else 0.0,
             "requests_per_s": len(ok) / duration if duration > 0 else 0.0,
@@ -200,7 +222,8 @@ def summarize(results: list[dict], duration: float, model: str) -> dict:
 def print_table(res: dict, args) -> None:
     fmt = lambda v: "-" if v is None else f"{v:,.1f}"
     rows = [("model", res["model"]), ("clients x requests", f"{args.concurrency} x {res['requests']}"),
-            ("ok / failed", f"{res['ok']} / {res['failed']}"), ("duration", f"{res['duration_s']:.2f} s"),
+            ("ok / failed", f"{res['ok']} / {res['failed']}"), ("constrained", str(res["constrained"])),
+            ("duration", f"{res['duration_s']:.2f} s"),
             ("output tokens", f"{res['output_tokens']:,}"), ("throughput", f"{fmt(res['output_tok_s'])} tok/s"),
             ("requests", f"{res['requests_per_s']:.2f} req/s")]
     for name in ("ttft_ms", "itl_ms", "tpot_ms"):
