@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanovllm.checkpoints.gguf_names import gguf_entries, qk_row_order
+from nanovllm.checkpoints.gguf_names import dense_tensor, gguf_entries, qk_row_order
 from nanovllm.checkpoints.hf_config import write_config
 
 log = logging.getLogger("nanovllm")
@@ -116,11 +116,7 @@ def hf_tensors(reader, arch: str, config):
         t = entry.tensor
         if last is None or last[0] != t.name:
             last = t.name, dequantize(t.data, t.tensor_type)
-        w = last[1] if entry.expert is None else last[1][entry.expert]
-        if entry.row_order is not None:
-            w = w[entry.row_order]
-        w = torch.from_numpy(np.array(w, dtype=np.float32))
-        yield entry.hf_name, w - 1 if entry.stored_plus_one else w
+        yield entry.hf_name, dense_tensor(entry, last[1] if entry.expert is None else last[1][entry.expert])
 
 
 def gguf_to_hf(gguf_path: Path, dest: Path) -> None:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 # GGUF tensor name inside a block -> HF name inside model.layers.N (gemma3 overrides some below)
 LAYER_TENSORS = {
@@ -67,3 +68,11 @@ def gguf_entries(reader, arch: str, config):
             order = qk_row_order(int(t.shape[-1]), heads)  # the output dim is GGUF's outermost
         yield GGUFEntry(name, t, row_order=order,
                         stored_plus_one=arch == "gemma3" and name.endswith("norm.weight"))
+
+
+def dense_tensor(entry: GGUFEntry, w: np.ndarray) -> torch.Tensor:
+    """The HF float32 tensor of an entry from its dequantized GGUF array (already the entry's expert slice)."""
+    if entry.row_order is not None:
+        w = w[entry.row_order]
+    t = torch.from_numpy(np.array(w, dtype=np.float32))
+    return t - 1 if entry.stored_plus_one else t
