@@ -22,11 +22,10 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int, order: list[int] | N
 
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Unsigned values (< 2**bits) packed along `dim` into int32 words (the inverse of unpack_int32, order None);
-    the size along dim must be a multiple of 32 / bits."""
+    a partial last word is zero-padded."""
     per = 32 // bits
     v = values.to(torch.int64).movedim(dim, -1)
-    if v.shape[-1] % per:
-        raise ValueError(f"packing {bits}-bit values needs a multiple of {per} along dim {dim}, got {v.shape[-1]}")
+    v = torch.nn.functional.pad(v, (0, -v.shape[-1] % per))
     v = v.reshape(*v.shape[:-1], -1, per) << (torch.arange(per) * bits)
     words = v.sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
