@@ -213,3 +213,24 @@ def test_dense_and_unknown_checkpoints(tmp_path):
     path = write_folder(tmp_path / "bnb", {"lm_head.weight": torch.randn(4, 4)}, {"quant_method": "bitsandbytes"})
     with pytest.raises(ValueError, match="'bitsandbytes' is not supported"):
         detect(path, None)
+
+
+def test_compressed_tensors_act_order_g_idx():
+    """Older compressed-tensors GPTQ checkpoints carry weight_g_idx: w[n, k] = q[n, k] * s[n, g_idx[k]]."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from nanovllm.quant.checkpoints.compressed_tensors import repack
+
+    out, k, gs = 16, 64, 16
+    q = torch.randint(-8, 8, (out, k), dtype=torch.int8)
+    scale = (torch.rand(out, k // gs) + 0.1).half().float()  # 11-bit scales: every product exact
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[torch.randperm(k)] = (torch.arange(k) // gs).int()
+    stored = {"weight_packed": pack_to_int32(q, 4), "weight_shape": torch.tensor([out, k]), "weight_scale": scale,
+              "weight_g_idx": g_idx}
+    qw = repack(stored, {"num_bits": 4, "strategy": "group", "group_size": gs})
+    ref = q.float() * scale[:, g_idx.long()]
+    assert torch.equal(qw.dequantize(torch.float32), ref[:, qw.perm])
+    x = torch.randn(2, k)
+    torch.testing.assert_close(qw.linear(x), x @ ref.T)

@@ -6,6 +6,7 @@ Per quantized linear X, by the format the tensors carry:
 - pack-quantized (4 or 8 bits): `X.weight_packed` int32 (out, in * bits / 32), element i of a row at bits
   [bits * i, ...) stored as q + 2**(bits - 1); `X.weight_shape`; `X.weight_scale`; `X.weight_zero_point`
   (asymmetric), packed the same way along the output dim.
+An act-order layer also has `X.weight_g_idx` (in,), the group of each input column (-1 everywhere: unused).
 The dense weight is w = (q - zero_point) * scale, where `weight_scale` is per tensor (one value), per channel
 (out, 1), per group (out, in / group_size) or per block (ceil(out / r), ceil(in / c)) for `block_structure`
 [r, c] (group size and block structure come from the config group that targets the layer).
@@ -19,12 +20,14 @@ import re
 import torch
 
 from nanovllm.quant.checkpoints.detect import quantization_config
+from nanovllm.quant.checkpoints.gptq import group_order
 from nanovllm.quant.checkpoints.packing import unpack_int32
 from nanovllm.quant.checkpoints.safetensors_folder import SafetensorsFolder
 from nanovllm.quant.checkpoints.scales import row_group_scales
 from nanovllm.quant.rtn import pack_int4
 from nanovllm.quant.weights import QuantizedWeight
 
+PARTS = ("weight_scale", "weight_zero_point", "weight_g_idx")
 AUX = (".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx", ".input_scale",
        ".input_zero_point", ".output_scale", ".input_global_scale")
 
@@ -71,7 +74,7 @@ def weight_formats(path, hf_config=None) -> dict[str, str]:
 
 def repack(stored: dict[str, torch.Tensor], args: dict, dtype: torch.dtype = torch.bfloat16) -> QuantizedWeight:
     """One layer's compressed tensors (keys "weight" or "weight_packed"/"weight_shape", "weight_scale",
-    optionally "weight_zero_point") as a QuantizedWeight."""
+    optionally "weight_zero_point" and "weight_g_idx") as a QuantizedWeight."""
     block = args.get("block_structure") if args.get("strategy") == "block" else None
     block = None if block is None else (int(block[0]), int(block[1]))
     zp = stored.get("weight_zero_point")
@@ -102,11 +105,17 @@ def repack(stored: dict[str, torch.Tensor], args: dict, dtype: torch.dtype = tor
             offset = None if bool((zp == 8).all()) else -(zp * scale)
         elif bool(zp.any()):
             offset = -(zp * scale)
+    perm = None
+    g_idx = stored.get("weight_g_idx")
+    if g_idx is not None and bool((g_idx >= 0).all()):
+        perm = group_order(g_idx, group)
+        if perm is not None:
+            q = q[:, perm]
     if fmt == "int4":
         q = pack_int4(q.to(torch.uint8))
     elif fmt == "int8":
         q = q.to(torch.int8)
-    return QuantizedWeight(fmt, q.contiguous(), scale, group, k, offset, dtype=dtype)
+    return QuantizedWeight(fmt, q.contiguous(), scale, group, k, offset, perm, dtype)
 
 
 def quantized_tensors(path, hf_config=None, dtype: torch.dtype = torch.bfloat16):
@@ -121,8 +130,7 @@ def quantized_tensors(path, hf_config=None, dtype: torch.dtype = torch.bfloat16)
             yield name, folder.get(name)
             continue
         parts = ("weight_packed", "weight_shape") if kind == "packed" else ("weight",)
-        stored = {p: folder.get(f"{base}.{p}") for p in (*parts, "weight_scale", "weight_zero_point")
-                  if f"{base}.{p}" in folder}
+        stored = {p: folder.get(f"{base}.{p}") for p in (*parts, *PARTS) if f"{base}.{p}" in folder}
         if "weight_scale" not in stored:
             raise ValueError(f"compressed-tensors checkpoint {str(path)!r} lacks {base}.weight_scale")
         yield base + ".weight", repack(stored, weight_args(qc, base), dtype)
