@@ -119,8 +119,13 @@ def hf_tensors(reader, arch: str, config):
         yield entry.hf_name, dense_tensor(entry, last[1] if entry.expert is None else last[1][entry.expert])
 
 
-def gguf_to_hf(gguf_path: Path, dest: Path) -> None:
-    """Write a complete Hugging Face folder for a GGUF file into `dest` (an existing empty folder)."""
+SOURCE_NAME = "model.gguf"  # the GGUF file itself inside the folder, which the native quantized reader reads
+
+
+def gguf_to_hf(gguf_path: Path, dest: Path, keep_source: str = "link") -> None:
+    """Write a complete Hugging Face folder for a GGUF file into `dest` (an existing empty folder). The folder
+    also holds the GGUF file as model.gguf, so it can be read without dequantizing: a symbolic link to
+    `gguf_path` (keep_source "link") or the file moved in ("move", for a file assembled only for this)."""
     from gguf import GGUFReader
     from safetensors.torch import save_file
 
@@ -135,9 +140,14 @@ def gguf_to_hf(gguf_path: Path, dest: Path) -> None:
     generation = dict(bos_token_id=config.bos_token_id, eos_token_id=eos,
                       pad_token_id=getattr(config, "pad_token_id", None))
     (dest / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    source = dest / SOURCE_NAME
+    if keep_source == "move":
+        gguf_path.replace(source)
+    else:
+        source.symlink_to(gguf_path.resolve())
     (dest / "README.md").write_text(
         f"# {gguf_path.name}\n\nConverted by nano-vllm from GGUF: every tensor dequantized to float32, "
-        "config and tokenizer from the GGUF metadata.\n")
+        f"config and tokenizer from the GGUF metadata; {SOURCE_NAME} is the GGUF file itself.\n")
 
 
 def _write_tokenizer(gguf_path: Path, dest: Path, arch: str) -> list[int]:

@@ -170,3 +170,32 @@ def test_real_files_every_tensor_bit_exact(name, types, tmp_path):
 def test_real_files_every_row_bit_exact(name, types, tmp_path):
     """The same over every row of every tensor (the 262k-row embeddings make it slow)."""
     check_real_file(name, types, tmp_path, max_rows=None)
+
+
+def test_converted_folder_keeps_the_gguf_file(tmp_path):
+    """model=file.gguf resolves to a converted folder that keeps the GGUF file (model.gguf, a link): the folder
+    the engine loads is detected as GGUF and reads natively to exactly the dense conversion's weights."""
+    import importlib
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from nanovllm.checkpoints import resolve_model
+    from nanovllm.quant.checkpoints import detect, quantized_tensors
+
+    test_gguf = importlib.import_module("tests.models.test_gguf")  # its writer: a complete llama file
+    config = LlamaConfig(vocab_size=test_gguf.VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    path = tmp_path / "tiny-q8.gguf"
+    test_gguf.write_gguf(model, path, qtype=T.Q8_0)
+    folder = resolve_model(str(path), cache_dir=tmp_path / "cache")
+    assert (folder / "model.gguf").resolve() == path.resolve() and detect(folder, None) == "gguf"
+    dense = load_file(str(folder / "model.safetensors"))
+    native = dict(quantized_tensors(folder, None))
+    assert native.keys() == dense.keys()
+    for name, value in native.items():  # the native weights are the dense conversion's, Q/K unpermuted alike
+        value = value.dequantize(torch.float32) if isinstance(value, QuantizedWeight) else value
+        assert torch.equal(value, dense[name]), name
