@@ -199,3 +199,22 @@ def test_converted_folder_keeps_the_gguf_file(tmp_path):
     for name, value in native.items():  # the native weights are the dense conversion's, Q/K unpermuted alike
         value = value.dequantize(torch.float32) if isinstance(value, QuantizedWeight) else value
         assert torch.equal(value, dense[name]), name
+
+
+@pytest.mark.slow
+def test_smollm2_native_equals_the_dequantizing_conversion():
+    """The whole real llama file (Q/K permuted by llama.cpp): every tensor read natively dequantizes to exactly
+    what the dense conversion gives."""
+    from gguf import GGUFReader
+
+    from nanovllm.checkpoints.gguf_convert import hf_config, hf_tensors
+    from nanovllm.quant.checkpoints import quantized_tensors
+
+    path = real_gguf("smollm2", None)
+    reader = GGUFReader(str(path))
+    config, arch = hf_config(reader)
+    dense = hf_tensors(reader, arch, config)
+    for (name, value), (ref_name, ref) in zip(quantized_tensors(path, config), dense, strict=True):
+        assert name == ref_name
+        value = value.dequantize(torch.float32) if isinstance(value, QuantizedWeight) else value
+        assert torch.equal(value, ref), name

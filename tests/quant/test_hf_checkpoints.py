@@ -234,3 +234,13 @@ def test_compressed_tensors_act_order_g_idx():
     assert torch.equal(qw.dequantize(torch.float32), ref[:, qw.perm])
     x = torch.randn(2, k)
     torch.testing.assert_close(qw.linear(x), x @ ref.T)
+
+
+def test_unsupported_layouts_are_named():
+    from nanovllm.quant.checkpoints import compressed_tensors, gptq
+
+    with pytest.raises(ValueError, match="checkpoint_format 'marlin' is not supported"):
+        gptq._settings(None, type("C", (), {"quantization_config": {"bits": 4, "checkpoint_format": "marlin"}}))
+    qc = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {}}
+    with pytest.raises(ValueError, match="format nvfp4-pack-quantized is not supported"):
+        compressed_tensors._config(None, type("C", (), {"quantization_config": qc}))

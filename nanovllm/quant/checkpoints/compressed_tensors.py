@@ -32,6 +32,20 @@ AUX = (".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx", 
        ".input_zero_point", ".output_scale", ".input_global_scale")
 
 
+FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "dense", "mixed-precision")
+
+
+def _config(path, hf_config) -> dict:
+    """The quantization_config, checked to name only formats read here."""
+    qc = quantization_config(path, hf_config) or {}
+    formats = {qc.get("format")} | {g.get("format") for g in (qc.get("config_groups") or {}).values()}
+    unknown = sorted(str(f) for f in formats - {None, *FORMATS})
+    if unknown:
+        raise ValueError(f"compressed-tensors format {', '.join(unknown)} is not supported; supported: "
+                         f"{', '.join(FORMATS)}")
+    return qc
+
+
 def _targets(target: str, module: str) -> bool:
     if target.startswith("re:"):
         return re.match(target[3:], module) is not None
@@ -60,7 +74,7 @@ def _stored(folder: SafetensorsFolder, base: str) -> str | None:
 
 
 def weight_formats(path, hf_config=None) -> dict[str, str]:
-    qc = quantization_config(path, hf_config)
+    qc = _config(path, hf_config)
     folder = SafetensorsFolder(path)
     out = {}
     for name in folder.names():
@@ -119,7 +133,7 @@ def repack(stored: dict[str, torch.Tensor], args: dict, dtype: torch.dtype = tor
 
 
 def quantized_tensors(path, hf_config=None, dtype: torch.dtype = torch.bfloat16):
-    qc = quantization_config(path, hf_config)
+    qc = _config(path, hf_config)
     folder = SafetensorsFolder(path)
     for name in folder.names():
         if name.endswith(AUX):

@@ -5,6 +5,7 @@ the same mapping the dequantizing conversion uses)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -26,12 +27,23 @@ def gguf_file(path) -> Path | None:
     return files[0] if files else None
 
 
-def _reader_and_config(path, hf_config):
+@functools.lru_cache(maxsize=2)
+def _open(path: str, mtime_ns: int):
+    """A GGUFReader (a memory map; parsing the metadata takes seconds for large vocabularies), kept for the
+    formats-then-tensors sequence of a load."""
     from gguf import GGUFReader
 
+    return GGUFReader(path)
+
+
+def _reader_and_config(path, hf_config):
     from nanovllm.checkpoints.gguf_convert import hf_config as config_from_metadata
 
-    reader = GGUFReader(str(gguf_file(path)))
+    file = gguf_file(path)
+    if file is None:
+        raise FileNotFoundError(f"{str(path)!r} is neither a .gguf file nor a folder holding one")
+    file = file.resolve()
+    reader = _open(str(file), file.stat().st_mtime_ns)
     arch = reader.fields["general.architecture"].contents()
     if hf_config is None:
         hf_config, arch = config_from_metadata(reader)

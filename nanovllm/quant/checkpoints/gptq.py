@@ -30,7 +30,10 @@ def _settings(path, hf_config) -> tuple[int, int | None, int]:
     if bits not in (4, 8):
         raise ValueError(f"GPTQ checkpoints of {bits} bits are not supported; supported: 4, 8")
     group = int(qc.get("group_size", 128))
-    v2 = str(qc.get("checkpoint_format", "gptq")).lower() == "gptq_v2"
+    layout = str(qc.get("checkpoint_format", "gptq")).lower()
+    if layout not in ("gptq", "gptq_v2"):
+        raise ValueError(f"GPTQ checkpoint_format {layout!r} is not supported; supported: gptq, gptq_v2")
+    v2 = layout == "gptq_v2"
     return bits, group if group > 0 else None, 0 if v2 else 1
 
 
