@@ -143,3 +143,19 @@ def test_writer_errors_name_the_problem(tmp_path):
         write_checkpoint({"a.weight": w}, tmp_path / "b", "int8", {})
     with pytest.raises(ValueError, match="written as compressed-tensors"):
         write_checkpoint({"a.weight": w}, tmp_path / "c", "fp8", {}, layout="gptq")
+
+
+def test_module_with_quantized_weights_is_written(tmp_path):
+    """A module whose linear holds a QuantizedWeight in place of its weight Parameter writes like a mapping."""
+    from torch import nn
+
+    model = nn.Module()
+    model.up_proj = nn.Linear(64, 32)
+    qw = quantize(torch.randn(32, 64), "int8")
+    del model.up_proj.weight
+    model.up_proj.weight = qw
+    out = write_checkpoint(model, tmp_path / "m", "int8", {"model_type": "qwen3"})
+    got = dict(quantized_tensors(out, None))
+    assert got.keys() == {"up_proj.weight", "up_proj.bias"}
+    assert_same(got["up_proj.weight"], qw)
+    assert torch.equal(got["up_proj.bias"], model.up_proj.bias.detach())
