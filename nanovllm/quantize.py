@@ -1,6 +1,7 @@
 """python -m nanovllm.quantize MODEL OUT --method int4|int8|fp8 [--group-size N] [--calibrate] [--layout L]
 
-Loads the dense checkpoint MODEL (any name nanovllm resolves: a folder, a catalog name, a repo id),
+Loads the dense checkpoint MODEL (any name nanovllm resolves: a folder, a catalog name, a repo id, a GGUF
+file, whose dequantized weights are requantized),
 quantizes every linear weight (attention and MLP projections and experts; embeddings, norms, the router and
 lm_head stay dense), and writes OUT: int4 as a GPTQ checkpoint (or `--layout compressed-tensors`), int8 and
 fp8 as compressed-tensors, with config.json's quantization_config and the tokenizer files, so the cost is paid
@@ -66,8 +67,9 @@ def quantize_folder(folder: Path, out: Path, method: str, group_size: int | None
 
     if method not in LAYOUTS:
         raise ValueError(f"unknown quantization method {method!r}; supported: {', '.join(LAYOUTS)}")
-    if detect(folder) is not None:
-        raise ValueError(f"{str(folder)!r} is already quantized ({detect(folder)}); quantize a dense checkpoint")
+    method_on_disk = detect(folder)
+    if method_on_disk not in (None, "gguf"):  # a converted GGUF folder also holds its dequantized weights
+        raise ValueError(f"{str(folder)!r} is already quantized ({method_on_disk}); quantize a dense checkpoint")
     group = group_size if group_size is not None else DEFAULT_GROUP[method]
     layout = layout or LAYOUTS[method][0]
     # GPTQ stores float16 scales: quantize with float16 scales so the file holds exactly these weights

@@ -159,3 +159,11 @@ def test_module_with_quantized_weights_is_written(tmp_path):
     assert got.keys() == {"up_proj.weight", "up_proj.bias"}
     assert_same(got["up_proj.weight"], qw)
     assert torch.equal(got["up_proj.bias"], model.up_proj.bias.detach())
+
+
+def test_quantizing_a_quantized_checkpoint_is_refused(tmp_path):
+    from nanovllm.quantize import quantize_folder
+
+    q = write_checkpoint({"a.weight": quantize(torch.randn(8, 64), "fp8")}, tmp_path / "fp8", "fp8", {})
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_folder(q, tmp_path / "again", "int8")
