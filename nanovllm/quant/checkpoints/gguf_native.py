@@ -20,7 +20,7 @@ def gguf_file(path) -> Path | None:
     path = Path(path)
     if path.is_file():
         return path if path.suffix == ".gguf" else None
-    files = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    files = [f for f in sorted(path.glob("*.gguf")) if f.exists()] if path.is_dir() else []  # no dangling links
     if len(files) > 1:
         raise ValueError(f"{str(path)!r} holds several .gguf files; pass one of them: "
                          f"{', '.join(f.name for f in files)}")
