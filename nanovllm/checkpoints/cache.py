@@ -44,7 +44,7 @@ def materialize_atomically(write: Callable[[Path], None], dest: Path, descriptio
             # mkdtemp (and safetensors) create private files; the cache may be shared.
             os.chmod(tmp, 0o755)
             for f in tmp.iterdir():
-                if f.is_file():
+                if f.is_file() and not f.is_symlink():  # a link's target is not the cache's to change
                     f.chmod(0o644)
             if dest.exists():  # a leftover without config.json is not ours to keep
                 shutil.rmtree(dest)

