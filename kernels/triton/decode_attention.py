@@ -18,8 +18,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from nanovllm.ops import kv_quant, register_impl
-from nanovllm.ops.registry import declare_kv_dtypes
 from nanovllm.ops.plugins import load_sibling
+from nanovllm.ops.registry import declare_kv_dtypes
 
 core = load_sibling(__file__, "_gemv_core")
 attn = load_sibling(__file__, "_decode_core")

@@ -98,7 +98,8 @@ def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_w:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
             k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
             hq, hk, d // 2, eps, kv_scales, HAS_NORM=q_norm_w is not None, BLOCK_H=block_h, BLOCK=block,
-            PDL=pdl, KV_FP8=kv_scales is not None, num_warps=max(1, min(8, block_h * block // 512)), **core.launch_opts(pdl))
+            PDL=pdl, KV_FP8=kv_scales is not None, num_warps=max(1, min(8, block_h * block // 512)),
+            **core.launch_opts(pdl))
     return out
 
 

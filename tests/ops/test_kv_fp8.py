@@ -17,8 +17,7 @@ import sys
 import pytest
 import torch
 
-from nanovllm.ops import Target, get_op, load_plugins, native_site, resolve
-from nanovllm.ops import kv_quant
+from nanovllm.ops import Target, get_op, kv_quant, load_plugins, native_site, resolve
 from nanovllm.ops.registry import KV_DTYPES, RegistryError, declare_kv_dtypes
 from nanovllm.ops.testing import random_step
 from tests.helpers import ROOT
