@@ -297,3 +297,98 @@ def test_triton_rope_decode_attention_fp8(dtype, qk_norm, splits):
     torch.testing.assert_close(got, want, **VS_DEQUANT[dtype])
     assert_fp8_caches_close(caches[0], caches[2], scales[0])
     assert_fp8_caches_close(caches[1], caches[3], scales[1])
+
+
+@inner
+@pytest.mark.parametrize("dtype,kv_lens", [(torch.float32, [70]), (torch.float32, [150, 5]), (torch.bfloat16, [33])])
+def test_triton_decode_chain_fp8(dtype, kv_lens):
+    """The decode chain (backend triton_chain of decode_layer) passes the scales to its attention launch."""
+    from nanovllm.ops.sites import AttentionSettings, LayerWeights
+
+    hidden, hq, hk, d, inter = 48, 4, 2, 12, 37
+    meta, kc, vc = decode_case(dtype, kv_lens, hk, d, seed=len(kv_lens))
+    _, _, _, norms, table = rope_case(dtype, 1, hq, hk, d, True, seed=1)
+
+    def w(*shape):
+        return (torch.randn(*shape) * 0.2).to(dtype)
+
+    weights = LayerWeights(w(hidden) + 1, w((hq + 2 * hk) * d, hidden), None, *norms, w(hidden, hq * d), w(hidden) + 1,
+                           w(2 * inter, hidden), w(hidden, inter))
+    x = torch.randn(len(kv_lens), hidden, dtype=dtype)
+    qk, qv, scales, _, _ = fp8_caches(kc, vc)
+    caches = [qk.clone(), qv.clone(), qk, qv]
+    load_plugins()
+    chain = get_op("decode_layer").impls["triton_chain"]
+    laid_out = weights._replace(gate_up_w=chain.layouts["gate_up_w"](weights.gate_up_w))
+    settings = AttentionSettings(1e-6, 0.3)
+    got = chain.fn(x, laid_out, settings, meta.positions, table, caches[0], caches[1], meta, scales)
+    want = native_site("decode_layer")(x, weights, settings, meta.positions, table, caches[2], caches[3], meta, scales)
+    # bf16: the interpreter rounds float32 to bfloat16 toward zero (the GPU to nearest), and a layer compounds it
+    tol = VS_DEQUANT[dtype] if dtype == torch.float32 else dict(atol=0.3, rtol=0.06)
+    torch.testing.assert_close(got, want, **tol)
+    assert_fp8_caches_close(caches[0], caches[2], scales[0])
+    assert_fp8_caches_close(caches[1], caches[3], scales[1])
+
+
+@inner
+def test_triton_all_fused_tiny_model_fp8_matches_eager_fp8(make_checkpoint):
+    """A whole model with every Triton backend on an fp8 cache (the same calibrated scales: the calibration
+    prefill is deterministic) against the eager model on an fp8 cache: logits agree to the few stores that
+    round one fp8 step apart; every cache op resolved to Triton, none fell back."""
+    import yaml
+
+    from nanovllm import LLM
+    from nanovllm.engine.teacher_forcing import teacher_forced_logits
+
+    kernels = yaml.safe_load((ROOT / "configs/kernels/all_fused.yaml").read_text())
+    path = make_checkpoint(seed=3, vocab_size=512)
+    common = dict(device="cpu", dtype="float32", max_model_len=64, num_kvcache_blocks=16, kvcache_block_size=4,
+                  max_num_seqs=2, kv_cache_dtype="fp8")
+    prompt, forced = [5, 77, 301, 12, 9] + list(range(100, 115)), [44, 410, 7]
+    with LLM(str(path), **common) as ref, LLM(str(path), kernels=kernels, **common) as fused:
+        table = fused.engine.runner.resolver.table
+        for op in ("qk_norm_rope", "attention_decode", "rope_decode_attention"):
+            assert table["0"][op] == "triton", (op, table["0"][op])
+        assert table["0"]["decode_layer"] == "triton_chain"
+        for a, b in zip(ref.engine.runner.kv_scales, fused.engine.runner.kv_scales):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=0)
+        want = teacher_forced_logits(ref.engine, prompt, forced)
+        got = teacher_forced_logits(fused.engine, prompt, forced)
+        torch.testing.assert_close(got, want, atol=2e-2 * want.std().item(), rtol=0)
+
+
+# -- GPU: model shapes -----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,context", [(1, 128), (1, 4000), (16, 1000)])
+def test_gpu_triton_decode_fp8_model_shapes(batch, context):
+    """Qwen3-8B's attention shape (32 query heads over 8 KV heads of 128 dims), bf16, fp8 cache: the Triton
+    decode attention and the fused rope_decode_attention against the native fp8 path."""
+    load_plugins()
+    dev, dtype = "cuda", torch.bfloat16
+    meta, num_blocks = random_step([1] * batch, [context - i for i in range(batch)], block_size=16, seed=batch,
+                                   device=dev)
+    torch.manual_seed(batch)
+    kc = torch.randn(num_blocks + 1, 16, 8, 128, dtype=dtype, device=dev)
+    vc = torch.randn_like(kc)
+    qk, qv, scales, _, _ = fp8_caches(kc, vc)
+    q = torch.randn(batch, 32, 128, dtype=dtype, device=dev)
+    got = get_op("attention_decode").impls["triton"].fn(q, qk, qv, meta, 128 ** -0.5, 0, 0.0, scales)
+    want = get_op("attention_decode").native(q, qk, qv, meta, 128 ** -0.5, 0, 0.0, scales)
+    torch.testing.assert_close(got, want, **VS_DEQUANT[dtype])
+    assert_close_to_dense(got, get_op("attention_decode").native(q, kc, vc, meta, 128 ** -0.5, 0, 0.0))
+    k, v = torch.randn(batch, 8, 128, dtype=dtype, device=dev), torch.randn(batch, 8, 128, dtype=dtype, device=dev)
+    from nanovllm.layers.rotary import cos_sin_table
+
+    class Rope:
+        rope_theta = 1000000.0
+
+    table = cos_sin_table(Rope(), 128, 8192).to(dev)
+    norms = (torch.rand(128, device=dev, dtype=dtype) + 0.5, torch.rand(128, device=dev, dtype=dtype) + 0.5)
+    caches = [qk.clone(), qv.clone(), qk, qv]
+    args = (q, k, v, *norms, 1e-6, meta.positions, table)
+    got = get_op("rope_decode_attention").impls["triton"].fn(*args, caches[0], caches[1], meta, 128 ** -0.5, 0, 0.0,
+                                                            scales)
+    want = native_site("rope_decode_attention")(*args, caches[2], caches[3], meta, 128 ** -0.5, 0, 0.0, scales)
+    torch.testing.assert_close(got, want, **VS_DEQUANT[dtype])
+    assert_fp8_caches_close(caches[0].cpu(), caches[2].cpu(), scales[0].cpu())
+    assert_fp8_caches_close(caches[1].cpu(), caches[3].cpu(), scales[1].cpu())
