@@ -41,7 +41,7 @@ def assert_close_to_dense(got: torch.Tensor, want: torch.Tensor):
 def per_head_scales(x: torch.Tensor) -> torch.Tensor:
     """(heads,) scales from the per-head amax of x (..., heads, dim), with uneven headroom per head."""
     amax = x.abs().float().amax(dim=tuple(i for i in range(x.dim()) if i != x.dim() - 2))
-    return kv_quant.scales_from_amax(amax) * torch.linspace(0.6, 1.3, amax.numel())
+    return kv_quant.scales_from_amax(amax) * torch.linspace(0.6, 1.3, amax.numel(), device=x.device)
 
 
 def fp8_caches(kc: torch.Tensor, vc: torch.Tensor):
