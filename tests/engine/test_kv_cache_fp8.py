@@ -187,3 +187,13 @@ def test_gpu_fp8_engine_close_to_bf16(make_checkpoint, kernels):
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
         out = fp8.generate([PROMPT] * 3, params)  # decode steps through the CUDA graphs
         assert all(o["token_ids"] == out[0]["token_ids"] for o in out)
+
+
+@pytest.mark.slow  # minutes of CPU compilation
+def test_compiled_model_on_fp8_cache_matches_eager(make_checkpoint):
+    """Whole-model torch.compile (fullgraph) traces the quantizing K/V write and the dequantizing attention."""
+    path = make_checkpoint(seed=11)
+    common = dict(COMMON, dtype="float32", kv_cache_dtype="fp8")
+    with LLM(str(path), **common) as eager, LLM(str(path), compile_model=True, **common) as compiled:
+        torch.testing.assert_close(teacher_forced_logits(compiled.engine, PROMPT, FORCED[:3]),
+                                   teacher_forced_logits(eager.engine, PROMPT, FORCED[:3]), atol=1e-4, rtol=1e-4)
