@@ -38,12 +38,12 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
-def dequantize(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, head_dim: int = -2) -> torch.Tensor:
-    """fp8 x (with kv heads at dim `head_dim`) -> x * scale in `dtype`; scale None: only the dtype cast."""
+def dequantize(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, head_axis: int = -2) -> torch.Tensor:
+    """fp8 x (kv heads along `head_axis`) -> x * scale in `dtype`, computed in float32; scale None: the cast only."""
     if scale is None:
         return x.to(dtype)
     shape = [1] * x.dim()
-    shape[head_dim] = scale.numel()
+    shape[head_axis] = scale.numel()
     return (x.float() * scale.view(shape)).to(dtype)
 
 
