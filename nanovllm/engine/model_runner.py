@@ -106,7 +106,6 @@ class ModelRunner:
                 self.kv_scales, self.kv_scales_source = choose_scales(self, files, model_path)
             self.num_blocks = self._num_kv_blocks()
             self._allocate_kv_cache()
-            log.info("%s", self.kv_cache_summary)
             if self.device.type == "cuda" and not config.enforce_eager:
                 self.graphs = DecodeGraphs(self, self.forward)
                 with progress_bar("capturing CUDA graphs (batch size 1; the others when first needed)"):
