@@ -41,6 +41,7 @@ FLAGS: dict[str, Flag] = {
     "--block-size": Flag("engine.kvcache_block_size", "tokens per KV-cache block"),
     "--num-kvcache-blocks": Flag("engine.num_kvcache_blocks", "KV-cache blocks (-1: sized from memory)"),
     "--seed": Flag("engine.seed", "random seed"),
+    "--kv-cache-dtype": Flag("engine.kv_cache_dtype", "KV cache element type: auto (the model dtype) | fp8"),
     "--enforce-eager": Flag("engine.enforce_eager", "no CUDA graphs", kind="switch"),
     "--enable-prefix-caching": Flag("engine.enable_prefix_caching", "reuse KV blocks of shared prefixes",
                                     kind="switch"),

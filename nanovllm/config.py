@@ -31,6 +31,9 @@ class EngineConfig:
     revision: str | None = None    # a Hugging Face repo's branch, tag or commit (None: its default branch)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: str = "auto"             # auto: bfloat16 on GPU, float32 on CPU
+    # auto: K/V in the model dtype; fp8: float8_e4m3fn with a float32 scale per KV head and layer (the
+    # checkpoint's k_scale/v_scale, else calibrated at load; nanovllm/engine/kv_scales.py): half the bytes of bf16
+    kv_cache_dtype: str = "auto"
     max_model_len: int = 4096
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -62,6 +65,9 @@ class EngineConfig:
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        from nanovllm.ops.kv_quant import normalize
+
+        self.kv_cache_dtype = normalize(self.kv_cache_dtype)
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kvcache_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -138,6 +138,7 @@ class LLM:
         return dict(name=self.config.model, path=str(path),
                     architecture=(runner.hf_config.architectures or ["?"])[0],
                     num_params=sum(p.numel() for p in params), weight_bytes=weight_bytes,
-                    kv_bytes_per_token=runner.kv_bytes_per_token,
+                    kv_bytes_per_token=runner.kv_bytes_per_token, kv_cache_dtype=self.config.kv_cache_dtype,
+                    kv_cache_bytes=runner.num_blocks * runner.block_size * runner.kv_bytes_per_token,
                     random_weights=readme.is_file() and "random" in readme.read_text().lower())
 

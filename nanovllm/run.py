@@ -64,6 +64,7 @@ def build_llm(cfg: DictConfig, console: Console):
                        if key in llm.engine.runner.timings)
     console.print(f"built {info['architecture']} ({info['num_params'] / 1e6:.1f}M params) on "
                   f"{escape(llm.device_name)}, {llm.config.dtype}, in {time.perf_counter() - t0:.1f} s ({stages})")
+    console.print(escape(llm.engine.runner.kv_cache_summary))
     if info["random_weights"]:
         console.print("[yellow]random weights: completions are gibberish, speeds are representative.[/]")
         for line in REAL_WEIGHTS_HINT:

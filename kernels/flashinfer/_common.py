@@ -36,6 +36,10 @@ def unavailable() -> str | None:
 
 
 SUPPORT = dict(devices=("cuda",), dtypes=DTYPES, needs=unavailable)
+# The attention backends read a model-dtype cache only: FlashInfer's fp8 KV path takes one k_scale/v_scale per
+# call, not the per-KV-head scales of an fp8 cache here (nanovllm/ops/kv_quant.py), so with kv_cache_dtype=fp8
+# they are passed over (auto) or fall back to the native op, which says so.
+ATTENTION_SUPPORT = dict(SUPPORT, kv_dtypes=("auto",))
 
 
 def cold(target) -> str | None:

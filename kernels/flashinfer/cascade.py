@@ -95,6 +95,7 @@ def cascade_runner(shared, suffix, head_dim: int):
     return run
 
 
-@register_impl("attention_decode", BACKEND, check=common.check_head_dim, plan=CascadePlanner(), **common.SUPPORT)
+@register_impl("attention_decode", BACKEND, check=common.check_head_dim, plan=CascadePlanner(),
+              **common.ATTENTION_SUPPORT)
 def cascade_decode(q, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     return torch.ops.nanovllm_fi.attention(q, k_cache, v_cache, common.key(BACKEND, window, softcap), scale)

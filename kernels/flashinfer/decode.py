@@ -16,7 +16,7 @@ def _register(backend: str, tensor_cores: bool | None) -> None:
         return torch.ops.nanovllm_fi.attention(q, k_cache, v_cache, common.key(backend, window, softcap), scale)
 
     register_impl("attention_decode", backend, check=common.check_head_dim, cold=common.cold,
-                  plan=planning.DecodePlanner(backend, tensor_cores), **common.SUPPORT)(decode)
+                  plan=planning.DecodePlanner(backend, tensor_cores), **common.ATTENTION_SUPPORT)(decode)
 
 
 _register("flashinfer", None)

@@ -50,6 +50,6 @@ class PrefillPlanner:
 
 
 @register_impl("attention_prefill", "flashinfer", check=common.check_head_dim, plan=PrefillPlanner(),
-               cold=common.cold, **common.SUPPORT)
+               cold=common.cold, **common.ATTENTION_SUPPORT)
 def prefill(q, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     return torch.ops.nanovllm_fi.attention(q, k_cache, v_cache, common.key(PREFIX, window, softcap), scale)

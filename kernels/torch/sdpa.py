@@ -8,6 +8,7 @@ GQA without repeating K/V: the query heads that share a KV head are folded into 
 (B, Hk, group * Lq, D), which every SDPA kernel accepts (enable_gqa is not supported by all of them).
 Masking (causal with the chunk's offset into its request, the request's length, a sliding window) is one
 boolean mask built from positions. SDPA has no logit soft-cap: with softcap > 0 the native runs instead.
+An fp8 cache (kv_scales given) is dequantized to the query's dtype as its pages are gathered.
 """
 
 from __future__ import annotations
@@ -15,13 +16,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanovllm.ops import AttentionMetadata, register_impl
+from nanovllm.ops import AttentionMetadata, kv_quant, register_impl
 from nanovllm.ops.primitives import paged_attention
 
 
-def _gather(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """(B, Hk, L, D): each request's blocks in order; slots past its length are masked out."""
-    return cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+def _gather(cache: torch.Tensor, meta: AttentionMetadata, scale: torch.Tensor | None, dtype) -> torch.Tensor:
+    """(B, Hk, L, D) in `dtype`: each request's blocks in order (an fp8 cache times its per-head `scale`);
+    slots past its length are masked out."""
+    pages = cache[meta.block_tables].flatten(1, 2)
+    return (pages if scale is None else kv_quant.dequantize(pages, scale, dtype)).transpose(1, 2)
+
+
+def _gather_kv(k_cache, v_cache, meta: AttentionMetadata, kv_scales, dtype):
+    k_scale, v_scale = (None, None) if kv_scales is None else kv_scales
+    return _gather(k_cache, meta, k_scale, dtype), _gather(v_cache, meta, v_scale, dtype)
 
 
 def _visible(q_pos: torch.Tensor, num_keys: int, window: int) -> torch.Tensor:
@@ -48,24 +56,24 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out.reshape(b, hq, lq, d)
 
 
-@register_impl("attention_decode", "sdpa")
+@register_impl("attention_decode", "sdpa", kv_dtypes=kv_quant.KV_CACHE_DTYPES)
 def decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int = 0,
-           softcap: float = 0.0) -> torch.Tensor:
+           softcap: float = 0.0, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     if softcap > 0:
-        return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)
-    k, v = _gather(k_cache, meta), _gather(v_cache, meta)
+        return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap, kv_scales)
+    k, v = _gather_kv(k_cache, v_cache, meta, kv_scales, q.dtype)
     mask = _visible(meta.positions, k.shape[2], window).unsqueeze(1)  # (B, 1, L): one query per request
     return _grouped_sdpa(q.unsqueeze(2), k, v, mask, scale).squeeze(2)
 
 
-@register_impl("attention_prefill", "sdpa")
+@register_impl("attention_prefill", "sdpa", kv_dtypes=kv_quant.KV_CACHE_DTYPES)
 def prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int = 0,
-            softcap: float = 0.0) -> torch.Tensor:
+            softcap: float = 0.0, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     if softcap > 0:
-        return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)
+        return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap, kv_scales)
     num_seqs, max_q = meta.num_seqs, meta.max_seqlen_q
     n_heads, head_dim = q.shape[1], q.shape[2]
-    k, v = _gather(k_cache, meta), _gather(v_cache, meta)
+    k, v = _gather_kv(k_cache, v_cache, meta, kv_scales, q.dtype)
     # Scatter the packed queries into a padded (B, max_q) layout; padded rows see key 0 and are dropped.
     qp = q.new_zeros(num_seqs * max_q, n_heads, head_dim).index_copy_(0, meta.pad_index, q)
     qp = qp.view(num_seqs, max_q, n_heads, head_dim).transpose(1, 2)

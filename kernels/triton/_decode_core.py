@@ -1,6 +1,10 @@
 """Decode-attention building blocks of the Triton attention kernels (decode_attention.py, and plugins that
 build on them): q/k norm + RoPE of a token's heads, the new key/value's cache write, one split of split-KV
-flash decoding, and the merge of the splits."""
+flash decoding, and the merge of the splits.
+
+KV_FP8: the caches hold float8_e4m3fn with one float32 scale per KV head (kvs_ptr: the (2, kv_heads) K and V
+scales, see nanovllm/ops/kv_quant.py). Writes store round(x / scale) clamped to the format's range; reads
+multiply the scores by the head's K scale and the output by its V scale."""
 
 from __future__ import annotations
 
@@ -14,6 +18,27 @@ core = load_sibling(__file__, "_gemv_core")
 gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # jit code reads only constexpr globals
 BLOCK_KV = 64
+FP8_MAX: tl.constexpr = tl.constexpr(448.0)  # float8_e4m3fn's largest finite value
+
+
+@triton.jit
+def round_to_e4m3(y):
+    """float32 y (within +-FP8_MAX) rounded to the nearest float8_e4m3fn value (ties to even), still float32,
+    so the cast that follows is exact: the interpreter's own float32 -> fp8 rounding loses the carry when the
+    mantissa rounds up. Normal range: 3 mantissa bits kept by integer rounding of the float32 pattern (a carry
+    goes into the exponent); below 2^-6, a fixed grid of 2^-9: adding 2^14 leaves float32 that precision."""
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    a = tl.abs(y)
+    tiny = (a + 16384.0) - 16384.0
+    return tl.where(a < 0.015625, tl.where(bits < 0, -tiny, tiny), normal)
+
+
+@triton.jit
+def quantize_fp8(x, scale, dst_ptr):
+    """x / scale, clamped to the fp8 range and rounded to nearest even, in dst_ptr's element type."""
+    y = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -FP8_MAX), FP8_MAX)
+    return round_to_e4m3(y).to(dst_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -78,9 +103,11 @@ def norm_rope(x, xp, w, wp, cos, sin, head_dim, eps, HAS_NORM: tl.constexpr, BLO
 @triton.jit
 def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw, kwp, cos, sin, head_dim,
-                 eps, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, KV_POLICY: tl.constexpr):
+                 eps, HAS_NORM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, KV_POLICY: tl.constexpr,
+                 k_scale=1.0, v_scale=1.0, KV_FP8: tl.constexpr = False):
     """This step's key (normed, rotated) and value of request b, kv head kh, into the paged caches at `slot`.
-    The value loads with the key: after the key's store it would be a round trip of its own."""
+    The value loads with the key: after the key's store it would be a round trip of its own. KV_FP8: stored
+    as fp8 over the head's k_scale and v_scale."""
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     row = offs_g == 0  # a one-row tile in the shape of the query's
     mask = row[:, None] & (offs_d < head_dim)[None, :]
@@ -89,6 +116,8 @@ def write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_n
     v = tl.load(v_ptr + b * stride_nvb + kh * stride_nvh + cols, mask=mask, cache_modifier=".cg")
     k = norm_rope(kx, kxp, kw, kwp, cos, sin, head_dim, eps, HAS_NORM, BLOCK_D)
     blk, r = slot // page, slot % page
+    if KV_FP8:
+        k, v = quantize_fp8(k, k_scale, kc_ptr), quantize_fp8(v, v_scale, vc_ptr)
     tl.store(kc_ptr + blk * stride_kb + r * stride_ks + kh * stride_kh + cols, k.to(kc_ptr.dtype.element_ty), mask=mask,
              eviction_policy=KV_POLICY)
     tl.store(vc_ptr + blk * stride_vb + r * stride_vs + kh * stride_vh + cols, v.to(vc_ptr.dtype.element_ty), mask=mask,
@@ -102,7 +131,7 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
                   k_ptr, v_ptr, qw_ptr, kw_ptr, cs_ptr, slot_ptr, stride_nkb, stride_nkh, stride_nvb, stride_nvh, eps,
                   ROPE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
-                  PREFETCH: tl.constexpr, KV_POLICY: tl.constexpr):
+                  PREFETCH: tl.constexpr, KV_POLICY: tl.constexpr, kvs_ptr=None, KV_FP8: tl.constexpr = False):
     """Request b, kv head kh, split `split` of split-KV decoding: its share of the keys, page by page through
     the block table (online softmax, exp2), for the GQA group's query heads as one tile. DIRECT (one split):
     the output; else its partial output and log-sum-exp, for merge_head.
@@ -113,7 +142,8 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
     position, slot, cos|sin row and first key block's page ids (inputs no kernel of the step writes).
     Per-layer weights are DRAM misses, which after the wait would queue behind the weight prefetch of the
     kernels launched since. KV_POLICY: the L2 eviction policy of the
-    cache's loads and stores (see kv_policy)."""
+    cache's loads and stores (see kv_policy). KV_FP8: fp8 caches with per-head scales at kvs_ptr (module
+    docstring); the scales load with the other constants."""
     kv_len = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys at positions <= the query's
     lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)  # sliding window: the last `window` keys
     span = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_KV) * BLOCK_KV
@@ -130,6 +160,10 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         kw, kwp = head_norm_w(kw_ptr, head_dim, HAS_NORM, BLOCK_D)
         cos, sin = rope_at(cs_ptr, kv_len - 1, head_dim, BLOCK_D)
         slot = tl.load(slot_ptr + b).to(tl.int64)
+    k_scale, v_scale = 1.0, 1.0
+    if KV_FP8:
+        k_scale = tl.load(kvs_ptr + kh).to(tl.float32)
+        v_scale = tl.load(kvs_ptr + num_kv_heads + kh).to(tl.float32)
     if PREFETCH:  # q, k, v come from the kernel before (without ROPE: this step's key and value in the caches)
         gdc_launch_dependents()
         gdc_wait()
@@ -139,7 +173,7 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         if (start <= kv_len - 1) & (kv_len - 1 < stop):
             write_new_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot, b, kh, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, page, kw, kwp, cos, sin,
-                         head_dim, eps, HAS_NORM, BLOCK_G, BLOCK_D, KV_POLICY)
+                         head_dim, eps, HAS_NORM, BLOCK_G, BLOCK_D, KV_POLICY, k_scale, v_scale, KV_FP8)
             tl.debug_barrier()  # the block's own stores are visible to all its threads after the barrier
         q = norm_rope(qx, qxp, qw, qwp, cos, sin, head_dim, eps, HAS_NORM, BLOCK_D)
     else:
@@ -157,10 +191,14 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(kc_ptr + blk[:, None] * stride_kb + row[:, None] * stride_ks + kh * stride_kh + offs_d[None, :],
                     mask=kv_mask, other=0.0, eviction_policy=KV_POLICY)
+        if KV_FP8:
+            k = k.to(q.dtype)  # exact: e4m3 values are bf16/fp16/fp32 values
         if DOT_F32:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        if KV_FP8:
+            s = s.to(tl.float32) * k_scale
         if HAS_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh through exp2 (no tanh in tl core)
             t = tl.exp2(s * (qk_scale * 2 * LOG2E / softcap))
             s = softcap * (1 - 2 / (t + 1)) * LOG2E
@@ -174,6 +212,8 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vc_ptr + blk[:, None] * stride_vb + row[:, None] * stride_vs + kh * stride_vh + offs_d[None, :],
                     mask=kv_mask, other=0.0, eviction_policy=KV_POLICY)
+        if KV_FP8:
+            v = v.to(q.dtype)
         if DOT_F32:
             acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
         else:
@@ -181,6 +221,8 @@ def split_program(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, o_ptr, lse_ptr, out_pt
         m_i = m_new
     has = l_i > 0  # an empty split (past the keys) contributes weight 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
+    if KV_FP8:
+        out = out * v_scale
     if DIRECT:  # one split: this is the answer, no merge launch
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])

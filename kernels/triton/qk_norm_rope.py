@@ -2,7 +2,7 @@
 
 One kernel, one program per token: it normalizes and rotates all q heads into the output and all k heads
 straight into k_cache at the token's slot, and copies the v heads into v_cache. q, k, v may be strided
-views of the packed qkv output.
+views of the packed qkv output. An fp8 cache (kv_scales given) stores K and V over their head's scale.
 """
 
 from __future__ import annotations
@@ -12,20 +12,24 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from nanovllm.ops import kv_quant
 from nanovllm.ops.plugins import load_sibling
+from nanovllm.ops.registry import declare_kv_dtypes
 
 core = load_sibling(__file__, "_gemv_core")
-gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
+attn = load_sibling(__file__, "_decode_core")
+gdc_launch_dependents, gdc_wait, quantize_fp8 = core.gdc_launch_dependents, core.gdc_wait, attn.quantize_fp8
 
 
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, out_ptr,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                          stride_kslot, stride_kch, stride_vslot, stride_vch, stride_ot, stride_oh,
-                         HQ, HK, half, eps, HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr):
+                         HQ, HK, half, eps, kvs_ptr, HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK: tl.constexpr, PDL: tl.constexpr, KV_FP8: tl.constexpr):
     """Grid (tokens,): rows 0..HQ-1 of the tile are q heads, HQ..HQ+HK-1 k heads; columns are the two
-    rotary halves. Rounds where the native rounds: after the norm (model dtype), after the rotation."""
+    rotary halves. Rounds where the native rounds: after the norm (model dtype), after the rotation.
+    KV_FP8: K and V are stored over their head's scale (kvs_ptr: the (2, HK) K and V scales)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -59,11 +63,16 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, pos_ptr, cs_ptr, k
     tl.store(q_dst, o1, mask=mq)
     tl.store(q_dst + half, o2, mask=mq)
     k_dst = kc_ptr + slot * stride_kslot + kh[:, None] * stride_kch + offs[None, :]
-    tl.store(k_dst, o1.to(kc_ptr.dtype.element_ty), mask=mk)
-    tl.store(k_dst + half, o2.to(kc_ptr.dtype.element_ty), mask=mk)
     d = tl.arange(0, 2 * BLOCK)
     mv = (h < HK)[:, None] & (d < 2 * half)[None, :]
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mv)
+    if KV_FP8:
+        k_scale = tl.load(kvs_ptr + kh, mask=is_k, other=1.0).to(tl.float32)[:, None]
+        v_scale = tl.load(kvs_ptr + HK + h, mask=h < HK, other=1.0).to(tl.float32)[:, None]
+        o1, o2 = quantize_fp8(o1, k_scale, kc_ptr), quantize_fp8(o2, k_scale, kc_ptr)
+        v = quantize_fp8(v, v_scale, vc_ptr)
+    tl.store(k_dst, o1.to(kc_ptr.dtype.element_ty), mask=mk)
+    tl.store(k_dst + half, o2.to(kc_ptr.dtype.element_ty), mask=mk)
     tl.store(vc_ptr + slot * stride_vslot + h[:, None] * stride_vch + d[None, :], v.to(vc_ptr.dtype.element_ty),
              mask=mv)
 
@@ -71,7 +80,8 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, pos_ptr, cs_ptr, k
 @triton_op("nanovllm_triton::qk_norm_rope", mutates_args=("k_cache", "v_cache"))
 def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_w: torch.Tensor | None,
                     k_norm_w: torch.Tensor | None, eps: float, positions: torch.Tensor, cos_sin: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Returns rope(q_norm(q)); writes rope(k_norm(k)) and v into the caches at slot_mapping."""
     tokens, hq, d = q.shape
     hk = k.shape[1]
@@ -87,16 +97,17 @@ def qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_w:
             q, k, v, q_norm_w, k_norm_w, positions, cos_sin, k_cache, v_cache, slot_mapping, out,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
             k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-            hq, hk, d // 2, eps, HAS_NORM=q_norm_w is not None, BLOCK_H=block_h, BLOCK=block,
-            PDL=pdl, num_warps=max(1, min(8, block_h * block // 512)), **core.launch_opts(pdl))
+            hq, hk, d // 2, eps, kv_scales, HAS_NORM=q_norm_w is not None, BLOCK_H=block_h, BLOCK=block,
+            PDL=pdl, KV_FP8=kv_scales is not None, num_warps=max(1, min(8, block_h * block // 512)),
+            **core.launch_opts(pdl))
     return out
 
 
 def qk_norm_rope(q, k, v, q_norm_w, k_norm_w, eps: float, positions, cos_sin, k_cache, v_cache, slot_mapping,
-                 *, parts):
+                 kv_scales=None, *, parts):
     """q/k norm, RoPE and the K/V cache write in one launch."""
     return torch.ops.nanovllm_triton.qk_norm_rope(q, k, v, q_norm_w, k_norm_w, eps, positions, cos_sin,
-                                                  k_cache, v_cache, slot_mapping)
+                                                  k_cache, v_cache, slot_mapping, kv_scales)
 
 
 def _check(shapes: dict) -> str | None:
@@ -106,3 +117,4 @@ def _check(shapes: dict) -> str | None:
 
 
 core.register_site("qk_norm_rope", qk_norm_rope, check=_check, gemv_rows=False)
+declare_kv_dtypes("qk_norm_rope", "triton", kv_quant.KV_CACHE_DTYPES)

@@ -3,6 +3,7 @@ sampled tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -13,6 +14,7 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.cuda_graphs import DecodeGraphs
+from nanovllm.engine.kv_scales import choose_scales
 from nanovllm.engine.logits_processing import LogitsAdjustment
 from nanovllm.engine.prompt_logprobs import record_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledSeq
@@ -20,7 +22,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_mode import ADJUSTED, GREEDY, LOGPROBS, SAMPLED, StepMode
 from nanovllm.models.loader import count_tensors, iter_tensors, load_hf_config, load_weights, weight_files
 from nanovllm.models.registry import build_model, model_target
-from nanovllm.ops import OpResolver, PlanContext
+from nanovllm.ops import OpResolver, PlanContext, kv_quant
 from nanovllm.ops.meta import build_metadata
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.masks import apply_grammar_masks
@@ -73,7 +75,8 @@ class ModelRunner:
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         with torch.device(self.device):
-            target = model_target(self.hf_config, self.device.type, self.dtype)
+            target = dataclasses.replace(model_target(self.hf_config, self.device.type, self.dtype),
+                                         kv_dtype=config.kv_cache_dtype)
             self.resolver = OpResolver(vars(config.kernels), target, self.hf_config.num_hidden_layers)
             self.model = build_model(self.hf_config, self.resolver)
         log.info("%s", self.resolver.summary())
@@ -95,7 +98,12 @@ class ModelRunner:
         # Whole-model compile: one fullgraph trace of the forward pass, registry ops included.
         self.forward = torch.compile(self.model, fullgraph=True, dynamic=True) if config.compile_model else self.model
         self.graphs = self.kv_cache = None
+        # the cache's element type, and an fp8 cache's per-layer (2, kv_heads) scales (nanovllm/engine/kv_scales.py)
+        self.kv_dtype = kv_quant.storage_dtype(config.kv_cache_dtype, self.dtype)
+        self.kv_scales, self.kv_scales_source = None, None
         try:
+            if config.kv_cache_dtype == "fp8":
+                self.kv_scales, self.kv_scales_source = choose_scales(self, files, model_path)
             self.num_blocks = self._num_kv_blocks()
             self._allocate_kv_cache()
             if self.device.type == "cuda" and not config.enforce_eager:
@@ -138,7 +146,16 @@ class ModelRunner:
     @property
     def kv_bytes_per_token(self) -> int:
         a = self.args
-        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.kv_dtype.itemsize
+
+    @property
+    def kv_cache_summary(self) -> str:
+        """The cache's dtype, size and (fp8) where its scales came from, for logs and the run's output."""
+        name = str(self.kv_dtype).removeprefix("torch.")
+        scales = f"; scales per KV head {self.kv_scales_source}" if self.kv_scales is not None else ""
+        return (f"KV cache: {self.config.kv_cache_dtype} ({name}), {self.num_blocks} blocks of {self.block_size} "
+                f"tokens, {self.kv_bytes_per_token} bytes/token, "
+                f"{self.num_blocks * self.block_size * self.kv_bytes_per_token / 2**30:.3f} GiB{scales}")
 
     def _num_kv_blocks(self) -> int:
         c = self.config
@@ -214,10 +231,11 @@ class ModelRunner:
         # V are tensors of their own, not views of one: torch.compile cannot write into inputs that alias each
         # other in place, and copied the whole cache per layer instead.
         shape = (self.num_blocks + 1, self.block_size, a.num_kv_heads, a.head_dim)
-        self.kv_cache = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                          torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.model.layers]
-        for layer, (k, v) in zip(self.model.layers, self.kv_cache):
+        self.kv_cache = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                          torch.zeros(shape, dtype=self.kv_dtype, device=self.device)) for _ in self.model.layers]
+        for i, (layer, (k, v)) in enumerate(zip(self.model.layers, self.kv_cache)):
             layer.k_cache, layer.v_cache = k, v
+            layer.kv_scales = None if self.kv_scales is None else self.kv_scales[i]
 
     def prepare(self, batch: list[ScheduledSeq]):
         """(input ids, positions, attention metadata, rows whose logits are wanted) of an eager step."""

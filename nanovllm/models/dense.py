@@ -129,6 +129,8 @@ class DenseLayer(nn.Module):
             self.input_norm, self.qkv_proj, self.qkv_bias, self.q_norm, self.k_norm, self.o_proj, self.post_norm,
             self.gate_up_proj, self.down_proj)
         self.k_cache = self.v_cache = None  # set by the model runner
+        # an fp8 cache's (2, kv_heads) float32 K and V scales, set by the model runner (None: model-dtype cache)
+        self.kv_scales = None
 
     def feed_forward(self, h, residual):
         if self.moe:
@@ -139,9 +141,10 @@ class DenseLayer(nn.Module):
 
     def forward(self, x, positions, meta: AttentionMetadata, cos_sin):
         a, ops = self.args, self.ops
+        kv = () if self.kv_scales is None else (self.kv_scales,)  # the cache ops' trailing argument, fp8 only
         if meta.is_decode and self.decode_weights is not None:
             return ops.decode_layer(x, self.decode_weights, self.settings, positions, cos_sin, self.k_cache,
-                                    self.v_cache, meta)
+                                    self.v_cache, meta, *kv)
         qkv = ops.norm_qkv(x, self.input_norm, self.qkv_proj, self.qkv_bias, a.rms_norm_eps)
         q, k, v = qkv.split(self.split, dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)
@@ -149,11 +152,13 @@ class DenseLayer(nn.Module):
         v = v.view(-1, a.num_kv_heads, a.head_dim)
         if meta.is_decode:
             o = ops.rope_decode_attention(q, k, v, self.q_norm, self.k_norm, a.rms_norm_eps, positions, cos_sin,
-                                          self.k_cache, self.v_cache, meta, self.scale, self.window, a.attn_softcap)
+                                          self.k_cache, self.v_cache, meta, self.scale, self.window, a.attn_softcap,
+                                          *kv)
         else:
             q = ops.qk_norm_rope(q, k, v, self.q_norm, self.k_norm, a.rms_norm_eps, positions, cos_sin,
-                                 self.k_cache, self.v_cache, meta.slot_mapping)
-            o = ops.attention_prefill(q, self.k_cache, self.v_cache, meta, self.scale, self.window, a.attn_softcap)
+                                 self.k_cache, self.v_cache, meta.slot_mapping, *kv)
+            o = ops.attention_prefill(q, self.k_cache, self.v_cache, meta, self.scale, self.window, a.attn_softcap,
+                                      *kv)
         if not a.sandwich_norms:
             h, x = ops.attn_out(o.flatten(1), self.o_proj, x, self.post_norm, a.rms_norm_eps)
             return self.feed_forward(h, x)

@@ -90,13 +90,16 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_weights(model: torch.nn.Module, tensors, dtype: torch.dtype, progress=None) -> None:
-    """Copy HF tensors into the model's parameters, packing shards; every parameter must be filled."""
+    """Copy HF tensors into the model's parameters, packing shards; every parameter must be filled. KV cache
+    scales are no weights: the engine reads them for an fp8 cache (nanovllm/engine/kv_scales.py)."""
+    from nanovllm.engine.kv_scales import is_kv_scale
+
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: dict[str, set] = {}
     for hf_name, tensor in tensors:
         target = model.param_name(hf_name)
         if target is None:
-            if hf_name.endswith("rotary_emb.inv_freq") or model.skips(hf_name):
+            if hf_name.endswith("rotary_emb.inv_freq") or is_kv_scale(hf_name) or model.skips(hf_name):
                 continue
             raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(model).__name__}")
         name, shard = target

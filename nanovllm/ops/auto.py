@@ -38,7 +38,8 @@ def choose(op: str, target: Target) -> tuple[str, list[str]]:
         if impl is None:
             passed.append(f"{backend}: not installed")
             continue
-        why = impl.support.reason_unsupported(target.device, target.dtype, target.shapes, target.weight_format)
+        why = impl.support.reason_unsupported(target.device, target.dtype, target.shapes, target.weight_format,
+                                              target.kv_dtype)
         if why is None and impl.cold is not None:
             why = impl.cold(target)
         if why is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanovllm.ops import kv_quant
 from nanovllm.ops.meta import AttentionMetadata
 from nanovllm.ops.registry import define_op
 from nanovllm.quant.weights import QuantizedWeight
@@ -61,10 +62,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-@define_op("store_kv")
+@define_op("store_kv", reads_kv=True)
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write new K/V rows (N, Hk, D) into the paged cache (blocks, block_size, Hk, D) at flat slots."""
+             slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    """Write new K/V rows (N, Hk, D) into the paged cache (blocks, block_size, Hk, D) at flat slots; with
+    kv_scales (2, Hk) the cache is fp8 and holds round(k / kv_scales[0]), round(v / kv_scales[1])."""
+    if kv_scales is not None:
+        k, v = kv_quant.quantize(k, kv_scales[0]), kv_quant.quantize(v, kv_scales[1])
     torch.ops.nanovllm.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -73,6 +77,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 @torch.library.custom_op("nanovllm::store_kv", mutates_args=("k_cache", "v_cache"))
 def _store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               slot_mapping: torch.Tensor) -> None:
+    if k_cache.dtype == kv_quant.FP8:  # index_copy_ has no fp8 kernel on every device: copy the bytes
+        k_cache, v_cache, k, v = (t.view(torch.uint8) for t in (k_cache, v_cache, k, v))
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
@@ -83,8 +89,10 @@ GATHER_ELEMENTS = 1 << 26
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
-    """Causal attention of packed queries over each request's paged KV, in float32 (or float64).
+                    scale: float, window: int = 0, softcap: float = 0.0,
+                    kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of packed queries over each request's paged KV, in float32 (or float64). With
+    kv_scales (2, Hk) the cache is fp8: the pages read are dequantized (times the head's scale) first.
 
     Queries are scattered into a (B, max_q) padded layout; keys are gathered per request from its
     block table, a chunk of requests at a time. A key is visible when its position <= the query's (and
@@ -100,9 +108,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_keys = meta.block_tables.shape[1] * k_cache.shape[1]
     rows = max(1, GATHER_ELEMENTS // (n_heads * num_keys * (head_dim + max_q)))  # K, V and the scores
     if rows >= num_seqs:
-        out = _attend(qp, q_pos, k_cache, v_cache, meta.block_tables, scale, window, softcap)
+        out = _attend(qp, q_pos, k_cache, v_cache, meta.block_tables, scale, window, softcap, kv_scales)
     else:
-        out = _attend_chunks(rows, qp, q_pos, k_cache, v_cache, meta.block_tables, scale, window, softcap)
+        out = _attend_chunks(rows, qp, q_pos, k_cache, v_cache, meta.block_tables, scale, window, softcap, kv_scales)
     out = out.transpose(1, 2).reshape(num_seqs * max_q, n_heads, head_dim)
     return out[meta.pad_index].to(q.dtype)
 
@@ -113,10 +121,12 @@ def _attend_chunks(rows: int, qp, q_pos, k_cache, v_cache, block_tables, *args) 
                       for i in range(0, qp.shape[0], rows)])
 
 
-def _attend(qp, q_pos, k_cache, v_cache, block_tables, scale: float, window: int, softcap: float) -> torch.Tensor:
+def _attend(qp, q_pos, k_cache, v_cache, block_tables, scale: float, window: int, softcap: float,
+            kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, Lq, D) padded queries at positions q_pos against the keys of their block tables."""
-    k = k_cache[block_tables].flatten(1, 2).to(qp.dtype).transpose(1, 2)  # (B, Hk, Lk, D)
-    v = v_cache[block_tables].flatten(1, 2).to(qp.dtype).transpose(1, 2)
+    k_scale, v_scale = (None, None) if kv_scales is None else kv_scales
+    k = kv_quant.dequantize(k_cache[block_tables].flatten(1, 2), k_scale, qp.dtype).transpose(1, 2)  # (B, Hk, Lk, D)
+    v = kv_quant.dequantize(v_cache[block_tables].flatten(1, 2), v_scale, qp.dtype).transpose(1, 2)
     group = qp.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     k_pos = torch.arange(k.shape[2], device=qp.device).view(1, 1, 1, -1)
@@ -129,18 +139,18 @@ def _attend(qp, q_pos, k_cache, v_cache, block_tables, scale: float, window: int
     return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v
 
 
-@define_op("attention_prefill")
+@define_op("attention_prefill", reads_kv=True)
 def attention_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int = 0,
-                      softcap: float = 0.0) -> torch.Tensor:
+                      softcap: float = 0.0, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for a step with prompt chunks (any query lengths, prefix-cache hits included)."""
-    return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)
+    return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap, kv_scales)
 
 
-@define_op("attention_decode")
+@define_op("attention_decode", reads_kv=True)
 def attention_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int = 0,
-                     softcap: float = 0.0) -> torch.Tensor:
+                     softcap: float = 0.0, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for a pure decode step: one query per request."""
-    return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)
+    return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap, kv_scales)
 
 
 @define_op("sample")

@@ -11,6 +11,7 @@ primitives exactly as they were resolved for that layer.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -26,6 +27,9 @@ NATIVE = "eager"
 COMPILE = "compile"
 AUTO = "auto"  # not an implementation: the resolver picks one per op (ops/auto.py)
 DENSE = "dense"  # the weight format of unquantized weights (Support.formats)
+# KV cache element types (EngineConfig.kv_cache_dtype): "auto" stores K/V in the model dtype, "fp8" as
+# float8_e4m3fn with a scale per KV head. Ops that read or write the cache declare the ones they handle.
+KV_DTYPES = ("auto", "fp8")
 
 
 class RegistryError(ValueError):
@@ -41,13 +45,16 @@ class Support:
     check: Callable[[dict], str | None] | None = None
     needs: Callable[[], str | None] | None = None  # availability (an importable library, a GPU ...)
     formats: tuple[str, ...] = (DENSE,)  # the weight formats it reads: dense and/or nanovllm.quant.FORMATS
+    kv_dtypes: tuple[str, ...] = KV_DTYPES  # the KV cache dtypes it handles (ops that touch no cache: all)
 
     def reason_unsupported(self, device: str, dtype: torch.dtype, shapes: dict,
-                           weight_format: str = "dense") -> str | None:
+                           weight_format: str = "dense", kv_dtype: str = "auto") -> str | None:
         if self.needs is not None and (why := self.needs()):
             return why
         if weight_format not in self.formats:
             return f"{weight_format} weights not in {list(self.formats)}"
+        if kv_dtype not in self.kv_dtypes:
+            return f"{kv_dtype} KV cache not in {list(self.kv_dtypes)}"
         if self.devices is not None and device not in self.devices:
             return f"device {device!r} not in {list(self.devices)}"
         if self.dtypes is not None and dtype not in self.dtypes:
@@ -93,6 +100,7 @@ class OpDef:
     doc: str
     parts: tuple[str, ...] = ()
     impls: dict[str, Impl] = field(default_factory=dict)
+    reads_kv: bool = False  # it reads or writes the paged KV cache (itself or through a part)
 
     @property
     def is_site(self) -> bool:
@@ -102,30 +110,38 @@ class OpDef:
 OPS: dict[str, OpDef] = {}
 
 
-def define_op(name: str, parts: tuple[str, ...] = ()):
-    """Declare an op by its native function; the native is registered as backend `eager`."""
+def define_op(name: str, parts: tuple[str, ...] = (), reads_kv: bool = False):
+    """Declare an op by its native function; the native is registered as backend `eager`. reads_kv: the op
+    touches the paged KV cache (a site does when one of its parts does); its native handles every KV dtype."""
 
     def deco(fn: Callable) -> Callable:
         if name in OPS:
             raise RegistryError(f"op {name!r} is defined twice")
-        for p in parts:
-            get_op(p)
-        op = OpDef(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "", parts)
+        kv = any([reads_kv, *(get_op(p).reads_kv for p in parts)])  # get_op: each part must exist
+        op = OpDef(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "", parts, reads_kv=kv)
         op.impls[NATIVE] = Impl(name, NATIVE, fn, Support(formats=(DENSE, *FORMATS)))  # the dense reference
-        op.impls[COMPILE] = Impl(name, COMPILE, fn, build=functools.partial(_compiled, op))
+        op.impls[COMPILE] = Impl(name, COMPILE, fn, Support(kv_dtypes=_default_kv_dtypes(op)),
+                                 build=functools.partial(_compiled, op))
         OPS[name] = op
         return fn
 
     return deco
 
 
+def _default_kv_dtypes(op: OpDef) -> tuple[str, ...]:
+    """A backend of an op that touches the KV cache handles the model-dtype cache unless it says more."""
+    return ("auto",) if op.reads_kv else KV_DTYPES
+
+
 def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=None, needs=None,
-                  build=None, plan=None, layouts=None, cold=None, formats=(DENSE,), replace: bool = False):
+                  build=None, plan=None, layouts=None, cold=None, formats=(DENSE,), kv_dtypes=None,
+                  replace: bool = False):
     """Register `fn` as backend `backend` of `op` (decorator). Raises on unknown ops and on clashes.
 
     devices/dtypes: what it runs on; check(shapes) -> reason it cannot serve these model shapes, or None;
     needs() -> reason it is unavailable (a missing library), or None; formats: the weight formats it reads
-    (DENSE and/or nanovllm.quant.FORMATS); plan, layouts, cold: see Impl.
+    (DENSE and/or nanovllm.quant.FORMATS); kv_dtypes: the KV cache dtypes it handles (KV_DTYPES; default
+    "auto" only for ops that touch the cache); plan, layouts, cold: see Impl.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -135,11 +151,30 @@ def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=Non
         if backend in opdef.impls and not replace:
             raise RegistryError(f"backend {backend!r} of op {op!r} is registered twice")
         support = Support(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None, check, needs,
-                          tuple(formats))
+                          tuple(formats), _kv_dtypes(opdef, kv_dtypes))
         opdef.impls[backend] = Impl(op, backend, fn, support, build, plan, dict(layouts or {}), cold)
         return fn
 
     return deco
+
+
+def _kv_dtypes(opdef: OpDef, kv_dtypes) -> tuple[str, ...]:
+    if kv_dtypes is None:
+        return _default_kv_dtypes(opdef)
+    unknown = sorted(set(kv_dtypes) - set(KV_DTYPES))
+    if unknown:
+        raise RegistryError(f"op {opdef.name!r}: unknown KV cache dtype(s) {unknown}; valid: {list(KV_DTYPES)}")
+    return tuple(kv_dtypes)
+
+
+def declare_kv_dtypes(op: str, backend: str, kv_dtypes) -> None:
+    """Set the KV cache dtypes an already registered backend handles (for backends registered through a
+    helper that does not pass them on)."""
+    opdef = get_op(op)
+    if backend not in opdef.impls:
+        raise RegistryError(f"op {op!r} has no backend {backend!r}")
+    impl = opdef.impls[backend]
+    impl.support = dataclasses.replace(impl.support, kv_dtypes=_kv_dtypes(opdef, kv_dtypes))
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -176,12 +211,14 @@ def check_backend(op: str, backend: str) -> None:
 
 @dataclass(frozen=True)
 class Target:
-    """What a resolution is for: the device type, the dtype, the layer's shapes and its weights' format."""
+    """What a resolution is for: the device type, the dtype, the layer's shapes, its weights' format and the
+    KV cache dtype (KV_DTYPES)."""
 
     device: str
     dtype: torch.dtype
     shapes: dict = field(default_factory=dict, hash=False, compare=False)
     weight_format: str = DENSE
+    kv_dtype: str = "auto"
 
 
 def resolve(op: str, backend: str, target: Target, *, allow_fallback: bool = True,
@@ -199,7 +236,8 @@ def resolve(op: str, backend: str, target: Target, *, allow_fallback: bool = Tru
         raise RegistryError(f"op {op!r}: backend {AUTO!r} is chosen by the resolver (OpResolver), not resolve()")
     opdef = get_op(op)
     impl = opdef.impls[backend]
-    why = impl.support.reason_unsupported(target.device, target.dtype, target.shapes, target.weight_format)
+    why = impl.support.reason_unsupported(target.device, target.dtype, target.shapes, target.weight_format,
+                                          target.kv_dtype)
     if why is not None:
         msg = f"op {op!r}: backend {backend!r} unsupported here ({why})"
         if not allow_fallback:

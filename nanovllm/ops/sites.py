@@ -43,21 +43,30 @@ def norm_qkv(x, norm_w, qkv_w, qkv_b, eps: float, *, rms_norm, linear) -> torch.
 
 @define_op("qk_norm_rope", parts=("rms_norm", "rope", "store_kv"))
 def qk_norm_rope(q, k, v, q_norm_w, k_norm_w, eps: float, positions, cos_sin, k_cache, v_cache, slot_mapping,
-                 *, rms_norm, rope, store_kv) -> torch.Tensor:
-    """Per-head q/k RMSNorm (when the model has it), RoPE, and the K/V write into the paged cache."""
+                 kv_scales=None, *, rms_norm, rope, store_kv) -> torch.Tensor:
+    """Per-head q/k RMSNorm (when the model has it), RoPE, and the K/V write into the paged cache (an fp8
+    cache with its per-head kv_scales: see nanovllm/ops/kv_quant.py)."""
     if q_norm_w is not None:
         q, k = rms_norm(q, q_norm_w, eps), rms_norm(k, k_norm_w, eps)
     q, k = rope(q, k, positions, cos_sin)
-    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    store_kv(k, v, k_cache, v_cache, slot_mapping, *_kv(kv_scales))
     return q
+
+
+def _kv(kv_scales) -> tuple:
+    """The trailing kv_scales argument of a cache op: passed only for an fp8 cache, so backends that handle
+    only the model-dtype cache keep their signatures."""
+    return () if kv_scales is None else (kv_scales,)
 
 
 @define_op("rope_decode_attention", parts=("qk_norm_rope", "attention_decode"))
 def rope_decode_attention(q, k, v, q_norm_w, k_norm_w, eps: float, positions, cos_sin, k_cache, v_cache, meta,
-                          scale: float, window: int = 0, softcap: float = 0.0, *, qk_norm_rope, attention_decode):
+                          scale: float, window: int = 0, softcap: float = 0.0, kv_scales=None, *, qk_norm_rope,
+                          attention_decode):
     """A decode step's attention from the raw q, k, v projections: q/k norm + RoPE + KV write, then attention."""
-    q = qk_norm_rope(q, k, v, q_norm_w, k_norm_w, eps, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
-    return attention_decode(q, k_cache, v_cache, meta, scale, window, softcap)
+    q = qk_norm_rope(q, k, v, q_norm_w, k_norm_w, eps, positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
+                     *_kv(kv_scales))
+    return attention_decode(q, k_cache, v_cache, meta, scale, window, softcap, *_kv(kv_scales))
 
 
 @define_op("attn_out", parts=("linear", "add_rms_norm"))
@@ -75,7 +84,7 @@ def mlp(h, gate_up_w, down_w, residual, *, linear, silu_and_mul) -> torch.Tensor
 
 @define_op("decode_layer", parts=("norm_qkv", "rope_decode_attention", "attn_out", "mlp"))
 def decode_layer(x, weights: LayerWeights, settings: AttentionSettings, positions, cos_sin, k_cache, v_cache, meta,
-                 *, norm_qkv, rope_decode_attention, attn_out, mlp) -> torch.Tensor:
+                 kv_scales=None, *, norm_qkv, rope_decode_attention, attn_out, mlp) -> torch.Tensor:
     """A pre-norm decoder layer's decode step (SiLU MLP) on the residual stream x: its four sites in a row."""
     w, s = weights, settings
     kv_heads, head_dim = k_cache.shape[-2:]
@@ -83,7 +92,7 @@ def decode_layer(x, weights: LayerWeights, settings: AttentionSettings, position
     q, k, v = norm_qkv(x, w.input_norm, w.qkv_w, w.qkv_b, s.eps).split((w.qkv_w.shape[0] - 2 * kv, kv, kv), dim=-1)
     o = rope_decode_attention(q.unflatten(-1, (-1, head_dim)), k.unflatten(-1, (kv_heads, head_dim)),
                               v.unflatten(-1, (kv_heads, head_dim)), w.q_norm_w, w.k_norm_w, s.eps, positions,
-                              cos_sin, k_cache, v_cache, meta, s.scale, s.window, s.softcap)
+                              cos_sin, k_cache, v_cache, meta, s.scale, s.window, s.softcap, *_kv(kv_scales))
     h, x = attn_out(o.flatten(1), w.o_w, x, w.post_norm, s.eps)
     return mlp(h, w.gate_up_w, w.down_w, x)
 

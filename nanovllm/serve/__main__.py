@@ -35,8 +35,8 @@ def build_engine(cfg: DictConfig):
                                       **OmegaConf.to_container(cfg.engine, resolve=True))
     t0 = time.perf_counter()
     engine = LLMEngine(config)
-    log.info("built %s on %s (%s) in %.1f s; KV cache: %d blocks of %d tokens", cfg.model.name, config.device,
-             config.dtype, time.perf_counter() - t0, engine.block_manager.num_blocks, config.kvcache_block_size)
+    log.info("built %s on %s (%s) in %.1f s; %s", cfg.model.name, config.device, config.dtype,
+             time.perf_counter() - t0, engine.runner.kv_cache_summary)
     return engine
 
 
