@@ -115,25 +115,41 @@ def load_x(x_ptr, row_off, cols, mask, perm_ptr, nw_ptr, HAS_PERM: tl.constexpr,
 
 
 @triton.jit
+def pairs(x, PACK: tl.constexpr):
+    """(even columns, odd columns) of a 2-D x for int4's low and high nibbles (PACK 2); (x, x) otherwise."""
+    if PACK == 2:
+        lo, hi = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+    else:
+        lo, hi = x, x
+    return lo, hi
+
+
+@triton.jit
 def fma_tile(acc, ss, xs, q, s, o, x_ptr, row_off, k, k_hi, perm_ptr, nw_ptr, FORMAT: tl.constexpr,
              HAS_OFFSET: tl.constexpr, HAS_PERM: tl.constexpr, HAS_NORM: tl.constexpr, SCALE_LAST: tl.constexpr,
-             PACK: tl.constexpr, NSUB: tl.constexpr, SUBW: tl.constexpr):
-    """One row: acc (BLOCK_N, NSUB, SUBW) += w * x elementwise over one tile, ss += x * x (HAS_NORM),
-    xs += x * norm weight (SCALE_LAST with an offset: the row sum the offset multiplies)."""
-    idx = tl.arange(0, NSUB)[:, None] * SUBW + tl.arange(0, SUBW)[None, :]
-    for h in tl.static_range(PACK):  # int4: the low nibbles (even columns), then the high ones (odd)
-        cols = k + idx * PACK + h
-        x, nw = load_x(x_ptr, row_off, cols, cols < k_hi, perm_ptr, nw_ptr, HAS_PERM, HAS_NORM)
-        if HAS_NORM:
-            ss += x * x
-            x = x * nw
-        v = decode_values(q, FORMAT, HAS_OFFSET, h == 1)
+             PACK: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr):
+    """One row: acc (BLOCK_N, NSUB, SUB / PACK) += w * x elementwise over one tile, ss += x * x (HAS_NORM),
+    xs += x * norm weight (SCALE_LAST with an offset: the row sum the offset multiplies). x loads as contiguous
+    (NSUB, SUB) columns; int4 splits them into the even and odd columns its nibbles multiply."""
+    cols = k + tl.arange(0, NSUB)[:, None] * SUB + tl.arange(0, SUB)[None, :]
+    x, nw = load_x(x_ptr, row_off, cols, cols < k_hi, perm_ptr, nw_ptr, HAS_PERM, HAS_NORM)
+    if HAS_NORM:
+        ss += x * x
+        x = x * nw
+    if SCALE_LAST and HAS_OFFSET:
+        xs += x
+    x_lo, x_hi = pairs(x, PACK)
+    v = decode_values(q, FORMAT, HAS_OFFSET, False)
+    if SCALE_LAST:
+        acc += v * x_lo[None, :, :]
+    else:
+        acc += scaled(v, s, o, HAS_OFFSET) * x_lo[None, :, :]
+    if PACK == 2:
+        v = decode_values(q, FORMAT, HAS_OFFSET, True)
         if SCALE_LAST:
-            acc += v * x[None, :, :]
-            if HAS_OFFSET:
-                xs += x
+            acc += v * x_hi[None, :, :]
         else:
-            acc += scaled(v, s, o, HAS_OFFSET) * x[None, :, :]
+            acc += scaled(v, s, o, HAS_OFFSET) * x_hi[None, :, :]
     return acc, ss, xs
 
 
@@ -167,17 +183,17 @@ def qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm
             r = load_rows(r_ptr, stride_rm, offs_m, offs_n, M, N)
         row_off = pid_m * stride_xm
         acc = tl.zeros((BLOCK_N, NSUB, SUBW), tl.float32)
-        ss = tl.zeros((NSUB, SUBW), tl.float32)
-        xs = tl.zeros((NSUB, SUBW), tl.float32)
+        ss = tl.zeros((NSUB, SUB), tl.float32)
+        xs = tl.zeros((NSUB, SUB), tl.float32)
         for k in range(k_lo, k_hi, BLOCK_K):
             if ONE_TILE:
                 acc, ss, xs = fma_tile(acc, ss, xs, q, s, o, x_ptr, row_off, k, k_hi, perm_ptr, nw_ptr, FORMAT,
-                                       HAS_OFFSET, HAS_PERM, HAS_NORM, SCALE_LAST, PACK, NSUB, SUBW)
+                                       HAS_OFFSET, HAS_PERM, HAS_NORM, SCALE_LAST, PACK, NSUB, SUB)
             else:  # the next tile's loads in flight during this one's FMAs (all masked on the last step)
                 qn, sn, on = load_qtile(w_ptr, s_ptr, o_ptr, offs_n, mask_n, stride_wn, stride_sn, k + BLOCK_K,
                                         k_hi, group, HAS_OFFSET, not SCALE_LAST, PACK, SUB, NSUB, SUBW)
                 acc, ss, xs = fma_tile(acc, ss, xs, q, s, o, x_ptr, row_off, k, k_hi, perm_ptr, nw_ptr, FORMAT,
-                                       HAS_OFFSET, HAS_PERM, HAS_NORM, SCALE_LAST, PACK, NSUB, SUBW)
+                                       HAS_OFFSET, HAS_PERM, HAS_NORM, SCALE_LAST, PACK, NSUB, SUB)
                 q, s, o = qn, sn, on
         out = tl.sum(tl.sum(acc, axis=2), axis=1)
         if SCALE_LAST:
@@ -197,22 +213,25 @@ def qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm
             r = load_rows(r_ptr, stride_rm, offs_m, offs_n, M, N)
         dtype = x_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        ss = tl.zeros((BLOCK_M, BLOCK_K // PACK), tl.float32)
-        idx = tl.arange(0, BLOCK_K // PACK)
+        ss = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+        cols = tl.arange(0, BLOCK_K)[None, :]
         row_off = offs_m[:, None] * stride_xm
         for k in range(k_lo, k_hi, BLOCK_K):
             q, s, o = load_qtile(w_ptr, s_ptr, o_ptr, offs_n, mask_n, stride_wn, stride_sn, k, k_hi, group,
                                  HAS_OFFSET, True, PACK, SUB, NSUB, SUBW)
-            for h in tl.static_range(PACK):
-                cols = k + idx * PACK + h
-                x, nw = load_x(x_ptr, row_off, cols[None, :], mask_m[:, None] & (cols < k_hi)[None, :], perm_ptr,
-                               nw_ptr, HAS_PERM, HAS_NORM)
-                if HAS_NORM:
-                    ss += x * x
-                    x = x * nw
-                w = scaled(decode_values(q, FORMAT, HAS_OFFSET, h == 1), s, o, HAS_OFFSET)
-                w = tl.reshape(w, (BLOCK_N, BLOCK_K // PACK))
-                acc = dot_acc(acc, x.to(dtype), w.to(dtype), DOT_F32)
+            x, nw = load_x(x_ptr, row_off, k + cols, mask_m[:, None] & (k + cols < k_hi), perm_ptr, nw_ptr,
+                           HAS_PERM, HAS_NORM)
+            if HAS_NORM:
+                ss += x * x
+                x = x * nw
+            x_lo, x_hi = pairs(x.to(dtype), PACK)
+            w = tl.reshape(scaled(decode_values(q, FORMAT, HAS_OFFSET, False), s, o, HAS_OFFSET),
+                           (BLOCK_N, BLOCK_K // PACK))
+            acc = dot_acc(acc, x_lo, w.to(dtype), DOT_F32)
+            if PACK == 2:
+                w = tl.reshape(scaled(decode_values(q, FORMAT, HAS_OFFSET, True), s, o, HAS_OFFSET),
+                               (BLOCK_N, BLOCK_K // PACK))
+                acc = dot_acc(acc, x_hi, w.to(dtype), DOT_F32)
         out = acc
         if HAS_NORM:
             out = out * tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
