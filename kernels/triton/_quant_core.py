@@ -4,15 +4,17 @@
 The loop is _gemv_core's (the same grid, split-K, PDL and epilogues); what differs is the weight tile. A
 tile of BLOCK_K columns is held as (BLOCK_N, NSUB, SUBW): NSUB sub-blocks of SUB columns that share one scale
 (SUB = min(group, BLOCK_K); a group size is a power of two, or the whole row), SUBW = SUB / PACK stored
-elements each (PACK = 2 int4 values per byte, else 1). Scales and offsets load as a (BLOCK_N, NSUB) tile and
-broadcast over the sub-block in registers, so a weight element costs one load of its packed bytes and no
-scale gather. Values decode without integer-to-float conversions (which run at a fraction of the FMA rate):
-an 8-bit or 4-bit integer OR-ed into the mantissa of 2**23 is the float 2**23 + q, and one subtraction
-(which also takes the zero point) leaves q exactly; fp8 converts in hardware. int4 splits each byte into its
-low nibble (even column) and high nibble (odd column), each multiplied by x's even and odd columns.
-One row (the FMA path) with one group per row (per-channel) applies the scale (and offset, times the row sum
-of x) once per output after the reduction; otherwise each element is scaled as it is decoded.
-More than one row dequantizes the tile to x's dtype and runs tl.dot (int4: one dot per nibble).
+elements each (PACK columns per stored element: 1 for fp8 and int8, 2 for int4 bytes, 8 for int4 read as
+32-bit words). Scales and offsets load as a (BLOCK_N, NSUB) tile, so a weight element costs one load of its
+packed bits and no scale gather.
+Integers decode without integer-to-float conversions (which run at a fraction of the FMA rate) and without a
+subtraction per element: the integer's bits go to the top of the mantissa of 1.0 (one shift and one
+bitwise op), giving a "unit" u = 1 + q / 16 (int4) or 1 + (q + 128) / 256 (int8), and q = UNIT * u + BIAS.
+The FMAs accumulate u * x; UNIT, BIAS, the zero point, scales and offsets apply to sums: once per sub-block
+(scale * UNIT * (u . x) + (scale * BIAS + offset) * sum(x)), or with one group per row (per-channel) once per
+output after the reduction. fp8 converts in hardware. x loads as contiguous columns and splits in registers
+into the columns of each nibble.
+More than one row dequantizes the tile to x's dtype and runs tl.dot (int4 bytes: one dot per nibble).
 """
 
 from __future__ import annotations
@@ -35,12 +37,26 @@ gdc_wait, gdc_launch_dependents = core.gdc_wait, core.gdc_launch_dependents
 load_rows, dot_acc, store_partial, store_out = core.load_rows, core.dot_acc, core.store_partial, core.store_out
 WEIGHTS_POLICY: tl.constexpr = tl.constexpr("evict_first")
 FORMAT_IDS = {"fp8": 0, "int8": 1, "int4": 2}
+INT4_WORDS = 3  # int4 read as 32-bit words of 8 nibbles (one row, rows a multiple of 8 columns)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-MAGIC: tl.constexpr = tl.constexpr(8388608.0)  # 2**23: the float whose mantissa bits are an OR-ed small integer
 
 
 def pack_of(fmt: str) -> int:
     return 2 if fmt == "int4" else 1
+
+
+def words(qw: QW, m: int) -> bool:
+    """Whether a launch reads this int4 weight as 32-bit words (INT4_WORDS): the one-row path, rows of a
+    multiple of 8 columns, 4-byte aligned."""
+    q = qw.qweight
+    return (qw.fmt == "int4" and tuning.block_m(m) == 1 and q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0
+            and q.data_ptr() % 4 == 0)
+
+
+def stored(qw: QW, m: int) -> tuple[torch.Tensor, int]:
+    """(the packed weight as a launch reads it, its stored elements per row)."""
+    q = qw.qweight.view(torch.int32) if words(qw, m) else qw.qweight
+    return q, q.shape[1]
 
 
 def supported(w) -> str | None:
@@ -54,50 +70,112 @@ def supported(w) -> str | None:
 
 
 @triton.jit
-def decode_values(q, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, HIGH: tl.constexpr):
-    """fp32 values of packed elements q (uint8 for fp8 and int4, int8 for int8): fp8 as is, int8 signed,
-    int4 the low (HIGH: high) nibble minus the zero point 8 when there is no offset."""
+def decode_units(q, FORMAT: tl.constexpr, HIGH: tl.constexpr):
+    """fp32 "units" u of packed elements q (uint8 for fp8 and int4, int8 for int8), the stored value being
+    UNIT * u + BIAS (see `affine`): fp8 as is; an integer's bits placed in the top of the mantissa of 1.0,
+    u = 1 + (q + 128) / 256 (int8) or 1 + nibble / 16 (int4, HIGH: the high nibble). No conversion or
+    subtraction per element: the affine part is applied per sub-block or per output, to sums."""
     if FORMAT == 0:
-        v = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    elif FORMAT == 1:  # q + 128 in 0..255 sits in the mantissa of 2**23
-        v = (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - (MAGIC + 128.0)
+        u = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    elif FORMAT == 1:
+        u = (((q.to(tl.int32) + 128) << 15) | 0x3F800000).to(tl.float32, bitcast=True)
     else:
         b = q.to(tl.int32)
-        nib = (b >> 4) if HIGH else (b & 0xF)
-        v = (nib | 0x4B000000).to(tl.float32, bitcast=True) - (MAGIC if HAS_OFFSET else MAGIC + 8.0)
-    return v
+        nib = ((b << 15) if HIGH else (b << 19)) & 0x00780000
+        u = (nib | 0x3F800000).to(tl.float32, bitcast=True)
+    return u
 
 
 @triton.jit
-def scaled(v, s, o, HAS_OFFSET: tl.constexpr):
-    """v * scale (+ offset) with the (BLOCK_N, NSUB) scale tile broadcast over each sub-block."""
-    w = v * s[:, :, None]
-    if HAS_OFFSET:
-        w += o[:, :, None]
-    return w
+def affine(FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    """(UNIT, BIAS): a stored value is UNIT * unit + BIAS, with int4's zero point 8 folded in when there is no
+    offset."""
+    if FORMAT == 0:
+        unit, bias = 1.0, 0.0
+    elif FORMAT == 1:
+        unit, bias = 256.0, -384.0
+    else:  # int4, as bytes or as words
+        unit, bias = 16.0, -16.0 if HAS_OFFSET else -24.0
+    return unit, bias
 
 
 @triton.jit
-def load_qtile(w_ptr, s_ptr, o_ptr, offs_n, mask_n, stride_wn, stride_sn, k, k_hi, group,
-               HAS_OFFSET: tl.constexpr, LOAD_SCALES: tl.constexpr, PACK: tl.constexpr, SUB: tl.constexpr,
+def dequantized(u, s_unit, s_bias):
+    """The weights u * scale * UNIT + (scale * BIAS + offset) of a tile, the (BLOCK_N, NSUB) factors broadcast
+    over each sub-block."""
+    return u * s_unit[:, :, None] + s_bias[:, :, None]
+
+
+@triton.jit
+def word_units(w, J: tl.constexpr):
+    """The units (see decode_units) of nibble J (column 8i + J) of int32 words w: the nibble moved to bits
+    19..22, under the exponent of 1.0."""
+    if 4 * J <= 19:
+        nib = (w << (19 - 4 * J)) & 0x00780000
+    else:
+        nib = (w >> (4 * J - 19)) & 0x00780000
+    return (nib | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split_last(t):
+    """(t[..., 0::2], t[..., 1::2]) of a 3-D t."""
+    return tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 2, 2)))
+
+
+@triton.jit
+def split8(x, NSUB: tl.constexpr, SUBW: tl.constexpr):
+    """x (NSUB, 8 * SUBW) as the eight (NSUB, SUBW) tensors of columns 8i + J, J = 0..7."""
+    a, b = split_last(tl.reshape(x, (NSUB, SUBW, 8)))  # a: J = 0, 2, 4, 6; b: J = 1, 3, 5, 7
+    a0, a1 = split_last(a)  # J = 0, 4 and 2, 6
+    b0, b1 = split_last(b)  # J = 1, 5 and 3, 7
+    x0, x4 = tl.split(a0)
+    x2, x6 = tl.split(a1)
+    x1, x5 = tl.split(b0)
+    x3, x7 = tl.split(b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def word_dot(q, x, NSUB: tl.constexpr, SUBW: tl.constexpr):
+    """(BLOCK_N, NSUB, SUBW) sums over each int32 word's 8 nibbles of unit * x."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = split8(x, NSUB, SUBW)
+    p = word_units(q, 0) * x0[None, :, :]
+    p += word_units(q, 1) * x1[None, :, :]
+    p += word_units(q, 2) * x2[None, :, :]
+    p += word_units(q, 3) * x3[None, :, :]
+    p += word_units(q, 4) * x4[None, :, :]
+    p += word_units(q, 5) * x5[None, :, :]
+    p += word_units(q, 6) * x6[None, :, :]
+    p += word_units(q, 7) * x7[None, :, :]
+    return p
+
+
+@triton.jit
+def load_qtile(w_ptr, s_ptr, o_ptr, offs_n, mask_n, stride_wn, stride_sn, k, k_hi, kb_hi, group,
+               FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr, LOAD_SCALES: tl.constexpr, PACK: tl.constexpr,
+               SUB: tl.constexpr,
                NSUB: tl.constexpr, SUBW: tl.constexpr):
-    """The packed (BLOCK_N, NSUB, SUBW) values of columns [k, k + NSUB * SUB) (zeros past k_hi) and their
-    (BLOCK_N, NSUB) fp32 scales and offsets (ones and zeros without LOAD_SCALES / HAS_OFFSET)."""
+    """The packed (BLOCK_N, NSUB, SUBW) values of columns [k, k + NSUB * SUB) (zeros past stored element kb_hi,
+    column k_hi) and their (BLOCK_N, NSUB) fp32 factors (scale * UNIT, scale * BIAS + offset), zeros without
+    LOAD_SCALES. The values' mask is on the stored index, so it stays uniform over 16-byte vectors."""
     idx = tl.arange(0, NSUB)[:, None] * SUBW + tl.arange(0, SUBW)[None, :]  # stored element within the tile
-    mask = mask_n[:, None, None] & (k + idx * PACK < k_hi)[None, :, :]
+    mask = mask_n[:, None, None] & (k // PACK + idx < kb_hi)[None, :, :]
     rows = offs_n.to(tl.int64)  # int64: big vocab x hidden
     q = tl.load(w_ptr + rows[:, None, None] * stride_wn + (k // PACK + idx)[None, :, :], mask=mask, other=0,
                 eviction_policy=WEIGHTS_POLICY)
     sub_col = k + tl.arange(0, NSUB) * SUB
     smask = mask_n[:, None] & (sub_col < k_hi)[None, :]
     sptr = rows[:, None] * stride_sn + (sub_col // group)[None, :]
-    s = tl.full((offs_n.shape[0], NSUB), 1.0, tl.float32)
-    o = tl.zeros((offs_n.shape[0], NSUB), tl.float32)
+    s_unit = tl.zeros((offs_n.shape[0], NSUB), tl.float32)
+    s_bias = tl.zeros((offs_n.shape[0], NSUB), tl.float32)
     if LOAD_SCALES:
+        unit, bias = affine(FORMAT, HAS_OFFSET)
         s = tl.load(s_ptr + sptr, mask=smask, other=0.0).to(tl.float32)
+        s_unit, s_bias = s * unit, s * bias
         if HAS_OFFSET:
-            o = tl.load(o_ptr + sptr, mask=smask, other=0.0).to(tl.float32)
-    return q, s, o
+            s_bias += tl.load(o_ptr + sptr, mask=smask, other=0.0).to(tl.float32)
+    return q, s_unit, s_bias
 
 
 @triton.jit
@@ -125,45 +203,53 @@ def pairs(x, PACK: tl.constexpr):
 
 
 @triton.jit
-def fma_tile(acc, ss, xs, q, s, o, x_ptr, row_off, k, k_hi, perm_ptr, nw_ptr, FORMAT: tl.constexpr,
-             HAS_OFFSET: tl.constexpr, HAS_PERM: tl.constexpr, HAS_NORM: tl.constexpr, SCALE_LAST: tl.constexpr,
-             PACK: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr):
-    """One row: acc (BLOCK_N, NSUB, SUB / PACK) += w * x elementwise over one tile, ss += x * x (HAS_NORM),
-    xs += x * norm weight (SCALE_LAST with an offset: the row sum the offset multiplies). x loads as contiguous
-    (NSUB, SUB) columns; int4 splits them into the even and odd columns its nibbles multiply."""
+def fma_tile(acc, ss, xs, q, s_unit, s_bias, x_ptr, row_off, k, k_hi, perm_ptr, nw_ptr, FORMAT: tl.constexpr,
+             HAS_PERM: tl.constexpr, HAS_NORM: tl.constexpr, SCALE_LAST: tl.constexpr, PACK: tl.constexpr,
+             NSUB: tl.constexpr, SUB: tl.constexpr):
+    """One row over one tile; ss += x * x (HAS_NORM). x loads as contiguous (NSUB, SUB) columns; int4 splits
+    them into the even and odd columns its nibbles multiply. Each weight element costs its unit's decode and
+    one FMA with x: SCALE_LAST: acc (BLOCK_N, NSUB, SUB / PACK) += u * x elementwise (reduced once at the end),
+    xs += x (the row sum BIAS and the offset multiply). Otherwise acc (BLOCK_N, NSUB) += scale * UNIT * (u . x)
+    + (scale * BIAS + offset) * sum(x) per sub-block."""
     cols = k + tl.arange(0, NSUB)[:, None] * SUB + tl.arange(0, SUB)[None, :]
     x, nw = load_x(x_ptr, row_off, cols, cols < k_hi, perm_ptr, nw_ptr, HAS_PERM, HAS_NORM)
     if HAS_NORM:
         ss += x * x
         x = x * nw
-    if SCALE_LAST and HAS_OFFSET:
-        xs += x
     x_lo, x_hi = pairs(x, PACK)
-    v = decode_values(q, FORMAT, HAS_OFFSET, False)
-    if SCALE_LAST:
-        acc += v * x_lo[None, :, :]
-    else:
-        acc += scaled(v, s, o, HAS_OFFSET) * x_lo[None, :, :]
-    if PACK == 2:
-        v = decode_values(q, FORMAT, HAS_OFFSET, True)
+    if FORMAT == 3:
+        p = word_dot(q, x, NSUB, SUB // 8)
         if SCALE_LAST:
-            acc += v * x_hi[None, :, :]
+            acc += p
+            xs += x
         else:
-            acc += scaled(v, s, o, HAS_OFFSET) * x_hi[None, :, :]
+            acc += s_unit * tl.sum(p, axis=2) + s_bias * tl.sum(x, axis=1)[None, :]
+    elif SCALE_LAST:
+        acc += decode_units(q, FORMAT, False) * x_lo[None, :, :]
+        if PACK == 2:
+            acc += decode_units(q, FORMAT, True) * x_hi[None, :, :]
+        xs += x
+    else:
+        dot = tl.sum(decode_units(q, FORMAT, False) * x_lo[None, :, :], axis=2)
+        if PACK == 2:
+            dot += tl.sum(decode_units(q, FORMAT, True) * x_hi[None, :, :], axis=2)
+        acc += s_unit * dot + s_bias * tl.sum(x, axis=1)[None, :]
     return acc, ss, xs
 
 
 @triton.jit
 def qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm_ptr, group, nw_ptr, r_ptr,
-               stride_rm, M, N, K, k_lo, k_hi, eps, pid_m, pid_n, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr,
+               stride_rm, M, N, K, k_lo, k_hi, kb_hi, eps, pid_m, pid_n, FORMAT: tl.constexpr,
+               HAS_OFFSET: tl.constexpr,
                HAS_PERM: tl.constexpr, SCALE_LAST: tl.constexpr, SUB: tl.constexpr, HAS_NORM: tl.constexpr,
                HAS_RES: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """(x[rows] @ W[cols, k_lo:k_hi].T, the residual's tile) for a quantized W: fp32 (BLOCK_M, BLOCK_N) each,
     as _gemv_core.gemv_tile (HAS_NORM: RMSNorm of x on the fly, needs k_lo=0, k_hi=K; PDL/PREFETCH: the
-    first weight tile is issued before the wait on the kernel before). SCALE_LAST (one row, one group per
-    row): the scale and offset apply once per output, after the reduction."""
-    PACK: tl.constexpr = 2 if FORMAT == 2 else 1
+    first weight tile is issued before the wait on the kernel before). kb_hi: the stored elements' end of the
+    range (a multiple of 16 where it can be, for vector loads). SCALE_LAST (one row, one group per row): the
+    scale and offset apply once per output, after the reduction."""
+    PACK: tl.constexpr = 8 if FORMAT == 3 else (2 if FORMAT == 2 else 1)
     NSUB: tl.constexpr = BLOCK_K // SUB
     SUBW: tl.constexpr = SUB // PACK
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -175,33 +261,39 @@ def qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm
             gdc_launch_dependents()
         if PDL and not PREFETCH:
             gdc_wait()
-        q, s, o = load_qtile(w_ptr, s_ptr, o_ptr, offs_n, mask_n, stride_wn, stride_sn, k_lo, k_hi, group,
-                             HAS_OFFSET, not SCALE_LAST, PACK, SUB, NSUB, SUBW)
+        q, s, o = load_qtile(w_ptr, s_ptr, o_ptr, offs_n, mask_n, stride_wn, stride_sn, k_lo, k_hi, kb_hi, group,
+                             FORMAT, HAS_OFFSET, not SCALE_LAST, PACK, SUB, NSUB, SUBW)
         if PDL and PREFETCH:
             gdc_wait()
         if HAS_RES:
             r = load_rows(r_ptr, stride_rm, offs_m, offs_n, M, N)
         row_off = pid_m * stride_xm
-        acc = tl.zeros((BLOCK_N, NSUB, SUBW), tl.float32)
+        if SCALE_LAST:
+            acc = tl.zeros((BLOCK_N, NSUB, SUBW), tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, NSUB), tl.float32)
         ss = tl.zeros((NSUB, SUB), tl.float32)
         xs = tl.zeros((NSUB, SUB), tl.float32)
         for k in range(k_lo, k_hi, BLOCK_K):
             if ONE_TILE:
                 acc, ss, xs = fma_tile(acc, ss, xs, q, s, o, x_ptr, row_off, k, k_hi, perm_ptr, nw_ptr, FORMAT,
-                                       HAS_OFFSET, HAS_PERM, HAS_NORM, SCALE_LAST, PACK, NSUB, SUB)
+                                       HAS_PERM, HAS_NORM, SCALE_LAST, PACK, NSUB, SUB)
             else:  # the next tile's loads in flight during this one's FMAs (all masked on the last step)
                 qn, sn, on = load_qtile(w_ptr, s_ptr, o_ptr, offs_n, mask_n, stride_wn, stride_sn, k + BLOCK_K,
-                                        k_hi, group, HAS_OFFSET, not SCALE_LAST, PACK, SUB, NSUB, SUBW)
+                                        k_hi, kb_hi, group, FORMAT, HAS_OFFSET, not SCALE_LAST, PACK, SUB, NSUB, SUBW)
                 acc, ss, xs = fma_tile(acc, ss, xs, q, s, o, x_ptr, row_off, k, k_hi, perm_ptr, nw_ptr, FORMAT,
-                                       HAS_OFFSET, HAS_PERM, HAS_NORM, SCALE_LAST, PACK, NSUB, SUB)
+                                       HAS_PERM, HAS_NORM, SCALE_LAST, PACK, NSUB, SUB)
                 q, s, o = qn, sn, on
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)
         if SCALE_LAST:
+            out = tl.sum(tl.sum(acc, axis=2), axis=1)
+            unit, bias = affine(FORMAT, HAS_OFFSET)
             s_row = tl.load(s_ptr + offs_n.to(tl.int64) * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-            out = out * s_row
+            s_bias = s_row * bias
             if HAS_OFFSET:
-                o_row = tl.load(o_ptr + offs_n.to(tl.int64) * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-                out += o_row * tl.sum(tl.sum(xs, axis=1), axis=0)
+                s_bias += tl.load(o_ptr + offs_n.to(tl.int64) * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+            out = out * (s_row * unit) + s_bias * tl.sum(tl.sum(xs, axis=1), axis=0)
+        else:
+            out = tl.sum(acc, axis=1)
         out = out[None, :]
         if HAS_NORM:
             out = out * tl.rsqrt(tl.sum(tl.sum(ss, axis=1), axis=0) / K + eps)
@@ -217,20 +309,18 @@ def qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm
         cols = tl.arange(0, BLOCK_K)[None, :]
         row_off = offs_m[:, None] * stride_xm
         for k in range(k_lo, k_hi, BLOCK_K):
-            q, s, o = load_qtile(w_ptr, s_ptr, o_ptr, offs_n, mask_n, stride_wn, stride_sn, k, k_hi, group,
-                                 HAS_OFFSET, True, PACK, SUB, NSUB, SUBW)
+            q, s, o = load_qtile(w_ptr, s_ptr, o_ptr, offs_n, mask_n, stride_wn, stride_sn, k, k_hi, kb_hi, group,
+                                 FORMAT, HAS_OFFSET, True, PACK, SUB, NSUB, SUBW)
             x, nw = load_x(x_ptr, row_off, k + cols, mask_m[:, None] & (k + cols < k_hi), perm_ptr, nw_ptr,
                            HAS_PERM, HAS_NORM)
             if HAS_NORM:
                 ss += x * x
                 x = x * nw
             x_lo, x_hi = pairs(x.to(dtype), PACK)
-            w = tl.reshape(scaled(decode_values(q, FORMAT, HAS_OFFSET, False), s, o, HAS_OFFSET),
-                           (BLOCK_N, BLOCK_K // PACK))
+            w = tl.reshape(dequantized(decode_units(q, FORMAT, False), s, o), (BLOCK_N, BLOCK_K // PACK))
             acc = dot_acc(acc, x_lo, w.to(dtype), DOT_F32)
             if PACK == 2:
-                w = tl.reshape(scaled(decode_values(q, FORMAT, HAS_OFFSET, True), s, o, HAS_OFFSET),
-                               (BLOCK_N, BLOCK_K // PACK))
+                w = tl.reshape(dequantized(decode_units(q, FORMAT, True), s, o), (BLOCK_N, BLOCK_K // PACK))
                 acc = dot_acc(acc, x_hi, w.to(dtype), DOT_F32)
         out = acc
         if HAS_NORM:
@@ -239,22 +329,24 @@ def qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm
 
 
 @triton.jit
-def _qgemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, perm_ptr, y_ptr, b_ptr, r_ptr, nw_ptr, M, N, K, group, stride_xm,
+def _qgemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, perm_ptr, y_ptr, b_ptr, r_ptr, nw_ptr, M, N, K, KB, group, stride_xm,
                   stride_wn, stride_sn, stride_ym, stride_rm, eps, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   HAS_PERM: tl.constexpr, SCALE_LAST: tl.constexpr, SUB: tl.constexpr, HAS_BIAS: tl.constexpr,
                   HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, PARTIAL: tl.constexpr, SPLIT_K: tl.constexpr,
                   ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
-    """Grid (N blocks, SPLIT_K, M blocks), as _gemv_core._gemv_kernel. PARTIAL: y is an fp32 (SPLIT_K, M, N)
-    workspace of partial sums."""
+    """Grid (N blocks, SPLIT_K, M blocks), as _gemv_core._gemv_kernel; KB: stored elements per row of w.
+    PARTIAL: y is an fp32 (SPLIT_K, M, N) workspace of partial sums."""
+    PACK: tl.constexpr = 8 if FORMAT == 3 else (2 if FORMAT == 2 else 1)
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_lo = pid_k * span
     k_hi = tl.minimum(K, k_lo + span)
+    kb_hi = tl.minimum(KB, (k_lo + span) // PACK)
     acc, r = qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm_ptr, group, nw_ptr, r_ptr,
-                        stride_rm, M, N, K, k_lo, k_hi, eps, pid_m, pid_n, FORMAT, HAS_OFFSET, HAS_PERM, SCALE_LAST,
-                        SUB, HAS_NORM, HAS_RES and not PARTIAL, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL,
-                        PREFETCH)
+                        stride_rm, M, N, K, k_lo, k_hi, kb_hi, eps, pid_m, pid_n, FORMAT, HAS_OFFSET, HAS_PERM,
+                        SCALE_LAST, SUB, HAS_NORM, HAS_RES and not PARTIAL, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K,
+                        DOT_F32, PDL, PREFETCH)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if PARTIAL:
@@ -312,14 +404,15 @@ def sub_block(qw: QW, block_k: int) -> int:
 def check_qconfig(cfg, m: int, qw: QW) -> None:
     core.check_config(cfg, m)
     pack = pack_of(qw.fmt)
-    if cfg.BLOCK_K < 2 * pack or (tuning.block_m(m) > 1 and cfg.BLOCK_K // pack < 16):
+    if cfg.BLOCK_K < 16 or (tuning.block_m(m) > 1 and cfg.BLOCK_K // pack < 16):
         raise ValueError(f"{cfg}: BLOCK_K too small for {qw.fmt} ({m} rows)")
 
 
 def kernel_args(qw: QW, cfg, m: int) -> dict:
     """The quantization constexprs of a launch."""
-    return dict(FORMAT=FORMAT_IDS[qw.fmt], HAS_OFFSET=qw.offset is not None, HAS_PERM=qw.perm is not None,
-                SCALE_LAST=qw.group == qw.k and tuning.block_m(m) == 1, SUB=sub_block(qw, cfg.BLOCK_K))
+    return dict(FORMAT=INT4_WORDS if words(qw, m) else FORMAT_IDS[qw.fmt], HAS_OFFSET=qw.offset is not None,
+                HAS_PERM=qw.perm is not None, SCALE_LAST=qw.group == qw.k and tuning.block_m(m) == 1,
+                SUB=sub_block(qw, cfg.BLOCK_K))
 
 
 def prefetch(use_pdl: bool, norm_w) -> bool:
@@ -336,9 +429,10 @@ def launch_qgemv(x, qw: QW, out, cfg, bias=None, residual=None, norm_w=None, eps
     grid = (triton.cdiv(n, cfg.BLOCK_N), sk, triton.cdiv(m, bm))
     res_stride = residual.stride(0) if residual is not None else 0
     use_pdl = core.pdl(x, qw.qweight)
+    q, kb = stored(qw, m)
     wrap_triton(_qgemv_kernel)[grid](
-        x, qw.qweight, qw.scale, qw.offset, qw.perm, out if (partial or sk == 1) else ws, bias, residual, norm_w,
-        m, n, k, qw.group, x.stride(0), qw.qweight.stride(0), qw.scale.stride(0), out.stride(0), res_stride, eps,
+        x, q, qw.scale, qw.offset, qw.perm, out if (partial or sk == 1) else ws, bias, residual, norm_w, m, n, k, kb,
+        qw.group, x.stride(0), q.stride(0), qw.scale.stride(0), out.stride(0), res_stride, eps,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_NORM=norm_w is not None,
         PARTIAL=partial or sk > 1, SPLIT_K=sk, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm, DOT_F32=core.dot_f32(x),
         PDL=use_pdl, PREFETCH=prefetch(use_pdl, norm_w), **kernel_args(qw, cfg, m), **cfg.meta(),

@@ -21,7 +21,7 @@ qgemv_tile = qcore.qgemv_tile
 
 
 @triton.jit
-def _qlm_head_argmax_kernel(x_ptr, w_ptr, s_ptr, o_ptr, perm_ptr, nw_ptr, val_ptr, idx_ptr, M, N, K, group,
+def _qlm_head_argmax_kernel(x_ptr, w_ptr, s_ptr, o_ptr, perm_ptr, nw_ptr, val_ptr, idx_ptr, M, N, K, KB, group,
                             stride_xm, stride_wn, stride_sn, eps, num_progs, blocks_per_prog, FORMAT: tl.constexpr,
                             HAS_OFFSET: tl.constexpr, HAS_PERM: tl.constexpr, SCALE_LAST: tl.constexpr,
                             SUB: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -33,7 +33,7 @@ def _qlm_head_argmax_kernel(x_ptr, w_ptr, s_ptr, o_ptr, perm_ptr, nw_ptr, val_pt
     for j in range(blocks_per_prog):
         pid_n = pid * blocks_per_prog + j
         logits, _ = qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm_ptr, group, nw_ptr,
-                               x_ptr, 0, M, N, K, 0, K, eps, pid_m, pid_n, FORMAT, HAS_OFFSET, HAS_PERM, SCALE_LAST,
+                               x_ptr, 0, M, N, K, 0, K, KB, eps, pid_m, pid_n, FORMAT, HAS_OFFSET, HAS_PERM, SCALE_LAST,
                                SUB, True, False, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
         logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)  # the native's logits are in the model dtype
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,9 +64,10 @@ def qlm_head_argmax(h: torch.Tensor, norm_w: torch.Tensor, eps: float, qweight: 
         val = h.new_empty(m, progs, dtype=torch.float32)
         idx = h.new_empty(m, progs, dtype=torch.int32)
         pdl = core.pdl(h, w.qweight)
+        q, kb = qcore.stored(w, m)
         wrap_triton(_qlm_head_argmax_kernel)[(progs, 1, triton.cdiv(m, bm))](
-            h, w.qweight, w.scale, w.offset, w.perm, norm_w, val, idx, m, w.n, k, w.group, h.stride(0),
-            w.qweight.stride(0), w.scale.stride(0), eps, progs, per_prog, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm,
+            h, q, w.scale, w.offset, w.perm, norm_w, val, idx, m, w.n, k, kb, w.group, h.stride(0), q.stride(0),
+            w.scale.stride(0), eps, progs, per_prog, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm,
             DOT_F32=core.dot_f32(h), PDL=pdl, PREFETCH=qcore.prefetch(pdl, norm_w), **qcore.kernel_args(w, cfg, m),
             **cfg.meta(), **core.launch_opts(pdl))
         return core.reduce_winners(val, idx, pdl)

@@ -26,7 +26,7 @@ qgemv_tile, silu_mul_pairs = qcore.qgemv_tile, core.silu_mul_pairs
 
 
 @triton.jit
-def _qgate_up_silu_kernel(x_ptr, w_ptr, s_ptr, o_ptr, perm_ptr, a_ptr, nw_ptr, M, N, K, group, stride_xm, stride_wn,
+def _qgate_up_silu_kernel(x_ptr, w_ptr, s_ptr, o_ptr, perm_ptr, a_ptr, nw_ptr, M, N, K, KB, group, stride_xm, stride_wn,
                           stride_sn, stride_am, eps, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr,
                           HAS_PERM: tl.constexpr, SCALE_LAST: tl.constexpr, SUB: tl.constexpr,
                           HAS_NORM: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -36,8 +36,8 @@ def _qgate_up_silu_kernel(x_ptr, w_ptr, s_ptr, o_ptr, perm_ptr, a_ptr, nw_ptr, M
     the native rounds; HAS_NORM: of rms_norm(x) * nw."""
     pid_n, pid_m = tl.program_id(0), tl.program_id(2)
     acc, _ = qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm_ptr, group, nw_ptr, x_ptr,
-                        0, M, N, K, 0, K, eps, pid_m, pid_n, FORMAT, HAS_OFFSET, HAS_PERM, SCALE_LAST, SUB, HAS_NORM,
-                        False, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
+                        0, M, N, K, 0, K, KB, eps, pid_m, pid_n, FORMAT, HAS_OFFSET, HAS_PERM, SCALE_LAST, SUB,
+                        HAS_NORM, False, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
     act = silu_mul_pairs(acc, a_ptr, BLOCK_M, BLOCK_N)
     dtype = a_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -61,8 +61,9 @@ def qgate_up_silu(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, o
         qcore.check_qconfig(cfg, m, w)
         out = x.new_empty(m, w.n // 2)
         bm, pdl = core.tuning.block_m(m), core.pdl(x, w.qweight)
+        q, kb = qcore.stored(w, m)
         wrap_triton(_qgate_up_silu_kernel)[(triton.cdiv(w.n, cfg.BLOCK_N), 1, triton.cdiv(m, bm))](
-            x, w.qweight, w.scale, w.offset, w.perm, out, norm_w, m, w.n, k, w.group, x.stride(0), w.qweight.stride(0),
+            x, q, w.scale, w.offset, w.perm, out, norm_w, m, w.n, k, kb, w.group, x.stride(0), q.stride(0),
             w.scale.stride(0), out.stride(0), eps, HAS_NORM=norm_w is not None, ONE_TILE=core.one_tile(k, cfg),
             BLOCK_M=bm, DOT_F32=core.dot_f32(x), PDL=pdl, PREFETCH=qcore.prefetch(pdl, norm_w),
             **qcore.kernel_args(w, cfg, m), **cfg.meta(), **core.launch_opts(pdl))

@@ -38,7 +38,7 @@ WEIGHT_IDS = [f"{f}-{'ch' if g is None else f'g{g}'}{'' if s else '-z'}{'-perm' 
               for f, g, s, p in WEIGHTS]
 
 INTERPRETER_RUNS = {
-    "linear": ("test_linear",),
+    "linear": ("test_linear", "test_int4_read_as_words"),
     "sites": ("test_norm_qkv", "test_attn_out", "test_lm_head_sample", "test_every_backend_resolves_for_each_format"),
     "mlp": ("test_mlp", "test_unsupported_group_falls_back_to_the_reference"),
     "layer": ("test_decode_layer",),
@@ -137,6 +137,24 @@ def test_linear(qcore, spec, rows, cfg):
     bf = None if b is None else b.float()
     assert_close(got, w.linear(x.float(), bf), dtype)
     assert_close(got, get_op("linear").native(x.float(), dense_of(w, torch.float32), bf), dtype)
+
+
+@inner
+@pytest.mark.parametrize("spec", [s for s in WEIGHTS if s[0] == "int4"], ids=[i for i in WEIGHT_IDS if "int4" in i])
+@pytest.mark.parametrize("k,cfg", [(80, None), (80, (16, 32, 2)), (96, (8, 128, 1)), (48, (4, 16, 1))])
+def test_int4_read_as_words(qcore, spec, k, cfg):
+    """One row of an int4 weight whose rows are a multiple of 8 columns reads 32-bit words of 8 nibbles: two
+    tiles, split-K 2 (uneven), one tile, and 16-column tiles; the norm prologue on the same path."""
+    torch.manual_seed(k)
+    dtype = torch.float32
+    w = qweight(37, k, spec, dtype, seed=k)
+    assert qcore.words(qcore.qw_of("int4", w.qweight, w.scale, w.offset, w.perm, w.group_size, k), 1)
+    x, nw = torch.randn(1, k, dtype=dtype), torch.randn(k, dtype=dtype) * 0.2 + 1
+    with config(qcore, cfg):
+        got = impl("linear")(x, w)
+        normed = impl("norm_qkv")(x, nw, w, None, 1e-6)
+    assert_close(got, w.linear(x), dtype)
+    assert_close(normed, native_site("norm_qkv")(x, nw, dense_of(w, dtype), None, 1e-6), dtype, scale=2)
 
 
 @inner
