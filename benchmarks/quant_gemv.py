@@ -8,7 +8,7 @@ The first call of each (format, shape, rows) tunes its launch config (--tune-bud
 in ~/.cache/nanovllm/triton/<gpu>.json, which a later run reads; copy that file to keep the tuning.
 
     python benchmarks/quant_gemv.py [--rows 1,4] [--formats fp8,int8,int4,int4_zero] [--models 8b,0.6b]
-                                    [--tune-budget 8] [--out quant_gemv.json]
+                                    [--tune-budget 15] [--out quant_gemv.json]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default="1", help="comma-separated batch sizes (rows of x), each <= 16")
     p.add_argument("--formats", default="fp8,int8,int4,int4_zero", help=f"of {','.join(FORMATS)}")
     p.add_argument("--models", default="8b,0.6b", help=f"of {','.join(SHAPES)}")
-    p.add_argument("--tune-budget", type=float, default=8.0, help="seconds of tuning per shape (0: no tuning)")
+    p.add_argument("--tune-budget", type=float, default=15.0, help="seconds of tuning per shape (0: no tuning)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -445,11 +445,27 @@ def launch_qgemv(x, qw: QW, out, cfg, bias=None, residual=None, norm_w=None, eps
 
 
 def candidates(n: int, k: int, m: int, sms: int, qw: QW, split: bool = True) -> list:
-    """The dense GEMV's candidates (by elements per thread), plus for int4 the same tiles twice as wide in K
-    (the same bytes per thread), valid for this format."""
-    out = tuning.candidates(n, k, m, sms, split)
-    if qw.fmt == "int4" and tuning.block_m(m) == 1:
-        out += [dataclasses.replace(c, BLOCK_K=2 * c.BLOCK_K) for c in out if c.BLOCK_K < 2 * max(k, 16)]
+    """Configs worth timing, the likeliest first (tuning stops at its time budget, and each new config compiles).
+
+    One row: tiles of 64, 32 or 128 bytes of packed weights per thread (16-byte loads in flight; the dense
+    GEMV's rule in bytes, not elements), 4, 8 or 2 warps, BLOCK_N 8 / 16 / 4 / 32; split-K only while the N blocks
+    alone leave SMs idle. More rows: the dense tl.dot candidates."""
+    if tuning.block_m(m) > 1:
+        out = tuning.candidates(n, k, m, sms, split)
+    else:
+        bytes_per_col = 0.5 if qw.fmt == "int4" else 1.0
+        kmax = max(triton.next_power_of_2(k), 16)
+        out = []
+        for nw in (4, 8, 2):
+            for per_thread in (64, 32, 128):
+                for bn in (8, 16, 4, 32):
+                    bk = int(per_thread * 32 * nw / (bn * bytes_per_col))
+                    if not 16 <= bk <= kmax:
+                        continue
+                    blocks = triton.cdiv(n, bn)
+                    for sk in (1, 2, 4) if split else (1,):
+                        if sk == 1 or (blocks < 2 * sms and blocks * sk <= 8 * sms and k >= sk * bk):
+                            out.append(tuning.Config(bn, bk, sk, nw, 1))
     valid = []
     for c in dict.fromkeys(out):
         try:
