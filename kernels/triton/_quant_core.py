@@ -39,6 +39,10 @@ WEIGHTS_POLICY: tl.constexpr = tl.constexpr("evict_first")
 FORMAT_IDS = {"fp8": 0, "int8": 1, "int4": 2}
 INT4_WORDS = 3  # int4 read as 32-bit words of 8 nibbles (one row, rows a multiple of 8 columns)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Steps of more rows than the GEMVs take run the same kernel as a GEMM (BLOCK_M rows per program, the tile
+# dequantized in registers for tl.dot) up to this many rows; beyond, the weight is dequantized once per call and
+# multiplied by cuBLAS, whose GEMM outruns Triton's where the weight's bytes no longer dominate.
+GEMM_MAX_ROWS = 512
 
 
 def pack_of(fmt: str) -> int:
@@ -424,7 +428,7 @@ def prefetch(use_pdl: bool, norm_w) -> bool:
 def launch_qgemv(x, qw: QW, out, cfg, bias=None, residual=None, norm_w=None, eps=0.0, partial=False, ws=None):
     """out = epilogue(x @ W.T) (or fp32 partials into `out` if partial). ws: (SPLIT_K, M, N) fp32 when split."""
     (m, k), n = x.shape, qw.n
-    bm, sk = tuning.block_m(m), cfg.SPLIT_K
+    bm, sk = rows_per_program(m), cfg.SPLIT_K
     check_qconfig(cfg, m, qw)
     grid = (triton.cdiv(n, cfg.BLOCK_N), sk, triton.cdiv(m, bm))
     res_stride = residual.stride(0) if residual is not None else 0
@@ -442,6 +446,16 @@ def launch_qgemv(x, qw: QW, out, cfg, bias=None, residual=None, norm_w=None, eps
         wrap_triton(core._splitk_sum_kernel)[(m, triton.cdiv(n, block))](
             ws, out, bias, residual, m, n, out.stride(0), res_stride, SPLIT_K=sk, HAS_BIAS=bias is not None,
             HAS_RES=residual is not None, BLOCK=block, PDL=use_pdl, num_warps=4, **core.launch_opts(use_pdl))
+
+
+def rows_per_program(m: int) -> int:
+    """BLOCK_M: 1 (the FMA path), 16 (the GEMVs' tl.dot path), or 64 / 128 rows of a GEMM."""
+    return tuning.block_m(m) if m <= tuning.MAX_M else (64 if m <= 64 else 128)
+
+
+def gemm_config(m: int, qw: QW):
+    """The GEMM's launch config (not tuned: every row count would be a tuning key of its own)."""
+    return tuning.Config(128 if m > 64 else 64, 128 if qw.fmt == "int4" else 64, 1, 8 if m > 64 else 4, 3)
 
 
 def candidates(n: int, k: int, m: int, sms: int, qw: QW, split: bool = True) -> list:
@@ -519,7 +533,7 @@ def qgemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: t
           perm: torch.Tensor | None, fmt: str, group: int, bias: torch.Tensor | None, residual: torch.Tensor | None,
           norm_w: torch.Tensor | None, eps: float) -> torch.Tensor:
     """rms_norm(x) (if norm_w) @ W.T + bias (+ residual) for a quantized W (fmt, qweight, scale, offset, perm,
-    group) and x with at most MAX_M rows."""
+    group): the GEMV up to MAX_M rows of x, the GEMM beyond."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, k = x.shape
     qw = qw_of(fmt, qweight, scale, offset, perm, group, k)
@@ -530,6 +544,8 @@ def qgemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: t
         launch_qgemv(x, w, out, cfg, bias, residual, norm_w, eps, ws=ws)
         return out
 
+    if m > tuning.MAX_M:
+        return run(tuning._forced[-1] if tuning._forced else gemm_config(m, qw), qw)
     name = "qgemv" + ("_norm" if norm_w is not None else "") + ("_res" if residual is not None else "")
     cfg = choose(name, x, qw, run, split=norm_w is None)
     if norm_w is not None and cfg.SPLIT_K > 1:  # the norm's 1/rms needs the whole row in one program

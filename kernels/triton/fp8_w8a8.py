@@ -5,8 +5,8 @@ Each row of x gets its own scale, amax(|row|) / 448 (the e4m3 maximum), and is r
 `torch._scaled_mm` (FP8 tensor cores) multiplies it by the per-output-channel FP8 weight with both scale
 vectors applied in its epilogue: y[m, n] = (sum_k xq[m, k] wq[n, k]) * sx[m] * sw[n]. Decode steps (at most
 16 rows) are weight-bandwidth bound and run the weight-only quantized GEMV (`triton_quant`) instead; weights
-with group-wise scales (block-wise FP8), act-order, or sizes the FP8 GEMM does not take run the
-dequantize-then-matmul reference.
+with group-wise scales (block-wise FP8), act-order, or sizes the FP8 GEMM does not take run `triton_quant`'s
+weight-only GEMM (up to its row limit) or the dequantize-then-matmul reference.
 """
 
 from __future__ import annotations
@@ -58,7 +58,11 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
         y = torch.ops.nanovllm_triton.qgemv(x.reshape(rows, x.shape[-1]), *qcore.weight_args(weight), bias, None,
                                             None, 0.0)
         return y.view(*x.shape[:-1], weight.shape[0])
-    if rows == 0 or scaled_mm_reason(x, weight) is not None:
+    if rows == 0 or scaled_mm_reason(x, weight) is not None:  # the weight-only path of `triton_quant`
+        if 0 < rows <= qcore.GEMM_MAX_ROWS and qcore.supported(weight) is None:
+            y = torch.ops.nanovllm_triton.qgemv(x.reshape(rows, x.shape[-1]), *qcore.weight_args(weight), bias,
+                                                None, None, 0.0)
+            return y.view(*x.shape[:-1], weight.shape[0])
         return weight.linear(x, bias)
     y = w8a8_linear(x.reshape(rows, x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -79,10 +79,11 @@ def check(name, got, want, rel=2e-2):
 
 
 # -- linear ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("rows", [1, 4, 16, 40])
+@pytest.mark.parametrize("rows", [1, 4, 16, 40, 300, 1000])
 @pytest.mark.parametrize("spec", list(SPECS))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_linear(qcore, shape, spec, rows):
+    """Rows 1: the FMA path (int4 as words); 4, 16: tl.dot; 40, 300: the GEMM; 1000: dequantize, then cuBLAS."""
     torch.manual_seed(0)
     n, k = SHAPES[shape]
     w, x = qweight(n, k, spec), randn(rows, k)
