@@ -51,10 +51,11 @@ def pack_of(fmt: str) -> int:
 
 def words(qw: QW, m: int) -> bool:
     """Whether a launch reads this int4 weight as 32-bit words (INT4_WORDS): the one-row path, rows of a
-    multiple of 8 columns, 4-byte aligned."""
+    multiple of 8 columns, 4-byte aligned (allocations are; the storage offset says it without reading the
+    pointer, which a traced fake tensor has not)."""
     q = qw.qweight
     return (qw.fmt == "int4" and tuning.block_m(m) == 1 and q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0
-            and q.data_ptr() % 4 == 0)
+            and q.stride(1) == 1 and q.storage_offset() % 4 == 0)
 
 
 def stored(qw: QW, m: int) -> tuple[torch.Tensor, int]:
