@@ -224,6 +224,6 @@ def test_fp8_w8a8(qcore, shape, rows):
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
     print(f"fp8_w8a8 {shape} rows={rows}: relative error {rel:.3g}")
-    assert rel < (0.01 if rows <= 16 else 0.05)
+    assert rel < (0.01 if rows <= 16 else 0.08)
     block = qweight(n, k, "fp8_block")  # group-wise scales: the dequantized reference
     check("fp8_w8a8 block-wise", impl("linear", "fp8_w8a8")(x, block), torch.nn.functional.linear(x, dense_of(block)))
