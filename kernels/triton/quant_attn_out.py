@@ -1,0 +1,51 @@
+"""Backend `triton_quant` of site `attn_out` (O projection + residual add + post-attention RMSNorm) for decode
+over a quantized O projection: the quantized GEMV writes fp32 partial sums, then the dense backend's row
+kernel (attn_out.py) sums them, adds the residual and norms the row."""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from nanovllm.ops.plugins import load_builtin, load_sibling
+from nanovllm.quant.weights import is_quantized
+
+qcore = load_sibling(__file__, "_quant_core")
+dense = load_builtin("triton/attn_out")
+core = qcore.core
+
+
+@triton_op("nanovllm_triton::qgemv_add_rms_norm", mutates_args=())
+def qgemv_add_rms_norm(o: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                       perm: torch.Tensor | None, fmt: str, group: int, residual: torch.Tensor, norm_w: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(o @ W.T + residual), o @ W.T + residual) for a quantized W and at most MAX_M rows."""
+    o = o if o.stride(-1) == 1 else o.contiguous()
+    m, k = o.shape
+    qw = qcore.qw_of(fmt, qweight, scale, offset, perm, group, k)
+    n = qw.n
+    block = triton.next_power_of_2(n)
+
+    def run(cfg, w):
+        ws = o.new_empty(cfg.SPLIT_K, m, n, dtype=torch.float32)
+        out, res = o.new_empty(m, n), o.new_empty(m, n)
+        pdl = core.pdl(o, residual)
+        qcore.launch_qgemv(o, w, ws, cfg, partial=True)
+        wrap_triton(dense._add_rms_norm_kernel)[(m,)](
+            ws, residual, norm_w, out, res, m, n, residual.stride(0), out.stride(0), res.stride(0), eps,
+            SPLIT_K=cfg.SPLIT_K, BLOCK=block, PDL=pdl, num_warps=max(1, min(16, block // 256)),
+            **core.launch_opts(pdl))
+        return out, res
+
+    return run(qcore.choose("qattn_out", o, qw, run), qw)
+
+
+def attn_out(o, o_w, residual, norm_w, eps: float, *, parts):
+    """Quantized O projection into fp32 partials, then residual add + RMSNorm per row (two kernels)."""
+    if not is_quantized(o_w):
+        return torch.ops.nanovllm_triton.gemv_add_rms_norm(o, o_w, residual, norm_w, eps)
+    return torch.ops.nanovllm_triton.qgemv_add_rms_norm(o, *qcore.weight_args(o_w), residual, norm_w, eps)
+
+
+qcore.register_quant_site("attn_out", attn_out, check=dense.check_attn_out)
