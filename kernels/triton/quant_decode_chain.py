@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.ops import kv_quant
 from nanovllm.ops.plugins import load_builtin, load_sibling
+from nanovllm.ops.registry import declare_kv_dtypes
 
 qcore = load_sibling(__file__, "_quant_core")
 attn = load_sibling(__file__, "_decode_core")
 qmlp = load_builtin("triton/quant_mlp")
 
 
-def decode_layer(x, weights, settings, positions, cos_sin, k_cache, v_cache, meta, *, parts):
+def decode_layer(x, weights, settings, positions, cos_sin, k_cache, v_cache, meta, kv_scales=None, *, parts):
     """The layer's decode step in five GEMV / attention launches (see the module docstring); weights: a
-    LayerWeights, settings: an AttentionSettings (nanovllm/ops/sites.py)."""
+    LayerWeights, settings: an AttentionSettings (nanovllm/ops/sites.py); kv_scales: an fp8 cache's scales."""
     w, s = weights, settings
     kv_heads, head_dim = k_cache.shape[-2:]
     kv = kv_heads * head_dim
@@ -29,7 +31,7 @@ def decode_layer(x, weights, settings, positions, cos_sin, k_cache, v_cache, met
     q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv.split((w.qkv_w.shape[0] - 2 * kv, kv, kv), dim=-1))
     o = torch.ops.nanovllm_triton.rope_decode_attention(
         q, k, v, w.q_norm_w, w.k_norm_w, eps, positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
-        meta.block_tables, float(s.scale), int(s.window), float(s.softcap), 0)
+        meta.block_tables, float(s.scale), int(s.window), float(s.softcap), 0, kv_scales)
     x = qcore.gemv(o.flatten(1), w.o_w, None, x)
     act = qmlp.gate_up_silu(x, w.gate_up_w, w.post_norm, eps)
     return qcore.gemv(act, w.down_w, None, x)
@@ -37,3 +39,4 @@ def decode_layer(x, weights, settings, positions, cos_sin, k_cache, v_cache, met
 
 qcore.register_quant_site("decode_layer", decode_layer, check=attn.check_rope_attention,
                           layouts={"gate_up_w": qcore.interleave_gate_up})
+declare_kv_dtypes("decode_layer", "triton_quant", kv_quant.KV_CACHE_DTYPES)
