@@ -116,7 +116,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One forward pass's worth of new tokens: schedule, launch, read, append. A step whose mode may run
         ahead (StepMode.run_ahead: async scheduling) is followed at once by its rows one token later, launched
-        on its device tokens before it is read, so each call returns the tokens of the step before."""
+        on its device tokens before it is read, so each call returns the tokens of the step before; a deferred
+        step launched ahead (grammar masks, penalties) is sampled once those tokens are appended."""
         sched = self.scheduler
         if sched.in_flight is None:
             batch = sched.schedule()
@@ -130,7 +131,10 @@ class LLMEngine:
             sched.add_launched(batch, self.runner.launch(batch, sched.in_flight.tokens.rows(keep)))
         step = sched.take_oldest()
         tokens, logprobs = step.tokens.read()  # with a step launched ahead, the GPU already has it queued
-        return self._finish_step(step.batch, tokens, logprobs)
+        outputs = self._finish_step(step.batch, tokens, logprobs)
+        if sched.in_flight is not None:  # a deferred step's sampling, now that the host has the tokens before it
+            sched.in_flight.tokens.complete()
+        return outputs
 
     def _finish_step(self, batch, tokens, logprobs) -> list[RequestOutput]:
         live = [(item, tok, lp) for item, tok, lp in zip([i for i in batch if i.completes], tokens, logprobs)

@@ -55,6 +55,30 @@ class PendingTokens:
         tokens = self.tolist()
         return tokens, [None] * len(tokens)
 
+    def complete(self) -> None:
+        """Queue whatever of the step is still to queue (nothing: its tokens are on their way)."""
+
+
+class DeferredTokens(PendingTokens):
+    """Tokens of a step launched ahead whose sampling needs the host's view of the step before (StepMode.deferred):
+    its forward pass is queued at launch, its sampling by `complete()`, which the engine calls once the step
+    before is read; `rows` and `tolist` complete it first if it was not."""
+
+    def __init__(self, sample, graphs):
+        self._sample, self._graphs, self.device = sample, graphs, None
+
+    def complete(self) -> None:
+        if self.device is None:
+            super().__init__(self._sample(), self._graphs)
+
+    def rows(self, keep: list[int]) -> torch.Tensor:
+        self.complete()
+        return super().rows(keep)
+
+    def tolist(self) -> list[int]:
+        self.complete()
+        return super().tolist()
+
 
 class ReadyTokens:
     """Tokens (and logprobs) of a step that ran synchronously, in PendingTokens' shape."""
@@ -64,6 +88,12 @@ class ReadyTokens:
 
     def read(self) -> tuple[list[int], list[dict | None]]:
         return self.tokens, self.logprobs
+
+
+def _live_matcher(seq: Sequence):
+    """The grammar matcher a row is masked by: none once its sequence finished (a row launched ahead of its
+    last token is sampled, then dropped when read)."""
+    return None if seq.is_finished else seq.matcher
 
 
 class ModelRunner:
@@ -321,28 +351,39 @@ class ModelRunner:
         hidden = self.graphs.run(batch)[0] if mode.graph else self.hidden_states(batch)
         if not seqs:
             return [], []
-        sampling = self.sampling_tensors(seqs)
-        if mode.sampling not in (LOGPROBS, ADJUSTED):
-            tokens = self.model.sample(hidden, *sampling)
-            if mode.masked:
-                self._sample_constrained_rows(tokens, hidden, seqs, sampling)
-            return tokens.tolist(), [None] * len(seqs)
+        if mode.sampling != LOGPROBS:
+            return self._sample_hidden(hidden, seqs, mode).tolist(), [None] * len(seqs)
         logits = self.model.compute_logits(hidden)
+        tokens = self.model.ops.sample(self._adjusted_logits(logits, seqs, mode), *self.sampling_tensors(seqs))
+        # Logprobs are the model's own (before penalties and biases), as vLLM returns them by default.
+        return tokens.tolist(), self._logprobs(logits, tokens, [s.params.logprobs for s in seqs])
+
+    def _sample_hidden(self, hidden: torch.Tensor, seqs: list[Sequence], mode: StepMode) -> torch.Tensor:
+        """Device tokens of rows sampled outside the graph, from their hidden states, as `mode` says (no logprobs)."""
+        sampling = self.sampling_tensors(seqs)
+        if mode.sampling == ADJUSTED:
+            logits = self._adjusted_logits(self.model.compute_logits(hidden), seqs, mode)
+            return self.model.ops.sample(logits, *sampling)
+        tokens = self.model.sample(hidden, *sampling)
+        if mode.masked:
+            self._sample_constrained_rows(tokens, hidden, seqs, sampling)
+        return tokens
+
+    def _adjusted_logits(self, logits: torch.Tensor, seqs: list[Sequence], mode: StepMode) -> torch.Tensor:
+        """Logits after penalties, biases and min_tokens bans, and the grammar masks when the step is masked."""
         adjustment = LogitsAdjustment.of(seqs, self.args.vocab_size, self.device)
         adjusted = logits if adjustment is None else adjustment.apply(logits)
         if mode.masked:
-            apply_grammar_masks(adjusted, [s.matcher for s in seqs])
-        tokens = self.model.ops.sample(adjusted, *sampling)
-        if mode.sampling != LOGPROBS:
-            return tokens.tolist(), [None] * len(seqs)
-        # Logprobs are the model's own (before penalties and biases), as vLLM returns them by default.
-        return tokens.tolist(), self._logprobs(logits, tokens, [s.params.logprobs for s in seqs])
+            apply_grammar_masks(adjusted, [_live_matcher(s) for s in seqs])
+        return adjusted
 
     def _sample_constrained_rows(self, tokens: torch.Tensor, hidden: torch.Tensor, seqs: list[Sequence],
                                  sampling) -> None:
         """Replace the tokens of the grammar-constrained rows by tokens sampled from their masked logits (with
         the same temperature, filters and noise); the other rows keep the fused LM-head sampler's tokens."""
-        rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        rows = [i for i, s in enumerate(seqs) if _live_matcher(s) is not None]
+        if not rows:
+            return
         index = torch.tensor(rows, device=tokens.device)
         logits = self.model.compute_logits(hidden.index_select(0, index))
         apply_grammar_masks(logits, [seqs[i].matcher for i in rows])
@@ -354,8 +395,17 @@ class ModelRunner:
                       mode: StepMode | None = None) -> PendingTokens:
         """Start a decode step (no logprobs) through the CUDA graphs and return without waiting for it.
         With `prev` (device tokens of the step in flight, one per row of `batch`), the rows run one position
-        ahead on those tokens (async scheduling). No host sync."""
-        return PendingTokens(self._graph_decode(batch, prev, mode or self.step_mode(batch)), self.graphs)
+        ahead on those tokens (async scheduling). No host sync. A deferred step (StepMode.deferred) queues its
+        forward pass now and its sampling when the engine completes it, after reading the step before."""
+        mode = mode or self.step_mode(batch)
+        if not mode.deferred:
+            return PendingTokens(self._graph_decode(batch, prev, mode), self.graphs)
+        hidden = self.graphs.run(batch, prev)[0]  # the graph's output buffer: the next replay follows the sampling
+        seqs = [item.seq for item in batch]
+        tokens = DeferredTokens(lambda: self._sample_hidden(hidden, seqs, mode), self.graphs)
+        if prev is None:  # nothing in flight: the host already has every earlier token
+            tokens.complete()
+        return tokens
 
     def _graph_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None, mode: StepMode) -> torch.Tensor:
         """Device tokens of a decode batch through the graphs, as `mode.sampling` says: the greedy graph, the

@@ -31,22 +31,28 @@ class StepMode:
                 LOGPROBS  a row asks for logprobs (checked first): the graph's hidden states give logits and
                           logprobs outside it, which need the host;
                 ADJUSTED  a row's logits change before sampling (penalties, logit_bias, min_tokens: see
-                          engine/logits_processing.py): the graph's hidden states give logits outside it; their
-                          token counts come from the host's token lists, so the step cannot run ahead.
+                          engine/logits_processing.py): the graph's hidden states give logits outside it,
+                          adjusted from the host's token lists.
     masked:     a row's output is constrained by a grammar (SamplingParams.structured): the step's hidden
                 states are sampled outside the graph (as FILTERED), and the constrained rows are sampled again
-                from their logits under the grammar's token mask; each mask needs the row's previous token, so
-                the step never runs ahead. Steps without such rows are not affected.
+                from their logits under the grammar's token mask. Steps without such rows are not affected.
     run_ahead:  the step may be launched before the step in flight is read, and the step after it launched on
-                its device tokens (async scheduling): a graph step that is neither LOGPROBS nor ADJUSTED nor
-                masked, with
-                `async_scheduling` on. Otherwise the step runs synchronously.
+                its device tokens (async scheduling): a graph step that is not LOGPROBS, with `async_scheduling`
+                on. Otherwise the step runs synchronously.
+    deferred:   (ADJUSTED or masked) the sampling needs the host's view of every earlier token: the grammar
+                state after the previous token, the token counts. Launched ahead, such a step queues its forward
+                pass at once and samples once the step before it is read (the runner's DeferredTokens), so
+                the host fills masks and counts while the GPU runs the forward pass.
     """
 
     graph: bool
     sampling: str
     run_ahead: bool
     masked: bool = False
+
+    @property
+    def deferred(self) -> bool:
+        return self.masked or self.sampling == ADJUSTED
 
     @classmethod
     def of(cls, batch, graphs, async_scheduling: bool) -> StepMode:
@@ -65,5 +71,5 @@ class StepMode:
         else:
             sampling = SAMPLED
         masked = any(p.structured is not None for p in params)
-        run_ahead = async_scheduling and graph and sampling not in (LOGPROBS, ADJUSTED) and not masked
+        run_ahead = async_scheduling and graph and sampling != LOGPROBS
         return cls(graph, sampling, run_ahead, masked)

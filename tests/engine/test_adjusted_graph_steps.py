@@ -1,6 +1,7 @@
 """Steps with penalties, logit_bias or min_tokens (ADJUSTED) take their hidden states from the decode graph
-and sample outside it, synchronously; steps without such rows keep the graph's own sampling and async
-scheduling. Graphs are replayed eagerly on the CPU (as in tests/test_cuda_graph_path.py)."""
+and sample outside it; launched ahead (async scheduling), they are sampled once the step before is read, so
+the adjustments count every earlier token. Steps without such rows keep the graph's own sampling. Graphs are
+replayed eagerly on the CPU (as in tests/engine/test_cuda_graph_path.py)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ def test_step_mode_of_adjusted_rows():
     reached = decode(2, temperature=0, min_tokens=2)  # two tokens out already: nothing left to mask
     reached.seq.min_tokens_stop_ids = frozenset({7})
     cases = [
-        ([greedy, decode(temperature=0, frequency_penalty=0.5)], StepMode(True, ADJUSTED, False)),
-        ([greedy, decode(temperature=0.7, repetition_penalty=1.1)], StepMode(True, ADJUSTED, False)),
-        ([greedy, decode(temperature=0, logit_bias={5: 3.0})], StepMode(True, ADJUSTED, False)),
-        ([greedy, with_min], StepMode(True, ADJUSTED, False)),
+        ([greedy, decode(temperature=0, frequency_penalty=0.5)], StepMode(True, ADJUSTED, True)),
+        ([greedy, decode(temperature=0.7, repetition_penalty=1.1)], StepMode(True, ADJUSTED, True)),
+        ([greedy, decode(temperature=0, logit_bias={5: 3.0})], StepMode(True, ADJUSTED, True)),
+        ([greedy, with_min], StepMode(True, ADJUSTED, True)),
         ([greedy, reached], StepMode(True, GREEDY, True)),
         ([greedy, decode(temperature=0, presence_penalty=0.0, repetition_penalty=1.0)], StepMode(True, GREEDY, True)),
         ([decode(temperature=0, logprobs=1, presence_penalty=1.0)], StepMode(True, LOGPROBS, False)),
@@ -66,7 +67,7 @@ def test_penalized_rows_through_the_graphs_match_eager(tiny_model, tiny_llm):
     got = [r["token_ids"] for r in llm.generate(prompts, params)]
     assert got == [r["token_ids"] for r in tiny_llm.generate(prompts, params)]
     assert any(m.graph and m.sampling == ADJUSTED for m in modes)
-    assert not any(p.penalized for batch in ahead for p in batch)  # no adjusted row ever ran ahead
+    assert any(p.penalized for batch in ahead for p in batch)  # adjusted rows ran ahead, with the same tokens
 
     plain = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 3
     ahead.clear()

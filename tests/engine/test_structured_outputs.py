@@ -115,7 +115,27 @@ def test_step_mode_masked_only_with_constrained_rows():
     plain = StepMode.of(batch(None, None), graphs, async_scheduling=True)
     assert plain == StepMode(graph=True, sampling=GREEDY, run_ahead=True, masked=False)
     mixed = StepMode.of(batch(None, StructuredOutput(regex="a")), graphs, async_scheduling=True)
-    assert mixed.masked and mixed.graph and not mixed.run_ahead
+    assert mixed.masked and mixed.graph and mixed.run_ahead and mixed.deferred
+
+
+def test_constrained_rows_launched_ahead_match_the_synchronous_engine(tiny_model, tiny_llm):
+    """With async scheduling through (emulated) decode graphs, steps with constrained rows are launched ahead
+    and sampled once the step before is read: the same tokens as the synchronous eager engine."""
+    from tests.engine.test_adjusted_graph_steps import emulated
+
+    llm = emulated(tiny_model, max_num_seqs=4, async_scheduling=True)
+    runner, deferred = llm.engine.runner, []
+    launch_decode = runner.launch_decode
+    runner.launch_decode = lambda batch, prev=None, mode=None: deferred.append(
+        prev is not None and runner.step_mode(batch).masked) or launch_decode(batch, prev, mode)
+    specs = [StructuredOutput(regex="[a-e]{3,9}"), None, StructuredOutput(choice=["abc", "de"]),
+             StructuredOutput(json={"type": "object", "properties": {"a": {"type": "integer"}}})]
+    all_params = [params(s, temperature=t, seed=3) for s, t in zip(specs, (0, 0.8, 0, 0.7))]
+    prompts = [*PROMPTS, "a b c"]
+    got = [r["token_ids"] for r in llm.generate(prompts, all_params)]
+    assert got == [r["token_ids"] for r in tiny_llm.generate(prompts, all_params)]
+    assert any(deferred), "no constrained step was launched ahead"
+    assert_all_blocks_free(llm)
 
 
 def test_parallel_tool_call_grammar_accepts_several_calls(tiny_llm):
