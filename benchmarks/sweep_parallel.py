@@ -35,7 +35,7 @@ def parse_args(argv=None):
     return args
 
 
-def timed_sweep(overrides: list[str], sweep_dir: Path) -> float:
+def timed_sweep(overrides: list[str], sweep_dir: Path, jobs: int) -> float:
     cmd = [sys.executable, "-m", "nanovllm.run", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "NANOVLLM_PROGRESS": "0"}
@@ -45,7 +45,7 @@ def timed_sweep(overrides: list[str], sweep_dir: Path) -> float:
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     found = len(list(sweep_dir.rglob("results.json")))
-    if found != int(overrides[-1].count(",")) + 1:
+    if found != jobs:
         raise SystemExit(f"{sweep_dir}: {found} results.json, expected one per job")
     return wall
 
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     seeds = "engine.seed=" + ",".join(str(i) for i in range(args.jobs))
     parallel = ["hydra/launcher=parallel", *([f"hydra.launcher.n_jobs={args.n_jobs}"] if args.n_jobs else [])]
     with tempfile.TemporaryDirectory(prefix="sweep_bench_") as tmp:
-        sequential_s = timed_sweep([*args.overrides, seeds], Path(tmp) / "sequential")
-        parallel_s = timed_sweep([*parallel, *args.overrides, seeds], Path(tmp) / "parallel")
+        sequential_s = timed_sweep([*args.overrides, seeds], Path(tmp) / "sequential", args.jobs)
+        parallel_s = timed_sweep([*parallel, *args.overrides, seeds], Path(tmp) / "parallel", args.jobs)
     res = dict(jobs=args.jobs, n_jobs=args.n_jobs, overrides=args.overrides, sequential_s=round(sequential_s, 2),
                parallel_s=round(parallel_s, 2), sweep_ratio=round(parallel_s / sequential_s, 3))
     print(f"sequential {sequential_s:.1f} s, parallel {parallel_s:.1f} s, sweep_ratio {res['sweep_ratio']}")

@@ -129,7 +129,7 @@ def test_metrics_per_replica_and_in_total(http):
 def test_chaos_mix_against_two_replicas(http, server):
     """tests/serve/test_chaos.py's request mix through the front: none hangs, every refused request gets its
     designed 4xx, every greedy one that was not cancelled the tokens it gets alone, no replica dies or leaks."""
-    alone = {p: complete(http, p, **greedy(p)).json()["choices"][0]["text"] for p in PROMPTS}
+    alone = {p: http.post("/v1/completions", json=greedy(p)).json()["choices"][0]["text"] for p in PROMPTS}
     rng = random.Random(0)
     planned = [make_request(rng, i) for i in range(REQUESTS)]
 
