@@ -159,6 +159,14 @@ def test_chaos_mix_against_two_replicas(http, server):
     assert metric(http, "nanovllm:dp_outstanding_requests") == {"0": 0.0, "1": 0.0}
 
 
+def test_chaos_then_sigterm_against_two_replicas(spawn_server):
+    """tests/serve/test_chaos.py's chaos mix with a SIGTERM a third of the way, against a front over two replicas:
+    every request comes back finished, refused as designed or with 503 / an error event, and the front exits 0."""
+    from tests.serve.test_chaos import test_chaos_then_sigterm as chaos_then_sigterm
+
+    chaos_then_sigterm(lambda *overrides, **kw: spawn_server(*overrides, "server.data_parallel=2", **kw))
+
+
 def stream_lines(url: str, body: dict, out: list, started: threading.Event) -> None:
     with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
         out.append(r.headers["x-nanovllm-replica"])
