@@ -29,7 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from nanovllm.serve.app import BodySizeLimit
 from nanovllm.serve.errors import error_body, error_json, install_error_handlers
-from nanovllm.serve.metrics_merge import _Families, merge_families
+from nanovllm.serve.metrics_merge import Families, merge_families
 from nanovllm.serve.replicas import ReplicaSet
 from nanovllm.serve.router import Router, affinity_key
 from nanovllm.serve.server import CLOSE_TIMEOUT_S, GracefulServer
@@ -171,7 +171,7 @@ class Front:
                 return i, None
         texts = {i: text for i, text in await asyncio.gather(*map(scrape, self.replicas.healthy())) if text}
         families = merge_families(texts) + self._own_families()
-        return Response(generate_latest(_Families(families)), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(Families(families)), media_type=CONTENT_TYPE_LATEST)
 
     def _own_families(self) -> list:
         up = GaugeMetricFamily("nanovllm:dp_replica_up", "1 while the replica is healthy", labels=["replica"])

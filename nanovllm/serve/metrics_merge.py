@@ -41,7 +41,7 @@ def merge_families(texts: dict[int, str]) -> list[Metric]:
     return list(merged.values())
 
 
-class _Families:
+class Families:
     """What generate_latest reads: an object whose collect() yields metric families."""
 
     def __init__(self, families: list[Metric]):
@@ -52,4 +52,4 @@ class _Families:
 
 
 def merge_expositions(texts: dict[int, str]) -> bytes:
-    return generate_latest(_Families(merge_families(texts)))
+    return generate_latest(Families(merge_families(texts)))
