@@ -21,6 +21,7 @@ from rich.table import Table
 
 from nanovllm.config import bench_sizes, check_kernel_names, check_schema, register_configs
 from nanovllm.resources import hydra_config_path
+from nanovllm.sweep import register_sweep_resolver
 
 log = logging.getLogger("nanovllm.run")
 
@@ -45,6 +46,7 @@ PROMPTS = [
 ]
 
 register_configs()  # before @hydra.main composes: config.yaml extends the schema stored here
+register_sweep_resolver()  # hydra/launcher=parallel sizes its worker pool with it
 
 
 BUILD_STAGES = {"load_s": "weights", "warmup_s": "memory warmup", "cuda_graphs_s": "CUDA graphs"}

@@ -65,6 +65,16 @@ def _serve(cfg: DictConfig) -> None:
     check_kernel_names(cfg.kernels)
     server = cfg.server
     api_key = resolve_api_key(server.api_key, server.api_key_file)
+    if server.data_parallel > 1:  # a front over N replicas, each this entry point with data_parallel=1
+        from hydra.core.hydra_config import HydraConfig
+
+        from nanovllm.serve.front import run_front
+
+        hydra_cfg = HydraConfig.get()
+        status = run_front(cfg, list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
+        if status:
+            raise SystemExit(status)
+        return
     engine = build_engine(cfg)
     try:
         if server.warmup:

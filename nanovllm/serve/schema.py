@@ -27,6 +27,9 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0  # on SIGTERM: how long running requests may take to finish
     max_step_failures: int = 3      # consecutive failing model steps after which the engine stops for good
     log_level: str = "info"         # uvicorn's log level
+    data_parallel: int = 1          # engine processes (one a GPU) behind this endpoint (nanovllm/serve/front.py)
+    affinity_prefix_chars: int = 256  # data_parallel: prompts sharing this many first characters share a replica
+    affinity_slack: int = 4         # data_parallel: requests a prefix's replica may have beyond the least busy one
 
 
 def server_schema():
@@ -69,5 +72,10 @@ def check_serve_schema(cfg) -> None:
         raise ValueError(f"server.shutdown_grace_s must be >= 0, got {server.shutdown_grace_s}")
     if server.max_step_failures < 1:
         raise ValueError(f"server.max_step_failures must be >= 1, got {server.max_step_failures}")
+    if server.data_parallel < 1:
+        raise ValueError(f"server.data_parallel must be >= 1, got {server.data_parallel}")
+    if server.affinity_prefix_chars < 1 or server.affinity_slack < 0:
+        raise ValueError("server.affinity_prefix_chars must be >= 1 and server.affinity_slack >= 0, got "
+                         f"{server.affinity_prefix_chars} and {server.affinity_slack}")
     if server.api_key is not None and not server.api_key.strip():
         raise ValueError("server.api_key is empty; leave it null to serve without a key")

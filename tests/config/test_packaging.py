@@ -33,7 +33,8 @@ def test_wheel_holds_kernels_configs_and_console_scripts(tmp_path):
         return {f"nanovllm/{p.relative_to(ROOT).as_posix()}" for p in (ROOT / folder).glob(pattern)}
 
     for folder, pattern in (("kernels", "triton/*.py"), ("kernels", "flashinfer/*.py"), ("kernels", "torch/*.py"),
-                            ("kernels", "triton/tuned/*.json"), ("configs", "*.yaml"), ("configs", "*/*.yaml")):
+                            ("kernels", "triton/tuned/*.json"), ("configs", "*.yaml"), ("configs", "*/*.yaml"),
+                            ("configs", "hydra/launcher/*.yaml")):
         expected = shipped(folder, pattern)
         assert expected and expected <= names, (folder, pattern, sorted(expected - names))
     assert "nanovllm/assets/qwen3_chat_template.jinja" in names
