@@ -44,7 +44,6 @@ class SpeculativeConfig:
     # Speculate while a decode batch has at most this many sequences; larger batches decode plainly (there
     # the GPU is compute-bound and verifying rejected tokens costs throughput).
     max_batch_size: int = 8
-    draft_kvcache_gib: float = 0.0  # draft_model: its KV-cache size on the CPU (0: the engine's cpu_kvcache_gib)
 
     def __post_init__(self):
         if self.num_speculative_tokens < 1:

@@ -95,9 +95,17 @@ class Speculator:
         rejection sampling). Updates the totals."""
         runner = self.runner
         dev = runner.device
+        logits = None
         if self.graphs is not None and self.graphs.fits(seqs, drafts):
-            logits = self.graphs.run(seqs, drafts)
-        else:
+            try:
+                logits = self.graphs.run(seqs, drafts)
+            except Exception as e:  # e.g. an attention backend whose prefill plan cannot be captured
+                if not self.graphs.capture_graphs or self.graphs.size_for(len(seqs)) in self.graphs.graphs:
+                    raise
+                log.warning("verify steps run eagerly: capturing their CUDA graph failed (%s: %s)",
+                            type(e).__name__, e)
+                self.graphs = None
+        if logits is None:
             logits = verify_logits_eager(runner, seqs, drafts)[0]
         k = logits.shape[1] - 1
         padded = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64).to(dev)
