@@ -116,12 +116,35 @@ def test_seeded_sampling_reproducible(spec_llm):
 
 
 def test_adjusted_requests_decode_plainly(plain_llm, spec_llm):
-    """Penalties change the logits between tokens: a batch holding such a request does not speculate."""
+    """Penalties and biases change the logits between tokens: such requests are never drafted for (alone they
+    decode plainly), and beside drafted requests they get the tokens plain decoding gives them."""
     totals = spec_llm.engine.speculator.totals
     before = totals.num_drafts
     p = greedy(repetition_penalty=1.3, max_tokens=10)
     assert spec_llm.generate(PROMPTS[:2], p) == plain_llm.generate(PROMPTS[:2], p)
     assert totals.num_drafts == before
+    mixed = [greedy(max_tokens=12), greedy(repetition_penalty=1.3, max_tokens=12), greedy(max_tokens=12),
+             greedy(logit_bias={PROMPTS[3][0]: 5.0}, max_tokens=12)]
+    assert spec_llm.generate(PROMPTS[:4], mixed) == plain_llm.generate(PROMPTS[:4], mixed)
+    assert totals.num_drafts > before
+    bm = spec_llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_structured_output_beside_drafted_requests(plain_llm, spec_llm):
+    """A grammar-constrained request is never drafted for; its greedy JSON is what plain decoding gives, and
+    the requests beside it still speculate."""
+    from nanovllm.structured import StructuredOutput
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    mixed = [greedy(max_tokens=20), SamplingParams(temperature=0.0, max_tokens=40,
+                                                   structured=StructuredOutput(json=schema))]
+    before = spec_llm.engine.speculator.totals.num_drafts
+    got = spec_llm.generate(PROMPTS[:2], mixed)
+    assert got == plain_llm.generate(PROMPTS[:2], mixed) and got[1]["finish_reason"] == "stop"
+    assert spec_llm.engine.speculator.totals.num_drafts > before
+    assert_no_leak(spec_llm)
 
 
 def test_usage_counts(spec_llm):

@@ -1,10 +1,11 @@
 """The engine's side of speculative decoding: which decode steps speculate, the drafts' KV room, the verify step,
 and the acceptance statistics.
 
-A decode batch speculates when it has at most `max_batch_size` sequences and none of them changes its logits
-before sampling (penalties, logit_bias, min_tokens: StepMode ADJUSTED) or follows a grammar (StepMode masked):
-those need the host's token lists between tokens, so a batch holding such a request decodes one token per step.
-Speculative steps run synchronously (the drafts depend on the tokens just kept).
+A decode batch speculates when it has at most `max_batch_size` sequences. A request whose logits change before
+sampling (penalties, logit_bias, min_tokens: StepMode ADJUSTED) or that follows a grammar (StepMode masked) is
+never drafted for: each of its tokens needs the host's token list (or grammar state) after the token before.
+In a speculative step it is a one-row sequence whose token is sampled from its adjusted, masked logits, as the
+plain path samples it. Speculative steps run synchronously (the drafts depend on the tokens just kept).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanovllm.engine.logits_processing import adjusts_logits
+from nanovllm.engine.logits_processing import LogitsAdjustment, adjusts_logits
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.spec.proposer import Proposer
 from nanovllm.engine.spec.rejection import accept
 from nanovllm.engine.spec.verify import VerifyGraphs, verify_logits_eager
+from nanovllm.structured.masks import apply_grammar_masks
 
 log = logging.getLogger("nanovllm")
 
@@ -67,15 +69,21 @@ class Speculator:
             self.graphs = VerifyGraphs(self.runner, self.k, self.config.max_batch_size)
 
     def eligible(self, batch: list[ScheduledSeq]) -> bool:
-        """Whether a scheduled batch speculates: a decode batch of at most max_batch_size rows, none ADJUSTED
-        or grammar-constrained."""
+        """Whether a scheduled batch speculates: a decode batch of at most max_batch_size rows, one of them at
+        least open to drafts."""
         return (0 < len(batch) <= self.config.max_batch_size
                 and all(item.num_new_tokens == 1 and item.completes for item in batch)
-                and not any(adjusts_logits(item.seq) or item.seq.params.structured is not None for item in batch))
+                and not all(self.one_token_at_a_time(item.seq) for item in batch))
+
+    @staticmethod
+    def one_token_at_a_time(seq: Sequence) -> bool:
+        """A request never drafted for: its logits are adjusted (ADJUSTED) or masked by a grammar."""
+        return adjusts_logits(seq) or seq.params.structured is not None
 
     def draft(self, seqs: list[Sequence]) -> list[list[int]]:
         """Each sequence's drafts, at most k, none past max_tokens or max_model_len, each with KV room."""
-        caps = [max(0, min(self.k, self.max_model_len - seq.num_tokens,
+        caps = [0 if self.one_token_at_a_time(seq) else
+                max(0, min(self.k, self.max_model_len - seq.num_tokens,
                            seq.params.max_tokens - seq.num_completion_tokens - 1)) for seq in seqs]
         drafts = []
         for seq, cap, proposed in zip(seqs, caps, self.proposer.propose(seqs, caps)):
@@ -118,6 +126,7 @@ class Speculator:
                 if seq.generator is not None:
                     uniform[i] = torch.rand(k, generator=seq.generator, device=dev)
         kept, following = accept(logits, padded, num_drafts, temperature, (top_k, top_p, min_p), uniform, noise)
+        self._sample_adjusted_rows(following, logits, seqs)
         kept, following = kept.tolist(), following.tolist()
         tokens = [d[:a] + [t] for d, a, t in zip(drafts, kept, following)]
         logprobs = self._logprobs(logits, seqs, tokens)
@@ -125,6 +134,20 @@ class Speculator:
         self._count(out)
         self.proposer.observe(seqs, None)
         return out
+
+    def _sample_adjusted_rows(self, following: torch.Tensor, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Replace the token of each one-token-at-a-time row (no drafts: its token comes from logits row 0) by
+        one sampled as the plain path does: penalties and biases applied, then the grammar's mask."""
+        rows = [i for i, seq in enumerate(seqs) if self.one_token_at_a_time(seq)]
+        if not rows:
+            return
+        picked = [seqs[i] for i in rows]
+        index = torch.tensor(rows, device=logits.device)
+        first = logits[:, 0].index_select(0, index)
+        adjustment = LogitsAdjustment.of(picked, self.vocab_size, logits.device)
+        adjusted = first if adjustment is None else adjustment.apply(first)
+        apply_grammar_masks(adjusted, [seq.matcher for seq in picked])
+        following.index_copy_(0, index, self.runner.model.ops.sample(adjusted, *self.runner.sampling_tensors(picked)))
 
     def _logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[list[int]]) -> list[list]:
         """Per sequence, the logprobs of each emitted token from the row that scored it (the model's own, as
