@@ -59,7 +59,7 @@ def test_smollm2_greedy_identical_and_faster(smollm2):
     """32 prompts (the 24 grounded ones and 8 again, batched), n-gram and the model as its own draft, against
     plain decoding; and batch-1 n-gram on grounded prompts accepts more than one token per step."""
     engine = dict(dtype="float32", max_model_len=1024, num_kvcache_blocks=2200, max_num_seqs=32)
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     with LLM(smollm2, speculative_config={**NGRAM, "max_batch_size": 32}, **engine) as llm:
         texts = chat_prompts(llm, 24)
         prompts = texts + texts[:8]
@@ -70,7 +70,7 @@ def test_smollm2_greedy_identical_and_faster(smollm2):
         assert spec_out == plain_out
         assert ngram.totals.mean_accepted_length > 1
         # batch 1: the regime speculation is for
-        one = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+        one = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
         plain_s = sum(timed_generate(llm, [p], one)[1] for p in texts[:4])
         llm.engine.speculator = ngram
         before = ngram.totals.num_drafts, ngram.totals.num_accepted_tokens

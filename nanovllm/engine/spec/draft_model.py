@@ -35,8 +35,9 @@ class DraftModelProposer(Proposer):
         self.runner_config = dataclasses.replace(
             target, model=config.model, revision=config.revision, speculative_config=SpeculativeConfig(),
             max_num_seqs=config.max_batch_size, async_scheduling=False,
-            # room for every speculating sequence at full length, plus one more to switch sequences
-            num_kvcache_blocks=(config.max_batch_size + 1) * per_seq)
+            # GPU: room for every speculating sequence at full length, plus one more to switch sequences, fixed
+            # before the target's KV cache takes what is left; CPU: within cpu_kvcache_gib, as the target
+            num_kvcache_blocks=(config.max_batch_size + 1) * per_seq if target.device.startswith("cuda") else -1)
         self.runner = ModelRunner(self.runner_config, path)
         self.block_manager = BlockManager(self.runner.num_blocks, target.kvcache_block_size,
                                           enable_prefix_caching=False)
