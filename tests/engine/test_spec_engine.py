@@ -147,6 +147,21 @@ def test_structured_output_beside_drafted_requests(plain_llm, spec_llm):
     assert_no_leak(spec_llm)
 
 
+def test_prompt_logprobs_and_full_prefix_hits(plain_llm, spec_llm):
+    """A prompt seen before is a full prefix-cache hit: its one uncomputed token starts a speculative step.
+    Prompt logprobs come out as without speculation."""
+    p = greedy(max_tokens=10, prompt_logprobs=1)
+    for _ in range(2):
+        got, want = spec_llm.generate(PROMPTS[5:7], p), plain_llm.generate(PROMPTS[5:7], p)
+        for g, w in zip(got, want):
+            assert g["token_ids"] == w["token_ids"]
+            assert [x and x["token_logprob"] for x in g["prompt_logprobs"]] == pytest.approx(
+                [x and x["token_logprob"] for x in w["prompt_logprobs"]])
+    assert spec_llm.generate(PROMPTS[5:7], greedy(max_tokens=10)) == plain_llm.generate(PROMPTS[5:7],
+                                                                                         greedy(max_tokens=10))
+    assert_no_leak(spec_llm)
+
+
 def test_usage_counts(spec_llm):
     outs = []
     engine = spec_llm.engine

@@ -70,10 +70,17 @@ class Speculator:
 
     def eligible(self, batch: list[ScheduledSeq]) -> bool:
         """Whether a scheduled batch speculates: a decode batch of at most max_batch_size rows, one of them at
-        least open to drafts."""
+        least open to drafts. A row may be a prompt's last token (a full prefix-cache hit, or a last chunk of
+        one token): its drafts then follow the prompt."""
         return (0 < len(batch) <= self.config.max_batch_size
-                and all(item.num_new_tokens == 1 and item.completes for item in batch)
+                and all(item.num_new_tokens == 1 and item.completes and not self.prompt_logprobs_pending(item.seq)
+                        for item in batch)
                 and not all(self.one_token_at_a_time(item.seq) for item in batch))
+
+    @staticmethod
+    def prompt_logprobs_pending(seq: Sequence) -> bool:
+        """The row is a prompt's last chunk whose prompt logprobs the plain path still records."""
+        return seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens
 
     @staticmethod
     def one_token_at_a_time(seq: Sequence) -> bool:
