@@ -7,7 +7,7 @@ is one file that subclasses Proposer and registers it:
     @register_proposer("eagle")
     class EagleProposer(Proposer):
         def propose(self, seqs, max_tokens): ...
-        def observe(self, seqs, hidden): ...   # the target's hidden states of the tokens just kept
+        def observe(self, seqs, hidden): ...   # after each verify step
 
 then `speculative_config={"method": "eagle", ...}`. A plugin module is imported by name before the engine is
 built (e.g. `import my_eagle`), or named in `speculative_config.method` as "package.module:eagle", which the
@@ -42,8 +42,9 @@ class Proposer(ABC):
         the verifier treats each as proposed with probability one (see rejection.py)."""
 
     def observe(self, seqs: list[Sequence], hidden: torch.Tensor | None) -> None:
-        """Called after each verify step with the sequences whose tokens were just kept (a head's training
-        signal or state; nothing by default)."""
+        """Called after each verify step with its sequences, once their kept tokens are known (a head's state;
+        nothing by default). `hidden` is reserved for the target's final hidden states of the verify rows,
+        which an EAGLE-style head reads; the verify step passes None until a head needs them."""
         return None
 
     def release(self, seq: Sequence) -> None:
