@@ -3,7 +3,7 @@ Hydra's ConfigStore by `register_configs`) make typos in config keys fail when t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
@@ -23,6 +23,43 @@ class KernelConfig:
     groups: dict[str, str] = field(default_factory=dict)
     plugin_dirs: list[str] = field(default_factory=list)
     allow_fallback: bool = True
+
+
+# ---- speculative decoding -------------------------------------------------------------------------------
+SPECULATIVE_METHODS = ("ngram", "draft_model", "oracle")  # built in; plugins may register more (engine/spec)
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding, in vLLM's shape: `{"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_max": 4, "prompt_lookup_min": 2}` or `{"method": "draft_model", "model": NAME_OR_PATH,
+    "num_speculative_tokens": 4}`. `method` None (the default) turns speculation off."""
+
+    method: str | None = None       # ngram | draft_model | oracle | a plugin's name (nanovllm/engine/spec)
+    num_speculative_tokens: int = 4  # k: tokens proposed per step; a verify step scores k + 1 per sequence
+    prompt_lookup_max: int = 4      # ngram: longest suffix n-gram looked up in the sequence's own tokens
+    prompt_lookup_min: int = 2      # ngram: shortest
+    model: str | None = None        # draft_model: catalog name, local folder or repo id (same tokenizer)
+    revision: str | None = None     # draft_model: its revision
+    # Speculate while a decode batch has at most this many sequences; larger batches decode plainly (there
+    # the GPU is compute-bound and verifying rejected tokens costs throughput).
+    max_batch_size: int = 8
+
+    def __post_init__(self):
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be >= 1, got "
+                             f"{self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"speculative_config.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError('speculative_config method "draft_model" needs "model" (a name or path)')
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
 
 
 @dataclass
@@ -53,10 +90,19 @@ class EngineConfig:
     short_context_graphs: int = 512
     seed: int = 0
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self):
         if isinstance(self.kernels, dict):
             self.kernels = KernelConfig(**self.kernels)
+        if self.speculative_config is None:
+            self.speculative_config = SpeculativeConfig()
+        elif isinstance(self.speculative_config, dict):
+            known = {f.name for f in fields(SpeculativeConfig)}
+            unknown = sorted(set(self.speculative_config) - known)
+            if unknown:
+                raise ValueError(f"unknown speculative_config key(s) {unknown}; valid: {sorted(known)}")
+            self.speculative_config = SpeculativeConfig(**self.speculative_config)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -111,7 +157,10 @@ def _engine_args():
     from dataclasses import make_dataclass
 
     hints = typing.get_type_hints(EngineConfig)
-    return make_dataclass("EngineArgs", [(f.name, hints[f.name], field(default=f.default)) for f in fields(EngineConfig)
+    def default(f):
+        return field(default=f.default) if f.default is not MISSING else field(default_factory=f.default_factory)
+
+    return make_dataclass("EngineArgs", [(f.name, hints[f.name], default(f)) for f in fields(EngineConfig)
                                          if f.name not in RUN_TOP_LEVEL_ENGINE_ARGS])
 
 

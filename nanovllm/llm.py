@@ -23,6 +23,8 @@ class LLM:
     def close(self) -> None:
         """Free the model and KV cache now (e.g. between jobs of a sweep in one process)."""
         if self.engine is not None:
+            if self.engine.speculator is not None:
+                self.engine.speculator.close()
             self.engine.runner.close()
             self.engine = None
 

@@ -7,6 +7,8 @@
   peers       transformers eager and transformers + StaticCache + torch.compile on the same weights
   roofline    bytes per token over the device's bandwidth
   profile     kernel launches per decode step, time per op kind, top kernels, Chrome trace
+  spec        speculative decoding at batch 1: tok/s with and without, mean accepted length, verify-step cost
+              (n-gram and draft model on input-grounded text; the oracle proposer for the mechanism alone)
   paths       every execution path's teacher-forced logits against transformers (correctness, not speed)
   compare     compare RUN.json [--baseline B] [--threshold 0.05]: RUN against its GPU's baseline
               (benchmarks/baseline/<gpu>.json), or compare A.json B.json; exit 1 on a regression
@@ -81,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="requests decoding together (the throughput regime: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the requests (0: greedy; "
                    "the throughput workload samples at 0.6)")
+    p = sub.add_parser("spec", help="speculative decoding: speed-up, accepted length, verify-step cost")
+    _common(p)
+    p.add_argument("--preset", default="auto")
+    p.add_argument("--methods", type=_names, default=("ngram", "oracle"), help="ngram, oracle, draft_model "
+                   "(default ngram,oracle)")
+    p.add_argument("--draft-model", default=None, help="draft_model: a smaller model with the target's tokenizer")
+    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens (default 4)")
+    p.add_argument("--max-tokens", type=int, default=None, help="new tokens per prompt (default 128; --quick 16)")
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts of the workload (default all; --quick 3)")
+    p.add_argument("--repeats", type=int, default=20, help="timed repeats of the verify-cost steps")
     p = sub.add_parser("paths", help="every execution path's logits against transformers (correctness)")
     _common(p)
     p.add_argument("--paths", type=_names, default=None, help="paths to check (default: all of nanovllm.bench.paths)")
@@ -158,6 +170,30 @@ def profile_command(args, console: Console) -> int:
     return 0
 
 
+def spec_command(args, console: Console) -> int:
+    from nanovllm.bench import presets, results, spec
+    from nanovllm.bench.suite import QUICK_OVERRIDES
+
+    overrides = presets.merge_overrides(QUICK_OVERRIDES if args.quick else (), args.overrides)
+    cfg = presets.compose_config(args.preset, overrides)
+    max_tokens = args.max_tokens or (16 if args.quick else 128)
+    num_prompts = args.num_prompts or (3 if args.quick else None)
+    try:
+        rows = spec.bench(cfg, args.methods, args.k, max_tokens, num_prompts, args.draft_model, args.repeats,
+                          report=lambda line: console.print(line, highlight=False, markup=False))
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        return 2
+    gpu = rows[0]["gpu"] if rows else "unknown"
+    r = results.new(gpu, dict(overrides=list(overrides), preset=args.preset, methods=list(args.methods),
+                              k=args.k, max_tokens=max_tokens, num_prompts=num_prompts,
+                              draft_model=args.draft_model))
+    r["speculative"] = rows
+    out = results.save(r, Path(args.out_dir or results.DEFAULT_OUT_DIR) / f"spec_{results.slug(gpu)}.json")
+    console.print(f"results: {out}")
+    return 0
+
+
 def paths_command(args, console: Console) -> int:
     from nanovllm.bench import paths, presets, results
     from nanovllm.bench.suite import QUICK_OVERRIDES
@@ -226,6 +262,8 @@ def main(argv=None) -> int:
         return compare_command(args, console)
     if args.command == "paths":
         return paths_command(args, console)
+    if args.command == "spec":
+        return spec_command(args, console)
     if args.command == "baseline":
         return baseline_command(args, console)
     if args.command == "plot":

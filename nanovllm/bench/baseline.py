@@ -4,7 +4,8 @@ A baseline is a results file named after its GPU, `benchmarks/baseline/<gpu-slug
 `compare.entries` reads (latency, throughput, peers, ops, launches_per_token). Its rows may come from different
 runs, so every latency row, op row and the throughput entry carries the provenance of the run that measured it
 (git_sha, date, versions, command). `merge` folds a run into a baseline: a row replaces the row with the same key
-(preset and context for latency; op, backend, case and batch for ops), every other row stays. Any preset name is
+(preset and context for latency; op, backend, case and batch for ops; model, method, workload, k and batch
+for the speculative-decoding rows), every other row stays. Any preset name is
 a valid key, `auto` included.
 """
 
@@ -87,4 +88,8 @@ def merge(baseline: dict | None, run: dict, presets: tuple[str, ...] | None = No
     op_key = lambda r: (r["op"], r["backend"], r["case"], r["batch"])  # noqa: E731
     new_keys = {op_key(r) for r in ops}
     out["ops"] = [r for r in out["ops"] if op_key(r) not in new_keys] + ops
+    spec = [dict(row, **prov) for row in run.get("speculative", []) if row.get("speedup")]
+    spec_key = lambda r: (r["model"], r["method"], r["workload"], r.get("k"), r.get("batch"))  # noqa: E731
+    spec_keys = {spec_key(r) for r in spec}
+    out["speculative"] = [r for r in base.get("speculative", []) if spec_key(r) not in spec_keys] + spec
     return out

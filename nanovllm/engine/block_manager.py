@@ -120,6 +120,19 @@ class BlockManager:
                 self.cached.setdefault(prev, block.block_id)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks past the first `num_tokens` tokens of `seq` (a verify step's room for drafts the
+        target rejected). Such blocks were grown for this sequence alone and hold no computed token, so they
+        are unshared and unhashed: they go to the front of the free list, the first to be reused."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            assert block.ref_count == 1 and block.hash is None, "a trimmed block must be private and unhashed"
+            block.ref_count = 0
+            self.free[block.block_id] = None
+            self.free.move_to_end(block.block_id, last=False)
+        seq.num_hashed_blocks = min(seq.num_hashed_blocks, len(seq.block_table))
+
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references; its last blocks are the first to be reused."""
         for block_id in reversed(seq.block_table):

@@ -14,6 +14,8 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.prompts import encode_prompt
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.spec import make_proposer
+from nanovllm.engine.spec.speculator import Speculator
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammars import GrammarCompiler
 
@@ -34,6 +36,11 @@ class RequestOutput:
     # its prompt logprobs (None for the first token, then {"token_logprob", "rank", "top": {id: lp}}).
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[dict | None] | None = None
+    # Speculative decoding, the request's running totals: verify steps with drafts, drafted tokens, and
+    # drafted tokens the target kept (all 0 without speculation).
+    spec_steps: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class LLMEngine:
@@ -42,7 +49,16 @@ class LLMEngine:
 
         self.config = config
         self.model_path = resolve_model(config.model, revision=config.revision)
-        self.runner = ModelRunner(config, self.model_path)
+        self.speculator = None
+        # A proposer with a model of its own (a draft model) loads first, so that the target's KV cache is
+        # sized from the memory left after it.
+        proposer = make_proposer(config.speculative_config, self) if config.speculative_config.enabled else None
+        try:
+            self.runner = ModelRunner(config, self.model_path)
+        except BaseException:
+            if proposer is not None:
+                proposer.close()
+            raise
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
         self.vocab_size = self.runner.args.vocab_size
         self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size,
@@ -56,6 +72,8 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
         self.requests: dict[str, tuple[Sequence, Detokenizer]] = {}
         self._ids = count()
+        if proposer is not None:
+            self.speculator = Speculator(self, proposer)
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -108,6 +126,8 @@ class LLMEngine:
         if entry is None:
             return False
         self.scheduler.finish(entry[0], "abort")
+        if self.speculator is not None:
+            self.speculator.release(entry[0])
         return True
 
     def has_unfinished(self) -> bool:
@@ -123,9 +143,14 @@ class LLMEngine:
             batch = sched.schedule()
             if not batch:
                 return []
+            if self.speculates(batch):
+                outputs = self._speculative_step(batch)
+                if outputs is not None:
+                    return outputs
             self.runner.ensure_graph(batch)
             sched.add_launched(batch, self.runner.launch(batch))
-        ahead = sched.schedule_ahead(lambda batch: self.runner.step_mode(batch).run_ahead)
+        ahead = sched.schedule_ahead(lambda batch: self.runner.step_mode(batch).run_ahead
+                                     and not self.speculates(batch))
         if ahead is not None:
             batch, keep = ahead
             sched.add_launched(batch, self.runner.launch(batch, sched.in_flight.tokens.rows(keep)))
@@ -136,6 +161,36 @@ class LLMEngine:
             sched.in_flight.tokens.complete()
         return outputs
 
+    def speculates(self, batch) -> bool:
+        """Whether a scheduled batch takes a speculative step (Speculator.eligible); then no step runs ahead
+        of it, since its drafts depend on its tokens."""
+        return self.speculator is not None and self.speculator.eligible(batch)
+
+    def _speculative_step(self, batch) -> list[RequestOutput] | None:
+        """Draft, verify and emit: each sequence gets its kept drafts and the target's next token. None (and
+        nothing changed) when no sequence has a draft: the batch then decodes plainly."""
+        seqs = [item.seq for item in batch]
+        drafts = self.speculator.draft(seqs)
+        if not any(drafts):
+            for seq in seqs:  # room grown for drafts that did not come
+                self.block_manager.trim(seq, seq.num_tokens)
+            return None
+        outputs = []
+        for seq, result in zip(seqs, self.speculator.verify(seqs, drafts)):
+            kept = result.tokens[:-1]
+            seq.spec_steps += result.num_drafts > 0
+            seq.spec_draft_tokens += result.num_drafts
+            seq.spec_accepted_tokens += len(kept)
+            # The K/V of the last token and of the kept drafts is in the cache: count those tokens computed,
+            # hash the full blocks they fill (kept tokens only), and free the room of the rejected drafts.
+            seq.token_ids.extend(kept)
+            seq.num_computed_tokens = seq.num_tokens
+            self.block_manager.commit(seq)
+            self.block_manager.trim(seq, seq.num_tokens + 1)
+            del seq.token_ids[seq.num_tokens - len(kept):]
+            outputs.append(self._append_tokens(seq, result.tokens, result.logprobs))
+        return outputs
+
     def _finish_step(self, batch, tokens, logprobs) -> list[RequestOutput]:
         live = [(item, tok, lp) for item, tok, lp in zip([i for i in batch if i.completes], tokens, logprobs)
                 if not item.seq.is_finished]  # a request aborted or stopped while its step was in flight
@@ -143,30 +198,48 @@ class LLMEngine:
         return [self._append(item.seq, tok, lp) for item, tok, lp in live]
 
     def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> RequestOutput:
-        seq.token_ids.append(token)
-        if logprobs is not None:
-            seq.logprobs.append(logprobs)
+        return self._append_tokens(seq, [token], [logprobs])
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[dict | None]) -> RequestOutput:
+        """Append a step's tokens (one, or a speculative step's several) in order, stopping at the first that
+        finishes the request (stop string or id, grammar end, max_tokens, max_model_len): none after it is
+        emitted. One output for them all."""
         detok = self.requests[seq.request_id][1]
-        p = seq.params
-        may_stop = seq.num_completion_tokens >= p.min_tokens  # before min_tokens, no stop string or stop id ends it
-        hit_stop = detok.add(token, check_stop=may_stop)
-        reason = None
-        if seq.matcher is not None and not seq.matcher.accept_token(token):
-            log.error("request %s: token %d is outside its grammar; finishing it", seq.request_id, token)
-            reason = "stop"
-        elif hit_stop or (seq.matcher is not None and seq.matcher.is_terminated()):
-            reason = "stop"
-        elif may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)):
-            reason = "stop"
-        elif seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            reason = "length"
+        reason, added = None, []
+        for token, lp in zip(tokens, logprobs):
+            seq.token_ids.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            added.append((token, lp))
+            reason = self._stop_reason(seq, token, detok)
+            if reason:
+                break
         if reason:
             self.scheduler.finish(seq, reason)
+            if self.speculator is not None:
+                self.speculator.release(seq)
             del self.requests[seq.request_id]
-        out = RequestOutput(seq.request_id, [token], detok.delta(reason is not None), reason is not None, reason,
-                            [logprobs] if logprobs is not None else [], seq.num_prompt_tokens,
-                            seq.num_completion_tokens)
-        if seq.num_completion_tokens == 1:
+        out = RequestOutput(seq.request_id, [t for t, _ in added], detok.delta(reason is not None),
+                            reason is not None, reason, [lp for _, lp in added if lp is not None],
+                            seq.num_prompt_tokens, seq.num_completion_tokens, spec_steps=seq.spec_steps,
+                            spec_draft_tokens=seq.spec_draft_tokens, spec_accepted_tokens=seq.spec_accepted_tokens)
+        if seq.num_completion_tokens == len(added):
             out.prompt_token_ids = seq.token_ids[:seq.num_prompt_tokens]
             out.prompt_logprobs = seq.prompt_logprobs
         return out
+
+    def _stop_reason(self, seq: Sequence, token: int, detok) -> str | None:
+        """Why the request ends at `token`, just appended (None: it goes on)."""
+        p = seq.params
+        may_stop = seq.num_completion_tokens >= p.min_tokens  # before min_tokens, no stop string or stop id ends it
+        hit_stop = detok.add(token, check_stop=may_stop)
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            log.error("request %s: token %d is outside its grammar; finishing it", seq.request_id, token)
+            return "stop"
+        if hit_stop or (seq.matcher is not None and seq.matcher.is_terminated()):
+            return "stop"
+        if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)):
+            return "stop"
+        if seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None

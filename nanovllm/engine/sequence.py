@@ -42,6 +42,10 @@ class Sequence:
         # logits (those of the position before it) have been computed.
         self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
         self.matcher = None            # xgrammar GrammarMatcher when params.structured is set (made by the engine)
+        # Speculative decoding: verify steps with drafts, drafted tokens, and those the target kept.
+        self.spec_steps = 0
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

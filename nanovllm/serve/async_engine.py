@@ -70,6 +70,10 @@ class EngineStats:
     preemptions: int = 0      # running totals kept by the engine
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    spec_drafts: int = 0      # speculative decoding totals (engine/spec/speculator.py SpecTotals)
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()
 
 
 class _Request:
@@ -178,6 +182,8 @@ class AsyncEngine:
         now = time.perf_counter()
         m = self.metrics
         m.sync_engine_totals(stats.preemptions, stats.prefix_cache_queries, stats.prefix_cache_hits)
+        m.sync_spec_totals(stats.spec_drafts, stats.spec_draft_tokens, stats.spec_accepted_tokens,
+                           stats.spec_accepted_per_position)
         for rid in prefilling:
             r = self._requests.get(rid)
             if r is not None and r.times.scheduled is None:
@@ -292,11 +298,16 @@ class AsyncEngine:
     def _snapshot(self, stepped: bool) -> EngineStats:
         sched, bm, s = self.engine.scheduler, self.engine.block_manager, self.stats
         running = len(sched.running)
+        spec = self.engine.speculator.totals if self.engine.speculator is not None else None
         return EngineStats(waiting=len(sched.waiting), running=running, free_blocks=bm.num_free_blocks,
                            num_blocks=bm.num_blocks, steps=s.steps + stepped,
                            max_running=max(s.max_running, running), preemptions=sched.num_preemptions,
                            prefix_cache_queries=bm.num_prefix_queried_tokens,
-                           prefix_cache_hits=bm.num_prefix_hit_tokens)
+                           prefix_cache_hits=bm.num_prefix_hit_tokens,
+                           **({} if spec is None else dict(
+                               spec_drafts=spec.num_drafts, spec_draft_tokens=spec.num_draft_tokens,
+                               spec_accepted_tokens=spec.num_accepted_tokens,
+                               spec_accepted_per_position=tuple(spec.accepted_per_position))))
 
 
 class RequestStream:

@@ -14,7 +14,7 @@ from starlette.background import BackgroundTask
 from nanovllm.engine.llm_engine import RequestOutput
 from nanovllm.serve.async_engine import RequestFailedError, RequestStream
 from nanovllm.serve.errors import error_body
-from nanovllm.serve.protocol import Usage
+from nanovllm.serve.protocol import SpeculativeUsage, Usage
 
 DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering (nginx)
@@ -76,6 +76,7 @@ class Choices:
         self.completion_tokens = [0] * k
         self.prompt_token_ids: list[list[int] | None] = [None] * k   # from each choice's first output
         self.prompt_logprobs: list[list | None] = [None] * k
+        self.spec: list[tuple[int, int, int]] = [(0, 0, 0)] * k  # (verify steps, drafted, kept) per choice
 
     def add(self, i: int, out: RequestOutput) -> None:
         self.text[i] += out.text
@@ -83,6 +84,7 @@ class Choices:
         self.logprobs[i] += out.logprobs
         self.prompt_tokens[i] = out.num_prompt_tokens
         self.completion_tokens[i] = out.num_completion_tokens
+        self.spec[i] = (out.spec_steps, out.spec_draft_tokens, out.spec_accepted_tokens)
         if out.prompt_token_ids is not None:
             self.prompt_token_ids[i], self.prompt_logprobs[i] = out.prompt_token_ids, out.prompt_logprobs
         if out.finished:
@@ -92,4 +94,9 @@ class Choices:
         """A prompt counts once however many choices (n) it has, as in OpenAI's API."""
         prompt = sum(self.prompt_tokens[::self.n])
         completion = sum(self.completion_tokens)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        steps, drafted, kept = (sum(col) for col in zip(*self.spec))
+        spec = None if not steps else SpeculativeUsage(num_drafts=steps, num_draft_tokens=drafted,
+                                                       num_accepted_tokens=kept,
+                                                       mean_accepted_length=1 + kept / steps)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     speculative_decoding=spec)

@@ -108,6 +108,15 @@ class Metrics:
         self.v_decode = hist("request_decode_time_seconds", "First token to last token", _PHASE_BUCKETS)
         self.v_inference = hist("request_inference_time_seconds", "First scheduled to last token", _PHASE_BUCKETS)
         self._engine_totals = (0, 0, 0)  # preemptions, prefix-cache queries, prefix-cache hits already counted
+        self.v_spec_drafts = count("spec_decode_num_drafts", "Speculative decoding: verify steps of a sequence "
+                                   "with at least one drafted token")
+        self.v_spec_draft_tokens = count("spec_decode_num_draft_tokens", "Speculative decoding: drafted tokens")
+        self.v_spec_accepted = count("spec_decode_num_accepted_tokens", "Speculative decoding: drafted tokens "
+                                     "the target model accepted")
+        self.v_spec_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos", "Speculative decoding: "
+                                      "accepted tokens by draft position (0 first)", label + ["position"],
+                                      registry=r)
+        self._spec_totals: tuple = (0, 0, 0, ())
 
     def count_finished(self, reason: str) -> None:
         """Success by finish reason; `error` for requests the server failed."""
@@ -154,6 +163,18 @@ class Metrics:
         self.v_prefix_queries.inc(max(prefix_queries - old[1], 0))
         self.v_prefix_hits.inc(max(prefix_hits - old[2], 0))
         self._engine_totals = (preemptions, prefix_queries, prefix_hits)
+
+    def sync_spec_totals(self, drafts: int, draft_tokens: int, accepted: int, per_position: tuple[int, ...]) -> None:
+        """Advance the speculative-decoding counters to the engine's running totals."""
+        old = self._spec_totals
+        self.v_spec_drafts.inc(max(drafts - old[0], 0))
+        self.v_spec_draft_tokens.inc(max(draft_tokens - old[1], 0))
+        self.v_spec_accepted.inc(max(accepted - old[2], 0))
+        for pos, n in enumerate(per_position):
+            before = old[3][pos] if pos < len(old[3]) else 0
+            if n > before:
+                self.v_spec_per_pos.labels(self._model_name, str(pos)).inc(n - before)
+        self._spec_totals = (drafts, draft_tokens, accepted, tuple(per_position))
 
     def add_generated(self, n: int, now: float) -> None:
         self.generated.inc(n)

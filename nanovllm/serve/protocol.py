@@ -185,10 +185,21 @@ class ChatCompletionRequest(SamplingFields):
 
 
 # ---- responses ------------------------------------------------------------------------------------------
+class SpeculativeUsage(BaseModel):
+    """Speculative decoding's work for the response's choices (extension): verify steps that had drafts,
+    drafted tokens, the drafted tokens kept, and tokens emitted per such step (1 + kept / steps)."""
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    mean_accepted_length: float
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    speculative_decoding: SpeculativeUsage | None = Field(
+        None, description="extension: present when speculative decoding drafted tokens for the request")
 
 
 class CompletionLogprobs(BaseModel):

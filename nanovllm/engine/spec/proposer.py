@@ -1,0 +1,84 @@
+"""The proposer interface and its registry by method name.
+
+A proposer guesses up to k next tokens for each sequence of a decode batch. Its guesses are drafts: the target
+model verifies them, so a proposer only changes speed, never the output. A new kind (an EAGLE-style head, say)
+is one file that subclasses Proposer and registers it:
+
+    @register_proposer("eagle")
+    class EagleProposer(Proposer):
+        def propose(self, seqs, max_tokens): ...
+        def observe(self, seqs, hidden): ...   # after each verify step
+
+then `speculative_config={"method": "eagle", ...}`. A plugin module is imported by name before the engine is
+built (e.g. `import my_eagle`), or named in `speculative_config.method` as "package.module:eagle", which the
+registry imports on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+
+import torch
+
+from nanovllm.config import SpeculativeConfig
+from nanovllm.engine.sequence import Sequence
+
+PROPOSERS: dict[str, type[Proposer]] = {}
+
+
+class Proposer(ABC):
+    """Guesses the next tokens of decoding sequences. `engine` is the LLMEngine (its runner, tokenizer and
+    config), for proposers that need a model of their own or the target's vocabulary."""
+
+    def __init__(self, config: SpeculativeConfig, engine):
+        self.config = config
+        self.engine = engine
+
+    @abstractmethod
+    def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[list[int]]:
+        """Up to `max_tokens[i]` guessed tokens to follow `seqs[i].token_ids` (its last token is the one the
+        target has not computed yet); an empty list when there is no good guess. Drafts are greedy guesses:
+        the verifier treats each as proposed with probability one (see rejection.py)."""
+
+    def observe(self, seqs: list[Sequence], hidden: torch.Tensor | None) -> None:
+        """Called after each verify step with its sequences, once their kept tokens are known (a head's state;
+        nothing by default). `hidden` is reserved for the target's final hidden states of the verify rows,
+        which an EAGLE-style head reads; the verify step passes None until a head needs them."""
+        return None
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence finished or was aborted: drop any state kept for it."""
+        return None
+
+    def close(self) -> None:
+        """Free the proposer's memory (a draft model's weights and KV cache)."""
+        return None
+
+
+def register_proposer(method: str):
+    """Class decorator: `speculative_config.method == method` builds this proposer."""
+    def wrap(cls: type[Proposer]) -> type[Proposer]:
+        if not (isinstance(cls, type) and issubclass(cls, Proposer)):
+            raise TypeError(f"proposer {method!r} must subclass nanovllm.engine.spec.Proposer")
+        PROPOSERS[method] = cls
+        return cls
+    return wrap
+
+
+def _load_builtin() -> None:
+    from nanovllm.engine.spec import draft_model, ngram, oracle  # noqa: F401  (they register themselves)
+
+
+def make_proposer(config: SpeculativeConfig, engine) -> Proposer:
+    """The proposer `config.method` names: a registered name, or "module:name" (the module is imported and
+    registers the name)."""
+    _load_builtin()
+    method = config.method
+    if method not in PROPOSERS and ":" in method:
+        module, _, name = method.partition(":")
+        importlib.import_module(module)
+        method = name
+    if method not in PROPOSERS:
+        raise ValueError(f"unknown speculative_config method {config.method!r}; registered: {sorted(PROPOSERS)}")
+    return PROPOSERS[method](config, engine)

@@ -1,0 +1,189 @@
+"""The engine's side of speculative decoding: which decode steps speculate, the drafts' KV room, the verify step,
+and the acceptance statistics.
+
+A decode batch speculates when it has at most `max_batch_size` sequences. A request whose logits change before
+sampling (penalties, logit_bias, min_tokens: StepMode ADJUSTED) or that follows a grammar (StepMode masked) is
+never drafted for: each of its tokens needs the host's token list (or grammar state) after the token before.
+In a speculative step it is a one-row sequence whose token is sampled from its adjusted, masked logits, as the
+plain path samples it. Speculative steps run synchronously (the drafts depend on the tokens just kept).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from nanovllm.engine.logits_processing import LogitsAdjustment, adjusts_logits
+from nanovllm.engine.scheduler import ScheduledSeq
+from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.spec.proposer import Proposer
+from nanovllm.engine.spec.rejection import accept
+from nanovllm.engine.spec.verify import VerifyGraphs, verify_logits_eager
+from nanovllm.structured.masks import apply_grammar_masks
+
+log = logging.getLogger("nanovllm")
+
+
+@dataclass
+class SpecTotals:
+    """Running totals over the engine's life (vLLM's spec_decode counters)."""
+
+    num_drafts: int = 0            # verify steps of a sequence with at least one draft
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [j]: drafts kept at draft position j
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verify step of a sequence: 1 + kept drafts per drafting step."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+
+@dataclass
+class Verified:
+    """What a verify step gave one sequence: the tokens to emit (kept drafts, then the target's next token)."""
+
+    tokens: list[int]
+    logprobs: list[dict | None]
+    num_drafts: int
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.tokens) - 1
+
+
+class Speculator:
+    def __init__(self, engine, proposer: Proposer):
+        self.config = engine.config.speculative_config
+        self.k = self.config.num_speculative_tokens
+        self.max_model_len = engine.config.max_model_len
+        self.runner = engine.runner
+        self.block_manager = engine.block_manager
+        self.vocab_size = engine.vocab_size
+        self.proposer = proposer
+        self.totals = SpecTotals(accepted_per_position=[0] * self.k)
+        self.graphs = None
+        if self.runner.graphs is not None:
+            self.graphs = VerifyGraphs(self.runner, self.k, self.config.max_batch_size)
+
+    def eligible(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether a scheduled batch speculates: a decode batch of at most max_batch_size rows, one of them at
+        least open to drafts. A row may be a prompt's last token (a full prefix-cache hit, or a last chunk of
+        one token): its drafts then follow the prompt."""
+        return (0 < len(batch) <= self.config.max_batch_size
+                and all(item.num_new_tokens == 1 and item.completes and not self.prompt_logprobs_pending(item.seq)
+                        for item in batch)
+                and not all(self.one_token_at_a_time(item.seq) for item in batch))
+
+    @staticmethod
+    def prompt_logprobs_pending(seq: Sequence) -> bool:
+        """The row is a prompt's last chunk whose prompt logprobs the plain path still records."""
+        return seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens
+
+    @staticmethod
+    def one_token_at_a_time(seq: Sequence) -> bool:
+        """A request never drafted for: its logits are adjusted (ADJUSTED) or masked by a grammar."""
+        return adjusts_logits(seq) or seq.params.structured is not None
+
+    def draft(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Each sequence's drafts, at most k, none past max_tokens or max_model_len, each with KV room."""
+        caps = [0 if self.one_token_at_a_time(seq) else
+                max(0, min(self.k, self.max_model_len - seq.num_tokens,
+                           seq.params.max_tokens - seq.num_completion_tokens - 1)) for seq in seqs]
+        drafts = []
+        for seq, cap, proposed in zip(seqs, caps, self.proposer.propose(seqs, caps)):
+            d = [int(t) for t in proposed[:cap]]
+            bad = next((i for i, t in enumerate(d) if not 0 <= t < self.vocab_size), None)
+            d = d[:bad] if bad is not None else d
+            # The verify graphs score k drafts per row (short lists padded): give them room when it is there.
+            room = self.k if self.graphs is not None and seq.num_tokens + self.k <= self.max_model_len else len(d)
+            if d and not self.block_manager.grow(seq, seq.num_tokens + room):
+                d = d if self.block_manager.grow(seq, seq.num_tokens + len(d)) else []
+            drafts.append(d)
+        return drafts
+
+    @torch.inference_mode()
+    def verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[Verified]:
+        """Score the drafts with the target and keep those it accepts (greedy: equal to its argmax; sampled:
+        rejection sampling). Updates the totals."""
+        runner = self.runner
+        dev = runner.device
+        logits = None
+        if self.graphs is not None and self.graphs.fits(seqs, drafts):
+            try:
+                logits = self.graphs.run(seqs, drafts)
+            except Exception as e:  # e.g. an attention backend whose prefill plan cannot be captured
+                if not self.graphs.capture_graphs or self.graphs.size_for(len(seqs)) in self.graphs.graphs:
+                    raise
+                log.warning("verify steps run eagerly: capturing their CUDA graph failed (%s: %s)",
+                            type(e).__name__, e)
+                self.graphs = None
+        if logits is None:
+            logits = verify_logits_eager(runner, seqs, drafts)[0]
+        k = logits.shape[1] - 1
+        padded = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64).to(dev)
+        num_drafts = torch.tensor([len(d) for d in drafts], dtype=torch.int64).to(dev)
+        temperature, top_k, top_p, min_p, noise = runner.sampling_tensors(seqs)
+        uniform = None
+        if noise is not None:
+            uniform = torch.rand(len(seqs), k, generator=runner.generator, device=dev)
+            for i, seq in enumerate(seqs):
+                if seq.generator is not None:
+                    uniform[i] = torch.rand(k, generator=seq.generator, device=dev)
+        kept, following = accept(logits, padded, num_drafts, temperature, (top_k, top_p, min_p), uniform, noise)
+        self._sample_adjusted_rows(following, logits, seqs)
+        kept, following = kept.tolist(), following.tolist()
+        tokens = [d[:a] + [t] for d, a, t in zip(drafts, kept, following)]
+        logprobs = self._logprobs(logits, seqs, tokens)
+        out = [Verified(t, lp, len(d)) for t, lp, d in zip(tokens, logprobs, drafts)]
+        self._count(out)
+        self.proposer.observe(seqs, None)
+        return out
+
+    def _sample_adjusted_rows(self, following: torch.Tensor, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Replace the token of each one-token-at-a-time row (no drafts: its token comes from logits row 0) by
+        one sampled as the plain path does: penalties and biases applied, then the grammar's mask."""
+        rows = [i for i, seq in enumerate(seqs) if self.one_token_at_a_time(seq)]
+        if not rows:
+            return
+        picked = [seqs[i] for i in rows]
+        index = torch.tensor(rows, device=logits.device)
+        first = logits[:, 0].index_select(0, index)
+        adjustment = LogitsAdjustment.of(picked, self.vocab_size, logits.device)
+        adjusted = first if adjustment is None else adjustment.apply(first)
+        apply_grammar_masks(adjusted, [seq.matcher for seq in picked])
+        following.index_copy_(0, index, self.runner.model.ops.sample(adjusted, *self.runner.sampling_tensors(picked)))
+
+    def _logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[list[int]]) -> list[list]:
+        """Per sequence, the logprobs of each emitted token from the row that scored it (the model's own, as
+        plain decoding returns them), or Nones when the request asks for none."""
+        want = [seq.params.logprobs for seq in seqs]
+        if all(w is None for w in want):
+            return [[None] * len(t) for t in tokens]
+        rows = torch.cat([logits[i, :len(t)] for i, t in enumerate(tokens)])
+        flat = torch.tensor([x for t in tokens for x in t], dtype=torch.int64, device=logits.device)
+        per_token = self.runner._logprobs(rows, flat, [w for w, t in zip(want, tokens) for _ in t])
+        out, start = [], 0
+        for t in tokens:
+            out.append(per_token[start:start + len(t)])
+            start += len(t)
+        return out
+
+    def _count(self, results: list[Verified]) -> None:
+        t = self.totals
+        for r in results:
+            if r.num_drafts:
+                t.num_drafts += 1
+                t.num_draft_tokens += r.num_drafts
+                t.num_accepted_tokens += r.num_accepted
+                for j in range(r.num_accepted):
+                    t.accepted_per_position[j] += 1
+
+    def release(self, seq: Sequence) -> None:
+        self.proposer.release(seq)
+
+    def close(self) -> None:
+        self.graphs = None
+        self.proposer.close()

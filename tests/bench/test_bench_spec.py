@@ -1,0 +1,44 @@
+"""`python -m nanovllm.bench spec --quick` on the CPU: rows with model, method, workload, speedup and gpu; the
+oracle accepts every draft and both proposers keep greedy output identical; baseline folds the rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nanovllm.bench import baseline
+from nanovllm.bench.__main__ import main as bench_main
+from nanovllm.bench.spec import load_prompts
+
+
+def test_workload_ships_grounded_prompts():
+    prompts = load_prompts()
+    assert 20 <= len(prompts) <= 32 and all(len(p) > 200 for p in prompts)
+
+
+@pytest.fixture(scope="module")
+def spec_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spec")
+    assert bench_main(["spec", "--quick", "--num-prompts", "2", "--max-tokens", "9", "--repeats", "1",
+                       "--out-dir", str(out), "engine.enforce_eager=true"]) == 0
+    (path,) = out.glob("spec_*.json")
+    return json.loads(path.read_text())
+
+
+def test_rows(spec_run):
+    rows = {r["method"]: r for r in spec_run["speculative"]}
+    assert set(rows) == {"ngram", "oracle"}
+    for row in rows.values():
+        assert {"model", "method", "workload", "speedup", "gpu"} <= set(row) and row["identical"]
+        assert row["plain_tok_s"] > 0 and row["spec_tok_s"] > 0 and row["verify_cost"] > 0
+    assert rows["oracle"]["workload"] == "oracle" and rows["ngram"]["workload"] == "grounded"
+    # every oracle draft is kept: k + 1 tokens per verify step but the last (cut short by max_tokens)
+    assert rows["oracle"]["acceptance_rate"] == 1.0 and rows["oracle"]["mean_accepted_length"] >= 4
+
+
+def test_baseline_folds_rows(spec_run):
+    merged = baseline.merge(None, spec_run)
+    assert len(merged["speculative"]) == 2
+    again = baseline.merge(merged, spec_run)
+    assert len(again["speculative"]) == 2 and again["speculative"][0]["git_sha"] == spec_run["git_sha"]
