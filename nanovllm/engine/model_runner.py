@@ -25,7 +25,7 @@ from nanovllm.models.registry import build_model, model_target
 from nanovllm.ops import OpResolver, PlanContext, kv_quant
 from nanovllm.ops.meta import build_metadata
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.structured.masks import apply_grammar_masks
+from nanovllm.structured.masks import apply_grammar_masks, to_device
 from nanovllm.utils.progress import progress_bar
 
 log = logging.getLogger("nanovllm")
@@ -384,7 +384,7 @@ class ModelRunner:
         rows = [i for i, s in enumerate(seqs) if _live_matcher(s) is not None]
         if not rows:
             return
-        index = torch.tensor(rows, device=tokens.device)
+        index = to_device(torch.tensor(rows), tokens.device)
         logits = self.model.compute_logits(hidden.index_select(0, index))
         apply_grammar_masks(logits, [seqs[i].matcher for i in rows])
         picked = [None if t is None else t.index_select(0, index) for t in sampling]

@@ -34,3 +34,26 @@ def test_adjustments_on_the_gpu_match_the_cpu_without_a_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(got.cpu(), want)
+
+
+def test_grammar_masks_on_the_gpu_match_the_cpu_without_a_sync():
+    """The masks of constrained rows reach the GPU without the host waiting for it (pinned, non-blocking)."""
+    xgr = pytest.importorskip("xgrammar")
+    from nanovllm.structured.masks import apply_grammar_masks
+
+    vocab = 300
+    info = xgr.TokenizerInfo([f"<{i}>" for i in range(vocab - 10)] + list("0123456789"), vocab_size=vocab)
+    compiled = xgr.GrammarCompiler(info).compile_regex("[0-9]+")
+    matchers = [None, xgr.GrammarMatcher(compiled), None, xgr.GrammarMatcher(compiled)]
+    logits = torch.randn(len(matchers), vocab, generator=torch.Generator().manual_seed(2))
+    want = logits.clone()
+    apply_grammar_masks(want, matchers)
+    on_gpu = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        apply_grammar_masks(on_gpu, matchers)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(on_gpu.cpu(), want)
+    assert torch.isinf(want[1, : vocab - 10]).all() and not torch.isinf(want[0]).any()
