@@ -18,10 +18,11 @@ from nanovllm.engine.prompt_logprobs import record_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_mode import ADJUSTED, GREEDY, LOGPROBS, SAMPLED, StepMode
-from nanovllm.models.loader import count_tensors, iter_tensors, load_hf_config, load_weights, weight_files
+from nanovllm.models.loader import load_hf_config, load_weights
 from nanovllm.models.registry import build_model, model_target
 from nanovllm.ops import OpResolver, PlanContext
 from nanovllm.ops.meta import build_metadata
+from nanovllm.quant.source import weight_source
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.masks import apply_grammar_masks
 from nanovllm.utils.progress import progress_bar
@@ -72,16 +73,16 @@ class ModelRunner:
         self.hf_config = load_hf_config(model_path)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        self.weights = source = weight_source(model_path, self.hf_config, config)  # formats, tensors, quantizer
         with torch.device(self.device):
             target = model_target(self.hf_config, self.device.type, self.dtype)
-            self.resolver = OpResolver(vars(config.kernels), target, self.hf_config.num_hidden_layers)
+            self.resolver = OpResolver(vars(config.kernels), target, self.hf_config.num_hidden_layers, source.formats)
             self.model = build_model(self.hf_config, self.resolver)
         log.info("%s", self.resolver.summary())
         for p in self.model.parameters():
             p.data = p.data.to(self.dtype)
-        files = weight_files(model_path)
-        with progress_bar("loading weights", total=count_tensors(files)) as advance:
-            load_weights(self.model, iter_tensors(files), self.dtype, progress=advance)
+        with progress_bar("loading weights", total=source.count()) as advance:
+            load_weights(self.model, source.tensors(), self.dtype, progress=advance, quantize=source.quantize)
         self.model.apply_weight_layouts(self.resolver)
         self.timings["load_s"] = time.perf_counter() - t0
         self.args = a = self.model.args
