@@ -82,7 +82,8 @@ class ModelRunner:
         for p in self.model.parameters():
             p.data = p.data.to(self.dtype)
         with progress_bar("loading weights", total=source.count()) as advance:
-            load_weights(self.model, source.tensors(), self.dtype, progress=advance, quantize=source.quantize)
+            load_weights(self.model, source.tensors(), self.dtype, progress=advance, quantize=source.quantize,
+                         transform=source.transform)
         self.model.apply_weight_layouts(self.resolver)
         self.timings["load_s"] = time.perf_counter() - t0
         self.args = a = self.model.args

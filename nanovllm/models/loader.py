@@ -92,20 +92,26 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     raise ValueError(f"truncated or corrupt safetensors file {str(f)!r} ({name}): {e}") from None
 
 
-def load_weights(model: torch.nn.Module, tensors, dtype: torch.dtype, progress=None, quantize=None) -> None:
+def load_weights(model: torch.nn.Module, tensors, dtype: torch.dtype, progress=None, quantize=None,
+                 transform=None) -> None:
     """Copy HF tensors into the model's parameters, packing shards; every parameter must be filled.
 
     The model's quantized weights (`model.quantized`, parameter name -> format; placeholders until now) are
     installed as QuantizedWeights: a checkpoint's own (tensors that are QuantizedWeight), or each dense tensor
     quantized as it arrives by `quantize(param_name, tensor) -> QuantizedWeight` on the model's device, so no
     dense copy of a quantized matrix stays behind. The shards of a packed weight are joined once all came.
-    A QuantizedWeight for a weight the model keeps dense is dequantized into it."""
+    A QuantizedWeight for a weight the model keeps dense is dequantized into it. `transform(param_name, shard,
+    tensor) -> tensor` rewrites each dense tensor first (activation-aware scales folded in, quant/awq.py)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     quantized = dict(getattr(model, "quantized", {}))
     device = next((p.device for p in params.values() if p.device.type != "meta"), torch.device("cpu"))
     pending: dict[str, dict] = {}  # quantized parameter -> {shard: QuantizedWeight} until every shard came
     filled: dict[str, set] = {}
     tied_head = getattr(model.args, "tie_word_embeddings", False) and "lm_head" in quantized
+
+    def prepare(hf_name: str, name: str, shard, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = model.convert_tensor(hf_name, tensor)
+        return tensor if transform is None else transform(name, shard, tensor)
 
     def add_quantized(name: str, shard, hf_name: str, tensor) -> None:
         expected = model.shard_view(name, shard, params[name].data).shape
@@ -119,7 +125,7 @@ def load_weights(model: torch.nn.Module, tensors, dtype: torch.dtype, progress=N
             raise ValueError(f"{name} is {quantized[name]} but checkpoint tensor {hf_name!r} is dense and no "
                              "quantization is set")
         else:
-            part = quantize(name, model.convert_tensor(hf_name, tensor).to(device=device, dtype=dtype))
+            part = quantize(name, prepare(hf_name, name, shard, tensor.to(device)).to(dtype))
         shards = pending.setdefault(name, {})
         shards[shard] = part
         if len(shards) == model.num_shards(name):
@@ -142,7 +148,7 @@ def load_weights(model: torch.nn.Module, tensors, dtype: torch.dtype, progress=N
             if dest.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dest.shape)}")
-            dest.copy_(model.convert_tensor(hf_name, tensor).to(dtype))
+            dest.copy_(prepare(hf_name, name, shard, tensor).to(dtype))
             if name == "embed" and tied_head:  # a quantized head tied to the embeddings: quantize a copy
                 add_quantized("lm_head", None, hf_name, tensor)
                 filled.setdefault("lm_head", set()).add(None)

@@ -29,6 +29,7 @@ class WeightSource:
     tensors: Callable[[], Iterator[tuple[str, torch.Tensor | QuantizedWeight]]]
     count: Callable[[], int | None]                  # how many tensors `tensors()` yields (None: unknown)
     quantize: Callable[[str, torch.Tensor], QuantizedWeight] | None = None  # dynamic quantization of one tensor
+    transform: Callable | None = None                # rewrites each dense tensor first (awq.Calibration.transform)
     description: str = "none"                        # "int4 (group 128, symmetric)", "gptq checkpoint", "none"
     spec: QuantSpec | None = field(default=None)
 
@@ -78,8 +79,14 @@ def weight_source(model_path: Path, hf_config, config, readers=None) -> WeightSo
     dense = dict(tensors=lambda: iter_tensors(files), count=lambda: count_tensors(files))
     if spec is None:
         return WeightSource({}, **dense)
-    return WeightSource(spec.weight_formats(hf_config.num_hidden_layers), quantize=quantizer(spec),
-                        description=spec.describe(), spec=spec, **dense)
+    formats = spec.weight_formats(hf_config.num_hidden_layers)
+    if spec.calibrate:
+        from nanovllm.quant.awq import calibrate
+
+        calibration = calibrate(model_path, hf_config, spec)
+        return WeightSource(formats, quantize=calibration.quantizer(spec), transform=calibration.transform,
+                            description=spec.describe(), spec=spec, **dense)
+    return WeightSource(formats, quantize=quantizer(spec), description=spec.describe(), spec=spec, **dense)
 
 
 def quantizer(spec: QuantSpec) -> Callable[[str, torch.Tensor], QuantizedWeight]:
