@@ -99,7 +99,8 @@ class EngineConfig:
         if self.quantization_skip is not None:
             from nanovllm.ops.resolver import parse_layers
 
-            self.quantization_skip = str(self.quantization_skip)
+            skip = self.quantization_skip
+            self.quantization_skip = ",".join(map(str, skip)) if isinstance(skip, (list, tuple)) else str(skip)
             parse_layers(self.quantization_skip, 1 << 20, key="quantization_skip")  # the form; indices at load
 
     @property
