@@ -25,7 +25,10 @@ def weight_stats(model: nn.Module) -> dict:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    """Bytes in GiB, MiB or KiB, whichever reads best."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def weights_line(stats: dict, quantization: str) -> str:
