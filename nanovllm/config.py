@@ -89,6 +89,16 @@ class EngineConfig:
     # (the Triton attention's split count, the native attention's key count).
     short_context_graphs: int = 512
     seed: int = 0
+    # Weights quantized on load (docs/quantization.md): None (as the checkpoint has them) | fp8 | int8 | int4.
+    # fp8 and int8 per output channel; int4 in groups of quantization_group_size (32, 64, 128), symmetric or with
+    # a zero point. quantization_skip: layers kept dense ("first,last", "0-2,27"); lm_head stays dense unless
+    # quantization_lm_head; quantization_calibrate: activation-aware scales from a calibration text.
+    quantization: str | None = None
+    quantization_group_size: int = 128
+    quantization_symmetric: bool = True
+    quantization_skip: str | None = None
+    quantization_lm_head: bool = False
+    quantization_calibrate: bool = False
     kernels: KernelConfig = field(default_factory=KernelConfig)
     speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
@@ -123,6 +133,27 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
             raise ValueError(f"num_kvcache_blocks must be -1 (auto) or >= 1, got {self.num_kvcache_blocks}")
+        self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        from nanovllm.quant.plan import QuantSpec
+
+        if isinstance(self.quantization, str) and self.quantization.lower() in ("none", "dense", ""):
+            self.quantization = None
+        if self.quantization is None:
+            set_without = [name for name, default in (("quantization_skip", None), ("quantization_lm_head", False),
+                                                      ("quantization_calibrate", False))
+                           if getattr(self, name) != default]
+            if set_without:
+                raise ValueError(f"{', '.join(set_without)} set without quantization; set quantization=fp8|int8|int4")
+            return
+        QuantSpec(self.quantization, self.quantization_group_size, self.quantization_symmetric)  # checks the values
+        if self.quantization_skip is not None:
+            from nanovllm.ops.resolver import parse_layers
+
+            skip = self.quantization_skip
+            self.quantization_skip = ",".join(map(str, skip)) if isinstance(skip, (list, tuple)) else str(skip)
+            parse_layers(self.quantization_skip, 1 << 20, key="quantization_skip")  # the form; indices at load
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -128,19 +128,28 @@ class LLM:
         return f"cpu ({platform.processor() or platform.machine()})"
 
     @property
+    def quantization(self) -> str:
+        """How the weights are quantized: "none", "int4 (group 128, symmetric)", "gptq checkpoint" ..."""
+        return self.engine.runner.weights.description
+
+    @property
     def model_info(self) -> dict:
+        from nanovllm.quant.report import weight_stats
+
         runner = self.engine.runner
         model, args = runner.model, runner.args
-        params = {id(p): p for p in model.parameters()}.values()  # a tied LM head counts once
-        weight_bytes = sum(p.numel() * p.element_size() for p in params)
-        if not args.tie_word_embeddings:  # an untied embedding is only looked up, not read whole
-            weight_bytes -= model.embed.numel() * model.embed.element_size()
+        stats = weight_stats(model)
+        weight_bytes = stats["dense_bytes"] + stats["quantized_bytes"]
+        if not args.tie_word_embeddings or model.lm_head is not model.embed:
+            weight_bytes -= model.embed.numel() * model.embed.element_size()  # only looked up, not read whole
         path = self.engine.model_path
         readme = path / "README.md"
         return dict(name=self.config.model, path=str(path),
                     architecture=(runner.hf_config.architectures or ["?"])[0],
-                    num_params=sum(p.numel() for p in params), weight_bytes=weight_bytes,
-                    kv_bytes_per_token=runner.kv_bytes_per_token, kv_cache_dtype=self.config.kv_cache_dtype,
+                    num_params=stats["num_params"], weight_bytes=weight_bytes,
+                    weight_bytes_dense=stats["dense_bytes"], weight_bytes_quantized=stats["quantized_bytes"],
+                    weight_bytes_unquantized=stats["dense_equivalent_bytes"], quantization=self.quantization,
+                    quantized_formats=stats["formats"], kv_bytes_per_token=runner.kv_bytes_per_token,
+                    kv_cache_dtype=self.config.kv_cache_dtype,
                     kv_cache_bytes=runner.num_blocks * runner.block_size * runner.kv_bytes_per_token,
                     random_weights=readme.is_file() and "random" in readme.read_text().lower())
-

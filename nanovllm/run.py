@@ -54,6 +54,7 @@ BUILD_STAGES = {"load_s": "weights", "warmup_s": "memory warmup", "cuda_graphs_s
 
 def build_llm(cfg: DictConfig, console: Console):
     from nanovllm import LLM  # imported after the config checks, so config errors come fast
+    from nanovllm.quant.report import weight_stats, weights_line
 
     console.print(f"building model [bold]{escape(cfg.model.name)}[/] "
                   f"(device={cfg.device}, dtype={cfg.dtype})")
@@ -67,6 +68,7 @@ def build_llm(cfg: DictConfig, console: Console):
     console.print(f"built {info['architecture']} ({info['num_params'] / 1e6:.1f}M params) on "
                   f"{escape(llm.device_name)}, {llm.config.dtype}, in {time.perf_counter() - t0:.1f} s ({stages})")
     console.print(escape(llm.engine.runner.kv_cache_summary))
+    console.print(escape(weights_line(weight_stats(llm.engine.runner.model), info["quantization"])))
     if info["random_weights"]:
         console.print("[yellow]random weights: completions are gibberish, speeds are representative.[/]")
         for line in REAL_WEIGHTS_HINT:
@@ -148,7 +150,7 @@ def results(cfg: DictConfig, llm, sizes: dict, speed: dict, roof: dict, demo_out
         decode_tok_s=speed["decode_tok_s"], prefill_tok_s=speed["prefill_tok_s"], ttft_ms=speed["ttft_ms"],
         pct_roofline=roof["pct"], roofline_tok_s=roof["tok_s"],
         targets_tok_s=list(decode_targets(_device_type(llm))),
-        device=llm.device_name, device_type=_device_type(llm), dtype=llm.config.dtype,
+        device=llm.device_name, device_type=_device_type(llm), dtype=llm.config.dtype, quantization=llm.quantization,
         model=llm.model_info, kernel_table=llm.kernel_table, kernel_reasons=llm.kernel_reasons,
         kernel_summary=llm.kernel_summary, speed=speed, roofline=roof, bench=sizes,
         overrides=list(HydraConfig.get().overrides.task), config=OmegaConf.to_container(cfg, resolve=True),

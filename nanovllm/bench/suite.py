@@ -149,7 +149,9 @@ class Suite:
             t0 = time.perf_counter()
             state["llm"] = llm = presets.build_llm(cfg, min_model_len=need)
             self.r["presets"][preset] = dict(kernel_table=llm.kernel_table, build_s=time.perf_counter() - t0,
-                                             engine_timings=dict(getattr(llm.engine.runner, "timings", {})))
+                                             engine_timings=dict(getattr(llm.engine.runner, "timings", {})),
+                                             quantization=llm.quantization,
+                                             weight_bytes=llm.model_info["weight_bytes"])
             if not self.r["model"]:
                 self.r["model"] = llm.model_info
                 self.model_path = self.r["model"]["path"]
@@ -172,10 +174,12 @@ class Suite:
 
     # -- parts ---------------------------------------------------------------------------------------------
     def _latency(self, preset: str, llm) -> None:
+        info = llm.model_info  # this preset's weight bytes: a quantized preset reads fewer
         for entry in latency.measure(llm, self.o.contexts, self.o.new_tokens):
             ctx = entry["mean_context"]
-            entry.update(preset=preset, roofline_tok_s=roof.tok_s(self.r["model"], self.bw, ctx),
-                         pct_roofline=roof.pct(entry["decode_tok_s"], self.r["model"], self.bw, ctx))
+            entry.update(preset=preset, model=info["name"], quantization=llm.quantization,
+                         roofline_tok_s=roof.tok_s(info, self.bw, ctx),
+                         pct_roofline=roof.pct(entry["decode_tok_s"], info, self.bw, ctx))
             self.r["latency"].append(entry)
             self.log(f"  {preset} ctx {entry['context']}: {entry['decode_tok_s']:.1f} tok/s "
                      f"(median {entry['median_ms']:.3f} ms, p90 {entry['p90_ms']:.3f} ms, "
@@ -199,7 +203,7 @@ class Suite:
         if not t["complete"]:
             self.r["notes"].append(f"throughput stopped at the time budget after {t['generated_tokens']} of "
                                    f"{t['expected_tokens']} tokens: not comparable with a complete run")
-        self.r["throughput"] = dict(t, preset=preset)
+        self.r["throughput"] = dict(t, preset=preset, quantization=llm.quantization)
         self.log(f"  {preset}: {t['output_tok_s']:.0f} output tok/s ({t['generated_tokens']} tokens, "
                  f"{t['wall_s']:.1f} s, text {'on' if t['detokenize'] else 'off'}, {t['preemptions']} preemptions, "
                  f"KV cache {t['kv_cache_tokens']} tokens)")

@@ -104,9 +104,15 @@ def calibrate(runner, token_ids: list[int]) -> list[torch.Tensor]:
     return scales
 
 
-def choose_scales(runner, files: list[Path], model_path: Path) -> tuple[list[torch.Tensor], str]:
+def choose_scales(runner, model_path: Path) -> tuple[list[torch.Tensor], str]:
     """(per-layer scales on the runner's device, where they came from) for an fp8 cache."""
+    from nanovllm.models.loader import weight_files
+
     a, c = runner.args, runner.config
+    try:
+        files = weight_files(model_path)
+    except FileNotFoundError:  # a checkpoint without safetensors files (GGUF) ships no scales
+        files = []
     scales = checkpoint_scales(files, a.num_layers, a.num_kv_heads)
     source = "checkpoint"
     if scales is None:

@@ -20,10 +20,11 @@ from nanovllm.engine.prompt_logprobs import record_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_mode import ADJUSTED, GREEDY, LOGPROBS, SAMPLED, StepMode
-from nanovllm.models.loader import count_tensors, iter_tensors, load_hf_config, load_weights, weight_files
+from nanovllm.models.loader import load_hf_config, load_weights
 from nanovllm.models.registry import build_model, model_target
 from nanovllm.ops import OpResolver, PlanContext, kv_quant
 from nanovllm.ops.meta import build_metadata
+from nanovllm.quant.source import weight_source
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.masks import apply_grammar_masks, to_device
 from nanovllm.utils.progress import progress_bar
@@ -104,17 +105,18 @@ class ModelRunner:
         self.hf_config = load_hf_config(model_path)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        self.weights = source = weight_source(model_path, self.hf_config, config)  # formats, tensors, quantizer
         with torch.device(self.device):
             target = dataclasses.replace(model_target(self.hf_config, self.device.type, self.dtype),
                                          kv_dtype=config.kv_cache_dtype)
-            self.resolver = OpResolver(vars(config.kernels), target, self.hf_config.num_hidden_layers)
+            self.resolver = OpResolver(vars(config.kernels), target, self.hf_config.num_hidden_layers, source.formats)
             self.model = build_model(self.hf_config, self.resolver)
         log.info("%s", self.resolver.summary())
         for p in self.model.parameters():
             p.data = p.data.to(self.dtype)
-        files = weight_files(model_path)
-        with progress_bar("loading weights", total=count_tensors(files)) as advance:
-            load_weights(self.model, iter_tensors(files), self.dtype, progress=advance)
+        with progress_bar("loading weights", total=source.count()) as advance:
+            load_weights(self.model, source.tensors(), self.dtype, progress=advance, quantize=source.quantize,
+                         transform=source.transform)
         self.model.apply_weight_layouts(self.resolver)
         self.timings["load_s"] = time.perf_counter() - t0
         self.args = a = self.model.args
@@ -133,7 +135,7 @@ class ModelRunner:
         self.kv_scales, self.kv_scales_source = None, None
         try:
             if config.kv_cache_dtype == "fp8":
-                self.kv_scales, self.kv_scales_source = choose_scales(self, files, model_path)
+                self.kv_scales, self.kv_scales_source = choose_scales(self, model_path)
             self.num_blocks = self._num_kv_blocks()
             self._allocate_kv_cache()
             if self.device.type == "cuda" and not config.enforce_eager:

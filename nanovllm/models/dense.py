@@ -4,6 +4,9 @@ Every op goes through the registry: a layer holds the callables resolved for it 
 so the forward pass has no dispatch. Q/K/V and gate/up are packed into one weight each at load time.
 Families differ only by DenseArgs flags (norm placement, activation, MoE, rope per layer type ...)
 and small subclasses that rename checkpoint tensors.
+
+A linear weight the resolver names quantized (OpResolver.weight_formats) starts as a placeholder on the meta
+device, so no dense copy is ever allocated; loading installs a QuantizedWeight in its place (install_weight).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from torch import nn
 import nanovllm.ops.family_ops  # noqa: F401  (defines gelu_mlp, moe ...; until ops/__init__ imports it)
 from nanovllm.layers.rotary import cos_sin_table
 from nanovllm.ops import COMPILE, MODEL_SCOPE, NATIVE, AttentionMetadata, OpResolver, RegistryError, get_op
+from nanovllm.ops.registry import DENSE
 from nanovllm.ops.sites import AttentionSettings, LayerWeights
+from nanovllm.quant.plan import LAYER_WEIGHTS, LM_HEAD
+from nanovllm.quant.weights import is_quantized
 
 LAYER_OPS = ("norm_qkv", "qk_norm_rope", "attention_prefill", "attention_decode", "rope_decode_attention", "attn_out",
              "mlp", "decode_layer")
@@ -78,6 +84,18 @@ def _param(*shape) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def _weight(fmt: str, *shape) -> nn.Parameter:
+    """A linear weight: a Parameter, or for a quantized one a meta-device placeholder that loading replaces."""
+    return _param(*shape) if fmt == DENSE else nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+def layer_weights(args: DenseArgs, idx: int) -> tuple[str, ...]:
+    """The linear weights a layer's ops read, by parameter name (a MoE layer's router and experts stay dense)."""
+    if args.moe_layers and args.moe_layers[idx]:
+        return ("qkv_proj", "o_proj", "router", "experts_gate_up", "experts_down")
+    return LAYER_WEIGHTS
+
+
 def layer_ops(args: DenseArgs, idx: int) -> tuple[str, ...]:
     """The ops a layer resolves: the Qwen3 set, with the family's sites swapped in."""
     ops = list(LAYER_OPS)
@@ -96,17 +114,20 @@ def layer_ops(args: DenseArgs, idx: int) -> tuple[str, ...]:
 
 
 class DenseLayer(nn.Module):
-    def __init__(self, args: DenseArgs, ops, idx: int):
+    def __init__(self, args: DenseArgs, ops, idx: int, formats: dict[str, str] | None = None):
+        """formats: the quantized weights of this layer (parameter name -> format); the others are dense."""
         super().__init__()
         self.ops, self.idx, self.args = ops, idx, args
+        self.formats = {name: fmt for name, fmt in (formats or {}).items() if fmt != DENSE and name in LAYER_WEIGHTS}
+        fmt = lambda name: self.formats.get(name, DENSE)  # noqa: E731
         q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.split = (q, kv, kv)
         self.input_norm = _param(args.hidden_size)
-        self.qkv_proj = _param(q + 2 * kv, args.hidden_size)
+        self.qkv_proj = _weight(fmt("qkv_proj"), q + 2 * kv, args.hidden_size)
         self.qkv_bias = _param(q + 2 * kv) if args.qkv_bias else None
         self.q_norm = _param(args.head_dim) if args.qk_norm else None
         self.k_norm = _param(args.head_dim) if args.qk_norm else None
-        self.o_proj = _param(args.hidden_size, q)
+        self.o_proj = _weight(fmt("o_proj"), args.hidden_size, q)
         self.post_attn_norm = _param(args.hidden_size) if args.sandwich_norms else None
         self.post_norm = _param(args.hidden_size)  # the norm before the MLP
         self.post_mlp_norm = _param(args.hidden_size) if args.sandwich_norms else None
@@ -117,20 +138,32 @@ class DenseLayer(nn.Module):
             self.experts_gate_up = _param(e, 2 * i, args.hidden_size)
             self.experts_down = _param(e, args.hidden_size, i)
         else:
-            self.gate_up_proj = _param(2 * args.intermediate_size, args.hidden_size)
-            self.down_proj = _param(args.hidden_size, args.intermediate_size)
+            self.gate_up_proj = _weight(fmt("gate_up_proj"), 2 * args.intermediate_size, args.hidden_size)
+            self.down_proj = _weight(fmt("down_proj"), args.hidden_size, args.intermediate_size)
             self.mlp = ops.gelu_mlp if args.activation == "gelu_tanh" else ops.mlp
         self.scale = args.attn_scale or args.head_dim ** -0.5
         self.window = args.sliding_window[idx] if args.sliding_window else 0
         self.rope_table = f"cos_sin_{args.rope_types[idx]}" if args.rope_types else "cos_sin"
         self.settings = AttentionSettings(args.rms_norm_eps, self.scale, self.window, args.attn_softcap)
-        # the decode_layer site's weights (a plain pre-norm SiLU layer only): the Parameters above themselves
-        self.decode_weights = None if not hasattr(ops, "decode_layer") else LayerWeights(
-            self.input_norm, self.qkv_proj, self.qkv_bias, self.q_norm, self.k_norm, self.o_proj, self.post_norm,
-            self.gate_up_proj, self.down_proj)
+        self.decode_weights = None
+        self.bundle_decode_weights()
         self.k_cache = self.v_cache = None  # set by the model runner
         # an fp8 cache's (2, kv_heads) float32 K and V scales, set by the model runner (None: model-dtype cache)
         self.kv_scales = None
+
+    def bundle_decode_weights(self) -> None:
+        """The decode_layer site's weights (a plain pre-norm SiLU layer only): the layer's weights themselves, so
+        loading into a Parameter's .data shows through; rebuilt when a weight is replaced (install_weight)."""
+        if hasattr(self.ops, "decode_layer"):
+            self.decode_weights = LayerWeights(
+                self.input_norm, self.qkv_proj, self.qkv_bias, self.q_norm, self.k_norm, self.o_proj,
+                self.post_norm, self.gate_up_proj, self.down_proj)
+
+    def install_weight(self, name: str, weight) -> None:
+        """Put `weight` (a QuantizedWeight, or a Parameter) where the weight `name` was."""
+        delattr(self, name)
+        setattr(self, name, weight)
+        self.bundle_decode_weights()
 
     def feed_forward(self, h, residual):
         if self.moe:
@@ -183,12 +216,23 @@ class DenseCausalLM(nn.Module):
     def __init__(self, args: DenseArgs, resolver: OpResolver, hf_config):
         super().__init__()
         self.args = args
-        self.layers = nn.ModuleList(DenseLayer(args, resolver.scope(i, layer_ops(args, i)), i)
-                                    for i in range(args.num_layers))
-        self.ops = resolver.scope(MODEL_SCOPE, MODEL_OPS)
+        self.layers = nn.ModuleList()
+        for i in range(args.num_layers):
+            weights = layer_weights(args, i)
+            formats = {w: resolver.weight_format(f"layers.{i}.{w}") for w in weights}
+            self.layers.append(DenseLayer(args, resolver.scope(i, layer_ops(args, i), weights), i, formats))
+        self.ops = resolver.scope(MODEL_SCOPE, MODEL_OPS, (LM_HEAD,))
         self.embed = _param(args.vocab_size, args.hidden_size)
         self.final_norm = _param(args.hidden_size)
-        self.lm_head = self.embed if args.tie_word_embeddings else _param(args.vocab_size, args.hidden_size)
+        lm_head_format = resolver.weight_format(LM_HEAD)
+        # a quantized LM head is its own weight even where the checkpoint ties it to the embeddings
+        self.lm_head = (self.embed if args.tie_word_embeddings and lm_head_format == DENSE
+                        else _weight(lm_head_format, args.vocab_size, args.hidden_size))
+        # the quantized weights (parameter name -> format): placeholders until loading installs them
+        self.quantized = {f"layers.{layer.idx}.{name}": fmt for layer in self.layers
+                          for name, fmt in layer.formats.items()}
+        if lm_head_format != DENSE:
+            self.quantized[LM_HEAD] = lm_head_format
         for layer_type in sorted(set(args.rope_types)) or [None]:  # one table per rope layer type
             name = f"cos_sin_{layer_type}" if layer_type else "cos_sin"
             self.register_buffer(name, cos_sin_table(hf_config, args.head_dim, args.max_positions, layer_type),
@@ -208,9 +252,19 @@ class DenseCausalLM(nn.Module):
                     ("decode_layer", "qkv_w"): "qkv_proj", ("decode_layer", "o_w"): "o_proj",
                     ("decode_layer", "gate_up_w"): "gate_up_proj", ("decode_layer", "down_w"): "down_proj"}
 
+    def install_weight(self, name: str, weight) -> None:
+        """Put `weight` (a QuantizedWeight) where the parameter `name` ("layers.3.qkv_proj", "lm_head") was."""
+        owner, _, attr = name.rpartition(".")
+        if owner:
+            self.get_submodule(owner).install_weight(attr, weight)
+        else:
+            delattr(self, attr)
+            setattr(self, attr, weight)
+
     def apply_weight_layouts(self, resolver: OpResolver) -> None:
-        """Once, after loading: each layer's weights in the layout its sites' backends read (Impl.layouts).
-        Sites that share a weight must agree on its layout (a parameter has one)."""
+        """Once, after loading: each layer's weights in the layout its sites' backends read (Impl.layouts),
+        a QuantizedWeight included (its layouts use map_rows). Sites that share a weight must agree on its
+        layout (a parameter has one)."""
         for layer in self.layers:
             used = resolver.table.get(str(layer.idx), {})
             readers: dict[str, dict] = {}  # parameter -> {layout (None: as loaded): "site (backend)"}
@@ -224,9 +278,13 @@ class DenseCausalLM(nn.Module):
                         f"layer {layer.idx}: {name} is read in different layouts by {' and '.join(layouts.values())}"
                         "; choose backends that agree (e.g. the same Triton preset for both)")
                 convert = next(iter(layouts))
-                if convert is not None:
-                    param = getattr(layer, name)
-                    param.data = convert(param.data)
+                if convert is None:
+                    continue
+                weight = getattr(layer, name)
+                if is_quantized(weight):
+                    layer.install_weight(name, convert(weight))
+                else:
+                    weight.data = convert(weight.data)
 
     @classmethod
     def _reads_weights(cls, op: str, backend: str) -> bool:

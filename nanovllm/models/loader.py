@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from nanovllm.quant.pack import dense_weight, pack_rows
+from nanovllm.quant.weights import is_quantized
+
 
 def load_hf_config(path: Path):
     from transformers import AutoConfig
@@ -89,13 +92,49 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     raise ValueError(f"truncated or corrupt safetensors file {str(f)!r} ({name}): {e}") from None
 
 
-def load_weights(model: torch.nn.Module, tensors, dtype: torch.dtype, progress=None) -> None:
+def load_weights(model: torch.nn.Module, tensors, dtype: torch.dtype, progress=None, quantize=None,
+                 transform=None) -> None:
     """Copy HF tensors into the model's parameters, packing shards; every parameter must be filled. KV cache
-    scales are no weights: the engine reads them for an fp8 cache (nanovllm/engine/kv_scales.py)."""
+    scales are no weights: the engine reads them for an fp8 cache (nanovllm/engine/kv_scales.py).
+
+    The model's quantized weights (`model.quantized`, parameter name -> format; placeholders until now) are
+    installed as QuantizedWeights: a checkpoint's own (tensors that are QuantizedWeight), or each dense tensor
+    quantized as it arrives by `quantize(param_name, tensor) -> QuantizedWeight` on the model's device, so no
+    dense copy of a quantized matrix stays behind. The shards of a packed weight are joined once all came.
+    A QuantizedWeight for a weight the model keeps dense is dequantized into it. `transform(param_name, shard,
+    tensor) -> tensor` rewrites each dense tensor first (activation-aware scales folded in, quant/awq.py)."""
     from nanovllm.engine.kv_scales import is_kv_scale
 
     params = dict(model.named_parameters(remove_duplicate=False))
+    quantized = dict(getattr(model, "quantized", {}))
+    device = next((p.device for p in params.values() if p.device.type != "meta"), torch.device("cpu"))
+    pending: dict[str, dict] = {}  # quantized parameter -> {shard: QuantizedWeight} until every shard came
     filled: dict[str, set] = {}
+    tied_head = getattr(model.args, "tie_word_embeddings", False) and "lm_head" in quantized
+
+    def prepare(hf_name: str, name: str, shard, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = model.convert_tensor(hf_name, tensor)
+        return tensor if transform is None else transform(name, shard, tensor)
+
+    def add_quantized(name: str, shard, hf_name: str, tensor) -> None:
+        expected = model.shard_view(name, shard, params[name].data).shape
+        if tuple(tensor.shape) != tuple(expected):
+            raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(expected)}")
+        if is_quantized(tensor):
+            part = tensor.to(device)
+            part.dtype = dtype
+        elif quantize is None:
+            raise ValueError(f"{name} is {quantized[name]} but checkpoint tensor {hf_name!r} is dense and no "
+                             "quantization is set")
+        else:
+            part = quantize(name, prepare(hf_name, name, shard, tensor.to(device)).to(dtype))
+        shards = pending.setdefault(name, {})
+        shards[shard] = part
+        if len(shards) == model.num_shards(name):
+            model.install_weight(name, pack_rows([shards[k] for k in sorted(shards, key=lambda k: k or 0)]))
+            del pending[name]
+
     for hf_name, tensor in tensors:
         target = model.param_name(hf_name)
         if target is None:
@@ -103,11 +142,19 @@ def load_weights(model: torch.nn.Module, tensors, dtype: torch.dtype, progress=N
                 continue
             raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(model).__name__}")
         name, shard = target
-        dest = model.shard_view(name, shard, params[name].data)
-        if dest.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(dest.shape)}")
-        dest.copy_(model.convert_tensor(hf_name, tensor).to(dtype))
+        if name in quantized:
+            add_quantized(name, shard, hf_name, tensor)
+        else:
+            if is_quantized(tensor):
+                tensor = dense_weight(tensor, dtype)
+            dest = model.shard_view(name, shard, params[name].data)
+            if dest.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(dest.shape)}")
+            dest.copy_(prepare(hf_name, name, shard, tensor).to(dtype))
+            if name == "embed" and tied_head:  # a quantized head tied to the embeddings: quantize a copy
+                add_quantized("lm_head", None, hf_name, tensor)
+                filled.setdefault("lm_head", set()).add(None)
         filled.setdefault(name, set()).add(shard)
         if progress:
             progress()

@@ -4,11 +4,14 @@
 (benchmarks/RESULTS.md has the numbers and commands). The first one that is registered, supports the
 target and is not cold (a JIT build would block the first step; see Impl.cold) wins; the native op
 closes every list. Ops and devices without a list run natively: on the CPU every op does.
+
+For a layer with quantized weights, the weight-reading ops try `QUANT_RANKING` first (backends that read
+the fp8/int8/int4 formats), then the dense list, whose backends the format check passes over.
 """
 
 from __future__ import annotations
 
-from nanovllm.ops.registry import NATIVE, Target, get_op
+from nanovllm.ops.registry import NATIVE, Target, get_op, reads_weights
 
 _FUSED = ("triton",)
 
@@ -29,11 +32,28 @@ RANKING: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+_QUANT = ("triton_quant",)
+
+# weight-only quantized kernels (q-kernels' Triton GEMV/GEMM that read fp8/int8/int4 weights and their scales)
+QUANT_RANKING: dict[str, dict[str, tuple[str, ...]]] = {
+    "cuda": {op: _QUANT for op in ("linear", "norm_qkv", "attn_out", "mlp", "decode_layer", "lm_head_sample", "moe")},
+}
+
+
+def ranking(op: str, target: Target) -> tuple[str, ...]:
+    """The backends `auto` tries for `op` on `target`, fastest first."""
+    dense = RANKING.get(target.device, {}).get(op, ())
+    if not (target.quantized and reads_weights(op)):
+        return dense
+    quant = QUANT_RANKING.get(target.device, {}).get(op, ())
+    return quant + tuple(b for b in dense if b not in quant)
+
+
 def choose(op: str, target: Target) -> tuple[str, list[str]]:
     """(backend, why each faster one was passed over) for `op` on `target`: the first ranked backend that
     can serve it, else the native op."""
     passed = []
-    for backend in RANKING.get(target.device, {}).get(op, ()):
+    for backend in ranking(op, target):
         impl = get_op(op).impls.get(backend)
         if impl is None:
             passed.append(f"{backend}: not installed")

@@ -48,11 +48,13 @@ class Support:
     kv_dtypes: tuple[str, ...] = KV_DTYPES  # the KV cache dtypes it handles (ops that touch no cache: all)
 
     def reason_unsupported(self, device: str, dtype: torch.dtype, shapes: dict,
-                           weight_format: str = "dense", kv_dtype: str = "auto") -> str | None:
+                           weight_format: str | frozenset[str] = DENSE, kv_dtype: str = "auto") -> str | None:
+        """Why it cannot serve this target, or None. `weight_format` is one format or the set a layer's
+        weights come in (a layer may mix formats): every one of them must be read."""
         if self.needs is not None and (why := self.needs()):
             return why
-        if weight_format not in self.formats:
-            return f"{weight_format} weights not in {list(self.formats)}"
+        if missing := sorted(formats_of(weight_format) - set(self.formats)):
+            return f"{'/'.join(missing)} weights not in {list(self.formats)}"
         if kv_dtype not in self.kv_dtypes:
             return f"{kv_dtype} KV cache not in {list(self.kv_dtypes)}"
         if self.devices is not None and device not in self.devices:
@@ -91,6 +93,9 @@ class Impl:
     # cold(target) -> why the first use would stop to compile for long (a JIT cache miss), or None. `auto`
     # passes over a cold backend; the hook may start that build in the background.
     cold: Callable[[Target], str | None] | None = None
+    # a name kernel tables may use before its kernels are installed (declare_backend): unavailable until
+    # register_impl replaces it
+    placeholder: bool = False
 
 
 @dataclass
@@ -148,7 +153,7 @@ def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=Non
         opdef = get_op(op)
         if backend in (NATIVE, COMPILE, AUTO):
             raise RegistryError(f"backend name {backend!r} is built in for every op ({op!r})")
-        if backend in opdef.impls and not replace:
+        if backend in opdef.impls and not replace and not opdef.impls[backend].placeholder:
             raise RegistryError(f"backend {backend!r} of op {op!r} is registered twice")
         support = Support(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None, check, needs,
                           tuple(formats), _kv_dtypes(opdef, kv_dtypes))
@@ -175,6 +180,19 @@ def declare_kv_dtypes(op: str, backend: str, kv_dtypes) -> None:
         raise RegistryError(f"op {op!r} has no backend {backend!r}")
     impl = opdef.impls[backend]
     impl.support = dataclasses.replace(impl.support, kv_dtypes=_kv_dtypes(opdef, kv_dtypes))
+
+
+def declare_backend(op: str, backend: str, why: str, formats=(DENSE,)) -> None:
+    """Make `backend` a valid name for `op` before its kernels are registered: presets may name it, and
+    resolution falls back to the native op (saying `why`) until `register_impl` replaces the placeholder."""
+    if backend in get_op(op).impls:
+        return
+
+    def unavailable(*args, **kwargs):
+        raise RegistryError(f"op {op!r}: backend {backend!r} is not installed ({why})")
+
+    get_op(op).impls[backend] = Impl(op, backend, unavailable, Support(needs=lambda: why, formats=tuple(formats)),
+                                     placeholder=True)
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -209,16 +227,39 @@ def check_backend(op: str, backend: str) -> None:
             f"unknown backend {backend!r} for op {op!r}; valid backends: {', '.join(backends_of(op))}")
 
 
+def formats_of(weight_format: str | frozenset[str]) -> frozenset[str]:
+    """A weight format or a set of them, as a set."""
+    return frozenset((weight_format,)) if isinstance(weight_format, str) else frozenset(weight_format)
+
+
+# ops that take a linear weight (dense or a QuantizedWeight) themselves; a site reads weights when a part does
+WEIGHT_OPS = ("linear", "moe")
+
+
+def reads_weights(op: str) -> bool:
+    """Whether `op` (or any of its parts) reads a linear weight, so its backend must read the weights' format."""
+    return op in WEIGHT_OPS or any(reads_weights(p) for p in get_op(op).parts)
+
+
 @dataclass(frozen=True)
 class Target:
-    """What a resolution is for: the device type, the dtype, the layer's shapes, its weights' format and the
-    KV cache dtype (KV_DTYPES)."""
+    """What a resolution is for: the device type, the dtype, the layer's shapes, its weights' format (one
+    format, or the frozenset of formats a layer's weights come in: GGUF Q4_K_M mixes int4 and int8) and the KV
+    cache dtype (KV_DTYPES)."""
 
     device: str
     dtype: torch.dtype
     shapes: dict = field(default_factory=dict, hash=False, compare=False)
-    weight_format: str = DENSE
+    weight_format: str | frozenset[str] = DENSE
     kv_dtype: str = "auto"
+
+    @property
+    def formats(self) -> frozenset[str]:
+        return formats_of(self.weight_format)
+
+    @property
+    def quantized(self) -> bool:
+        return self.formats != {DENSE}
 
 
 def resolve(op: str, backend: str, target: Target, *, allow_fallback: bool = True,

@@ -12,7 +12,7 @@ import textwrap
 
 import torch
 
-from nanovllm.ops.resolver import OpResolver
+from nanovllm.ops.resolver import OpResolver, scopes_text
 
 
 def compose(overrides=()):
@@ -43,25 +43,16 @@ def resolve_for(cfg) -> OpResolver:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device).type
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
-    hf_config = load_hf_config(resolve_model(cfg.model.name, revision=cfg.model.get("revision")))
+    from nanovllm.quant.source import weight_source
+
+    path = resolve_model(cfg.model.name, revision=cfg.model.get("revision"))
+    hf_config = load_hf_config(path)
+    formats = weight_source(path, hf_config, cfg.engine).formats  # the quantized weights, as the engine has them
     resolver = OpResolver(OmegaConf.to_container(cfg.kernels, resolve=True), model_target(hf_config, device, dtype),
-                          hf_config.num_hidden_layers)
+                          hf_config.num_hidden_layers, formats)
     with torch.device("meta"):
         build_model(hf_config, resolver)
     return resolver
-
-
-def _layers(scopes: list[str]) -> str:
-    """["0", "1", "2", "5", "model"] -> "layers 0-2, 5, model"."""
-    nums = sorted(int(s) for s in scopes if s.isdigit())
-    runs, start = [], None
-    for i, n in enumerate(nums):
-        start = n if start is None else start
-        if i + 1 == len(nums) or nums[i + 1] != n + 1:
-            runs.append(f"{start}-{n}" if n > start else str(n))
-            start = None
-    named = [s for s in scopes if not s.isdigit()]
-    return ", ".join((["layers " + ", ".join(runs)] if runs else []) + named)
 
 
 def resolved_text(resolver: OpResolver, width: int = 80) -> str:
@@ -73,7 +64,7 @@ def resolved_text(resolver: OpResolver, width: int = 80) -> str:
     lines = textwrap.wrap(resolver.summary(), width, subsequent_indent="    ")
     for op in sorted(per_op):
         backends = per_op[op]
-        where = ", ".join(b if len(backends) == 1 else f"{b} ({_layers(s)})" for b, s in backends.items())
+        where = ", ".join(b if len(backends) == 1 else f"{b} ({scopes_text(s)})" for b, s in backends.items())
         lines += textwrap.wrap(f"{op}: {where}", width, initial_indent="  ", subsequent_indent="      ")
         if op in resolver.reasons:
             lines += textwrap.wrap(resolver.reasons[op], width, initial_indent="      ", subsequent_indent="      ")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from types import SimpleNamespace
 
 from nanovllm.ops.auto import choose
 from nanovllm.ops.plugins import load_plugins
 from nanovllm.ops.registry import (
     AUTO,
+    DENSE,
     NATIVE,
     OPS,
     RegistryError,
@@ -17,6 +19,7 @@ from nanovllm.ops.registry import (
     all_backends,
     check_backend,
     get_op,
+    reads_weights,
     resolve,
 )
 
@@ -32,11 +35,18 @@ class OpResolver:
     kernels: a mapping with keys default, ops, layers, plugin_dirs, allow_fallback (see config.py).
     `table[scope][op]` is the backend each op got; `reasons[op]` says why, where `auto` chose it or a
     backend fell back; each distinct fallback is logged once, not once per layer.
+
+    weight_formats: the format of each quantized linear weight, by the model's parameter name
+    ("layers.3.qkv_proj", "lm_head"); weights not named are dense. A scope's weight-reading ops resolve for
+    the set of formats its weights come in (`scope(..., weights=...)`), the other ops for dense weights.
     """
 
-    def __init__(self, kernels: Mapping, target: Target, num_layers: int):
+    def __init__(self, kernels: Mapping, target: Target, num_layers: int,
+                 weight_formats: Mapping[str, str] | None = None):
         load_plugins(kernels.get("plugin_dirs") or ())
         self.target, self.num_layers = target, num_layers
+        self.weight_formats = dict(weight_formats or {})
+        self.scope_formats: dict[str, frozenset[str]] = {}  # scope -> its weights' formats, as resolved
         self.default = kernels.get("default") or NATIVE
         self.ops = dict(kernels.get("ops") or {})
         self.layers = {str(k): dict(v or {}) for k, v in (kernels.get("layers") or {}).items()}
@@ -45,7 +55,7 @@ class OpResolver:
         self.allow_fallback = bool(kernels.get("allow_fallback", True))
         self.table: dict[str, dict[str, str]] = {}
         self.reasons: dict[str, str] = {}
-        self._auto: dict[str, str] = {}  # op -> the backend auto chose
+        self._auto: dict[tuple, str] = {}  # (op, weight formats) -> the backend auto chose
         self._fallbacks: set[str] = set()
         self._validate()
 
@@ -74,16 +84,30 @@ class OpResolver:
             return self.ops[op]
         return self.default if self.default in get_op(op).impls or self.default == AUTO else NATIVE
 
+    def weight_format(self, name: str) -> str:
+        """The format of the model parameter `name` ("layers.3.qkv_proj", "lm_head"): dense unless quantized."""
+        return self.weight_formats.get(name, DENSE)
+
+    def target_for(self, scope: str, op: str) -> Target:
+        """The target `op` resolves for in `scope`: the scope's weight formats where the op reads weights."""
+        formats = self.scope_formats.get(scope, frozenset((DENSE,)))
+        if formats == {DENSE} or not reads_weights(op):
+            return self.target
+        return replace(self.target, weight_format=formats)
+
     def pick(self, scope: str, op: str) -> str:
-        """The backend named for (scope, op), with `auto` replaced by its choice (made once per op)."""
+        """The backend named for (scope, op), with `auto` replaced by its choice (made once per op and set of
+        weight formats)."""
         backend = self.backend_for(scope, op)
         if backend != AUTO:
             return backend
-        if op not in self._auto:
-            self._auto[op], passed = choose(op, self.target)
+        target = self.target_for(scope, op)
+        key = (op, target.formats)
+        if key not in self._auto:
+            self._auto[key], passed = choose(op, target)
             if passed:
                 self.reasons[op] = "auto passed over " + "; ".join(passed)
-        return self._auto[op]
+        return self._auto[key]
 
     def _fallback(self, op: str, message: str) -> None:
         self.reasons[op] = message
@@ -104,19 +128,36 @@ class OpResolver:
             count = f"{len(ops)} op" + "s" * (len(ops) > 1)
             parts.append(f"{backend} for {count}" + (f" ({notes})" if notes else ""))
         where = f"{self.target.device}, {str(self.target.dtype).removeprefix('torch.')}"
-        return f"kernels ({where}, default {self.default}): " + ", ".join(parts)
+        quantized = self.formats_text()
+        return (f"kernels ({where}, default {self.default}{'; ' + quantized if quantized else ''}): "
+                + ", ".join(parts))
 
-    def scope(self, scope: int | str, names: tuple[str, ...] | None = None) -> SimpleNamespace:
-        """Resolved callables for one layer (or MODEL_SCOPE), each site built from that scope's parts."""
+    def formats_text(self) -> str:
+        """The quantized scopes by their weights' formats: "int4 weights in layers 1-26", "" when all dense."""
+        by_formats: dict[frozenset, list[str]] = {}
+        for scope, formats in self.scope_formats.items():
+            if formats != {DENSE}:
+                by_formats.setdefault(formats, []).append(scope)
+        return "; ".join(f"{'+'.join(sorted(formats))} weights in {scopes_text(scopes)}"
+                         for formats, scopes in sorted(by_formats.items(), key=lambda kv: sorted(kv[0])))
+
+    def scope(self, scope: int | str, names: tuple[str, ...] | None = None,
+              weights: tuple[str, ...] = ()) -> SimpleNamespace:
+        """Resolved callables for one layer (or MODEL_SCOPE), each site built from that scope's parts.
+        `weights`: the parameter names of the linear weights the scope's ops read (a layer's "qkv_proj" ...,
+        the model's "lm_head"), whose formats (`weight_formats`) the weight-reading ops resolve for."""
         scope = str(scope)
         names = names or tuple(OPS)
+        prefix = f"layers.{scope}." if scope.isdigit() else ""
+        self.scope_formats[scope] = frozenset(self.weight_format(prefix + w) for w in weights) or frozenset((DENSE,))
         done: dict = {}
         used = self.table.setdefault(scope, {})
         for op in _sites_last(list(names)):
             parts = {p: done[p] for p in get_op(op).parts}
             where = f"layer {scope}: " if scope != MODEL_SCOPE else ""
-            done[op], used[op] = resolve(op, self.pick(scope, op), self.target, allow_fallback=self.allow_fallback,
-                                         parts=parts, where=where, on_fallback=lambda m, op=op: self._fallback(op, m))
+            done[op], used[op] = resolve(op, self.pick(scope, op), self.target_for(scope, op),
+                                         allow_fallback=self.allow_fallback, parts=parts, where=where,
+                                         on_fallback=lambda m, op=op: self._fallback(op, m))
         return SimpleNamespace(**{n: done[n] for n in names})
 
 
@@ -144,20 +185,38 @@ def validate_kernel_table(kernels: Mapping, num_layers: int | None = None) -> No
             check_backend(op, backend)
 
 
-def parse_layers(spec, num_layers: int, name: str = "") -> frozenset[int]:
-    """Layer indices of a group spec: "0-13", "0,2,5-7" (or a list of ints)."""
+def parse_layers(spec, num_layers: int, name: str = "", key: str = "kernels.groups") -> frozenset[int]:
+    """Layer indices of a group spec: "0-13", "0,2,5-7", "first,last", "first-3" (or a list of ints).
+    `key` names the setting in errors (kernels.groups by default)."""
     parts = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    ends = {"first": 0, "last": num_layers - 1}
     out: set[int] = set()
+    where = f"{key}.{name}" if name else key
     try:
         for part in parts:
             lo, _, hi = str(part).strip().partition("-")
+            lo, hi = ends.get(lo.strip(), lo), ends.get(hi.strip(), hi)
             out.update(range(int(lo), int(hi or lo) + 1))
     except ValueError:
-        raise RegistryError(f"kernels.groups.{name}={spec!r}: write layer indices and ranges, e.g. '0-13,20'") from None
+        raise RegistryError(f"{where}={spec!r}: write layer indices and ranges, e.g. '0-13,20' or 'first,last'") \
+            from None
     bad = sorted(i for i in out if not 0 <= i < num_layers)
     if bad or not out:
-        raise RegistryError(f"kernels.groups.{name}={spec!r}: layers {bad or 'none'} outside 0..{num_layers - 1}")
+        raise RegistryError(f"{where}={spec!r}: layers {bad or 'none'} outside 0..{num_layers - 1}")
     return frozenset(out)
+
+
+def scopes_text(scopes) -> str:
+    """["0", "1", "2", "5", "model"] -> "layers 0-2, 5, model"."""
+    nums = sorted(int(s) for s in scopes if str(s).isdigit())
+    runs, start = [], None
+    for i, n in enumerate(nums):
+        start = n if start is None else start
+        if i + 1 == len(nums) or nums[i + 1] != n + 1:
+            runs.append(f"{start}-{n}" if n > start else str(n))
+            start = None
+    named = [str(s) for s in scopes if not str(s).isdigit()]
+    return ", ".join((["layers " + ", ".join(runs)] if runs else []) + named)
 
 
 def _sites_last(names: list[str]) -> list[str]:

@@ -44,6 +44,7 @@ def test_all_quick_writes_required_keys(quick_run):
     assert {e["context"] for e in r["latency"]} == {16, 32}
     for e in r["latency"]:
         assert e["preset"] == "auto" and e["decode_tok_s"] > 0 and e["p90_ms"] >= e["median_ms"] > 0
+        assert e["model"] == "tiny" and e["quantization"] == "none"  # the RESULTS/baseline row fields
         assert 0 < e["pct_roofline"]
     assert r["throughput"]["output_tok_s"] > 0 and r["throughput"]["generated_tokens"] > 0
     assert r["throughput"]["preemptions"] >= 0 and r["throughput"]["kv_cache_tokens"] > 0

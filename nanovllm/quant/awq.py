@@ -1,0 +1,165 @@
+"""Activation-aware weight quantization (AWQ-style): per-input-channel scales from the activations a layer
+meets on a short calibration text (calibration.txt), chosen so that rounding hurts the channels that carry
+large activations less.
+
+For y = x @ W.T, any s > 0 gives y = (x / s) @ (W * s).T; quantizing W * s instead of W spends the grid on
+the columns that matter. s = mean|x| ** alpha, alpha searched per weight for the least output error. The
+division of x by s is folded into what produces x, so no kernel sees it:
+- qkv_proj: into the input RMSNorm's weight; gate_up_proj: into the pre-MLP RMSNorm's weight;
+- down_proj: into the up projection's rows (act(gate) * up / s = act(gate) * (up / s)).
+o_proj's input comes out of attention, where no fold is exact under grouped KV heads: it keeps s = 1. Every
+weight then rounds with a clip search weighted by its input's mean square (rtn.quantize's `importance`).
+
+The statistics come from the dense model, built on the CPU in float32 from the same checkpoint and run once
+over the calibration text: the device never holds a dense copy of a weight that is quantized.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from nanovllm.quant.plan import LAYER_WEIGHTS, QuantSpec
+from nanovllm.quant.rtn import quantize
+
+CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
+ALPHAS = tuple(i / 10 for i in range(11))
+MAX_TOKENS = 512     # calibration tokens (the text is shorter for most tokenizers)
+SAMPLE_ROWS = 256    # input rows the alpha search measures the output error on
+FOLDS = {"qkv_proj": "input_norm", "gate_up_proj": "post_norm"}  # weight -> the norm its input comes out of
+
+
+@dataclass
+class Calibration:
+    """scales[param]: the s each weight's columns are multiplied by (and its input divided by);
+    importance[param]: the mean square of each input column, after the division."""
+
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def transform(self, name: str, shard, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint tensor with the scales folded in (called for every tensor as it loads)."""
+        layer, _, param = name.rpartition(".")
+        for weight, norm in FOLDS.items():
+            if param == norm and (s := self.scales.get(f"{layer}.{weight}")) is not None:
+                return tensor / s.to(tensor)
+        if (s := self.scales.get(name)) is not None:
+            tensor = tensor * s.to(tensor)
+        if param == "gate_up_proj" and shard == 1 and (s := self.scales.get(f"{layer}.down_proj")) is not None:
+            tensor = tensor / s.to(tensor)[:, None]  # the up rows: down's input is divided by s
+        return tensor
+
+    def quantizer(self, spec: QuantSpec):
+        def quantize_weight(name: str, weight: torch.Tensor):
+            importance = self.importance.get(name)
+            return quantize(weight, spec.method, spec.weight_group_size, spec.symmetric, clip_search=True,
+                            importance=None if importance is None else importance.to(weight.device))
+
+        return quantize_weight
+
+
+def calibration_ids(model_path: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    return tokenizer(CALIBRATION_TEXT.read_text()).input_ids[:MAX_TOKENS]
+
+
+def dense_cpu_model(model_path: Path, hf_config):
+    """The dense model in float32 on the CPU, every op native, loaded from the checkpoint."""
+    from nanovllm.models.loader import iter_tensors, load_weights, weight_files
+    from nanovllm.models.registry import build_model, model_target
+    from nanovllm.ops import OpResolver
+
+    resolver = OpResolver({"default": "eager"}, model_target(hf_config, "cpu", torch.float32),
+                          hf_config.num_hidden_layers)
+    with torch.device("cpu"):
+        model = build_model(hf_config, resolver)
+    model.float()
+    load_weights(model, iter_tensors(weight_files(model_path)), torch.float32)
+    return model
+
+
+def layer_inputs(model, ids: list[int]) -> dict[str, torch.Tensor]:
+    """The inputs (tokens, in) every layer's linear weights meet on `ids`, from a dense CPU model (whose layers
+    this rewires for the purpose: use it for nothing else)."""
+    from nanovllm.models.dense import layer_ops
+    from nanovllm.ops.meta import build_metadata
+
+    inputs: dict[str, torch.Tensor] = {}
+    names: dict[int, str] = {}
+
+    def recording_linear(x, weight, bias=None):
+        if id(weight) in names:
+            inputs[names[id(weight)]] = x.detach().reshape(-1, x.shape[-1]).float()
+        return torch.nn.functional.linear(x, weight, bias)
+
+    block, a = 16, model.args
+    blocks = -(-len(ids) // block)
+    for layer in model.layers:
+        names.update({id(w): f"layers.{layer.idx}.{n}" for n, w in quantizable(layer).items()})
+        layer.ops = SimpleNamespace(**{op: _native(op, recording_linear) for op in layer_ops(a, layer.idx)})
+        if not layer.moe:
+            layer.mlp = layer.ops.gelu_mlp if a.activation == "gelu_tanh" else layer.ops.mlp
+        layer.decode_weights = None
+        shape = (blocks + 1, block, a.num_kv_heads, a.head_dim)
+        layer.k_cache, layer.v_cache = torch.zeros(shape), torch.zeros(shape)
+    meta = build_metadata([list(range(blocks))], [len(ids)], block, q_lens=[len(ids)]).to_device("cpu")
+    with torch.inference_mode():
+        model(torch.tensor(ids), meta.positions, meta)
+    return inputs
+
+
+def quantizable(layer) -> dict[str, torch.Tensor]:
+    return {n: getattr(layer, n) for n in LAYER_WEIGHTS if getattr(layer, n, None) is not None}
+
+
+def _native(op: str, linear):
+    """The op's native composition with `linear` as its linear part, at every depth."""
+    from nanovllm.ops import get_op
+
+    if op == "linear":
+        return linear
+    opdef = get_op(op)
+    if not opdef.is_site:
+        return opdef.native
+    return functools.partial(opdef.native, **{p: _native(p, linear) for p in opdef.parts})
+
+
+def search_scale(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """s = mean|x| ** alpha (normalised around 1) for the alpha whose quantized W * s gives the output closest
+    to x @ W.T on a sample of rows."""
+    rows = x[torch.linspace(0, len(x) - 1, min(SAMPLE_ROWS, len(x))).long()]
+    ref = rows @ w.T
+    magnitude = x.abs().mean(0).clamp_min(1e-6)
+    best, best_err = torch.ones_like(magnitude), float("inf")
+    for alpha in ALPHAS:
+        s = magnitude ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        q = quantize(w * s, spec.method, spec.weight_group_size, spec.symmetric).dequantize(torch.float32)
+        err = ((rows / s) @ q.T - ref).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def calibrate(model_path: Path, hf_config, spec: QuantSpec, ids: list[int] | None = None) -> Calibration:
+    """Scales and input importance for every weight `spec` quantizes, from the checkpoint at `model_path` run
+    over `ids` (default: the calibration text)."""
+    model = dense_cpu_model(model_path, hf_config)
+    weights = {f"layers.{layer.idx}.{n}": w.data for layer in model.layers for n, w in quantizable(layer).items()}
+    inputs = layer_inputs(model, ids if ids is not None else calibration_ids(model_path))
+    formats = spec.weight_formats(hf_config.num_hidden_layers)
+    out = Calibration()
+    for name, x in inputs.items():
+        if name not in formats:
+            continue
+        if name.rpartition(".")[2] in (*FOLDS, "down_proj"):
+            out.scales[name] = s = search_scale(x, weights[name], spec)
+            x = x / s
+        out.importance[name] = x.pow(2).mean(0)
+    return out
