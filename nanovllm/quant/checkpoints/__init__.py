@@ -10,7 +10,7 @@
   int4 with layout="compressed-tensors") folder.
 
 One module per format: gguf_native.py (with gguf_blocks.py), hf_fp8.py, compressed_tensors.py, gptq.py,
-awq.py; writer.py writes.
+awq.py (GPTQ and AWQ share qweight_folder.py); writer.py writes.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 
 from nanovllm.quant.checkpoints.detect import quantization_config
 from nanovllm.quant.checkpoints.packing import unpack_int32
+from nanovllm.quant.checkpoints.qweight_folder import repacked_tensors
 from nanovllm.quant.checkpoints.safetensors_folder import SafetensorsFolder
 from nanovllm.quant.rtn import pack_int4
 from nanovllm.quant.weights import QuantizedWeight
@@ -55,16 +56,5 @@ def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, gr
 
 def quantized_tensors(path, hf_config=None, dtype: torch.dtype = torch.bfloat16):
     group = _settings(path, hf_config)
-    folder = SafetensorsFolder(path)
-    for name in folder.names():
-        if name.endswith(PARTS[1:]):
-            continue
-        if not name.endswith(".qweight"):
-            yield name, folder.get(name)
-            continue
-        base = name.removesuffix(".qweight")
-        missing = [base + p for p in PARTS[1:] if base + p not in folder]
-        if missing:
-            raise ValueError(f"AWQ checkpoint {str(path)!r} lacks {', '.join(missing)}")
-        yield base + ".weight", repack(folder.get(name), folder.get(base + ".qzeros"), folder.get(base + ".scales"),
-                                       group, dtype)
+    yield from repacked_tensors(path, "AWQ", PARTS[1:], PARTS[1:], lambda parts: repack(
+        parts[".qweight"], parts[".qzeros"], parts[".scales"], group, dtype))

@@ -17,6 +17,7 @@ import torch
 
 from nanovllm.quant.checkpoints.detect import quantization_config
 from nanovllm.quant.checkpoints.packing import unpack_int32
+from nanovllm.quant.checkpoints.qweight_folder import repacked_tensors
 from nanovllm.quant.checkpoints.safetensors_folder import SafetensorsFolder
 from nanovllm.quant.weights import QuantizedWeight
 
@@ -88,17 +89,5 @@ def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_
 
 def quantized_tensors(path, hf_config=None, dtype: torch.dtype = torch.bfloat16):
     bits, group, shift = _settings(path, hf_config)
-    folder = SafetensorsFolder(path)
-    for name in folder.names():
-        if name.endswith(PARTS[1:]):
-            continue
-        if not name.endswith(".qweight"):
-            yield name, folder.get(name)
-            continue
-        base = name.removesuffix(".qweight")
-        missing = [base + p for p in PARTS[1:3] if base + p not in folder]
-        if missing:
-            raise ValueError(f"GPTQ checkpoint {str(path)!r} lacks {', '.join(missing)}")
-        g_idx = folder.get(base + ".g_idx") if base + ".g_idx" in folder else None
-        yield base + ".weight", repack(folder.get(name), folder.get(base + ".qzeros"), folder.get(base + ".scales"),
-                                       g_idx, bits, group, shift, dtype)
+    yield from repacked_tensors(path, "GPTQ", PARTS[1:], PARTS[1:3], lambda parts: repack(
+        parts[".qweight"], parts[".qzeros"], parts[".scales"], parts.get(".g_idx"), bits, group, shift, dtype))
