@@ -1,10 +1,15 @@
 """Helpers shared by every test area: the repository's root, the tiny Qwen3 shape and how its checkpoints are
-drawn, and the environment a test gives the project's entry points when it runs them in a subprocess."""
+drawn, the environment a test gives the project's entry points when it runs them in a subprocess, and the
+subprocess that runs Triton kernel tests under the interpreter."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -42,3 +47,24 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     child runs the code under test, whatever is installed), no progress bars, Hydra's full tracebacks."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return dict(os.environ, PYTHONPATH=path, NANOVLLM_PROGRESS="0", HYDRA_FULL_ERROR="1", **extra)
+
+
+def run_under_the_interpreter(test_file: str, names: Iterable[str], durations: int) -> None:
+    """Run the tests `names` of `test_file` in a fresh `python -m pytest` with TRITON_INTERPRET=1 set before any
+    plugin is imported (Triton picks the interpreter when a kernel is decorated, and plugin files are imported once
+    per process), without the pytest plugins those tests do not use; print its output and the slowest
+    `durations` tests, and fail with that output when any of them fails."""
+    t0 = time.perf_counter()
+    tests = [f"{test_file}::{name}" for name in names]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--durations={durations}",
+                           *tests],
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    print(proc.stdout[-6000:], proc.stderr[-2000:], f"interpreter run: {time.perf_counter() - t0:.1f} s", sep="\n")
+    assert proc.returncode == 0, "interpreter run failed:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def marked_tests(namespace: dict, mark) -> list[str]:
+    """The names of the test functions in `namespace` (a test module's globals()) that carry `mark`."""
+    return [name for name, fn in namespace.items()
+            if name.startswith("test_") and mark in getattr(fn, "pytestmark", [])]

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from nanovllm.ops.meta import build_metadata
 from nanovllm.ops.sites import AttentionSettings, LayerWeights
 from nanovllm.quant.rtn import quantize
 from nanovllm.quant.weights import FORMATS, QuantizedWeight
-from tests.helpers import ROOT
+from tests.helpers import marked_tests, run_under_the_interpreter
 
 pytest.importorskip("triton")
 
@@ -49,20 +47,12 @@ INTERPRETER_RUNS = {
 def test_quant_kernels_under_the_interpreter(run):
     if INTERPRETED:
         pytest.skip("this process is the interpreter run")
-    t0 = time.perf_counter()
-    tests = [f"{__file__}::{name}" for name in INTERPRETER_RUNS[run]]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5", *tests],
-                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    print(proc.stdout[-6000:], proc.stderr[-2000:], f"interpreter run: {time.perf_counter() - t0:.1f} s", sep="\n")
-    assert proc.returncode == 0, "interpreter run failed:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
+    run_under_the_interpreter(__file__, INTERPRETER_RUNS[run], durations=5)
 
 
 def test_interpreter_runs_hold_every_inner_test_once():
     runs = [name for names in INTERPRETER_RUNS.values() for name in names]
-    inner_tests = [name for name, fn in globals().items()
-                   if name.startswith("test_") and inner.mark in getattr(fn, "pytestmark", [])]
-    assert sorted(runs) == sorted(inner_tests)
+    assert sorted(runs) == sorted(marked_tests(globals(), inner.mark))
 
 
 # -- reference helpers -------------------------------------------------------------------------------------

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ import torch
 from nanovllm.ops import Target, get_op, load_plugins, native_site, resolve
 from nanovllm.ops.meta import build_metadata
 from nanovllm.ops.sites import AttentionSettings, LayerWeights
-from tests.helpers import ROOT
+from tests.helpers import ROOT, marked_tests, run_under_the_interpreter
 
 pytest.importorskip("triton")
 
@@ -53,20 +51,12 @@ INTERPRETER_RUNS = {
 def test_kernels_under_the_interpreter(run):
     if INTERPRETED:
         pytest.skip("this process is the interpreter run")
-    t0 = time.perf_counter()
-    tests = [f"{__file__}::{name}" for name in INTERPRETER_RUNS[run]]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=8", *tests],
-                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    print(proc.stdout[-6000:], proc.stderr[-2000:], f"interpreter run: {time.perf_counter() - t0:.1f} s", sep="\n")
-    assert proc.returncode == 0, "interpreter run failed:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
+    run_under_the_interpreter(__file__, INTERPRETER_RUNS[run], durations=8)
 
 
 def test_interpreter_runs_hold_every_inner_test_once():
     runs = [name for names in INTERPRETER_RUNS.values() for name in names]
-    inner_tests = [name for name, fn in globals().items()
-                   if name.startswith("test_") and inner.mark in getattr(fn, "pytestmark", [])]
-    assert sorted(runs) == sorted(inner_tests)
+    assert sorted(runs) == sorted(marked_tests(globals(), inner.mark))
 
 
 def test_shipped_tables_hold_valid_configs():
