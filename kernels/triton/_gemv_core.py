@@ -286,6 +286,18 @@ def _splitk_sum_kernel(ws_ptr, y_ptr, b_ptr, r_ptr, M, N, stride_ym, stride_rm, 
 
 
 @triton.jit
+def keep_block_max(logits, pid_n, N, best, best_idx, BLOCK_N: tl.constexpr):
+    """The running (max, first index of the max) per row, `best` and `best_idx`, updated with vocab block pid_n's
+    float32 (BLOCK_M, BLOCK_N) logits: columns at or past N never win, and a tie keeps the earlier block's index."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    logits = tl.where(offs_n[None, :] < N, logits, float("-inf"))
+    v = tl.max(logits, axis=1)
+    i = tl.argmax(logits, axis=1) + pid_n * BLOCK_N  # first index of the max within the block
+    take = v > best  # strict: an earlier block keeps a tie
+    return tl.where(take, v, best), tl.where(take, i, best_idx)
+
+
+@triton.jit
 def argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, num_progs, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Grid (M,): the max of each row's per-program winners (value, token id), the smallest token id among
     equal maxima (torch.argmax's rule). Shared by the argmax LM head and the sampler."""

@@ -18,6 +18,7 @@ from nanovllm.ops.plugins import load_sibling
 
 core = load_sibling(__file__, "_gemv_core")
 gemv_tile = core.gemv_tile
+keep_block_max = core.keep_block_max
 
 
 @triton.jit
@@ -34,12 +35,7 @@ def _lm_head_argmax_kernel(x_ptr, w_ptr, nw_ptr, val_ptr, idx_ptr, M, N, K, stri
         logits, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, x_ptr, 0, M, N, K, 0, K, eps, pid_m, pid_n,
                               True, False, EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
         logits = logits.to(w_ptr.dtype.element_ty).to(tl.float32)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        logits = tl.where(offs_n[None, :] < N, logits, float("-inf"))
-        v = tl.max(logits, axis=1)
-        i = tl.argmax(logits, axis=1) + pid_n * BLOCK_N  # first index of the max within the block
-        take = v > best  # strict: an earlier block keeps a tie
-        best, best_idx = tl.where(take, v, best), tl.where(take, i, best_idx)
+        best, best_idx = keep_block_max(logits, pid_n, N, best, best_idx, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tl.store(val_ptr + offs_m * num_progs + pid, best, mask=offs_m < M)
     tl.store(idx_ptr + offs_m * num_progs + pid, best_idx, mask=offs_m < M)
