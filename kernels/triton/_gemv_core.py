@@ -216,6 +216,18 @@ def silu_mul_pairs(acc, a_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def store_silu_mul(acc, a_ptr, stride_am, pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store silu(gate) * up (silu_mul_pairs) of program (pid_m, pid_n)'s fp32 GEMV tile over N interleaved
+    gate/up rows as its (BLOCK_M, BLOCK_N // 2) block of the (M, N // 2) activation at a_ptr."""
+    act = silu_mul_pairs(acc, a_ptr, BLOCK_M, BLOCK_N)
+    dtype = a_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    mask = (offs_m[:, None] < M) & (offs_i[None, :] < N // 2)
+    tl.store(a_ptr + offs_m[:, None] * stride_am + offs_i[None, :], act.to(dtype), mask=mask)
+
+
+@triton.jit
 def store_out(acc, y_ptr, stride_ym, b_ptr, r, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
     """y = round(acc + bias), then round(y + r) (r: the residual's fp32 tile, from load_rows): the roundings of
     F.linear followed by `residual + y`."""

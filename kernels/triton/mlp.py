@@ -22,7 +22,7 @@ from torch.library import triton_op, wrap_triton
 from nanovllm.ops.plugins import load_sibling
 
 core = load_sibling(__file__, "_gemv_core")
-gemv_tile, silu_mul_pairs = core.gemv_tile, core.silu_mul_pairs
+gemv_tile, store_silu_mul = core.gemv_tile, core.store_silu_mul
 interleave_gate_up = core.interleave_gate_up
 
 
@@ -36,12 +36,7 @@ def _gate_up_silu_kernel(x_ptr, w_ptr, a_ptr, nw_ptr, M, N, K, stride_xm, stride
     pid_n, pid_m = tl.program_id(0), tl.program_id(2)
     acc, _ = gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, x_ptr, 0, M, N, K, 0, K, eps, pid_m, pid_n, HAS_NORM,
                        False, EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
-    act = silu_mul_pairs(acc, a_ptr, BLOCK_M, BLOCK_N)
-    dtype = a_ptr.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_i = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    mask = (offs_m[:, None] < M) & (offs_i[None, :] < N // 2)
-    tl.store(a_ptr + offs_m[:, None] * stride_am + offs_i[None, :], act.to(dtype), mask=mask)
+    store_silu_mul(acc, a_ptr, stride_am, pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
 
 
 @triton_op("nanovllm_triton::gate_up_silu", mutates_args=())

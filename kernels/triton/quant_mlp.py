@@ -22,7 +22,7 @@ from nanovllm.quant.weights import is_quantized
 qcore = load_sibling(__file__, "_quant_core")
 dense = load_builtin("triton/mlp")
 core = qcore.core
-qgemv_tile, silu_mul_pairs = qcore.qgemv_tile, core.silu_mul_pairs
+qgemv_tile, store_silu_mul = qcore.qgemv_tile, core.store_silu_mul
 
 
 @triton.jit
@@ -38,12 +38,7 @@ def _qgate_up_silu_kernel(x_ptr, w_ptr, s_ptr, o_ptr, perm_ptr, a_ptr, nw_ptr, M
     acc, _ = qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm_ptr, group, nw_ptr, x_ptr,
                         0, M, N, K, 0, K, KB, eps, pid_m, pid_n, FORMAT, HAS_OFFSET, HAS_PERM, SCALE_LAST, SUB,
                         HAS_NORM, False, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
-    act = silu_mul_pairs(acc, a_ptr, BLOCK_M, BLOCK_N)
-    dtype = a_ptr.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_i = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    mask = (offs_m[:, None] < M) & (offs_i[None, :] < N // 2)
-    tl.store(a_ptr + offs_m[:, None] * stride_am + offs_i[None, :], act.to(dtype), mask=mask)
+    store_silu_mul(acc, a_ptr, stride_am, pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
 
 
 @triton_op("nanovllm_triton::qgate_up_silu", mutates_args=())
