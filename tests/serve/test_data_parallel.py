@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serve.conftest import ROOT, SpawnedServer, free_port
-from tests.serve.test_chaos import CONCURRENCY, EXPECTED_STATUS, PROMPTS, REQUESTS, greedy, make_request, send
+from tests.serve.test_chaos import PROMPTS, REQUESTS, check_mix, greedy, make_request, send_mix
 
 SHARED = "You are a careful assistant. " * 12  # longer than server.affinity_prefix_chars (256)
 
@@ -133,27 +133,8 @@ def test_chaos_mix_against_two_replicas(http, server):
     rng = random.Random(0)
     planned = [make_request(rng, i) for i in range(REQUESTS)]
 
-    async def main():
-        gate = asyncio.Semaphore(CONCURRENCY)
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
-            async def one(i, req):
-                async with gate:
-                    return await asyncio.wait_for(send(c, *req, random.Random(i)), timeout=120)
-            return await asyncio.gather(*(one(i, req) for i, req in enumerate(planned)))
-
-    results = asyncio.run(main())
-    assert len(results) == REQUESTS
-    for (_, body, _), (kind, status, answer) in zip(planned, results):
-        assert status < 500, (kind, status, answer)
-        if kind in EXPECTED_STATUS:
-            assert status == EXPECTED_STATUS[kind], (kind, status, answer)
-            assert set(answer["error"]) == {"message", "type", "param", "code"}
-            continue
-        assert status == 200, (kind, answer)
-        if kind == "greedy":
-            assert answer["choices"][0]["text"] == alone[body["prompt"]]
-        elif kind == "stream":
-            assert answer == alone[body["prompt"]]
+    results = send_mix(server.url, planned)
+    check_mix(planned, results, alone)
     wait_idle(http)  # nothing running or waiting, every KV block free, on both replicas
     assert all(r["healthy"] and r["restarts"] == 0 for r in replicas(http))
     assert metric(http, "nanovllm:dp_outstanding_requests") == {"0": 0.0, "1": 0.0}
