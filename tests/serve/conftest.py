@@ -45,29 +45,38 @@ class SpawnedServer:
         out, _ = self.proc.communicate(timeout=timeout)
         return self.proc.returncode, out
 
+    def stop(self) -> None:
+        """Kill the server if it is still up, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def start_server(run_dir: Path, *overrides: str, env: dict | None = None, pythonpath=()) -> SpawnedServer:
+    """`python -m nanovllm.serve model=tiny device=cpu engine=cpu_small *overrides` on a free port, with its Hydra
+    run dir `run_dir` and `pythonpath`, then this checkout, first on its PYTHONPATH; not yet waited for."""
+    port = free_port()
+    path = os.pathsep.join([*map(str, pythonpath), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    full_env = {**os.environ, "PYTHONPATH": path, "NANOVLLM_PROGRESS": "0", **(env or {})}
+    cmd = [sys.executable, "-m", "nanovllm.serve", "model=tiny", "device=cpu", "engine=cpu_small",
+           f"server.port={port}", f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return SpawnedServer(proc, port, run_dir)
+
 
 @pytest.fixture
 def spawn_server(tmp_path):
-    """spawn_server(*overrides, env=None, pythonpath=()) -> SpawnedServer running `python -m nanovllm.serve
-    model=tiny device=cpu engine=cpu_small` with its Hydra run dir under tmp_path; killed at the end if still up."""
-    procs = []
+    """spawn_server(*overrides, env=None, pythonpath=()) -> SpawnedServer (start_server's) with its Hydra run dir
+    under tmp_path; killed at the end if still up."""
+    servers = []
 
     def spawn(*overrides: str, env: dict | None = None, pythonpath=()) -> SpawnedServer:
-        port, run_dir = free_port(), tmp_path / f"run{len(procs)}"
-        path = os.pathsep.join([*map(str, pythonpath), str(ROOT), os.environ.get("PYTHONPATH", "")])
-        full_env = {**os.environ, "PYTHONPATH": path, "NANOVLLM_PROGRESS": "0", **(env or {})}
-        cmd = [sys.executable, "-m", "nanovllm.serve", "model=tiny", "device=cpu", "engine=cpu_small",
-               f"server.port={port}", f"hydra.run.dir={run_dir}", *overrides]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        procs.append(proc)
-        return SpawnedServer(proc, port, run_dir)
+        servers.append(start_server(tmp_path / f"run{len(servers)}", *overrides, env=env, pythonpath=pythonpath))
+        return servers[-1]
 
     yield spawn
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serve.conftest import ROOT, SpawnedServer, free_port
+from tests.serve.conftest import start_server
 from tests.serve.test_chaos import PROMPTS, REQUESTS, check_mix, greedy, make_request, send_mix
 
 SHARED = "You are a careful assistant. " * 12  # longer than server.affinity_prefix_chars (256)
@@ -27,27 +25,13 @@ SHARED = "You are a careful assistant. " * 12  # longer than server.affinity_pre
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dp")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "NANOVLLM_PROGRESS": "0"}
-    cmd = [sys.executable, "-m", "nanovllm.serve", "model=tiny", "device=cpu", "engine=cpu_small", "dtype=float64",
-           "server.data_parallel=2", "server.max_body_bytes=16384", "server.max_queued_requests=4096",
-           "server.shutdown_grace_s=60", "server.log_level=warning", f"server.port={port}", f"hydra.run.dir={tmp}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    s = SpawnedServer(proc, port, tmp)
+    s = start_server(tmp_path_factory.mktemp("dp"), "dtype=float64", "server.data_parallel=2",
+                     "server.max_body_bytes=16384", "server.max_queued_requests=4096", "server.shutdown_grace_s=60",
+                     "server.log_level=warning")
     try:
         yield s.wait_healthy(timeout=400)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
+        s.stop()
 
 
 def replicas(http) -> list[dict]:
