@@ -49,24 +49,31 @@ def _add_rms_norm_kernel(ws_ptr, r_ptr, nw_ptr, out_ptr, res_ptr, M, N, stride_r
                      stride_sm, eps, SPLIT_K, BLOCK)
 
 
+def add_rms_norm_partials(ws: torch.Tensor, o: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second kernel: (rms_norm(s), s) with s = the sum of the GEMV's fp32 partials ws (SPLIT_K, M, N) plus
+    the residual, in o's dtype, one program per row."""
+    split_k, m, n = ws.shape
+    block = triton.next_power_of_2(n)
+    out, res = o.new_empty(m, n), o.new_empty(m, n)
+    pdl = core.pdl(o, residual)
+    wrap_triton(_add_rms_norm_kernel)[(m,)](
+        ws, residual, norm_w, out, res, m, n, residual.stride(0), out.stride(0), res.stride(0), eps,
+        SPLIT_K=split_k, BLOCK=block, PDL=pdl, num_warps=max(1, min(16, block // 256)), **core.launch_opts(pdl))
+    return out, res
+
+
 @triton_op("nanovllm_triton::gemv_add_rms_norm", mutates_args=())
 def gemv_add_rms_norm(o: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(o @ w.T + residual), o @ w.T + residual) for at most MAX_M rows."""
     o = o if o.stride(-1) == 1 else o.contiguous()
     (m, k), n = o.shape, w.shape[0]
-    block = triton.next_power_of_2(n)
 
     def run(cfg, weight):
         ws = o.new_empty(cfg.SPLIT_K, m, n, dtype=torch.float32)
-        out, res = o.new_empty(m, n), o.new_empty(m, n)
-        pdl = core.pdl(o, residual)
         core.launch_gemv(o, weight, ws, cfg, partial=True)
-        wrap_triton(_add_rms_norm_kernel)[(m,)](
-            ws, residual, norm_w, out, res, m, n, residual.stride(0), out.stride(0), res.stride(0), eps,
-            SPLIT_K=cfg.SPLIT_K, BLOCK=block, PDL=pdl, num_warps=max(1, min(16, block // 256)),
-            **core.launch_opts(pdl))
-        return out, res
+        return add_rms_norm_partials(ws, o, residual, norm_w, eps)
 
     return run(core.tuning.choose("attn_out", n, k, m, o, w, core.bencher(w, run)), w)
 

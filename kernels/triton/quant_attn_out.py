@@ -5,15 +5,13 @@ kernel (attn_out.py) sums them, adds the residual and norms the row."""
 from __future__ import annotations
 
 import torch
-import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from nanovllm.ops.plugins import load_builtin, load_sibling
 from nanovllm.quant.weights import is_quantized
 
 qcore = load_sibling(__file__, "_quant_core")
 dense = load_builtin("triton/attn_out")
-core = qcore.core
 
 
 @triton_op("nanovllm_triton::qgemv_add_rms_norm", mutates_args=())
@@ -25,18 +23,11 @@ def qgemv_add_rms_norm(o: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     m, k = o.shape
     qw = qcore.qw_of(fmt, qweight, scale, offset, perm, group, k)
     n = qw.n
-    block = triton.next_power_of_2(n)
 
     def run(cfg, w):
         ws = o.new_empty(cfg.SPLIT_K, m, n, dtype=torch.float32)
-        out, res = o.new_empty(m, n), o.new_empty(m, n)
-        pdl = core.pdl(o, residual)
         qcore.launch_qgemv(o, w, ws, cfg, partial=True)
-        wrap_triton(dense._add_rms_norm_kernel)[(m,)](
-            ws, residual, norm_w, out, res, m, n, residual.stride(0), out.stride(0), res.stride(0), eps,
-            SPLIT_K=cfg.SPLIT_K, BLOCK=block, PDL=pdl, num_warps=max(1, min(16, block // 256)),
-            **core.launch_opts(pdl))
-        return out, res
+        return dense.add_rms_norm_partials(ws, o, residual, norm_w, eps)
 
     return run(qcore.choose("qattn_out", o, qw, run), qw)
 
