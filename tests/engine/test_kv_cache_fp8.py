@@ -182,7 +182,7 @@ def test_gpu_fp8_engine_close_to_bf16(make_checkpoint, kernels):
         assert fp8.engine.runner.kv_cache[0][0].dtype == torch.float8_e4m3fn
         want = teacher_forced_logits(ref.engine, PROMPT, FORCED)
         got = teacher_forced_logits(fp8.engine, PROMPT, FORCED)
-        scale = want.std().item()  # bf16 logits: on an H100 the error was 0.20 (max) and 0.031 (mean) of this
+        scale = want.std().item()  # bf16 logits: wider bounds than the float32 CPU cases
         fp8_cache_close(got, want, max_abs=0.3 * scale, mean_abs=0.05 * scale)
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
         out = fp8.generate([PROMPT] * 3, params)  # decode steps through the CUDA graphs
