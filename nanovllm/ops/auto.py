@@ -34,9 +34,9 @@ RANKING: dict[str, dict[str, tuple[str, ...]]] = {
 
 _QUANT = ("triton_quant",)
 
-# weight-only quantized kernels (q-kernels' Triton GEMV/GEMM that read fp8/int8/int4 weights and their scales)
+# weight-only quantized kernels: the Triton GEMV/GEMM that read fp8/int8/int4 weights and their scales
 QUANT_RANKING: dict[str, dict[str, tuple[str, ...]]] = {
-    "cuda": {op: _QUANT for op in ("linear", "norm_qkv", "attn_out", "mlp", "decode_layer", "lm_head_sample", "moe")},
+    "cuda": {op: _QUANT for op in ("linear", "norm_qkv", "attn_out", "mlp", "decode_layer", "lm_head_sample")},
 }
 
 

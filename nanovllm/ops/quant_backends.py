@@ -5,8 +5,9 @@ native op, which reads every weight format. The kernels' own registration replac
 from nanovllm.ops.registry import declare_backend
 from nanovllm.quant.weights import FORMATS
 
-# weight-only quantized GEMV/GEMM kernels: `linear` and every site that reads a layer's weights
-TRITON_QUANT_OPS = ("linear", "norm_qkv", "attn_out", "mlp", "decode_layer", "lm_head_sample", "moe")
+# weight-only quantized GEMV/GEMM kernels: `linear` and every site that reads a dense layer's weights (MoE experts stay
+# dense, so `moe` has none)
+TRITON_QUANT_OPS = ("linear", "norm_qkv", "attn_out", "mlp", "decode_layer", "lm_head_sample")
 
 for _op in TRITON_QUANT_OPS:
     declare_backend(_op, "triton_quant", "the Triton quantized-weight kernels are not installed", FORMATS)

@@ -9,8 +9,6 @@ what loading consumes.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +17,6 @@ import torch
 
 from nanovllm.quant.plan import QuantSpec, checkpoint_formats
 from nanovllm.quant.weights import QuantizedWeight
-
-CHECKPOINT_READERS = "nanovllm.quant.checkpoints"
 
 
 @dataclass
@@ -47,19 +43,19 @@ def quant_spec(config, num_layers: int) -> QuantSpec | None:
 
 
 def checkpoint_readers():
-    """q-ckpt's readers of pre-quantized checkpoints, or None where they are not installed."""
-    if importlib.util.find_spec(CHECKPOINT_READERS) is None:
-        return None
-    return importlib.import_module(CHECKPOINT_READERS)
+    """The readers of pre-quantized checkpoints (nanovllm.quant.checkpoints: detect, weight_formats, ...)."""
+    from nanovllm.quant import checkpoints
+
+    return checkpoints
 
 
 def weight_source(model_path: Path, hf_config, config, readers=None) -> WeightSource:
     """The weights of the checkpoint at `model_path` for EngineConfig `config`. `readers`: the checkpoint
-    readers module (default: nanovllm.quant.checkpoints when present; tests pass a fake one)."""
+    readers module (default: nanovllm.quant.checkpoints; tests pass a fake one)."""
     from nanovllm.models.loader import count_tensors, iter_tensors, weight_files
 
     readers = readers if readers is not None else checkpoint_readers()
-    method = readers.detect(model_path, hf_config) if readers is not None else None
+    method = readers.detect(model_path, hf_config)
     if method is not None:
         if config.quantization is not None:
             raise ValueError(f"the checkpoint at {str(model_path)!r} is already quantized ({method}); "
