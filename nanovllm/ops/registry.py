@@ -93,9 +93,6 @@ class Impl:
     # cold(target) -> why the first use would stop to compile for long (a JIT cache miss), or None. `auto`
     # passes over a cold backend; the hook may start that build in the background.
     cold: Callable[[Target], str | None] | None = None
-    # a name kernel tables may use before its kernels are installed (declare_backend): unavailable until
-    # register_impl replaces it
-    placeholder: bool = False
 
 
 @dataclass
@@ -153,7 +150,7 @@ def register_impl(op: str, backend: str, *, devices=None, dtypes=None, check=Non
         opdef = get_op(op)
         if backend in (NATIVE, COMPILE, AUTO):
             raise RegistryError(f"backend name {backend!r} is built in for every op ({op!r})")
-        if backend in opdef.impls and not replace and not opdef.impls[backend].placeholder:
+        if backend in opdef.impls and not replace:
             raise RegistryError(f"backend {backend!r} of op {op!r} is registered twice")
         support = Support(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None, check, needs,
                           tuple(formats), _kv_dtypes(opdef, kv_dtypes))
@@ -180,19 +177,6 @@ def declare_kv_dtypes(op: str, backend: str, kv_dtypes) -> None:
         raise RegistryError(f"op {op!r} has no backend {backend!r}")
     impl = opdef.impls[backend]
     impl.support = dataclasses.replace(impl.support, kv_dtypes=_kv_dtypes(opdef, kv_dtypes))
-
-
-def declare_backend(op: str, backend: str, why: str, formats=(DENSE,)) -> None:
-    """Make `backend` a valid name for `op` before its kernels are registered: presets may name it, and
-    resolution falls back to the native op (saying `why`) until `register_impl` replaces the placeholder."""
-    if backend in get_op(op).impls:
-        return
-
-    def unavailable(*args, **kwargs):
-        raise RegistryError(f"op {op!r}: backend {backend!r} is not installed ({why})")
-
-    get_op(op).impls[backend] = Impl(op, backend, unavailable, Support(needs=lambda: why, formats=tuple(formats)),
-                                     placeholder=True)
 
 
 _COMPILED: dict[str, Callable] = {}
