@@ -41,6 +41,7 @@ EXPERIMENTS = ROOT / "experiments"
 PRESETS = ("onepass", "persistent_layer", "triton_embedding")
 
 
+@pytest.mark.slow  # the experiments' kernels are not shipped; the CPU suite's budget goes to the shipped ones
 def test_experiments_under_the_interpreter():
     if INTERPRETED:
         pytest.skip("this process is the interpreter run")
