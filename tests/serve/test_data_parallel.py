@@ -167,6 +167,9 @@ def test_killed_replica_fails_its_requests_cleanly_and_comes_back(http, server):
     r = waiting["r"]
     assert r.status_code == 503 and r.json()["error"]["code"] == "replica_failed" and r.headers["retry-after"]
 
+    deadline = time.monotonic() + 30  # once the front has seen the death, new requests go to the other replica
+    while replicas(http)[victim]["healthy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert complete(http, "served by the other one meanwhile").status_code == 200
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
