@@ -163,7 +163,8 @@ def test_gptq(tmp_path, bits, sym, act_order):
     stored_order = qw.perm.numpy() if act_order else np.arange(k)
     assert np.array_equal(qw.dequantize(torch.float32).numpy(), ref[:, stored_order])
     x = torch.randn(3, k)
-    torch.testing.assert_close(qw.linear(x), x @ torch.from_numpy(ref).T, rtol=1e-5, atol=1e-5)
+    # float32 sums of the same products in another order: a few ulps of the largest partial sums apart
+    torch.testing.assert_close(qw.linear(x), x @ torch.from_numpy(ref).T, rtol=1e-4, atol=1e-4)
 
 
 def test_gptq_v2_zero_points_and_uneven_g_idx(tmp_path):
