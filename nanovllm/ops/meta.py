@@ -24,6 +24,8 @@ class AttentionMetadata:
                    num_blocks per request), for plan hooks; never read inside the forward pass
     plans:         backend state planned once per step outside any graph (e.g. FlashInfer wrappers)
     graph_batch:   the captured batch size when this step replays a CUDA graph, else None
+    verify:        a speculative verify step: each request's rows are its last token and its drafts, at
+                   consecutive positions (layers run `attention_verify` instead of `attention_prefill`)
     """
 
     positions: torch.Tensor
@@ -37,6 +39,7 @@ class AttentionMetadata:
     host: dict = field(default_factory=dict)
     plans: dict = field(default_factory=dict)
     graph_batch: int | None = None
+    verify: bool = False
 
     @property
     def is_decode(self) -> bool:

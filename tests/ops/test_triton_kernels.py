@@ -38,7 +38,7 @@ INTERPRETER_RUNS = {
     "elementwise": ("test_prefetch_only_when_every_weight_read_early_is_a_parameter",
                     "test_rms_norm_and_add_rms_norm", "test_rms_norm_reads_strided_head_views_in_place",
                     "test_silu_and_mul", "test_sample_race", "test_qk_norm_rope", "test_attention_decode",
-                    "test_every_triton_backend_resolves_on_the_interpreter"),
+                    "test_attention_verify", "test_every_triton_backend_resolves_on_the_interpreter"),
     "gemv": ("test_linear", "test_norm_qkv", "test_attn_out", "test_lm_head_sample"),
     "mlp": ("test_mlp", "test_rope_decode_attention"),
     "layer": ("test_decode_layer", "test_interleaved_layout_is_applied_once_where_resolved",
@@ -374,6 +374,21 @@ def test_attention_decode(core, dtype, window, softcap, splits):
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@inner
+@pytest.mark.parametrize("dtype,window", [(torch.float32, 0), (torch.bfloat16, 6)])
+def test_attention_verify(core, dtype, window):
+    """A verify step: 1, 5 and 3 rows at the end of 4, 17 and 70 keys (uneven, as eager verify steps are)."""
+    from nanovllm.ops.testing import random_step
+
+    torch.manual_seed(7)
+    meta, num_blocks = random_step([1, 5, 3], [4, 17, 70], seed=3)
+    kc, vc = (torch.randn(num_blocks + 1, 4, 2, 12, dtype=dtype) for _ in range(2))
+    q = torch.randn(9, 6, 12, dtype=dtype)
+    got = triton_impl("attention_verify")(q, kc, vc, meta, 0.3, window, 0.0)
+    want = get_op("attention_verify").native(q, kc, vc, meta, 0.3, window, 0.0)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
 def rope_attention_case(dtype, qk_norm: bool, seed: int):
     """A rope_decode_attention step of 3 requests (1, 17 and 70 keys): (meta, the site's arguments up to the
     caches, [k cache, v cache, their copies]). Raw q, k, v are strided views of a packed QKV."""
@@ -459,7 +474,8 @@ def test_decode_layer(core, dtype, kv_lens, qk_norm, bias, window, backend="trit
 @inner
 def test_every_triton_backend_resolves_on_the_interpreter(core):
     ops = ("linear", "norm_qkv", "qk_norm_rope", "attn_out", "mlp", "lm_head_sample", "attention_decode",
-           "rope_decode_attention", "rms_norm", "add_rms_norm", "silu_and_mul", "sample", "decode_layer")
+           "attention_verify", "rope_decode_attention", "rms_norm", "add_rms_norm", "silu_and_mul", "sample",
+           "decode_layer")
     for op in ops:
         parts = {p: get_op(p).native for p in get_op(op).parts}
         backend = "triton_chain" if op == "decode_layer" else "triton"

@@ -1,9 +1,9 @@
 """The verify step: one forward pass that scores each sequence's last token and its drafts (k + 1 query rows
 per sequence) against the paged KV cache, writing their K/V, and returns the logits of every row.
 
-The rows of one sequence are a short prompt chunk at positions num_computed .. num_computed + n: the step runs
-the registry's `attention_prefill` op with per-sequence causal offsets (a query sees keys up to its own
-position), so any backend that serves chunked prefill with prefix hits serves verification.
+The rows of one sequence are a short prompt chunk at positions num_computed .. num_computed + n: the step's
+metadata is marked `verify`, so the layers run the registry's `attention_verify` op (a query sees keys up to its
+own position), whose backends capture in CUDA graphs; the GEMV-shaped sites run at k + 1 rows per sequence.
 
 Eagerly each sequence has 1 + len(drafts) rows. `VerifyGraphs` captures the step per (batch size, k) with
 k + 1 rows for every sequence (short draft lists padded; padding batch rows write to the scratch block).
@@ -11,6 +11,7 @@ k + 1 rows for every sequence (short draft lists padded; padding batch rows writ
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -41,7 +42,7 @@ def verify_logits_eager(runner, seqs: list[Sequence], drafts: list[list[int]]) -
     [i, j], rows past 1 + len(drafts[i]) zero."""
     ids, q_lens, seq_lens = verify_inputs(seqs, drafts)
     step = build_metadata([seq.block_table for seq in seqs], seq_lens, runner.block_size, q_lens=q_lens)
-    meta = step.to_device(runner.device)
+    meta = dataclasses.replace(step.to_device(runner.device), verify=True)
     for plan in runner.plans:
         plan(meta, runner.plan_context)
     input_ids = torch.tensor(ids, dtype=torch.int64).to(runner.device, non_blocking=True)
@@ -120,7 +121,8 @@ class VerifyGraphs:
         return AttentionMetadata(positions=v["positions"], slot_mapping=v["slot_mapping"], seq_lens=v["seq_lens"],
                                  block_tables=v["block_tables"], cu_seqlens_q=cu, pad_index=pad,
                                  max_seqlen_q=self.rows_per_seq,
-                                 max_seqlen_k=self.max_blocks * self.runner.block_size, host=host, graph_batch=b)
+                                 max_seqlen_k=self.max_blocks * self.runner.block_size, host=host, graph_batch=b,
+                                 verify=True)
 
     def _upload(self, b: int) -> None:
         end = sum(self.layout.values())
