@@ -74,17 +74,21 @@ def suggest_offload_gib(weight_bytes: int, largest_layer: int, available: int) -
     return math.ceil((weight_bytes + 2 * largest_layer - available) / GIB * 10) / 10
 
 
-def check_weights_fit(needed: int, weight_bytes: int, largest_layer: int, utilization: float, free: int,
-                      total: int) -> None:
+def check_weights_fit(needed: int, weight_bytes: int, largest_layer: int, offloadable: int, utilization: float,
+                      free: int, total: int) -> None:
     """Raise before anything is allocated when the weights the device must hold (`needed`: resident weights plus
-    staging slots) exceed what gpu_memory_utilization leaves of the card (`free`, `total`: its memory now)."""
+    staging slots) exceed what gpu_memory_utilization leaves of the card (`free`, `total`: its memory now).
+    `offloadable`: the bytes cpu_offload_gb can move at most."""
     available = utilization * total - (total - free)
     if needed <= available:
         return
-    raise MemoryError(
-        f"the weights need {needed / GIB:.2f} GiB but gpu_memory_utilization={utilization:g} of the card's "
-        f"{total / GIB:.1f} GiB leaves {available / GIB:.2f} GiB: set cpu_offload_gb >= "
-        f"{suggest_offload_gib(weight_bytes, largest_layer, int(available))} (and keep room for the KV cache)")
+    head = (f"the weights need {needed / GIB:.2f} GiB but gpu_memory_utilization={utilization:g} of the card's "
+            f"{total / GIB:.1f} GiB leaves {available / GIB:.2f} GiB")
+    suggested = suggest_offload_gib(weight_bytes, largest_layer, int(available))
+    if suggested * GIB > offloadable:
+        raise MemoryError(f"{head}, and offloading every layer (cpu_offload_gb={offloadable / GIB:.2f}) would not "
+                          "make room: raise gpu_memory_utilization or quantize the weights")
+    raise MemoryError(f"{head}: set cpu_offload_gb >= {suggested} (and keep room for the KV cache)")
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
@@ -227,8 +231,9 @@ def place_weights(model: nn.Module, config, device: torch.device, dtype: torch.d
     total = weight_bytes(model, dtype)
     if device.type == "cuda":
         free, card = torch.cuda.mem_get_info(device)
-        check_weights_fit(total - offloaded + staging, total, max(map(sum, (t.values() for t in tensors))),
-                          config.gpu_memory_utilization, free, card)
+        sizes = [sum(t.values()) for t in tensors]
+        check_weights_fit(total - offloaded + staging, total, max(sizes), sum(sizes), config.gpu_memory_utilization,
+                          free, card)
     offloader = WeightOffloader(model, plan, device, dtype) if plan else None
     quantized = getattr(model, "quantized", {})
     placed: dict[int, nn.Parameter] = {}  # tied weights are one Parameter: placed once

@@ -51,14 +51,16 @@ def test_plan_rejects_a_budget_above_the_layers():
 
 def test_fit_check_says_how_much_to_offload():
     card = 80 * GIB
-    check_weights_fit(10 * GIB, 10 * GIB, GIB // 2, 0.5, card, card)  # fits
+    check_weights_fit(10 * GIB, 10 * GIB, GIB // 2, 9 * GIB, 0.5, card, card)  # fits
     weights, layer = 28 * GIB, GIB // 2
-    with pytest.raises(MemoryError) as err:
-        check_weights_fit(weights, weights, layer, 0.2, card - GIB, card)  # 16 GiB cap, 1 GiB already in use
+    with pytest.raises(MemoryError) as err:  # a 16 GiB cap with 1 GiB already in use
+        check_weights_fit(weights, weights, layer, 25 * GIB, 0.2, card - GIB, card)
     msg = str(err.value)
     assert "the weights need 28.00 GiB but gpu_memory_utilization=0.2 of the card's 80.0 GiB leaves 15.00 GiB" in msg
     assert "set cpu_offload_gb >= 14.0 (and keep room for the KV cache)" in msg
     assert suggest_offload_gib(weights, layer, 15 * GIB) == 14.0  # 28 + 2 staging slots of 0.5 - 15
+    with pytest.raises(MemoryError, match="offloading every layer .* would not make room"):
+        check_weights_fit(weights, weights, layer, 10 * GIB, 0.2, card - GIB, card)  # big embeddings, say
 
 
 def test_bad_values_are_clear_errors():
@@ -129,3 +131,11 @@ def test_fit_check_runs_before_the_weights_are_allocated(tiny_model, monkeypatch
         wo.place_weights(model, config, torch.device("cuda"), torch.float32)
     assert seen["needed"] == wo.weight_bytes(model, torch.float32)
     assert all(p.is_meta for p in model.parameters())  # nothing was allocated
+
+
+def test_flag_reaches_the_engine_config():
+    from nanovllm.cli import to_hydra
+
+    assert to_hydra("serve", ["tiny", "--cpu-offload-gb", "8"], ("tiny",), ()).argv == \
+        ["model=tiny", "engine.cpu_offload_gb=8"]
+    assert EngineConfig(model="tiny", device="cpu", cpu_offload_gb=8).cpu_offload_gb == 8
