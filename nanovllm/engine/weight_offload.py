@@ -114,7 +114,7 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
 
 def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     """A flat host buffer, page-locked in place when `pin` (exactly its size: torch's pinned allocator would round
-    it up to a power of two); unpin_host_buffer gives the lock back."""
+    it up to a power of two); `_unpin` gives the lock back."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
     if pin and nbytes:
         rc = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0))
