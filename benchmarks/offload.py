@@ -116,19 +116,23 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON file for the rows")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script (--model tiny)")
     a = p.parse_args()
-    free, card = torch.cuda.mem_get_info() if a.device == "cuda" else (1 << 40, 1 << 40)
+    def memory() -> tuple[int, int]:  # (free, total) bytes of the card now
+        return torch.cuda.mem_get_info() if a.device == "cuda" else (1 << 40, 1 << 40)
+
+    free, card = memory()
     weights, largest_layer = model_sizes(a.model)
-    utilization, offload = 0.9, a.cpu_offload_gb if a.cpu_offload_gb is not None else 8.0
-    if a.gpu_memory_gib is not None:
-        utilization = a.gpu_memory_gib * GIB / card
-        if a.cpu_offload_gb is None:  # what the engine's fit check asks for, and room for the KV cache
-            available = a.gpu_memory_gib * GIB - (card - free) - a.headroom_gib * GIB
-            offload = max(0.0, suggest_offload_gib(weights, largest_layer, int(available)))
     bw = dict(h2d=h2d_bandwidth(largest_layer, a.device))
     bw["hbm"], bw["hbm_source"] = device_bandwidth(gpu_name(a.device), a.device)
     rows = []
     if not a.skip_resident and weights < 0.85 * free:
         rows.append(run(a.model, 0.0, 0.9, a.decode_tokens, bw, a.device))
+    utilization, offload = 0.9, a.cpu_offload_gb if a.cpu_offload_gb is not None else 8.0
+    if a.gpu_memory_gib is not None:
+        free, card = memory()
+        utilization = a.gpu_memory_gib * GIB / card
+        if a.cpu_offload_gb is None:  # what the engine's fit check asks for, and room for the KV cache
+            available = a.gpu_memory_gib * GIB - (card - free) - a.headroom_gib * GIB
+            offload = max(0.0, suggest_offload_gib(weights, largest_layer, int(available)))
     rows.append(run(a.model, offload, utilization, a.decode_tokens, bw, a.device))
     if len(rows) == 2:
         rows[1]["greedy_identical"] = rows[1]["token_ids"] == rows[0]["token_ids"]
