@@ -112,16 +112,18 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
                for name, p in model.named_parameters())
 
 
-def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """A flat host buffer, page-locked in place when `pin` (exactly its size: torch's pinned allocator would round
-    it up to a power of two); `_unpin` gives the lock back."""
+def _host_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
+    """(a flat host buffer, whether it was registered): page-locked in place when `pin`, at exactly its size
+    (`_unpin` gives the lock back); where registering fails, torch's pinned allocator (it rounds up to a power
+    of two)."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
-    if pin and nbytes:
-        rc = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0))
-        if rc != 0:
-            raise RuntimeError(f"could not page-lock {nbytes / GIB:.2f} GiB of host memory for cpu_offload_gb "
-                               f"(cudaHostRegister error {rc}); lower cpu_offload_gb or raise the locked-memory limit")
-    return buf
+    if not pin or not nbytes:
+        return buf, False
+    rc = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0))
+    if rc == 0:
+        return buf, True
+    log.warning("cudaHostRegister failed (error %d) for %.2f GiB; using torch's pinned allocator", rc, nbytes / GIB)
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), False
 
 
 def _unpin(ptr: int) -> None:
@@ -150,9 +152,8 @@ class WeightOffloader:
                 size += -(-nbytes // ALIGN) * ALIGN
             layout.append(entries)
             self.spans.append((start, size - start))
-        self.host = _host_buffer(size, pin=self.cuda)
-        if self.cuda and size:
-            self._unpin = weakref.finalize(self, _unpin, self.host.data_ptr())
+        self.host, registered = _host_buffer(size, pin=self.cuda)
+        self._unpin = weakref.finalize(self, _unpin, self.host.data_ptr()) if registered else None
         for i, (start, _), entries in zip(ranked, self.spans, layout):
             layer, params = model.layers[i], []
             for name, offset, nbytes in entries:

@@ -72,6 +72,7 @@ def test_closing_gives_device_and_host_memory_back(model_dir, resident):
     for _ in range(2):
         llm = LLM(str(model_dir), cpu_offload_gb=3 * resident[1] / GIB, **ENGINE)
         unpin = llm.engine.runner.offloader._unpin
+        assert unpin is not None  # registered in place (not torch's pinned allocator, which rounds up)
         llm.generate(prompts(4), GREEDY)
         llm.close()
         del llm
