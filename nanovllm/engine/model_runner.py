@@ -20,6 +20,8 @@ from nanovllm.engine.prompt_logprobs import record_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_mode import ADJUSTED, GREEDY, LOGPROBS, SAMPLED, StepMode
+from nanovllm.engine.weight_offload import place_weights
+from nanovllm.models.dense import deferred_weights
 from nanovllm.models.loader import load_hf_config, load_weights
 from nanovllm.models.registry import build_model, model_target
 from nanovllm.ops import OpResolver, PlanContext, kv_quant
@@ -110,7 +112,9 @@ class ModelRunner:
             target = dataclasses.replace(model_target(self.hf_config, self.device.type, self.dtype),
                                          kv_dtype=config.kv_cache_dtype)
             self.resolver = OpResolver(vars(config.kernels), target, self.hf_config.num_hidden_layers, source.formats)
-            self.model = build_model(self.hf_config, self.resolver)
+            with deferred_weights():  # weights get memory below: on the device, or in host memory (cpu_offload_gb)
+                self.model = build_model(self.hf_config, self.resolver)
+        self.offloader = place_weights(self.model, config, self.device, self.dtype)
         log.info("%s", self.resolver.summary())
         for p in self.model.parameters():
             p.data = p.data.to(self.dtype)
@@ -118,6 +122,8 @@ class ModelRunner:
             load_weights(self.model, source.tensors(), self.dtype, progress=advance, quantize=source.quantize,
                          transform=source.transform)
         self.model.apply_weight_layouts(self.resolver)
+        if self.offloader is not None:
+            self.offloader.attach(self.model)
         self.timings["load_s"] = time.perf_counter() - t0
         self.args = a = self.model.args
         self.block_size = config.kvcache_block_size
@@ -170,7 +176,7 @@ class ModelRunner:
         self.graphs = None
         for layer in self.model.layers:
             layer.k_cache = layer.v_cache = None
-        self.model = self.kv_cache = self.forward = None
+        self.model = self.kv_cache = self.forward = self.offloader = None
         gc.collect()  # graphs, wrappers and modules can sit in reference cycles; their pools only go once collected
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

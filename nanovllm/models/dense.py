@@ -12,6 +12,8 @@ device, so no dense copy is ever allocated; loading installs a QuantizedWeight i
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -80,8 +82,23 @@ class DenseArgs:
 
 
 
+# where new weights are allocated: None (the current default device) or "meta" inside deferred_weights()
+_WEIGHT_DEVICE: ContextVar[str | None] = ContextVar("weight_device", default=None)
+
+
+@contextmanager
+def deferred_weights():
+    """Models built inside get their weights as meta-device placeholders (shapes only, no memory), which the
+    builder then places: on the device in the model dtype, or in host memory (engine/weight_offload.py)."""
+    token = _WEIGHT_DEVICE.set("meta")
+    try:
+        yield
+    finally:
+        _WEIGHT_DEVICE.reset(token)
+
+
 def _param(*shape) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+    return nn.Parameter(torch.empty(*shape, device=_WEIGHT_DEVICE.get()), requires_grad=False)
 
 
 def _weight(fmt: str, *shape) -> nn.Parameter:
@@ -239,11 +256,18 @@ class DenseCausalLM(nn.Module):
                                  persistent=False)
         # HF multiplies by sqrt(hidden) rounded to the activation dtype; keep it as a float32 buffer and cast.
         self.register_buffer("embed_scale", torch.tensor(args.embed_scale or 1.0), persistent=False)
+        # streams host-resident layer weights into device staging slots around each layer (cpu_offload_gb)
+        self.offloader = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         x = self.ops.embedding(input_ids, self.embed, self.embed_scale if self.args.embed_scale else None)
+        offloader = self.offloader
         for layer in self.layers:
+            if offloader is not None:
+                offloader.before_layer(layer.idx)
             x = layer(x, positions, meta, getattr(self, layer.rope_table))
+            if offloader is not None:
+                offloader.after_layer(layer.idx)
         return x
 
     # (site, its weight argument or LayerWeights field) -> the layer parameter passed there, for backends' layouts

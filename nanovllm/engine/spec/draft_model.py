@@ -34,7 +34,7 @@ class DraftModelProposer(Proposer):
         per_seq = -(-target.max_model_len // target.kvcache_block_size)
         self.runner_config = dataclasses.replace(
             target, model=config.model, revision=config.revision, speculative_config=SpeculativeConfig(),
-            max_num_seqs=config.max_batch_size, async_scheduling=False,
+            max_num_seqs=config.max_batch_size, async_scheduling=False, cpu_offload_gb=0.0,
             # GPU: room for every speculating sequence at full length, plus one more to switch sequences, fixed
             # before the target's KV cache takes what is left; CPU: within cpu_kvcache_gib, as the target
             num_kvcache_blocks=(config.max_batch_size + 1) * per_seq if target.device.startswith("cuda") else -1)
