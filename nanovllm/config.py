@@ -62,6 +62,9 @@ class SpeculativeConfig:
         return self.method is not None
 
 
+PREEMPTION_MODES = ("auto", "recompute", "swap")
+
+
 @dataclass
 class EngineConfig:
     model: str = "default"         # catalog name, local folder, .gguf file or Hugging Face repo id (org/name)
@@ -78,6 +81,9 @@ class EngineConfig:
     num_kvcache_blocks: int = -1    # -1: size from gpu_memory_utilization (GPU) or cpu_kvcache_gib (CPU)
     gpu_memory_utilization: float = 0.9
     cpu_kvcache_gib: float = 1.0
+    # ---- KV host tier (docs/memory.md): prefix blocks evicted from the device cache and swapped-out sequences
+    kv_offload_gb: float = 0.0       # GiB of (pinned) host memory for KV blocks; 0: no host tier
+    preemption_mode: str = "auto"    # auto | recompute | swap (auto: swap when measured cheaper; needs the tier)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False     # no CUDA graphs
     compile_model: bool = False     # torch.compile the whole forward pass (fullgraph), registry ops inside
@@ -131,6 +137,12 @@ class EngineConfig:
             raise ValueError(f"short_context_graphs must be >= 0 (0: off), got {self.short_context_graphs}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not self.kv_offload_gb >= 0:
+            raise ValueError(f"kv_offload_gb must be >= 0 (0: no KV host tier), got {self.kv_offload_gb}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.preemption_mode == "swap" and self.kv_offload_gb == 0:
+            raise ValueError("preemption_mode=swap needs a KV host tier to swap to: set kv_offload_gb > 0")
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
             raise ValueError(f"num_kvcache_blocks must be -1 (auto) or >= 1, got {self.num_kvcache_blocks}")
         self._check_quantization()
