@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from nanovllm.utils.pinned import pinned_empty
+
 TO_HOST, TO_DEVICE = "to_host", "to_device"
 
 
@@ -149,7 +151,8 @@ class HostKVCache:
         self.num_layers = len(runner.kv_cache)
         self.block_bytes = self._raw(k).shape[1]  # of one layer's K (or V)
         shape = (self.num_layers, 2, self.block_bytes)
-        self.blocks = torch.empty((num_blocks, *shape), dtype=torch.uint8, pin_memory=self.is_cuda)
+        size = (num_blocks, *shape)
+        self.blocks = pinned_empty(size) if self.is_cuda else torch.empty(size, dtype=torch.uint8)
         staging_blocks = min(max(staging_bytes // self.bytes_per_block, 1), num_blocks)
         self.staging = torch.empty((staging_blocks, *shape), dtype=torch.uint8, device=self.device)
         self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
@@ -178,6 +181,7 @@ class HostKVCache:
     def _run(self, copies: list[KVCopy]) -> None:
         caches = [(self._raw(k), self._raw(v)) for k, v in self.runner.kv_cache]
         for run in _runs(copies, len(self.staging)):
+            run.sort(key=lambda c: c.host)  # independent copies: in host order, consecutive slots move as one
             n = len(run)
             stage = self.staging[:n]
             device = torch.tensor([c.device for c in run], pin_memory=self.is_cuda).to(self.device, non_blocking=True)
