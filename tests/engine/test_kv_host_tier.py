@@ -177,3 +177,13 @@ def test_long_mixed_run_leaks_nothing(tiny_model, reference):
         assert 0 < sched.num_swapped_out < sched.num_preemptions and aborted
         assert engine.block_manager.num_prefix_host_hit_tokens > 0
         assert_no_leak(llm)
+
+
+def test_copy_runs_keep_order_and_coalesce_slots():
+    from nanovllm.engine.kv_host_tier import _runs, _spans
+
+    copies = [KVCopy(TO_HOST, 1, 5), KVCopy(TO_HOST, 2, 4), KVCopy(TO_HOST, 3, 5), KVCopy(TO_DEVICE, 3, 5),
+              KVCopy(TO_DEVICE, 4, 6), KVCopy(TO_DEVICE, 5, 7)]
+    # a repeated target starts a new run (the later copy wins), a direction change too, and so does the limit
+    assert [len(r) for r in _runs(copies, 2)] == [2, 1, 2, 1]
+    assert _spans([4, 5, 6, 9, 10, 2]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1)]
