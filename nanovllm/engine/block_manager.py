@@ -8,7 +8,7 @@ is only forgotten when it is reused for something else.
 With a KV host tier (`host`, nanovllm/engine/kv_host_tier.py) a cached block that is reused moves to the host
 first, a prefix hit continues into the host tier (the block comes back into a fresh device block), and a
 preempted sequence may swap its blocks out and back in. This class stays bookkeeping: it records the copies in
-`copies`, in order, and the engine has the runner execute them before the step's forward.
+`copies`, in order, and the engine has the host tier execute them before the step's forward.
 """
 
 from __future__ import annotations

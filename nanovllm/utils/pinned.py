@@ -21,10 +21,11 @@ def pinned_empty(shape, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
         return tensor
     try:
         cudart = torch.cuda.cudart()
-        registered = cudart.cudaHostRegister(tensor.data_ptr(), num_bytes, 0) == cudart.cudaError.success
-    except (AttributeError, RuntimeError, TypeError):
+        register, unregister, success = cudart.cudaHostRegister, cudart.cudaHostUnregister, cudart.cudaError.success
+        registered = register(tensor.data_ptr(), num_bytes, 0) == success
+    except (AttributeError, RuntimeError, TypeError):  # a torch without these bindings: the caching allocator
         registered = False
     if not registered:
         return tensor.pin_memory()
-    weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr())
+    weakref.finalize(tensor, unregister, tensor.data_ptr())
     return tensor
