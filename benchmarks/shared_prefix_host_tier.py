@@ -12,6 +12,7 @@ misses the device cache. The first cycle fills the caches; the revisits of the n
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -60,6 +61,7 @@ def measure(model: str, kv_offload_gb: float, a) -> dict:
                     kv_bytes_per_token=llm.engine.runner.kv_bytes_per_token)
     finally:
         llm.close()
+        gc.collect()  # the host tier's pinned memory and the model's cycles, before the next engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
