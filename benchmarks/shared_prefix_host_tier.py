@@ -94,6 +94,8 @@ def main(argv=None) -> None:
         expected = a.rounds * a.prefixes * a.prefix_len
         if host["host_hit_tokens"] < expected:
             print(f"warning: {model}: {host['host_hit_tokens']} host-tier hit tokens, {expected} expected")
+        if recompute["device_hit_tokens"]:
+            print(f"warning: {model}: revisits found {recompute['device_hit_tokens']} tokens on the device")
         rows.append(dict(model=model, workload=f"shared_prefix K={a.prefixes} P={a.prefix_len} D={a.device_prefixes}",
                          ttft_recompute_ms=round(recompute["ttft_ms"], 2), ttft_host_hit_ms=round(host["ttft_ms"], 2),
                          speedup=round(recompute["ttft_ms"] / host["ttft_ms"], 2), gpu=gpu,
