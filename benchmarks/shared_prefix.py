@@ -8,12 +8,18 @@ tok/s here is an upper bound set by attention. `flashinfer_graph` replays the 28
 (cascade cannot: its kernels change with the prefix), to separate launch overhead from KV traffic.
 
     python benchmarks/shared_prefix.py [--requests 64] [--prefix 2048] [--steps 32] [--out shared_prefix.json]
+
+`--host-tier` runs the other shared-prefix workload instead: prefixes that exceed the GPU KV pool, time to first
+token of a revisit recomputed against loaded from the KV host tier (benchmarks/shared_prefix_host_tier.py):
+
+    python benchmarks/shared_prefix.py --host-tier [--models default,qwen3-8b-random] [--prefixes 8] ...
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -82,6 +88,11 @@ def run(backend: str, work: Workload, steps: int, kv, q, ctx, graph: bool = Fals
 
 
 def main() -> None:
+    if "--host-tier" in sys.argv[1:]:
+        from shared_prefix_host_tier import main as host_tier_main  # a sibling script: benchmarks/ is on sys.path
+
+        host_tier_main([arg for arg in sys.argv[1:] if arg != "--host-tier"])
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prefix", type=int, default=2048)

@@ -41,6 +41,8 @@ FLAGS: dict[str, Flag] = {
     "--cpu-offload-gb": Flag("engine.cpu_offload_gb", "GiB of layer weights kept in host memory, streamed to the GPU"),
     "--block-size": Flag("engine.kvcache_block_size", "tokens per KV-cache block"),
     "--num-kvcache-blocks": Flag("engine.num_kvcache_blocks", "KV-cache blocks (-1: sized from memory)"),
+    "--kv-offload-gb": Flag("engine.kv_offload_gb", "GiB of pinned host memory for a KV host tier (0: off)"),
+    "--preemption-mode": Flag("engine.preemption_mode", "auto | recompute | swap (swap needs --kv-offload-gb)"),
     "--seed": Flag("engine.seed", "random seed"),
     "--kv-cache-dtype": Flag("engine.kv_cache_dtype", "KV cache element type: auto (the model dtype) | fp8"),
     "--enforce-eager": Flag("engine.enforce_eager", "no CUDA graphs", kind="switch"),

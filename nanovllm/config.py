@@ -62,6 +62,9 @@ class SpeculativeConfig:
         return self.method is not None
 
 
+PREEMPTION_MODES = ("auto", "recompute", "swap")
+
+
 @dataclass
 class EngineConfig:
     model: str = "default"         # catalog name, local folder, .gguf file or Hugging Face repo id (org/name)
@@ -80,6 +83,9 @@ class EngineConfig:
     cpu_kvcache_gib: float = 1.0
     # weight offloading (docs/memory.md): GiB of decoder-layer weights kept in host memory, streamed per layer
     cpu_offload_gb: float = 0.0
+    # ---- KV host tier (docs/memory.md): prefix blocks evicted from the device cache and swapped-out sequences
+    kv_offload_gb: float = 0.0       # GiB of (pinned) host memory for KV blocks; 0: no host tier
+    preemption_mode: str = "auto"    # auto | recompute | swap (auto: swap when measured cheaper; needs the tier)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False     # no CUDA graphs
     compile_model: bool = False     # torch.compile the whole forward pass (fullgraph), registry ops inside
@@ -139,6 +145,12 @@ class EngineConfig:
         if self.cpu_offload_gb and self.compile_model:
             raise ValueError("cpu_offload_gb does not work with compile_model (the weight copies run on their own "
                              "stream); set one of them off")
+        if not self.kv_offload_gb >= 0:
+            raise ValueError(f"kv_offload_gb must be >= 0 (0: no KV host tier), got {self.kv_offload_gb}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.preemption_mode == "swap" and self.kv_offload_gb == 0:
+            raise ValueError("preemption_mode=swap needs a KV host tier to swap to: set kv_offload_gb > 0")
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
             raise ValueError(f"num_kvcache_blocks must be -1 (auto) or >= 1, got {self.num_kvcache_blocks}")
         self._check_quantization()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -10,6 +11,7 @@ from nanovllm.checkpoints import resolve_model
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import NO_TEXT, Detokenizer
+from nanovllm.engine.kv_host_tier import KVHostTier
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.prompts import encode_prompt
 from nanovllm.engine.scheduler import Scheduler
@@ -61,13 +63,18 @@ class LLMEngine:
             raise
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
         self.vocab_size = self.runner.args.vocab_size
+        self.kv_tier = KVHostTier(self.runner, config.kv_offload_gb) if config.kv_offload_gb > 0 else None
+        if self.kv_tier is not None:
+            log.info("%s", self.kv_tier.summary)
         self.block_manager = BlockManager(self.runner.num_blocks, config.kvcache_block_size,
-                                          config.enable_prefix_caching)
+                                          config.enable_prefix_caching, self.kv_tier and self.kv_tier.pool)
         if self.runner.num_blocks * config.kvcache_block_size < config.max_model_len:
             raise ValueError(f"the KV cache holds {self.runner.num_blocks * config.kvcache_block_size} tokens, "
                              f"less than max_model_len={config.max_model_len}; lower max_model_len or give the "
                              "cache more memory")
         self.scheduler = Scheduler(config, self.block_manager)
+        if self.kv_tier is not None:
+            self.scheduler.swap_is_cheaper = self.kv_tier.costs.swap_is_cheaper
         self.eos_ids = self._eos_ids()
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
         self.requests: dict[str, tuple[Sequence, Detokenizer]] = {}
@@ -148,11 +155,16 @@ class LLMEngine:
                 if outputs is not None:
                     return outputs
             self.runner.ensure_graph(batch)
+            self._run_kv_copies()
+            t0 = time.perf_counter()
             sched.add_launched(batch, self.runner.launch(batch))
+            if self.kv_tier is not None:
+                self.kv_tier.observe_step(batch, time.perf_counter() - t0)
         ahead = sched.schedule_ahead(lambda batch: self.runner.step_mode(batch).run_ahead
                                      and not self.speculates(batch))
         if ahead is not None:
             batch, keep = ahead
+            self._run_kv_copies()
             sched.add_launched(batch, self.runner.launch(batch, sched.in_flight.tokens.rows(keep)))
         step = sched.take_oldest()
         tokens, logprobs = step.tokens.read()  # with a step launched ahead, the GPU already has it queued
@@ -160,6 +172,11 @@ class LLMEngine:
         if sched.in_flight is not None:  # a deferred step's sampling, now that the host has the tokens before it
             sched.in_flight.tokens.complete()
         return outputs
+
+    def _run_kv_copies(self) -> None:
+        """Have the host tier run the block copies the scheduler recorded, before the next forward."""
+        if self.kv_tier is not None:
+            self.kv_tier.run(self.block_manager.take_copies())
 
     def speculates(self, batch) -> bool:
         """Whether a scheduled batch takes a speculative step (Speculator.eligible); then no step runs ahead
@@ -171,6 +188,7 @@ class LLMEngine:
         nothing changed) when no sequence has a draft: the batch then decodes plainly."""
         seqs = [item.seq for item in batch]
         drafts = self.speculator.draft(seqs)
+        self._run_kv_copies()  # the blocks scheduled and grown for drafts, before the verify forward
         if not any(drafts):
             for seq in seqs:  # room grown for drafts that did not come
                 self.block_manager.trim(seq, seq.num_tokens)

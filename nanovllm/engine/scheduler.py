@@ -1,9 +1,11 @@
-"""Continuous batching with chunked prefill and preemption by recompute.
+"""Continuous batching with chunked prefill and preemption by recompute or swap.
 
 Each step spends a token budget: running sequences first (a decode costs one token, an unfinished
 prompt its next chunk), then waiting sequences in arrival order. When the KV cache runs out of
 blocks, the most recently admitted sequence is preempted: its blocks are freed and it waits again,
-to be recomputed later (its full blocks usually come back from the prefix cache).
+to be recomputed later (its full blocks usually come back from the prefix cache), or, with a KV host tier,
+its blocks are swapped out to the host and back in on readmission (`preemption_mode`: recompute, swap, or
+auto: swap when the measured copy time is below the measured recompute time).
 
 With async scheduling the scheduler also keeps the steps launched and not yet read, and decides which rows
 of the step in flight run one step ahead (`schedule_ahead`).
@@ -12,6 +14,7 @@ of the step in flight run one step ahead (`schedule_ahead`).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanovllm.config import EngineConfig
@@ -49,6 +52,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.launched: deque[LaunchedStep] = deque()  # oldest first; at most one between engine steps
         self.num_preemptions = 0
+        self.num_swapped_out = 0  # preemptions that swapped to the host tier (of num_preemptions)
+        self.preemption_mode = config.preemption_mode
+        # auto: (blocks to swap, tokens to recompute) -> whether swapping is cheaper (set by the engine)
+        self.swap_is_cheaper: Callable[[int, int], bool] = lambda num_blocks, num_tokens: False
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -121,10 +128,27 @@ class Scheduler:
         return batch
 
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.release(seq)
+        if self._swaps(seq):
+            self.block_manager.swap_out(seq)
+            self.num_swapped_out += 1
+        else:
+            self.block_manager.release(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _swaps(self, seq: Sequence) -> bool:
+        """Whether preempting `seq` swaps it out (else it is recomputed): never without room in the host tier."""
+        bm = self.block_manager
+        if self.preemption_mode == "recompute" or not bm.can_swap_out(seq):
+            return False
+        computed = seq.num_computed_tokens
+        return self.preemption_mode == "swap" or self.swap_is_cheaper(bm.blocks_needed(computed), computed)
+
+    @property
+    def num_swapped(self) -> int:
+        """Waiting sequences whose blocks are in the host tier."""
+        return sum(1 for seq in self.waiting if seq.swapped_blocks)
 
     def advance(self, batch: list[ScheduledSeq]) -> None:
         """Mark the step's tokens as computed and share their full blocks through the prefix cache."""

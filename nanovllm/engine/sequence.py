@@ -30,6 +30,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0     # leading full blocks registered in the prefix cache
+        self.swapped_blocks: list[int] = []  # host-tier slots of its computed blocks while swapped out (preempted)
         self.params = params
         self.status = Status.WAITING
         self.finish_reason: str | None = None

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 
 import torch
 from torch import nn
+
+from nanovllm.utils.pinned import pinned_empty
 
 log = logging.getLogger("nanovllm")
 
@@ -112,24 +113,6 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
                for name, p in model.named_parameters())
 
 
-def _host_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
-    """(a flat host buffer, whether it was registered): page-locked in place when `pin`, at exactly its size
-    (`_unpin` gives the lock back); where registering fails, torch's pinned allocator (it rounds up to a power
-    of two)."""
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    if not pin or not nbytes:
-        return buf, False
-    rc = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0))
-    if rc == 0:
-        return buf, True
-    log.warning("cudaHostRegister failed (error %d) for %.2f GiB; using torch's pinned allocator", rc, nbytes / GIB)
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), False
-
-
-def _unpin(ptr: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(ptr)
-
-
 class WeightOffloader:
     """Host copies and device staging slots of the offloaded weights, and the copy schedule around each layer.
     Built on a model whose weights are still meta placeholders (deferred_weights): the offloaded ones become
@@ -152,8 +135,8 @@ class WeightOffloader:
                 size += -(-nbytes // ALIGN) * ALIGN
             layout.append(entries)
             self.spans.append((start, size - start))
-        self.host, registered = _host_buffer(size, pin=self.cuda)
-        self._unpin = weakref.finalize(self, _unpin, self.host.data_ptr()) if registered else None
+        # page-locked at exactly its size on a GPU (copies from it run asynchronously); the parameters are views
+        self.host = pinned_empty(size) if self.cuda else torch.empty(size, dtype=torch.uint8)
         for i, (start, _), entries in zip(ranked, self.spans, layout):
             layer, params = model.layers[i], []
             for name, offset, nbytes in entries:

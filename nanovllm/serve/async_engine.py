@@ -70,6 +70,8 @@ class EngineStats:
     preemptions: int = 0      # running totals kept by the engine
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    prefix_cache_host_hits: int = 0  # of prefix_cache_hits, the tokens that came from the KV host tier
+    swapped: int = 0          # waiting sequences swapped out to the KV host tier
     spec_drafts: int = 0      # speculative decoding totals (engine/spec/speculator.py SpecTotals)
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
@@ -181,7 +183,8 @@ class AsyncEngine:
         self.stats = stats
         now = time.perf_counter()
         m = self.metrics
-        m.sync_engine_totals(stats.preemptions, stats.prefix_cache_queries, stats.prefix_cache_hits)
+        m.sync_engine_totals(stats.preemptions, stats.prefix_cache_queries, stats.prefix_cache_hits,
+                             stats.prefix_cache_host_hits)
         m.sync_spec_totals(stats.spec_drafts, stats.spec_draft_tokens, stats.spec_accepted_tokens,
                            stats.spec_accepted_per_position)
         for rid in prefilling:
@@ -304,6 +307,7 @@ class AsyncEngine:
                            max_running=max(s.max_running, running), preemptions=sched.num_preemptions,
                            prefix_cache_queries=bm.num_prefix_queried_tokens,
                            prefix_cache_hits=bm.num_prefix_hit_tokens,
+                           prefix_cache_host_hits=bm.num_prefix_host_hit_tokens, swapped=sched.num_swapped,
                            **({} if spec is None else dict(
                                spec_drafts=spec.num_drafts, spec_draft_tokens=spec.num_draft_tokens,
                                spec_accepted_tokens=spec.num_accepted_tokens,

@@ -85,12 +85,14 @@ class Metrics:
         lengths = length_buckets(max_model_len)
         self.v_running = gauge("num_requests_running", "Sequences in the running batch")
         self.v_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled")
-        self.v_swapped = gauge("num_requests_swapped", "Sequences swapped to CPU memory: always 0 (preemption "
-                               "recomputes instead of swapping)")
+        self.v_swapped = gauge("num_requests_swapped", "Preempted sequences waiting with their KV blocks swapped to "
+                               "the KV host tier")
         self.v_kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)")
         self.v_preemptions = count("num_preemptions", "Sequences preempted (their KV blocks freed, recomputed later)")
         self.v_prefix_queries = count("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
         self.v_prefix_hits = count("prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self.v_prefix_host_hits = count("prefix_cache_host_hits", "Prompt tokens found in the prefix cache's KV "
+                                        "host tier (part of prefix_cache_hits)")
         self.v_prompt_tokens = count("prompt_tokens", "Prompt tokens of finished requests")
         self.v_generation_tokens = count("generation_tokens", "Generated tokens")
         self.v_success = Counter(PREFIX + "request_success", "Finished requests by finish reason: stop, length, "
@@ -107,7 +109,7 @@ class Metrics:
         self.v_prefill = hist("request_prefill_time_seconds", "First scheduled to first token", _PHASE_BUCKETS)
         self.v_decode = hist("request_decode_time_seconds", "First token to last token", _PHASE_BUCKETS)
         self.v_inference = hist("request_inference_time_seconds", "First scheduled to last token", _PHASE_BUCKETS)
-        self._engine_totals = (0, 0, 0)  # preemptions, prefix-cache queries, prefix-cache hits already counted
+        self._engine_totals = (0, 0, 0, 0)  # preemptions, prefix-cache queries, hits, host-tier hits already counted
         self.v_spec_drafts = count("spec_decode_num_drafts", "Speculative decoding: verify steps of a sequence "
                                    "with at least one drafted token")
         self.v_spec_draft_tokens = count("spec_decode_num_draft_tokens", "Speculative decoding: drafted tokens")
@@ -156,13 +158,15 @@ class Metrics:
         self.v_decode.observe(now - first)
         self.v_inference.observe(now - scheduled)
 
-    def sync_engine_totals(self, preemptions: int, prefix_queries: int, prefix_hits: int) -> None:
+    def sync_engine_totals(self, preemptions: int, prefix_queries: int, prefix_hits: int,
+                           prefix_host_hits: int = 0) -> None:
         """Advance the counters the engine keeps as running totals."""
         old = self._engine_totals
         self.v_preemptions.inc(max(preemptions - old[0], 0))
         self.v_prefix_queries.inc(max(prefix_queries - old[1], 0))
         self.v_prefix_hits.inc(max(prefix_hits - old[2], 0))
-        self._engine_totals = (preemptions, prefix_queries, prefix_hits)
+        self.v_prefix_host_hits.inc(max(prefix_host_hits - old[3], 0))
+        self._engine_totals = (preemptions, prefix_queries, prefix_hits, prefix_host_hits)
 
     def sync_spec_totals(self, drafts: int, draft_tokens: int, accepted: int, per_position: tuple[int, ...]) -> None:
         """Advance the speculative-decoding counters to the engine's running totals."""
@@ -191,6 +195,6 @@ class Metrics:
         usage = 1 - stats.free_blocks / stats.num_blocks if stats.num_blocks else 0.0
         for gauge, value in ((self.waiting, stats.waiting), (self.running, stats.running), (self.kv_usage, usage),
                              (self.v_waiting, stats.waiting), (self.v_running, stats.running),
-                             (self.v_kv_usage, usage), (self.v_swapped, 0)):
+                             (self.v_kv_usage, usage), (self.v_swapped, stats.swapped)):
             gauge.set(value)
         return generate_latest(self.registry)

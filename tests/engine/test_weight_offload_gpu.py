@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import random
+import weakref
 
 import pytest
 import torch
@@ -71,13 +72,13 @@ def test_closing_gives_device_and_host_memory_back(model_dir, resident):
     left = []
     for _ in range(2):
         llm = LLM(str(model_dir), cpu_offload_gb=3 * resident[1] / GIB, **ENGINE)
-        unpin = llm.engine.runner.offloader._unpin
-        assert unpin is not None  # registered in place (not torch's pinned allocator, which rounds up)
+        host = weakref.ref(llm.engine.runner.offloader.host)
+        assert host().is_pinned()
         llm.generate(prompts(4), GREEDY)
         llm.close()
         del llm
         gc.collect()
         torch.cuda.empty_cache()
-        assert not unpin.alive  # the page-locked host buffer was unregistered
+        assert host() is None  # the page-locked host buffer was freed (and unregistered: utils/pinned.py)
         left.append(torch.cuda.memory_allocated())
     assert left[1] == left[0]

@@ -19,8 +19,8 @@ ENGINE = dict(device="cpu", max_model_len=128, num_kvcache_blocks=64, kvcache_bl
 HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
               "request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
               "request_inference_time_seconds", "request_prompt_tokens", "request_generation_tokens"]
-COUNTERS = ["num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens", "generation_tokens",
-            "request_success"]
+COUNTERS = ["num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_host_hits", "prompt_tokens",
+            "generation_tokens", "request_success"]
 GAUGES = ["num_requests_running", "num_requests_waiting", "num_requests_swapped", "kv_cache_usage_perc"]
 
 
