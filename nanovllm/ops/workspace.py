@@ -1,0 +1,147 @@
+"""Kernel scratch memory (split-K and split-KV partials, FlashInfer's float workspace, sampling noise) from one
+pool per device, sized while the engine warms up and fixed after.
+
+`workspace(name, shape, dtype, like)` returns a tensor of `shape` viewing the buffer of workspace `name`
+on `like`'s device. Each name keeps one buffer, reused by every request of that name, so two scratch
+tensors alive at the same time inside one op need different names; an op's output is never a workspace
+(the next op of the same name would overwrite it). Requests on one device are ordered by its stream.
+
+Lifecycle, per device (`pool(device)`):
+- sizing (`thaw()`, which ModelRunner calls first): a request larger than its buffer replaces the buffer
+  by one of the request's size, so each buffer ends at its name's high-water mark over the warm-up;
+- frozen (`freeze()`, once the engine has warmed up): a larger request still grows its buffer on the paths
+  that may allocate (prefill, eager steps), and the growth is logged; inside `strict()` (a decode step
+  through the CUDA graphs) it raises WorkspaceTooSmall naming the workspace instead of allocating.
+A request inside a CUDA-graph capture never grows a buffer (it raises: the step runs once before its
+capture, which sizes its workspaces). A buffer handed out during a capture, or `held` by a long-lived
+object, is never freed when replaced: it stays in `retired`, since a graph or that object still reads it.
+Under torch.compile tracing, and inside `unpooled()` (kernel autotuning), a request is an ordinary
+allocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("nanovllm")
+
+ALIGN = 256  # bytes: every buffer starts CUDA-aligned for any dtype and vector load
+
+
+class WorkspaceTooSmall(RuntimeError):
+    """A frozen workspace was asked for more bytes than warm-up sized it for."""
+
+
+@dataclass
+class _Slot:
+    buffer: torch.Tensor  # uint8
+    kept: bool = False  # a captured CUDA graph or a long-lived holder may read it: never freed when replaced
+
+
+@dataclass
+class WorkspacePool:
+    device: torch.device
+    frozen: bool = False
+    slots: dict[str, _Slot] = field(default_factory=dict)
+    retired: list[torch.Tensor] = field(default_factory=list)  # replaced buffers that captured graphs read
+    _strict: int = 0
+
+    def request(self, name: str, shape, dtype: torch.dtype, held: bool = False) -> torch.Tensor:
+        """A view of workspace `name`'s buffer; `held`: the caller keeps it beyond the op (e.g. a library
+        object built on it), so the buffer is kept alive even if replaced."""
+        shape = tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape):
+            raise ValueError(f"workspace {name!r}: negative shape {shape}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        slot = self.slots.get(name)
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if slot is None or slot.buffer.numel() < nbytes:
+            slot = self._grow(name, slot, nbytes, capturing)
+        slot.kept |= capturing or held
+        return slot.buffer[:nbytes].view(dtype).view(shape)
+
+    def _grow(self, name: str, slot: _Slot | None, nbytes: int, capturing: bool) -> _Slot:
+        have = 0 if slot is None else slot.buffer.numel()
+        if self.frozen and self._strict:
+            raise WorkspaceTooSmall(
+                f"workspace {name!r} on {self.device} needs {nbytes} bytes but warm-up sized it at {have}: a "
+                "decode step reached this kernel with a shape the engine's warm-up did not run")
+        if capturing:
+            raise WorkspaceTooSmall(
+                f"workspace {name!r} on {self.device} needs {nbytes} bytes (has {have}) inside a CUDA-graph "
+                "capture; run the step once before capturing it, so its workspaces are sized outside the graph")
+        if self.frozen:
+            log.info("workspace %s on %s grew from %d to %d bytes after warm-up", name, self.device, have, nbytes)
+        if slot is not None and slot.kept:
+            self.retired.append(slot.buffer)
+        size = -(-nbytes // ALIGN) * ALIGN
+        self.slots[name] = slot = _Slot(torch.empty(size, dtype=torch.uint8, device=self.device))
+        return slot
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    def thaw(self) -> None:
+        self.frozen = False
+
+    @contextlib.contextmanager
+    def strict(self):
+        """Inside, once frozen, a request larger than its workspace raises instead of allocating."""
+        self._strict += 1
+        try:
+            yield self
+        finally:
+            self._strict -= 1
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes of each workspace's current buffer."""
+        return {name: slot.buffer.numel() for name, slot in sorted(self.slots.items())}
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes the pool holds: current buffers and those kept for captured graphs."""
+        return sum(self.sizes().values()) + sum(t.numel() for t in self.retired)
+
+
+_pools: dict[torch.device, WorkspacePool] = {}
+_unpooled = 0  # > 0 inside unpooled(): requests are ordinary allocations
+
+
+def _key(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def pool(device) -> WorkspacePool:
+    """The process's pool on `device` (kernels' planners outlive engines, and so do their workspaces)."""
+    key = _key(device)
+    if key not in _pools:
+        _pools[key] = WorkspacePool(key)
+    return _pools[key]
+
+
+def workspace(name: str, shape, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """Scratch of `shape` and `dtype` on `like`'s device, a view of workspace `name`'s buffer (contents
+    undefined). Traced (torch.compile, fake tensors): an ordinary allocation."""
+    if _unpooled or torch.compiler.is_compiling() or torch._subclasses.fake_tensor.is_fake(like):
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    return pool(like.device).request(name, shape, dtype)
+
+
+@contextlib.contextmanager
+def unpooled():
+    """Requests inside are ordinary allocations that leave the pool as it is: kernel autotuning, whose
+    benches try shapes and split counts the engine's steps will not use, inside graphs of their own."""
+    global _unpooled
+    _unpooled += 1
+    try:
+        yield
+    finally:
+        _unpooled -= 1
