@@ -57,7 +57,11 @@ class DecodeGraphs:
         zeros = torch.zeros(self.max_bs, device=runner.device)
         self.greedy = (zeros, zeros.long() - 1, zeros + 1, zeros, None)
         self.temperature = torch.zeros(self.max_bs, device=runner.device)
-        self.noise = torch.ones(self.max_bs, runner.args.vocab_size, device=runner.device)
+        # a pinned host twin per step buffer (set_temperature), and the noise in the runner's sampling workspace
+        self.temperature_hosts = [torch.zeros(self.max_bs, pin_memory=runner.device.type == "cuda")
+                                  for _ in range(2)]
+        self.noise = runner.workspaces.request("sampling_noise", (self.max_bs, runner.args.vocab_size),
+                                               torch.float32, held=True).fill_(1.0)
         self.ready: list[int] = []  # the captured batch sizes, ascending
         # keyed (batch size, table width, sampled, buffer)
         self.graphs: dict[tuple[int, int, bool, int], torch.cuda.CUDAGraph] = {}
@@ -138,6 +142,14 @@ class DecodeGraphs:
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[b, w, sampled, t] = graph
+
+    def set_temperature(self, values: list[float]) -> None:
+        """Puts the rows' temperatures into `temperature` for the next `run`, with no device allocation: through
+        the host twin of the step buffer that run uses, which the step two back last read (StepBuffers: its
+        tokens were read, so its copy is done, before this step launches)."""
+        host = self.temperature_hosts[self.buffers.turn ^ 1]  # next_turn() in run() picks this buffer
+        host.numpy()[:len(values)] = values
+        self.temperature[:len(values)].copy_(host[:len(values)], non_blocking=True)
 
     def fits(self, batch) -> bool:
         """Whether a batch can replay a graph: every row decodes one token, and a captured size holds it."""

@@ -16,6 +16,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.kv_scales import choose_scales
 from nanovllm.engine.logits_processing import LogitsAdjustment
+from nanovllm.engine.memory_report import MemoryReport
 from nanovllm.engine.prompt_logprobs import record_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
@@ -24,6 +25,7 @@ from nanovllm.models.loader import load_hf_config, load_weights
 from nanovllm.models.registry import build_model, model_target
 from nanovllm.ops import OpResolver, PlanContext, kv_quant
 from nanovllm.ops.meta import build_metadata
+from nanovllm.ops.workspace import pool as workspace_pool
 from nanovllm.quant.source import weight_source
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.masks import apply_grammar_masks, to_device
@@ -104,6 +106,9 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.hf_config = load_hf_config(model_path)
         self.timings: dict[str, float] = {}
+        self.workspaces = workspace_pool(self.device)  # kernel scratch: sized by the warm-up, fixed after it
+        self.workspaces.thaw()
+        self.activation_bytes: int | None = None  # the warm-up's peak (CUDA, KV cache sized from free memory)
         t0 = time.perf_counter()
         self.weights = source = weight_source(model_path, self.hf_config, config)  # formats, tensors, quantizer
         with torch.device(self.device):
@@ -142,6 +147,9 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(self, self.forward)
                 with progress_bar("capturing CUDA graphs (batch size 1; the others when first needed)"):
                     self.timings["cuda_graphs_s"] = self.graphs.capture([1])
+            if self.activation_bytes is not None:  # warmed up: decode steps now fit the workspaces as they are
+                self.workspaces.freeze()
+            self.memory = MemoryReport.of(self)
         except BaseException:  # e.g. out of memory: give the memory back, so a sweep's next job can run
             self.close()
             raise
@@ -197,7 +205,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             t0 = time.perf_counter()
             with progress_bar("warmup (largest batch, to measure activation memory)"):
-                activations = self._warmup_peak()
+                activations = self.activation_bytes = self._warmup_peak()
             self.timings["warmup_s"] = time.perf_counter() - t0
             free, total = torch.cuda.mem_get_info(self.device)
             budget = total * c.gpu_memory_utilization - (total - free) - activations
@@ -306,14 +314,19 @@ class ModelRunner:
         min_p = column([p.min_p for p in params], torch.float32, 0.0)
         noise = None
         if any(not p.greedy for p in params):
-            noise = noise_out if noise_out is not None else torch.empty(len(seqs), self.args.vocab_size, device=dev)
-            noise.exponential_(generator=self.generator)
-            for i, s in enumerate(seqs):
-                if s.params.seed is not None:
-                    if s.generator is None:
-                        s.generator = torch.Generator(device=dev).manual_seed(s.params.seed)
-                    noise[i].exponential_(generator=s.generator)
+            noise = noise_out if noise_out is not None else self.workspaces.request(
+                "sampling_noise", (len(seqs), self.args.vocab_size), torch.float32)
+            self._draw_noise(seqs, noise)
         return temperature, top_k, top_p, min_p, noise
+
+    def _draw_noise(self, seqs, noise: torch.Tensor) -> None:
+        """Exponential noise for the sampler, in place: the engine's generator, then a seeded row's own."""
+        noise.exponential_(generator=self.generator)
+        for i, s in enumerate(seqs):
+            if s.params.seed is not None:
+                if s.generator is None:
+                    s.generator = torch.Generator(device=self.device).manual_seed(s.params.seed)
+                noise[i].exponential_(generator=s.generator)
 
     def step_mode(self, batch: list[ScheduledSeq]) -> StepMode:
         return StepMode.of(batch, self.graphs, self.config.async_scheduling)
@@ -412,16 +425,18 @@ class ModelRunner:
     def _graph_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None, mode: StepMode) -> torch.Tensor:
         """Device tokens of a decode batch through the graphs, as `mode.sampling` says: the greedy graph, the
         sampled graph (temperature and noise in its buffers), or the greedy graph's hidden states sampled
-        outside it (FILTERED)."""
-        if mode.sampling == GREEDY:
-            return self.graphs.run(batch, prev)[1]
-        seqs = [item.seq for item in batch]
-        g = self.graphs
-        temperature, *filters, _ = self.sampling_tensors(seqs, noise_out=g.noise[:len(seqs)])
-        if mode.sampling == SAMPLED:
-            g.temperature[:len(seqs)].copy_(temperature)
-            return g.run(batch, prev, sampled=True)[1]
-        return self.model.sample(g.run(batch, prev)[0], temperature, *filters, g.noise[:len(seqs)])
+        outside it (FILTERED). GREEDY and SAMPLED steps allocate no device memory; a workspace too small for
+        the step raises (ops/workspace.py)."""
+        g, seqs = self.graphs, [item.seq for item in batch]
+        with self.workspaces.strict():
+            if mode.sampling == GREEDY:
+                return g.run(batch, prev)[1]
+            if mode.sampling == SAMPLED:
+                g.set_temperature([s.params.temperature for s in seqs])
+                self._draw_noise(seqs, g.noise[:len(seqs)])
+                return g.run(batch, prev, sampled=True)[1]
+            temperature, *filters, _ = self.sampling_tensors(seqs, noise_out=g.noise[:len(seqs)])
+            return self.model.sample(g.run(batch, prev)[0], temperature, *filters, g.noise[:len(seqs)])
 
     @staticmethod
     def _logprobs(logits, tokens, want) -> list[dict | None]:

@@ -1,0 +1,90 @@
+"""The memory report's numbers on the tiny model, and the decode path's allocations on the CPU: decode
+steps through the (emulated) graphs, counted outside the forward pass that the GPU replays from its graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine import decode_allocations
+from nanovllm.engine.cuda_graphs import DecodeGraphs
+from nanovllm.engine.memory_report import MemoryReport
+from nanovllm.quant.weights import QuantizedWeight
+
+
+class NewStorages(TorchDispatchMode):
+    """Counts op outputs on the CPU whose storage is none of the op's inputs' (new memory), outside paused
+    sections."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused, self.ops = 0, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    self.count += 1
+                    self.ops.append(str(func))
+        return out
+
+    def pause(self, fn):
+        def run(*args, **kwargs):
+            self.paused += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.paused -= 1
+        return run
+
+
+@pytest.fixture(scope="module")
+def emulated(tiny_model):
+    with LLM(str(tiny_model), max_model_len=128, num_kvcache_blocks=80, max_num_seqs=8) as llm:
+        runner = llm.engine.runner
+        runner.graphs = DecodeGraphs(runner, runner.forward, capture_graphs=False)
+        runner.graphs.capture()
+        yield llm
+
+
+def test_report_counts_weights_and_kv_cache(emulated):
+    runner = emulated.engine.runner
+    report = MemoryReport.of(runner)
+    params = {p.data_ptr(): p.numel() * p.element_size() for p in runner.model.parameters()}
+    quantized = sum(b.numel() * b.element_size() for m in runner.model.modules() if isinstance(m, QuantizedWeight)
+                    for b in m.buffers(recurse=False))
+    assert report.weights_bytes == sum(params.values()) + quantized > 0
+    block_bytes = runner.block_size * runner.kv_bytes_per_token
+    assert report.kv_cache_bytes == (runner.num_blocks + 1) * block_bytes  # + the padding slots' scratch block
+    assert report.activation_bytes is None and report.other_bytes is None  # measured on CUDA only
+    assert report.workspace_bytes == runner.workspaces.nbytes >= report.workspaces["sampling_noise"] > 0
+    assert report.gauges() == {"weights": report.weights_bytes, "kv_cache": report.kv_cache_bytes,
+                               "workspace": report.workspace_bytes}
+    assert report.summary.startswith("Memory: weights ") and "KV cache" in report.summary
+    assert report.as_dict()["kv_cache_bytes"] == report.kv_cache_bytes
+    assert runner.memory.weights_bytes == report.weights_bytes
+
+
+@pytest.mark.parametrize("batch, params", [(1, SamplingParams(temperature=0.0)),
+                                           (8, SamplingParams(temperature=0.8))])
+def test_decode_steps_allocate_nothing_outside_the_graph(emulated, monkeypatch, batch, params):
+    runner = emulated.engine.runner
+    counter = NewStorages()
+    # What a graph replay does on the GPU (the forward pass and its sampling) and the pinned host copy of the
+    # tokens (host memory) are not counted; everything else a decode step runs is.
+    monkeypatch.setattr(runner.graphs, "_run", counter.pause(runner.graphs._run))
+    monkeypatch.setattr(runner.graphs.buffers, "to_host", counter.pause(runner.graphs.buffers.to_host))
+    runner.workspaces.freeze()  # strict: a decode step that outgrew a workspace would raise
+    try:
+        with counter:
+            result = decode_allocations.measure(emulated.engine, batch, params, steps=16, warmup_steps=4,
+                                                counters=lambda: {"new_storages": counter.count})
+    finally:
+        runner.workspaces.thaw()
+    assert result.graph and result.sampling == ("greedy" if batch == 1 else "sampled")
+    assert result.allocation_free, counter.ops[-10:]
