@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from nanovllm.engine.step_buffers import StepBuffers
+from nanovllm.engine.step_buffers import KeptRows, StepBuffers
 from nanovllm.ops import AttentionMetadata
 from nanovllm.ops.meta import build_metadata
 
@@ -156,14 +156,15 @@ class DecodeGraphs:
         return (self.size_for(len(batch)) is not None
                 and all(item.num_new_tokens == 1 and item.completes for item in batch))
 
-    def run(self, batch, prev_tokens: torch.Tensor | None = None,
+    def run(self, batch, prev_tokens: torch.Tensor | KeptRows | None = None,
             sampled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, tokens) of the real rows of a decode batch: greedy tokens, or with `sampled` tokens sampled
         at the temperatures and noise the caller put in `self.temperature` and `self.noise` (batch order).
 
         With `prev_tokens` (the device tokens of the step still in flight for the same rows), each row runs
-        one position ahead and takes its input token from that tensor, without a round trip to the host. The
-        tokens returned are a view that the step after next overwrites: read them (StepBuffers.to_host) before then."""
+        one position ahead and takes its input token from that tensor (KeptRows: from its rows that are kept),
+        without a round trip to the host. The tokens returned are a view that the step after next overwrites:
+        read them (StepBuffers.to_host) before then."""
         n = len(batch)
         b = self.size_for(n)
         if b is None:
@@ -176,6 +177,8 @@ class DecodeGraphs:
         t = self.buffers.next_turn()
         host = self._fill(b, w, [seq.token_ids[-1] for seq in seqs],
                           [seq.num_computed_tokens + ahead for seq in seqs], tables, t)
+        if isinstance(prev_tokens, KeptRows):
+            self.buffers.views(self.buffers.hosts[t].numpy(), b, w)["prev_rows"][:n] = prev_tokens.keep
         meta = self._meta(b, w, host, t)
         self.buffers.upload(t, b, w, prev_tokens, n)
         for plan in self.runner.plans:

@@ -20,6 +20,7 @@ from nanovllm.engine.memory_report import MemoryReport
 from nanovllm.engine.prompt_logprobs import record_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_buffers import KeptRows
 from nanovllm.engine.step_mode import ADJUSTED, GREEDY, LOGPROBS, SAMPLED, StepMode
 from nanovllm.models.loader import load_hf_config, load_weights
 from nanovllm.models.registry import build_model, model_target
@@ -41,12 +42,10 @@ class PendingTokens:
         self.device = tokens
         self.host, self.event = graphs.buffers.to_host(tokens)
 
-    def rows(self, keep: list[int]) -> torch.Tensor:
-        """The device tokens of rows `keep` (increasing indices): the tensor itself when that is every row."""
-        if len(keep) == len(self.device):
-            return self.device
-        index = torch.tensor(keep, pin_memory=self.device.is_cuda).to(self.device.device, non_blocking=True)
-        return self.device.index_select(0, index)
+    def rows(self, keep: list[int]) -> torch.Tensor | KeptRows:
+        """The device tokens of rows `keep` (increasing indices) for a step launched on them: the tensor itself
+        when that is every row, else KeptRows, which the decode graphs' upload gathers with no allocation."""
+        return self.device if len(keep) == len(self.device) else KeptRows(self.device, keep)
 
     def tolist(self) -> list[int]:
         if self.event is not None:

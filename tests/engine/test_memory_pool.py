@@ -88,3 +88,23 @@ def test_decode_steps_allocate_nothing_outside_the_graph(emulated, monkeypatch, 
         runner.workspaces.thaw()
     assert result.graph and result.sampling == ("greedy" if batch == 1 else "sampled")
     assert result.allocation_free, counter.ops[-10:]
+
+
+def test_steps_after_a_row_finishes_allocate_nothing(emulated, monkeypatch):
+    """Rows finishing at different steps: the steps launched ahead on the rows left gather their tokens on the
+    device into the step buffers (KeptRows), with no index tensor."""
+    engine = emulated.engine
+    counter = NewStorages()
+    monkeypatch.setattr(engine.runner.graphs, "_run", counter.pause(engine.runner.graphs._run))
+    monkeypatch.setattr(engine.runner.graphs.buffers, "to_host", counter.pause(engine.runner.graphs.buffers.to_host))
+    for i in range(8):
+        engine.add_request([i + 5] * 6, SamplingParams(temperature=0.0, max_tokens=6 + 2 * i, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    gathered, upload_kept = [], engine.runner.graphs.buffers._upload_kept
+    monkeypatch.setattr(engine.runner.graphs.buffers, "_upload_kept",
+                        lambda t, b, w, tokens, n: gathered.append(n) or upload_kept(t, b, w, tokens, n))
+    with counter:
+        while engine.has_unfinished():
+            engine.step()
+    assert gathered and counter.count == 0, counter.ops[-10:]
