@@ -12,11 +12,16 @@ from nanovllm.quant.weights import QuantizedWeight
 GIB = 2**30
 
 
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether t lives on `device` ("cuda" meaning any CUDA device's index)."""
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
 def _unique_bytes(tensors, device: torch.device) -> int:
-    """Bytes of the distinct tensors on `device` (a tied weight counts once)."""
+    """Bytes of the distinct tensors on `device` (a tied weight counts once; weights kept on the host do not)."""
     seen, total = set(), 0
     for t in tensors:
-        if t is None or t.device != device:
+        if t is None or not _on(t, device):
             continue
         key = (t.data_ptr(), t.numel(), t.dtype)
         if key not in seen:

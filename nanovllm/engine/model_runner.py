@@ -106,7 +106,6 @@ class ModelRunner:
         self.hf_config = load_hf_config(model_path)
         self.timings: dict[str, float] = {}
         self.workspaces = workspace_pool(self.device)  # kernel scratch: sized by the warm-up, fixed after it
-        self.workspaces.thaw()
         self.activation_bytes: int | None = None  # the warm-up's peak (CUDA, KV cache sized from free memory)
         t0 = time.perf_counter()
         self.weights = source = weight_source(model_path, self.hf_config, config)  # formats, tensors, quantizer
@@ -137,6 +136,7 @@ class ModelRunner:
         # the cache's element type, and an fp8 cache's per-layer (2, kv_heads) scales (nanovllm/engine/kv_scales.py)
         self.kv_dtype = kv_quant.storage_dtype(config.kv_cache_dtype, self.dtype)
         self.kv_scales, self.kv_scales_source = None, None
+        self.workspaces.attach()  # close() detaches
         try:
             if config.kv_cache_dtype == "fp8":
                 self.kv_scales, self.kv_scales_source = choose_scales(self, model_path)
@@ -178,6 +178,7 @@ class ModelRunner:
         for layer in self.model.layers:
             layer.k_cache = layer.v_cache = None
         self.model = self.kv_cache = self.forward = None
+        self.workspaces.detach()
         gc.collect()  # graphs, wrappers and modules can sit in reference cycles; their pools only go once collected
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

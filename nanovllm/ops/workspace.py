@@ -7,7 +7,8 @@ tensors alive at the same time inside one op need different names; an op's outpu
 (the next op of the same name would overwrite it). Requests on one device are ordered by its stream.
 
 Lifecycle, per device (`pool(device)`):
-- sizing (`thaw()`, which ModelRunner calls first): a request larger than its buffer replaces the buffer
+- sizing (`attach()`, which each ModelRunner calls as it starts; `detach()` at its close frees the
+  buffers once no engine is left): a request larger than its buffer replaces the buffer
   by one of the request's size, so each buffer ends at its name's high-water mark over the warm-up;
 - frozen (`freeze()`, once the engine has warmed up): a larger request still grows its buffer on the paths
   that may allocate (prefill, eager steps), and the growth is logged; inside `strict()` (a decode step
@@ -40,7 +41,13 @@ class WorkspaceTooSmall(RuntimeError):
 @dataclass
 class _Slot:
     buffer: torch.Tensor  # uint8
-    kept: bool = False  # a captured CUDA graph or a long-lived holder may read it: never freed when replaced
+    captured: bool = False  # handed out during a CUDA-graph capture: a graph may read it
+    held: bool = False  # handed out to a long-lived object (outlives engines)
+
+    @property
+    def kept(self) -> bool:
+        """Someone other than the op that asked may still read it: never freed when replaced."""
+        return self.captured or self.held
 
 
 @dataclass
@@ -48,7 +55,8 @@ class WorkspacePool:
     device: torch.device
     frozen: bool = False
     slots: dict[str, _Slot] = field(default_factory=dict)
-    retired: list[torch.Tensor] = field(default_factory=list)  # replaced buffers that captured graphs read
+    retired: list[_Slot] = field(default_factory=list)  # replaced buffers that graphs or holders still read
+    users: int = 0  # engines (ModelRunners) using the pool: attach() / detach()
     _strict: int = 0
 
     def request(self, name: str, shape, dtype: torch.dtype, held: bool = False) -> torch.Tensor:
@@ -62,7 +70,8 @@ class WorkspacePool:
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if slot is None or slot.buffer.numel() < nbytes:
             slot = self._grow(name, slot, nbytes, capturing)
-        slot.kept |= capturing or held
+        slot.captured |= capturing
+        slot.held |= held
         return slot.buffer[:nbytes].view(dtype).view(shape)
 
     def _grow(self, name: str, slot: _Slot | None, nbytes: int, capturing: bool) -> _Slot:
@@ -78,7 +87,7 @@ class WorkspacePool:
         if self.frozen:
             log.info("workspace %s on %s grew from %d to %d bytes after warm-up", name, self.device, have, nbytes)
         if slot is not None and slot.kept:
-            self.retired.append(slot.buffer)
+            self.retired.append(slot)
         size = -(-nbytes // ALIGN) * ALIGN
         self.slots[name] = slot = _Slot(torch.empty(size, dtype=torch.uint8, device=self.device))
         return slot
@@ -88,6 +97,19 @@ class WorkspacePool:
 
     def thaw(self) -> None:
         self.frozen = False
+
+    def attach(self) -> None:
+        """An engine starts using the pool: it sizes the workspaces again (thawed) as it warms up."""
+        self.users += 1
+        self.thaw()
+
+    def detach(self) -> None:
+        """An engine is done with the pool. With no engine left, the buffers only engines used are freed (so a
+        sweep's next model starts from nothing); those `held` by long-lived objects stay."""
+        self.users = max(0, self.users - 1)
+        if not self.users:
+            self.slots = {name: slot for name, slot in self.slots.items() if slot.held}
+            self.retired = [slot for slot in self.retired if slot.held]
 
     @contextlib.contextmanager
     def strict(self):
@@ -105,7 +127,7 @@ class WorkspacePool:
     @property
     def nbytes(self) -> int:
         """Device bytes the pool holds: current buffers and those kept for captured graphs."""
-        return sum(self.sizes().values()) + sum(t.numel() for t in self.retired)
+        return sum(self.sizes().values()) + sum(slot.buffer.numel() for slot in self.retired)
 
 
 _pools: dict[torch.device, WorkspacePool] = {}

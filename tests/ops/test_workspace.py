@@ -39,8 +39,22 @@ def test_held_buffers_stay_alive_when_replaced():
     pool = WorkspacePool(torch.device("cpu"))
     held = pool.request("fi", (16,), torch.uint8, held=True)
     pool.request("fi", (1024,), torch.uint8)
-    assert len(pool.retired) == 1 and pool.retired[0].data_ptr() == held.data_ptr()
+    assert len(pool.retired) == 1 and pool.retired[0].buffer.data_ptr() == held.data_ptr()
     assert pool.nbytes == 1024 + 256
+
+
+def test_the_last_engine_to_detach_frees_what_only_engines_used():
+    pool = WorkspacePool(torch.device("cpu"))
+    pool.attach()
+    pool.attach()  # e.g. a draft model's engine and the target's
+    pool.request("fi", (16,), torch.uint8, held=True)
+    pool.request("fi", (1024,), torch.uint8, held=True)
+    pool.request("split_k", (64,), torch.float32)
+    pool.freeze()
+    pool.detach()
+    assert set(pool.sizes()) == {"fi", "split_k"} and pool.frozen
+    pool.detach()
+    assert set(pool.sizes()) == {"fi"} and len(pool.retired) == 1 and pool.users == 0
 
 
 def test_bad_shape_is_named():
