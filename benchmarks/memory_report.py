@@ -1,14 +1,15 @@
 """Where an engine's GPU memory goes (weights, KV cache, activations, kernel workspaces, the rest), and with
 --decode-steps N whether decode steps allocate device memory: the CUDA caching allocator's allocation and
 segment counters before and after N steps of a running engine, for greedy batch 1 and temperature-sampled
-batch 8 (both must be unchanged: the CUDA graphs take their inputs in preallocated buffers), and for
-information top-k/top-p batch 8 (sampled outside the graph: its sampler allocates).
+batch 8 and top-k/top-p batch 8 (all must be unchanged: the CUDA graphs take their inputs in preallocated
+buffers), and for information top-k/top-p batch 32 (above cuda_graphs.FILTERED_MAX_ROWS: sampled outside the
+graph, its sampler allocates; run when max_num_seqs >= 32).
 
     python benchmarks/memory_report.py [--model default] [--kernels all_fused] [--decode-steps 1000]
         [--engine-arg max_num_seqs=64 ...] [--out memory_report.json]
 
 Prints two tables and writes JSON rows (one `memory` row, one `decode_allocations` row per case). Exits 1
-when a greedy or sampled case allocated.
+when a required case allocated.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ GIB = 2**30
 CASES = (  # (name, batch, params, must be allocation-free)
     ("greedy", 1, SamplingParams(temperature=0.0), True),
     ("sampled", 8, SamplingParams(temperature=0.8), True),
-    ("top_k_top_p", 8, SamplingParams(temperature=0.8, top_k=50, top_p=0.9), False),
+    ("top_k_top_p", 8, SamplingParams(temperature=0.8, top_k=50, top_p=0.9), True),
+    ("top_k_top_p", 32, SamplingParams(temperature=0.8, top_k=50, top_p=0.9), False),
 )
 
 
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
         rows.append(dict(kind="memory", gpu=gpu, model=args.model, kernels=args.kernels or "auto", **report.as_dict()))
         if args.decode_steps:
             print(f"\n{'case':<14}{'batch':>6}{'mode':>12}{'graph':>7}{'steps':>7}{'d alloc':>9}{'d segm':>8}  ok")
-        for name, batch, params, required in CASES if args.decode_steps else ():
+        cases = [c for c in CASES if c[1] <= llm.config.max_num_seqs] if args.decode_steps else []
+        for name, batch, params, required in cases:
             r = decode_allocations.measure(llm.engine, batch, params, args.decode_steps)
             d = r.delta
             ok = r.allocation_free and r.graph

@@ -21,7 +21,7 @@ from nanovllm.engine.prompt_logprobs import record_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_buffers import KeptRows
-from nanovllm.engine.step_mode import ADJUSTED, GREEDY, LOGPROBS, SAMPLED, StepMode
+from nanovllm.engine.step_mode import ADJUSTED, FILTERED, GREEDY, LOGPROBS, StepMode
 from nanovllm.models.loader import load_hf_config, load_weights
 from nanovllm.models.registry import build_model, model_target
 from nanovllm.ops import OpResolver, PlanContext, kv_quant
@@ -424,17 +424,19 @@ class ModelRunner:
 
     def _graph_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None, mode: StepMode) -> torch.Tensor:
         """Device tokens of a decode batch through the graphs, as `mode.sampling` says: the greedy graph, the
-        sampled graph (temperature and noise in its buffers), or the greedy graph's hidden states sampled
-        outside it (FILTERED). GREEDY and SAMPLED steps allocate no device memory; a workspace too small for
-        the step raises (ops/workspace.py)."""
+        sampled graph (temperature and noise in its buffers), the filtered graph (FILTERED batches that
+        `filters_fit`: top-k, top-p and min-p in its buffers too), or for larger FILTERED batches the greedy
+        graph's hidden states sampled outside it. Steps replaying a sampling graph allocate no device memory;
+        a workspace too small for the step raises (ops/workspace.py)."""
         g, seqs = self.graphs, [item.seq for item in batch]
         with self.workspaces.strict():
             if mode.sampling == GREEDY:
                 return g.run(batch, prev)[1]
-            if mode.sampling == SAMPLED:
-                g.set_temperature([s.params.temperature for s in seqs])
+            filtered = mode.sampling == FILTERED
+            if not filtered or g.filters_fit(len(seqs)):
+                g.set_sampling([s.params for s in seqs], filters=filtered)
                 self._draw_noise(seqs, g.noise[:len(seqs)])
-                return g.run(batch, prev, sampled=True)[1]
+                return (g.run(batch, prev, filtered=True) if filtered else g.run(batch, prev, sampled=True))[1]
             temperature, *filters, _ = self.sampling_tensors(seqs, noise_out=g.noise[:len(seqs)])
             return self.model.sample(g.run(batch, prev)[0], temperature, *filters, g.noise[:len(seqs)])
 

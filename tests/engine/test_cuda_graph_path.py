@@ -214,17 +214,23 @@ def test_graphs_set_aside_while_a_step_is_in_flight(tiny_model, tiny_llm):
     assert rid not in engine.requests
 
 
-def test_temperature_sampling_runs_in_the_sampled_graph(tiny_model, tiny_llm):
-    """Temperature-only batches sample inside the graph (its temperature and noise buffers); batches with a
-    filter (top-k here) take the greedy graph's hidden states and sample outside. Tokens are the eager
-    engine's either way (seeded rows draw their noise from their own generators)."""
+def test_temperature_sampling_runs_in_the_sampled_graph(tiny_model, tiny_llm, monkeypatch):
+    """Temperature-only batches sample inside the sampled graph (its temperature and noise buffers); batches
+    with a filter (top-k here) inside the filtered graph while they are small (FILTERED_MAX_ROWS), else from
+    the greedy graph's hidden states outside it. Tokens are the eager engine's every way (seeded rows draw
+    their noise from their own generators)."""
+    from nanovllm.engine import cuda_graphs
+
     llm = emulated(tiny_model, max_num_seqs=4)
     modes = []
     run = llm.engine.runner.graphs.run
-    llm.engine.runner.graphs.run = lambda batch, prev=None, sampled=False: modes.append(sampled) or run(batch, prev,
-                                                                                                         sampled)
+    llm.engine.runner.graphs.run = lambda batch, prev=None, sampled=False, filtered=False: (
+        modes.append("filtered" if filtered else "sampled" if sampled else "greedy") or run(batch, prev, sampled,
+                                                                                            filtered))
     prompts = [[7] * 9, [11] * 14, [13] * 5]
-    for extra, graph_samples in ((dict(), True), (dict(top_k=5), False)):
+    for extra, max_rows, graph_samples in ((dict(), 8, "sampled"), (dict(top_k=5), 8, "filtered"),
+                                           (dict(top_k=5), 0, "greedy")):
+        monkeypatch.setattr(cuda_graphs, "FILTERED_MAX_ROWS", max_rows)
         params = [SamplingParams(temperature=0.3 + 0.4 * i, seed=i, max_tokens=6, ignore_eos=True, **extra)
                   for i in range(3)]
         modes.clear()

@@ -1,7 +1,7 @@
 """On the GPU: decode steps through the CUDA graphs allocate no device memory (the CUDA caching allocator's
-allocation and segment counters are unchanged across 1,000 steps), greedy at batch 1 and temperature-sampled
-at batch 8, with the default kernels and with every Triton kernel (their scratch comes from the workspace
-pool); and the memory report measures the activations and workspaces."""
+allocation and segment counters are unchanged across 1,000 steps), greedy at batch 1, temperature-sampled
+and top-k/top-p-sampled at batch 8, with the default kernels and with every Triton kernel (their scratch
+comes from the workspace pool); and the memory report measures the activations and workspaces."""
 
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ def test_report_measures_every_kind(llm):
     assert report.workspaces["sampling_noise"] > 0 and llm.engine.runner.workspaces.frozen
 
 
-@pytest.mark.parametrize("batch, params", [(1, SamplingParams(temperature=0.0)),
-                                           (8, SamplingParams(temperature=0.8))])
-def test_decode_steps_allocate_nothing(llm, batch, params):
+@pytest.mark.parametrize("batch, params, sampling", [
+    (1, SamplingParams(temperature=0.0), "greedy"),
+    (8, SamplingParams(temperature=0.8), "sampled"),
+    (8, SamplingParams(temperature=0.8, top_k=50, top_p=0.9), "filtered")])
+def test_decode_steps_allocate_nothing(llm, batch, params, sampling):
     result = decode_allocations.measure(llm.engine, batch, params, steps=1000)
-    assert result.graph and result.sampling == ("greedy" if batch == 1 else "sampled")
+    assert result.graph and result.sampling == sampling
     assert result.allocation_free, result.delta

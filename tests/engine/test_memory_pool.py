@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine import decode_allocations
+from nanovllm.engine import cuda_graphs, decode_allocations
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.memory_report import MemoryReport
 from nanovllm.quant.weights import QuantizedWeight
@@ -82,7 +82,7 @@ def test_decode_steps_allocate_nothing_outside_the_graph(emulated, monkeypatch, 
     runner.workspaces.freeze()  # strict: a decode step that outgrew a workspace would raise
     try:
         with counter:
-            result = decode_allocations.measure(emulated.engine, batch, params, steps=16, warmup_steps=4,
+            result = decode_allocations.measure(emulated.engine, batch, params, steps=8, warmup_steps=4,
                                                 counters=lambda: {"new_storages": counter.count})
     finally:
         runner.workspaces.thaw()
@@ -108,3 +108,23 @@ def test_steps_after_a_row_finishes_allocate_nothing(emulated, monkeypatch):
         while engine.has_unfinished():
             engine.step()
     assert gathered and counter.count == 0, counter.ops[-10:]
+
+
+def test_small_filtered_batches_sample_in_their_graph(emulated, monkeypatch):
+    """top-k/top-p/min-p rows of a batch up to FILTERED_MAX_ROWS: sampled by the filtered graph (its buffers
+    filled without allocating), giving the tokens sampling outside the graph gives from the same noise."""
+    runner = emulated.engine.runner
+    counter = NewStorages()
+    monkeypatch.setattr(runner.graphs, "_run", counter.pause(runner.graphs._run))
+    monkeypatch.setattr(runner.graphs.buffers, "to_host", counter.pause(runner.graphs.buffers.to_host))
+    params = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05)
+    with counter:
+        result = decode_allocations.measure(emulated.engine, 8, params, steps=2, warmup_steps=3,
+                                            counters=lambda: {"new_storages": counter.count})
+    assert result.graph and result.sampling == "filtered" and result.allocation_free, counter.ops[-10:]
+    seeded = [SamplingParams(temperature=0.9, top_k=20 * (i % 2), top_p=0.8, seed=i, max_tokens=3, ignore_eos=True)
+              for i in range(8)]
+    prompts = [[i + 9] * (3 + i) for i in range(8)]
+    in_graph = [r["token_ids"] for r in emulated.generate(prompts, seeded)]
+    monkeypatch.setattr(cuda_graphs, "FILTERED_MAX_ROWS", 0)  # every filtered batch sampled outside the graph
+    assert [r["token_ids"] for r in emulated.generate(prompts, seeded)] == in_graph
