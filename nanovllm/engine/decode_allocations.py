@@ -67,7 +67,7 @@ def measure(engine, batch: int, params: SamplingParams, steps: int, warmup_steps
         vars(runner).pop("step_mode", None)
         for rid in ids:
             engine.abort_request(rid)
-        while engine.has_unfinished():
+        while engine.has_unfinished() or engine.scheduler.in_flight is not None:  # drain a step launched ahead
             engine.step()
     sampling = "/".join(sorted({m.sampling for m in modes}))
     return DecodeAllocations(batch, sampling, bool(modes) and all(m.graph for m in modes), steps, before, after)

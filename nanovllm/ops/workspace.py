@@ -89,7 +89,8 @@ class WorkspacePool:
         if slot is not None and slot.kept:
             self.retired.append(slot)
         size = -(-nbytes // ALIGN) * ALIGN
-        self.slots[name] = slot = _Slot(torch.empty(size, dtype=torch.uint8, device=self.device))
+        # zeroed once, when allocated: a library workspace (FlashInfer's) starts from zeros as it always did
+        self.slots[name] = slot = _Slot(torch.zeros(size, dtype=torch.uint8, device=self.device))
         return slot
 
     def freeze(self) -> None:
