@@ -69,7 +69,7 @@ def device_of(device) -> torch.device:
 def workspace(device) -> torch.Tensor:
     """One float workspace per device, shared by every wrapper (their runs are serialized on the stream), from
     the engine's workspace pool; held: the wrappers keep it."""
-    return pool(device_of(device)).request("flashinfer_float", (WORKSPACE_BYTES,), torch.uint8, held=True)
+    return pool(device_of(device)).request("flashinfer_float", (WORKSPACE_BYTES,), torch.uint8, held="process")
 
 
 def page_table(seq_lens: np.ndarray, block_tables: np.ndarray, page_size: int):

@@ -69,7 +69,7 @@ class DecodeGraphs:
         self.sampling_hosts = [(torch.zeros(3, self.max_bs, pin_memory=cuda),
                                 torch.zeros(self.max_bs, dtype=torch.int64, pin_memory=cuda)) for _ in range(2)]
         self.noise = runner.workspaces.request("sampling_noise", (self.max_bs, runner.args.vocab_size),
-                                               torch.float32, held=True).fill_(1.0)
+                                               torch.float32, held="engine").fill_(1.0)
         self.ready: list[int] = []  # the captured batch sizes, ascending
         # keyed (batch size, table width, sampling: GREEDY, SAMPLED or FILTERED, buffer)
         self.graphs: dict[tuple[int, int, str, int], torch.cuda.CUDAGraph] = {}

@@ -14,8 +14,8 @@ Lifecycle, per device (`pool(device)`):
   that may allocate (prefill, eager steps), and the growth is logged; inside `strict()` (a decode step
   through the CUDA graphs) it raises WorkspaceTooSmall naming the workspace instead of allocating.
 A request inside a CUDA-graph capture never grows a buffer (it raises: the step runs once before its
-capture, which sizes its workspaces). A buffer handed out during a capture, or `held` by a long-lived
-object, is never freed when replaced: it stays in `retired`, since a graph or that object still reads it.
+capture, which sizes its workspaces). A buffer handed out during a capture, or `held` by an object that
+keeps its view, is never freed when replaced (it stays in `retired`): a graph or that object still reads it.
 Under torch.compile tracing, and inside `unpooled()` (kernel autotuning), a request is an ordinary
 allocation.
 """
@@ -42,12 +42,13 @@ class WorkspaceTooSmall(RuntimeError):
 class _Slot:
     buffer: torch.Tensor  # uint8
     captured: bool = False  # handed out during a CUDA-graph capture: a graph may read it
-    held: bool = False  # handed out to a long-lived object (outlives engines)
+    engine_held: bool = False  # handed out to an object that lives as long as its engine
+    process_held: bool = False  # handed out to an object that outlives engines (FlashInfer's wrappers)
 
     @property
     def kept(self) -> bool:
         """Someone other than the op that asked may still read it: never freed when replaced."""
-        return self.captured or self.held
+        return self.captured or self.engine_held or self.process_held
 
 
 @dataclass
@@ -59,9 +60,12 @@ class WorkspacePool:
     users: int = 0  # engines (ModelRunners) using the pool: attach() / detach()
     _strict: int = 0
 
-    def request(self, name: str, shape, dtype: torch.dtype, held: bool = False) -> torch.Tensor:
-        """A view of workspace `name`'s buffer; `held`: the caller keeps it beyond the op (e.g. a library
-        object built on it), so the buffer is kept alive even if replaced."""
+    def request(self, name: str, shape, dtype: torch.dtype, held: str | None = None) -> torch.Tensor:
+        """A view of workspace `name`'s buffer. `held`: the caller keeps the view beyond the op, so the buffer
+        stays alive if replaced: "engine" (an object of the engine's lifetime, e.g. the decode graphs) or
+        "process" (one that outlives engines: the buffer then survives the last engine's detach())."""
+        if held not in (None, "engine", "process"):
+            raise ValueError(f"workspace {name!r}: held must be None, 'engine' or 'process', got {held!r}")
         shape = tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
             raise ValueError(f"workspace {name!r}: negative shape {shape}")
@@ -71,7 +75,8 @@ class WorkspacePool:
         if slot is None or slot.buffer.numel() < nbytes:
             slot = self._grow(name, slot, nbytes, capturing)
         slot.captured |= capturing
-        slot.held |= held
+        slot.engine_held |= held == "engine"
+        slot.process_held |= held == "process"
         return slot.buffer[:nbytes].view(dtype).view(shape)
 
     def _grow(self, name: str, slot: _Slot | None, nbytes: int, capturing: bool) -> _Slot:
@@ -106,11 +111,11 @@ class WorkspacePool:
 
     def detach(self) -> None:
         """An engine is done with the pool. With no engine left, the buffers only engines used are freed (so a
-        sweep's next model starts from nothing); those `held` by long-lived objects stay."""
+        sweep's next model starts from nothing); those held by objects that outlive engines stay."""
         self.users = max(0, self.users - 1)
         if not self.users:
-            self.slots = {name: slot for name, slot in self.slots.items() if slot.held}
-            self.retired = [slot for slot in self.retired if slot.held]
+            self.slots = {name: slot for name, slot in self.slots.items() if slot.process_held}
+            self.retired = [slot for slot in self.retired if slot.process_held]
 
     @contextlib.contextmanager
     def strict(self):

@@ -37,7 +37,7 @@ def test_sizing_grows_to_the_high_water_mark_then_freezes():
 
 def test_held_buffers_stay_alive_when_replaced():
     pool = WorkspacePool(torch.device("cpu"))
-    held = pool.request("fi", (16,), torch.uint8, held=True)
+    held = pool.request("fi", (16,), torch.uint8, held="process")
     pool.request("fi", (1024,), torch.uint8)
     assert len(pool.retired) == 1 and pool.retired[0].buffer.data_ptr() == held.data_ptr()
     assert pool.nbytes == 1024 + 256
@@ -47,19 +47,23 @@ def test_the_last_engine_to_detach_frees_what_only_engines_used():
     pool = WorkspacePool(torch.device("cpu"))
     pool.attach()
     pool.attach()  # e.g. a draft model's engine and the target's
-    pool.request("fi", (16,), torch.uint8, held=True)
-    pool.request("fi", (1024,), torch.uint8, held=True)
+    pool.request("fi", (16,), torch.uint8, held="process")
+    pool.request("fi", (1024,), torch.uint8, held="process")
     pool.request("split_k", (64,), torch.float32)
+    pool.request("noise", (8,), torch.float32, held="engine")
+    pool.request("noise", (800,), torch.float32)
     pool.freeze()
     pool.detach()
-    assert set(pool.sizes()) == {"fi", "split_k"} and pool.frozen
+    assert set(pool.sizes()) == {"fi", "split_k", "noise"} and len(pool.retired) == 2 and pool.frozen
     pool.detach()
     assert set(pool.sizes()) == {"fi"} and len(pool.retired) == 1 and pool.users == 0
 
 
-def test_bad_shape_is_named():
+def test_bad_requests_are_named():
     with pytest.raises(ValueError, match="'x'.*negative"):
         WorkspacePool(torch.device("cpu")).request("x", (2, -1), torch.float32)
+    with pytest.raises(ValueError, match="'x'.*held must be"):
+        WorkspacePool(torch.device("cpu")).request("x", (2,), torch.float32, held=True)
 
 
 def test_workspace_routes_to_the_device_pool_except_when_unpooled():
