@@ -41,10 +41,12 @@ class DecodeAllocations:
 
 
 def measure(engine, batch: int, params: SamplingParams, steps: int, warmup_steps: int = 8,
-            counters: Callable[[], dict[str, int]] = cuda_counters) -> DecodeAllocations:
+            counters: Callable[[], dict[str, int]] | None = None) -> DecodeAllocations:
     """Starts `batch` requests that outlive the measurement, runs `warmup_steps` engine steps (prefill, graph
     capture of the batch size, the first decode steps), then reads `counters` before and after `steps` more
-    engine steps (decode only), and aborts the requests. The engine must have no other request."""
+    engine steps (decode only), and aborts the requests. The engine must have no other request. counters:
+    cumulative counts to compare (default: the CUDA allocator's, `cuda_counters`)."""
+    counters = counters or cuda_counters
     if engine.has_unfinished():
         raise ValueError("measure() needs an idle engine: its steps must be this batch's decode steps only")
     need = PROMPT_TOKENS + warmup_steps + steps + 4
