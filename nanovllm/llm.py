@@ -152,4 +152,5 @@ class LLM:
                     quantized_formats=stats["formats"], kv_bytes_per_token=runner.kv_bytes_per_token,
                     kv_cache_dtype=self.config.kv_cache_dtype,
                     kv_cache_bytes=runner.num_blocks * runner.block_size * runner.kv_bytes_per_token,
+                    memory=runner.memory.as_dict(),  # weights, KV, activations, workspaces: engine/memory_report.py
                     random_weights=readme.is_file() and "random" in readme.read_text().lower())

@@ -68,6 +68,7 @@ def build_llm(cfg: DictConfig, console: Console):
     console.print(f"built {info['architecture']} ({info['num_params'] / 1e6:.1f}M params) on "
                   f"{escape(llm.device_name)}, {llm.config.dtype}, in {time.perf_counter() - t0:.1f} s ({stages})")
     console.print(escape(llm.engine.runner.kv_cache_summary))
+    console.print(escape(llm.engine.runner.memory.summary))
     console.print(escape(weights_line(weight_stats(llm.engine.runner.model), info["quantization"])))
     if info["random_weights"]:
         console.print("[yellow]random weights: completions are gibberish, speeds are representative.[/]")

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from nanovllm.ops.workspace import pool
+
 DTYPES = (torch.bfloat16, torch.float16)
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace (split-KV partial results)
 PREFILL_BACKEND = "fa2"  # fa3 would cost another multi-minute JIT; fa2 is also the tensor-core decode kernel
@@ -64,14 +66,10 @@ def device_of(device) -> torch.device:
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.cache
-def _workspace(device: torch.device) -> torch.Tensor:
-    return torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-
-
 def workspace(device) -> torch.Tensor:
-    """One float workspace per device, shared by every wrapper: their runs are serialized on the stream."""
-    return _workspace(device_of(device))
+    """One float workspace per device, shared by every wrapper (their runs are serialized on the stream), from
+    the engine's workspace pool; held: the wrappers keep it."""
+    return pool(device_of(device)).request("flashinfer_float", (WORKSPACE_BYTES,), torch.uint8, held="process")
 
 
 def page_table(seq_lens: np.ndarray, block_tables: np.ndarray, page_size: int):

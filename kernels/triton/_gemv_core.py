@@ -22,6 +22,7 @@ from torch.library import triton_op, wrap_triton
 
 from nanovllm.ops import get_op, native_site, register_impl
 from nanovllm.ops.plugins import load_sibling
+from nanovllm.ops.workspace import workspace
 
 tuning = load_sibling(__file__, "_tuning")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -383,7 +384,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: 
 
     def run(cfg, weight):
         out = x.new_empty(m, n)
-        ws = x.new_empty(cfg.SPLIT_K, m, n, dtype=torch.float32) if cfg.SPLIT_K > 1 else None
+        ws = workspace("gemv_split_k", (cfg.SPLIT_K, m, n), torch.float32, x) if cfg.SPLIT_K > 1 else None
         launch_gemv(x, weight, out, cfg, bias, residual, norm_w, eps, ws=ws)
         return out
 

@@ -29,6 +29,7 @@ from torch.library import triton_op, wrap_triton
 
 from nanovllm.ops import get_op, native_site, register_impl
 from nanovllm.ops.plugins import load_sibling
+from nanovllm.ops.workspace import workspace
 from nanovllm.quant.weights import FORMATS, is_quantized
 
 core = load_sibling(__file__, "_gemv_core")
@@ -541,7 +542,7 @@ def qgemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: t
 
     def run(cfg, w):
         out = x.new_empty(m, w.n)
-        ws = x.new_empty(cfg.SPLIT_K, m, w.n, dtype=torch.float32) if cfg.SPLIT_K > 1 else None
+        ws = workspace("gemv_split_k", (cfg.SPLIT_K, m, w.n), torch.float32, x) if cfg.SPLIT_K > 1 else None
         launch_qgemv(x, w, out, cfg, bias, residual, norm_w, eps, ws=ws)
         return out
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import triton
 
+from nanovllm.ops.workspace import unpooled
 from nanovllm.utils.cuda_graph import capture
 
 log = logging.getLogger("nanovllm.triton")
@@ -212,7 +213,8 @@ def tune(key: str, configs: Iterable[Config], bench: Callable[[Config], float]) 
             log.warning("tuning %s: %.0f s budget spent after %d configs", key, budget, len(results))
             break
         try:
-            results[cfg] = bench(cfg)
+            with unpooled():  # the benches' scratch stays out of the engine's workspaces
+                results[cfg] = bench(cfg)
         except Exception as e:  # a config that does not compile (registers, shared memory) is skipped
             log.debug("tuning %s: %s failed: %s", key, cfg, e)
     if not results:

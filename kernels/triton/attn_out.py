@@ -13,6 +13,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from nanovllm.ops.plugins import load_sibling
+from nanovllm.ops.workspace import workspace
 
 core = load_sibling(__file__, "_gemv_core")
 gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
@@ -71,7 +72,7 @@ def gemv_add_rms_norm(o: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, 
     (m, k), n = o.shape, w.shape[0]
 
     def run(cfg, weight):
-        ws = o.new_empty(cfg.SPLIT_K, m, n, dtype=torch.float32)
+        ws = workspace("gemv_split_k", (cfg.SPLIT_K, m, n), torch.float32, o)
         core.launch_gemv(o, weight, ws, cfg, partial=True)
         return add_rms_norm_partials(ws, o, residual, norm_w, eps)
 

@@ -25,6 +25,7 @@ from torch.library import triton_op, wrap_triton
 from nanovllm.ops import kv_quant, register_impl
 from nanovllm.ops.plugins import load_sibling
 from nanovllm.ops.registry import declare_kv_dtypes
+from nanovllm.ops.workspace import workspace
 
 core = load_sibling(__file__, "_gemv_core")
 attn = load_sibling(__file__, "_decode_core")
@@ -82,8 +83,8 @@ def launch(q, k_cache, v_cache, block_tables, positions, scale, window, softcap,
     splits = splits or num_splits(batch, hk, block_tables.shape[1] * page, q.device)
     block_d = max(16, triton.next_power_of_2(d))
     block_s = triton.next_power_of_2(splits)
-    o = q.new_empty(batch, hq, splits, block_d, dtype=torch.float32)
-    lse = q.new_empty(batch, hq, splits, dtype=torch.float32)
+    o = workspace("decode_attention_partial_out", (batch, hq, splits, block_d), torch.float32, q)
+    lse = workspace("decode_attention_partial_lse", (batch, hq, splits), torch.float32, q)
     out = q.new_empty(batch, hq, d)
     pdl = core.pdl(q, k_cache)
     k, v, q_norm_w, k_norm_w, eps, cos_sin, slots = rope or (q, q, None, None, 0.0, q, positions)

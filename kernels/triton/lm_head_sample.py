@@ -15,6 +15,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from nanovllm.ops.plugins import load_sibling
+from nanovllm.ops.workspace import workspace
 
 core = load_sibling(__file__, "_gemv_core")
 gemv_tile = core.gemv_tile
@@ -53,8 +54,8 @@ def lm_head_argmax(h: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.T
         blocks = triton.cdiv(n, cfg.BLOCK_N)
         per_prog = triton.cdiv(blocks, 8 * sms)  # about 8 programs per SM: few winners left to reduce
         progs = triton.cdiv(blocks, per_prog)
-        val = h.new_empty(m, progs, dtype=torch.float32)
-        idx = h.new_empty(m, progs, dtype=torch.int32)
+        val = workspace("argmax_partial_val", (m, progs), torch.float32, h)
+        idx = workspace("argmax_partial_idx", (m, progs), torch.int32, h)
         pdl = core.pdl(h, weight)
         wrap_triton(_lm_head_argmax_kernel)[(progs, 1, triton.cdiv(m, bm))](
             h, weight, norm_w, val, idx, m, n, k, h.stride(0), weight.stride(0), eps, progs, per_prog,

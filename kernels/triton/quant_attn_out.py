@@ -8,6 +8,7 @@ import torch
 from torch.library import triton_op
 
 from nanovllm.ops.plugins import load_builtin, load_sibling
+from nanovllm.ops.workspace import workspace
 from nanovllm.quant.weights import is_quantized
 
 qcore = load_sibling(__file__, "_quant_core")
@@ -25,7 +26,7 @@ def qgemv_add_rms_norm(o: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     n = qw.n
 
     def run(cfg, w):
-        ws = o.new_empty(cfg.SPLIT_K, m, n, dtype=torch.float32)
+        ws = workspace("gemv_split_k", (cfg.SPLIT_K, m, n), torch.float32, o)
         qcore.launch_qgemv(o, w, ws, cfg, partial=True)
         return dense.add_rms_norm_partials(ws, o, residual, norm_w, eps)
 

@@ -13,6 +13,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from nanovllm.ops.plugins import load_sibling
+from nanovllm.ops.workspace import workspace
 from nanovllm.quant.weights import is_quantized
 
 qcore = load_sibling(__file__, "_quant_core")
@@ -57,8 +58,8 @@ def qlm_head_argmax(h: torch.Tensor, norm_w: torch.Tensor, eps: float, qweight: 
         blocks = triton.cdiv(w.n, cfg.BLOCK_N)
         per_prog = triton.cdiv(blocks, 8 * sms)  # about 8 programs per SM: few winners left to reduce
         progs = triton.cdiv(blocks, per_prog)
-        val = h.new_empty(m, progs, dtype=torch.float32)
-        idx = h.new_empty(m, progs, dtype=torch.int32)
+        val = workspace("argmax_partial_val", (m, progs), torch.float32, h)
+        idx = workspace("argmax_partial_idx", (m, progs), torch.int32, h)
         pdl = core.pdl(h, w.qweight)
         q, kb = qcore.stored(w, m)
         wrap_triton(_qlm_head_argmax_kernel)[(progs, 1, triton.cdiv(m, bm))](

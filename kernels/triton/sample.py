@@ -18,6 +18,7 @@ from torch.library import triton_op, wrap_triton
 
 from nanovllm.ops import get_op, register_impl
 from nanovllm.ops.plugins import load_sibling
+from nanovllm.ops.workspace import workspace
 
 core = load_sibling(__file__, "_gemv_core")
 gdc_launch_dependents, gdc_wait = core.gdc_launch_dependents, core.gdc_wait
@@ -61,8 +62,8 @@ def sample_race(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Te
     block = min(block, triton.next_power_of_2(vocab))
     chunk = block * blocks_per_chunk
     chunks = triton.cdiv(vocab, chunk)
-    val = logits.new_empty(rows, chunks, dtype=torch.float32)
-    idx = logits.new_empty(rows, chunks, dtype=torch.int32)
+    val = workspace("argmax_partial_val", (rows, chunks), torch.float32, logits)
+    idx = workspace("argmax_partial_idx", (rows, chunks), torch.int32, logits)
     pdl = core.pdl(logits, noise)
     if rows:
         wrap_triton(_race_kernel)[(rows, chunks)](

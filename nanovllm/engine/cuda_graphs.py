@@ -19,7 +19,8 @@ import time
 import numpy as np
 import torch
 
-from nanovllm.engine.step_buffers import StepBuffers
+from nanovllm.engine.step_buffers import KeptRows, StepBuffers
+from nanovllm.engine.step_mode import FILTERED, GREEDY, SAMPLED
 from nanovllm.ops import AttentionMetadata
 from nanovllm.ops.meta import build_metadata
 
@@ -27,6 +28,9 @@ log = logging.getLogger("nanovllm")
 
 
 SHORT_MAX_ROWS = 8  # narrow-table graphs for batches up to this size (where the split count depends on it)
+# Graphs that sample with top-k/top-p/min-p for batches up to this size: their sort of the vocabulary per row
+# keeps (rows x vocab) buffers in the graphs' pool, so larger batches sample those filters outside the graph.
+FILTERED_MAX_ROWS = 8
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -36,8 +40,9 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     """Captured decode forward passes through sampling, for a set of batch sizes: a greedy graph per size
-    (argmax LM head), and a sampled one whose temperature and noise are the `temperature` and `noise`
-    buffers, which the caller fills before the replay (temperature-only sampling: no top-k/top-p/min-p).
+    (argmax LM head), a sampled one whose temperature and noise are the `temperature` and `noise` buffers,
+    which the caller fills before the replay (`set_sampling`, `noise`: temperature-only sampling), and for
+    sizes up to FILTERED_MAX_ROWS a filtered one that also reads the `top_k`, `top_p` and `min_p` buffers.
 
     `capture(sizes)` captures some batch sizes (all by default); `run` replays the smallest captured size
     that holds the batch, and `fits` is False for a batch no captured size holds (it then runs eagerly)."""
@@ -56,12 +61,19 @@ class DecodeGraphs:
         self.arange = torch.arange(self.max_bs + 1, device=runner.device)
         zeros = torch.zeros(self.max_bs, device=runner.device)
         self.greedy = (zeros, zeros.long() - 1, zeros + 1, zeros, None)
-        self.temperature = torch.zeros(self.max_bs, device=runner.device)
-        self.noise = torch.ones(self.max_bs, runner.args.vocab_size, device=runner.device)
+        # temperature, top_p, min_p (float32) and top_k (int64), each with a pinned host twin per step buffer
+        # (set_sampling), and the noise in the runner's sampling workspace
+        cuda = runner.device.type == "cuda"
+        self.temperature, self.top_p, self.min_p = torch.zeros(3, self.max_bs, device=runner.device)
+        self.top_k = torch.zeros(self.max_bs, dtype=torch.int64, device=runner.device)
+        self.sampling_hosts = [(torch.zeros(3, self.max_bs, pin_memory=cuda),
+                                torch.zeros(self.max_bs, dtype=torch.int64, pin_memory=cuda)) for _ in range(2)]
+        self.noise = runner.workspaces.request("sampling_noise", (self.max_bs, runner.args.vocab_size),
+                                               torch.float32, held="engine").fill_(1.0)
         self.ready: list[int] = []  # the captured batch sizes, ascending
-        # keyed (batch size, table width, sampled, buffer)
-        self.graphs: dict[tuple[int, int, bool, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int, bool, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # keyed (batch size, table width, sampling: GREEDY, SAMPLED or FILTERED, buffer)
+        self.graphs: dict[tuple[int, int, str, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool = None
 
     def widths(self, b: int) -> list[int]:
@@ -93,11 +105,18 @@ class DecodeGraphs:
         return build_metadata(tables, seq_lens, self.runner.block_size, rows=b, width=w,
                               scratch_block=self.scratch_block, out=v).host
 
-    def _run(self, b: int, meta: AttentionMetadata, sampled: bool, t: int):
+    def samplings(self, b: int) -> tuple[str, ...]:
+        """The kinds of graph captured for batch size b."""
+        return (GREEDY, SAMPLED, FILTERED) if b <= FILTERED_MAX_ROWS else (GREEDY, SAMPLED)
+
+    def _run(self, b: int, meta: AttentionMetadata, sampling: str, t: int):
         v = self.buffers.views(self.buffers.inputs[t], b, meta.block_tables.shape[1])
         hidden = self.forward(v["input_ids"], v["positions"], meta)
-        if sampled:
+        if sampling == SAMPLED:
             tokens = self.runner.model.sample(hidden, self.temperature[:b], None, None, None, self.noise[:b])
+        elif sampling == FILTERED:
+            tokens = self.runner.model.sample(hidden, self.temperature[:b], self.top_k[:b], self.top_p[:b],
+                                              self.min_p[:b], self.noise[:b])
         else:
             tokens = self.runner.model.sample(hidden, *[x[:b] if x is not None else None for x in self.greedy])
         following = self.buffers.next_input_ids(t, b)  # for a step launched ahead on these tokens
@@ -128,30 +147,55 @@ class DecodeGraphs:
             self.buffers.copy(t, b, w)
             for plan in self.runner.plans:
                 plan(meta, self.runner.plan_context)
-            for sampled in (False, True):
+            for sampling in self.samplings(b):
                 for _ in range(2):  # warm up: JIT, autotuning and lazy allocations happen outside capture
-                    self._run(b, meta, sampled, t)
+                    self._run(b, meta, sampling, t)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self.outputs[b, w, sampled, t] = self._run(b, meta, sampled, t)
+                    self.outputs[b, w, sampling, t] = self._run(b, meta, sampling, t)
                 if self.pool is None:
                     self.pool = graph.pool()
-                self.graphs[b, w, sampled, t] = graph
+                self.graphs[b, w, sampling, t] = graph
+
+    def set_sampling(self, params, filters: bool = False) -> None:
+        """Puts the rows' temperatures (and with `filters` their top-k, top-p and min-p) into the graphs' buffers
+        for the next `run`, with no device allocation: through the host twins of the step buffer that run uses,
+        which the step two back last read (StepBuffers: its tokens were read, so its copies are done, before
+        this step launches). params: the rows' SamplingParams, in batch order."""
+        n = len(params)
+        floats, top_k = self.sampling_hosts[self.buffers.turn ^ 1]  # next_turn() in run() picks this buffer
+        rows = floats.numpy()
+        rows[0, :n] = [p.temperature for p in params]
+        copies = [(self.temperature, floats[0])]
+        if filters:
+            rows[1, :n] = [p.top_p for p in params]
+            rows[2, :n] = [p.min_p for p in params]
+            top_k.numpy()[:n] = [max(p.top_k, 0) for p in params]
+            copies += [(self.top_p, floats[1]), (self.min_p, floats[2]), (self.top_k, top_k)]
+        for device, host in copies:
+            device[:n].copy_(host[:n], non_blocking=True)
+
+    def filters_fit(self, n: int) -> bool:
+        """Whether a batch of n rows replays a graph that samples with top-k, top-p and min-p."""
+        b = self.size_for(n)
+        return b is not None and FILTERED in self.samplings(b)
 
     def fits(self, batch) -> bool:
         """Whether a batch can replay a graph: every row decodes one token, and a captured size holds it."""
         return (self.size_for(len(batch)) is not None
                 and all(item.num_new_tokens == 1 and item.completes for item in batch))
 
-    def run(self, batch, prev_tokens: torch.Tensor | None = None,
-            sampled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, batch, prev_tokens: torch.Tensor | KeptRows | None = None,
+            sampled: bool = False, filtered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, tokens) of the real rows of a decode batch: greedy tokens, or with `sampled` tokens sampled
-        at the temperatures and noise the caller put in `self.temperature` and `self.noise` (batch order).
+        at the temperatures and noise the caller put in `self.temperature` and `self.noise` (batch order), or
+        with `filtered` (a batch `filters_fit`) also under the top-k, top-p and min-p put in their buffers.
 
         With `prev_tokens` (the device tokens of the step still in flight for the same rows), each row runs
-        one position ahead and takes its input token from that tensor, without a round trip to the host. The
-        tokens returned are a view that the step after next overwrites: read them (StepBuffers.to_host) before then."""
+        one position ahead and takes its input token from that tensor (KeptRows: from its rows that are kept),
+        without a round trip to the host. The tokens returned are a view that the step after next overwrites:
+        read them (StepBuffers.to_host) before then."""
         n = len(batch)
         b = self.size_for(n)
         if b is None:
@@ -164,15 +208,21 @@ class DecodeGraphs:
         t = self.buffers.next_turn()
         host = self._fill(b, w, [seq.token_ids[-1] for seq in seqs],
                           [seq.num_computed_tokens + ahead for seq in seqs], tables, t)
+        if isinstance(prev_tokens, KeptRows):
+            self.buffers.views(self.buffers.hosts[t].numpy(), b, w)["prev_rows"][:n] = prev_tokens.keep
         meta = self._meta(b, w, host, t)
         self.buffers.upload(t, b, w, prev_tokens, n)
         for plan in self.runner.plans:
             plan(meta, self.runner.plan_context)
+        sampling = FILTERED if filtered else SAMPLED if sampled else GREEDY
+        if sampling not in self.samplings(b):
+            raise ValueError(f"no {sampling} decode graph for batch size {b} (filtered ones up to "
+                             f"{FILTERED_MAX_ROWS} rows)")
         if not self.capture_graphs:
-            hidden, tokens = self._run(b, meta, sampled, t)
+            hidden, tokens = self._run(b, meta, sampling, t)
             return hidden[:n], tokens[:n]
         self.buffers.before_replay(t)
-        self.graphs[b, w, sampled, t].replay()
+        self.graphs[b, w, sampling, t].replay()
         self.buffers.after_replay(t)
-        hidden, tokens = self.outputs[b, w, sampled, t]
+        hidden, tokens = self.outputs[b, w, sampling, t]
         return hidden[:n], tokens[:n]

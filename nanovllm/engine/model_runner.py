@@ -16,16 +16,19 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.kv_scales import choose_scales
 from nanovllm.engine.logits_processing import LogitsAdjustment
+from nanovllm.engine.memory_report import MemoryReport
 from nanovllm.engine.prompt_logprobs import record_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.step_mode import ADJUSTED, GREEDY, LOGPROBS, SAMPLED, StepMode
+from nanovllm.engine.step_buffers import KeptRows
+from nanovllm.engine.step_mode import ADJUSTED, FILTERED, GREEDY, LOGPROBS, StepMode
 from nanovllm.engine.weight_offload import place_weights
 from nanovllm.models.dense import deferred_weights
 from nanovllm.models.loader import load_hf_config, load_weights
 from nanovllm.models.registry import build_model, model_target
 from nanovllm.ops import OpResolver, PlanContext, kv_quant
 from nanovllm.ops.meta import build_metadata
+from nanovllm.ops.workspace import pool as workspace_pool
 from nanovllm.quant.source import weight_source
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.masks import apply_grammar_masks, to_device
@@ -41,12 +44,10 @@ class PendingTokens:
         self.device = tokens
         self.host, self.event = graphs.buffers.to_host(tokens)
 
-    def rows(self, keep: list[int]) -> torch.Tensor:
-        """The device tokens of rows `keep` (increasing indices): the tensor itself when that is every row."""
-        if len(keep) == len(self.device):
-            return self.device
-        index = torch.tensor(keep, pin_memory=self.device.is_cuda).to(self.device.device, non_blocking=True)
-        return self.device.index_select(0, index)
+    def rows(self, keep: list[int]) -> torch.Tensor | KeptRows:
+        """The device tokens of rows `keep` (increasing indices) for a step launched on them: the tensor itself
+        when that is every row, else KeptRows, which the decode graphs' upload gathers with no allocation."""
+        return self.device if len(keep) == len(self.device) else KeptRows(self.device, keep)
 
     def tolist(self) -> list[int]:
         if self.event is not None:
@@ -106,6 +107,8 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.hf_config = load_hf_config(model_path)
         self.timings: dict[str, float] = {}
+        self.workspaces = workspace_pool(self.device)  # kernel scratch: sized by the warm-up, fixed after it
+        self.activation_bytes: int | None = None  # the warm-up's peak (CUDA, KV cache sized from free memory)
         t0 = time.perf_counter()
         self.weights = source = weight_source(model_path, self.hf_config, config)  # formats, tensors, quantizer
         with torch.device(self.device):
@@ -139,6 +142,7 @@ class ModelRunner:
         # the cache's element type, and an fp8 cache's per-layer (2, kv_heads) scales (nanovllm/engine/kv_scales.py)
         self.kv_dtype = kv_quant.storage_dtype(config.kv_cache_dtype, self.dtype)
         self.kv_scales, self.kv_scales_source = None, None
+        self.workspaces.attach()  # close() detaches
         try:
             if config.kv_cache_dtype == "fp8":
                 self.kv_scales, self.kv_scales_source = choose_scales(self, model_path)
@@ -148,6 +152,9 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(self, self.forward)
                 with progress_bar("capturing CUDA graphs (batch size 1; the others when first needed)"):
                     self.timings["cuda_graphs_s"] = self.graphs.capture([1])
+            if self.activation_bytes is not None:  # warmed up: decode steps now fit the workspaces as they are
+                self.workspaces.freeze()
+            self.memory = MemoryReport.of(self)
         except BaseException:  # e.g. out of memory: give the memory back, so a sweep's next job can run
             self.close()
             raise
@@ -177,6 +184,7 @@ class ModelRunner:
         for layer in self.model.layers:
             layer.k_cache = layer.v_cache = None
         self.model = self.kv_cache = self.forward = self.offloader = None
+        self.workspaces.detach()
         gc.collect()  # graphs, wrappers and modules can sit in reference cycles; their pools only go once collected
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -203,7 +211,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             t0 = time.perf_counter()
             with progress_bar("warmup (largest batch, to measure activation memory)"):
-                activations = self._warmup_peak()
+                activations = self.activation_bytes = self._warmup_peak()
             self.timings["warmup_s"] = time.perf_counter() - t0
             free, total = torch.cuda.mem_get_info(self.device)
             budget = total * c.gpu_memory_utilization - (total - free) - activations
@@ -312,14 +320,19 @@ class ModelRunner:
         min_p = column([p.min_p for p in params], torch.float32, 0.0)
         noise = None
         if any(not p.greedy for p in params):
-            noise = noise_out if noise_out is not None else torch.empty(len(seqs), self.args.vocab_size, device=dev)
-            noise.exponential_(generator=self.generator)
-            for i, s in enumerate(seqs):
-                if s.params.seed is not None:
-                    if s.generator is None:
-                        s.generator = torch.Generator(device=dev).manual_seed(s.params.seed)
-                    noise[i].exponential_(generator=s.generator)
+            noise = noise_out if noise_out is not None else self.workspaces.request(
+                "sampling_noise", (len(seqs), self.args.vocab_size), torch.float32)
+            self._draw_noise(seqs, noise)
         return temperature, top_k, top_p, min_p, noise
+
+    def _draw_noise(self, seqs, noise: torch.Tensor) -> None:
+        """Exponential noise for the sampler, in place: the engine's generator, then a seeded row's own."""
+        noise.exponential_(generator=self.generator)
+        for i, s in enumerate(seqs):
+            if s.params.seed is not None:
+                if s.generator is None:
+                    s.generator = torch.Generator(device=self.device).manual_seed(s.params.seed)
+                noise[i].exponential_(generator=s.generator)
 
     def step_mode(self, batch: list[ScheduledSeq]) -> StepMode:
         return StepMode.of(batch, self.graphs, self.config.async_scheduling)
@@ -417,17 +430,21 @@ class ModelRunner:
 
     def _graph_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None, mode: StepMode) -> torch.Tensor:
         """Device tokens of a decode batch through the graphs, as `mode.sampling` says: the greedy graph, the
-        sampled graph (temperature and noise in its buffers), or the greedy graph's hidden states sampled
-        outside it (FILTERED)."""
-        if mode.sampling == GREEDY:
-            return self.graphs.run(batch, prev)[1]
-        seqs = [item.seq for item in batch]
-        g = self.graphs
-        temperature, *filters, _ = self.sampling_tensors(seqs, noise_out=g.noise[:len(seqs)])
-        if mode.sampling == SAMPLED:
-            g.temperature[:len(seqs)].copy_(temperature)
-            return g.run(batch, prev, sampled=True)[1]
-        return self.model.sample(g.run(batch, prev)[0], temperature, *filters, g.noise[:len(seqs)])
+        sampled graph (temperature and noise in its buffers), the filtered graph (FILTERED batches that
+        `filters_fit`: top-k, top-p and min-p in its buffers too), or for larger FILTERED batches the greedy
+        graph's hidden states sampled outside it. Steps replaying a sampling graph allocate no device memory;
+        a workspace too small for the step raises (ops/workspace.py)."""
+        g, seqs = self.graphs, [item.seq for item in batch]
+        with self.workspaces.strict():
+            if mode.sampling == GREEDY:
+                return g.run(batch, prev)[1]
+            filtered = mode.sampling == FILTERED
+            if not filtered or g.filters_fit(len(seqs)):
+                g.set_sampling([s.params for s in seqs], filters=filtered)
+                self._draw_noise(seqs, g.noise[:len(seqs)])
+                return (g.run(batch, prev, filtered=True) if filtered else g.run(batch, prev, sampled=True))[1]
+            temperature, *filters, _ = self.sampling_tensors(seqs, noise_out=g.noise[:len(seqs)])
+            return self.model.sample(g.run(batch, prev)[0], temperature, *filters, g.noise[:len(seqs)])
 
     @staticmethod
     def _logprobs(logits, tokens, want) -> list[dict | None]:

@@ -3,9 +3,20 @@ before still runs, and the streams and events that order those copies against th
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens")  # input ids first: a chained copy skips them
+# input ids first: a chained copy skips them; prev_rows: which rows of the step in flight a step launched ahead
+# on some of them keeps (KeptRows)
+FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens", "prev_rows")
+
+
+class KeptRows(NamedTuple):
+    """The device tokens of the rows `keep` (increasing indices) of the step in flight, gathered on the device
+    when the step launched on them uploads its inputs (no index tensor is made for it)."""
+    tokens: torch.Tensor
+    keep: list[int]
 
 
 class StepBuffers:
@@ -38,6 +49,7 @@ class StepBuffers:
         cuda = device.type == "cuda"
         self.hosts = [torch.zeros(size, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
         self.inputs = [torch.zeros(size, dtype=torch.int64, device=device) for _ in range(2)]
+        self.gathered = torch.zeros(max_rows, dtype=torch.int64, device=device)  # KeptRows' tokens, in order
         self.turn = 0
         streams = cuda and streams
         self.upload_stream = torch.cuda.Stream(device) if streams else None
@@ -69,10 +81,14 @@ class StepBuffers:
         start, end = self.max_rows if skip_ids else 0, len(FIELDS) * self.max_rows + rows * width
         self.inputs[t][start:end].copy_(self.hosts[t][start:end], non_blocking=True)
 
-    def upload(self, t: int, rows: int, width: int, prev_tokens: torch.Tensor | None, n: int) -> None:
+    def upload(self, t: int, rows: int, width: int, prev_tokens: torch.Tensor | KeptRows | None, n: int) -> None:
         """Brings the step's inputs (host buffer t, filled) into inputs[t]. With `prev_tokens` (the device
         tokens of the step in flight, one per real row) the input ids come from them: in place already when
-        they are the tokens the last graph left in this buffer (chained), else copied on the device."""
+        they are the tokens the last graph left in this buffer (chained), else copied on the device. KeptRows:
+        the rows of the step in flight that the host buffer's prev_rows name, gathered on the device."""
+        if isinstance(prev_tokens, KeptRows):
+            self._upload_kept(t, rows, width, prev_tokens.tokens, n)
+            return
         chained = prev_tokens is not None and prev_tokens.data_ptr() == self.inputs[t].data_ptr()
         main = self.main = torch.cuda.current_stream() if self.upload_stream is not None else None
         if chained and main is not None:
@@ -88,6 +104,18 @@ class StepBuffers:
             self.copy(t, rows, width, skip_ids=chained)
             if prev_tokens is not None and not chained:  # input_ids are the first field of the device buffer
                 self.inputs[t][:n].copy_(prev_tokens[:n])
+
+    def _upload_kept(self, t: int, rows: int, width: int, tokens: torch.Tensor, n: int) -> None:
+        """upload() of the first n of `tokens`' rows that prev_rows names. The tokens may be this buffer's own
+        input ids (where the last graph left them): they are gathered into scratch before being overwritten."""
+        main = self.main = torch.cuda.current_stream() if self.upload_stream is not None else None
+        if main is not None:  # the input ids about to be overwritten hold the last tokens
+            main.wait_event(self.fetched[t])
+        self.copy(t, rows, width, skip_ids=True)
+        index = self.views(self.inputs[t], rows, width)["prev_rows"][:n]
+        gathered = self.gathered[:n]
+        torch.index_select(tokens, 0, index, out=gathered)
+        self.inputs[t][:n].copy_(gathered)
 
     def before_replay(self, t: int) -> None:
         """The replay reading inputs[t] writes its tokens over those of the step two back: wait for their copy."""

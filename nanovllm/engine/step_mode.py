@@ -26,7 +26,8 @@ class StepMode:
                 GREEDY    every row has temperature 0: argmax inside the greedy graph;
                 SAMPLED   temperature-only sampling: inside the sampled graph, whose temperature and noise
                           buffers the runner fills before the replay;
-                FILTERED  a sampled row uses top-k, top-p or min-p: the greedy graph's hidden states are
+                FILTERED  a sampled row uses top-k, top-p or min-p: inside the filtered graph for small
+                          batches (cuda_graphs.FILTERED_MAX_ROWS), else the greedy graph's hidden states are
                           sampled outside it;
                 LOGPROBS  a row asks for logprobs (checked first): the graph's hidden states give logits and
                           logprobs outside it, which need the host;
@@ -34,8 +35,9 @@ class StepMode:
                           engine/logits_processing.py): the graph's hidden states give logits outside it,
                           adjusted from the host's token lists.
     masked:     a row's output is constrained by a grammar (SamplingParams.structured): the step's hidden
-                states are sampled outside the graph (as FILTERED), and the constrained rows are sampled again
-                from their logits under the grammar's token mask. Steps without such rows are not affected.
+                states are sampled outside the graph (as large FILTERED batches are), and the constrained rows
+                are sampled again from their logits under the grammar's token mask. Steps without such rows
+                are not affected.
     run_ahead:  the step may be launched before the step in flight is read, and the step after it launched on
                 its device tokens (async scheduling): a graph step that is not LOGPROBS, with `async_scheduling`
                 on. Otherwise the step runs synchronously.

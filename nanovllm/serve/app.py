@@ -97,6 +97,9 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
                max_queued_requests: int = 256, max_body_bytes: int = 4 << 20, shutdown_grace_s: float = 30.0,
                max_step_failures: int = 3) -> FastAPI:
     metrics = Metrics(model_name, engine.config.max_model_len)
+    memory = getattr(getattr(engine, "runner", None), "memory", None)  # a local engine's (not a replica front's)
+    if memory is not None:
+        metrics.set_memory(memory)
     async_engine = AsyncEngine(engine, metrics, max_queued_requests, max_step_failures)
     prompts = PromptEncoder(engine.tokenizer, engine.model_path, engine.config.max_model_len, engine.vocab_size)
     state = ServeState(async_engine, model_name, engine.config.max_model_len, engine.tokenizer, prompts)

@@ -64,6 +64,9 @@ class Metrics:
         self.tok_s = Gauge("nanovllm_generation_tokens_per_second",
                            f"Generated tokens per second over the last {RATE_WINDOW_S:g} s", registry=r)
         self.tok_s.set_function(self.generation_rate)
+        self.memory = Gauge("nanovllm_memory_bytes", "Device memory by kind, at startup: weights, kv_cache, "
+                            "activations (the warm-up's peak), workspace (kernel scratch), other (CUDA: the rest "
+                            "the allocator holds, CUDA graphs included)", ["kind"], registry=r)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last RATE_WINDOW_S
         self._add_vllm_set(model_name, max_model_len)
 
@@ -119,6 +122,11 @@ class Metrics:
                                       "accepted tokens by draft position (0 first)", label + ["position"],
                                       registry=r)
         self._spec_totals: tuple = (0, 0, 0, ())
+
+    def set_memory(self, report) -> None:
+        """The memory gauges from the engine's MemoryReport (engine/memory_report.py)."""
+        for kind, nbytes in report.gauges().items():
+            self.memory.labels(kind).set(nbytes)
 
     def count_finished(self, reason: str) -> None:
         """Success by finish reason; `error` for requests the server failed."""

@@ -109,10 +109,14 @@ def test_async_scheduling_gives_the_same_tokens(tiny_model, tiny_llm):
     graphs, skipped_ids = engine.runner.graphs, []
     copy = graphs.buffers.copy
     graphs.buffers.copy = lambda t, b, w, skip_ids=False: skipped_ids.append(skip_ids) or copy(t, b, w, skip_ids)
+    gathered, upload_kept = [], graphs.buffers._upload_kept
+    graphs.buffers._upload_kept = lambda t, b, w, tokens, n: gathered.append(n) or upload_kept(t, b, w, tokens, n)
     assert [r["token_ids"] for r in llm.generate(prompts, params)] == expected
     assert any(launched), "no step was launched ahead"
-    # every row kept: the input ids are where the last graph wrote its tokens; a row dropped: they are copied
-    assert skipped_ids.count(True) > 0 and skipped_ids.count(False) > 1, skipped_ids
+    # every row kept: the input ids are where the last graph wrote its tokens; a row dropped: the kept rows'
+    # tokens are gathered there on the device (KeptRows); only the first decode step copies them from the host
+    assert skipped_ids.count(True) > 0 and skipped_ids.count(False) == 1, skipped_ids
+    assert {3, 2, 1} <= set(gathered), gathered
     # requests finish at different lengths: steps go on being launched ahead without the finishing rows, so
     # only the first decode step is launched synchronously
     assert launched.count(False) == 1 and {4, 3, 2, 1} <= set(ahead_rows), (launched, ahead_rows)
@@ -210,17 +214,23 @@ def test_graphs_set_aside_while_a_step_is_in_flight(tiny_model, tiny_llm):
     assert rid not in engine.requests
 
 
-def test_temperature_sampling_runs_in_the_sampled_graph(tiny_model, tiny_llm):
-    """Temperature-only batches sample inside the graph (its temperature and noise buffers); batches with a
-    filter (top-k here) take the greedy graph's hidden states and sample outside. Tokens are the eager
-    engine's either way (seeded rows draw their noise from their own generators)."""
+def test_temperature_sampling_runs_in_the_sampled_graph(tiny_model, tiny_llm, monkeypatch):
+    """Temperature-only batches sample inside the sampled graph (its temperature and noise buffers); batches
+    with a filter (top-k here) inside the filtered graph while they are small (FILTERED_MAX_ROWS), else from
+    the greedy graph's hidden states outside it. Tokens are the eager engine's every way (seeded rows draw
+    their noise from their own generators)."""
+    from nanovllm.engine import cuda_graphs
+
     llm = emulated(tiny_model, max_num_seqs=4)
     modes = []
     run = llm.engine.runner.graphs.run
-    llm.engine.runner.graphs.run = lambda batch, prev=None, sampled=False: modes.append(sampled) or run(batch, prev,
-                                                                                                         sampled)
+    llm.engine.runner.graphs.run = lambda batch, prev=None, sampled=False, filtered=False: (
+        modes.append("filtered" if filtered else "sampled" if sampled else "greedy") or run(batch, prev, sampled,
+                                                                                            filtered))
     prompts = [[7] * 9, [11] * 14, [13] * 5]
-    for extra, graph_samples in ((dict(), True), (dict(top_k=5), False)):
+    for extra, max_rows, graph_samples in ((dict(), 8, "sampled"), (dict(top_k=5), 8, "filtered"),
+                                           (dict(top_k=5), 0, "greedy")):
+        monkeypatch.setattr(cuda_graphs, "FILTERED_MAX_ROWS", max_rows)
         params = [SamplingParams(temperature=0.3 + 0.4 * i, seed=i, max_tokens=6, ignore_eos=True, **extra)
                   for i in range(3)]
         modes.clear()

@@ -191,3 +191,4 @@ def test_metrics(client):
     assert values["nanovllm_generation_tokens_per_second"] > 0
     assert values["nanovllm_num_requests_running"] == 0 and values["nanovllm_num_requests_waiting"] == 0
     assert values["nanovllm_kv_cache_usage_ratio"] == 0  # idle: every block is free again
+    assert values['nanovllm_memory_bytes{kind="weights"}'] > 0 and values['nanovllm_memory_bytes{kind="kv_cache"}'] > 0
