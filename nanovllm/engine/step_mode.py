@@ -43,7 +43,7 @@ class StepMode:
                 on. Otherwise the step runs synchronously.
     deferred:   (ADJUSTED or masked) the sampling needs the host's view of every earlier token: the grammar
                 state after the previous token, the token counts. Launched ahead, such a step queues its forward
-                pass at once and samples once the step before it is read (the runner's DeferredTokens), so
+                pass at once and samples once the step before it is read (DeferredTokens, engine/step_tokens.py), so
                 the host fills masks and counts while the GPU runs the forward pass.
     """
 

@@ -9,7 +9,7 @@ import json
 import jsonschema
 import pytest
 
-from nanovllm.engine.model_runner import ReadyTokens
+from nanovllm.engine.step_tokens import ReadyTokens
 from nanovllm.serve.background import serve_model
 from nanovllm.serve.chat import chat_prompt
 from nanovllm.serve.protocol import ChatCompletionRequest
