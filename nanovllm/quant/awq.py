@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
+from nanovllm.quant import gptq
 from nanovllm.quant.plan import LAYER_WEIGHTS, QuantSpec
 from nanovllm.quant.rtn import quantize
 
@@ -36,10 +37,12 @@ FOLDS = {"qkv_proj": "input_norm", "gate_up_proj": "post_norm"}  # weight -> the
 @dataclass
 class Calibration:
     """scales[param]: the s each weight's columns are multiplied by (and its input divided by);
-    importance[param]: the mean square of each input column, after the division."""
+    importance[param]: the mean square of each input column, after the division; hessians[param]: 2 X^T X / n
+    of its inputs, after the division, for the weights GPTQ rounds (quant/gptq.py)."""
 
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
     importance: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def transform(self, name: str, shard, tensor: torch.Tensor) -> torch.Tensor:
         """A checkpoint tensor with the scales folded in (called for every tensor as it loads)."""
@@ -55,6 +58,9 @@ class Calibration:
 
     def quantizer(self, spec: QuantSpec):
         def quantize_weight(name: str, weight: torch.Tensor):
+            if (h := self.hessians.get(name)) is not None:
+                return gptq.quantize(weight, h.to(weight.device), spec.method, spec.weight_group_size,
+                                     spec.symmetric)
             importance = self.importance.get(name)
             return quantize(weight, spec.method, spec.weight_group_size, spec.symmetric, clip_search=True,
                             importance=None if importance is None else importance.to(weight.device))
@@ -148,8 +154,8 @@ def search_scale(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec) -> torch.Ten
 
 
 def calibrate(model_path: Path, hf_config, spec: QuantSpec, ids: list[int] | None = None) -> Calibration:
-    """Scales and input importance for every weight `spec` quantizes, from the checkpoint at `model_path` run
-    over `ids` (default: the calibration text)."""
+    """Scales (spec.awq) and input importance, or GPTQ's Hessians (spec.gptq), for every weight `spec` quantizes,
+    from the checkpoint at `model_path` run over `ids` (default: the calibration text)."""
     model = dense_cpu_model(model_path, hf_config)
     weights = {f"layers.{layer.idx}.{n}": w.data for layer in model.layers for n, w in quantizable(layer).items()}
     inputs = layer_inputs(model, ids if ids is not None else calibration_ids(model_path))
@@ -158,8 +164,11 @@ def calibrate(model_path: Path, hf_config, spec: QuantSpec, ids: list[int] | Non
     for name, x in inputs.items():
         if name not in formats:
             continue
-        if name.rpartition(".")[2] in (*FOLDS, "down_proj"):
+        if spec.awq and name.rpartition(".")[2] in (*FOLDS, "down_proj"):
             out.scales[name] = s = search_scale(x, weights[name], spec)
             x = x / s
-        out.importance[name] = x.pow(2).mean(0)
+        if spec.gptq:
+            out.hessians[name] = gptq.hessian(x)
+        else:
+            out.importance[name] = x.pow(2).mean(0)
     return out
