@@ -64,7 +64,7 @@ def calibrated_quantizer(folder: Path, method: str, group_size: int | None, scal
         if h is None:
             return nearest(name, w)
         group = group_size if group_size is not None and group_size < w.shape[1] else None
-        return gptq.quantize(w, h, method, group, scale_dtype=scale_dtype)
+        return gptq.quantize(w, h, method, group, scale_dtype=scale_dtype, clip_search=True)
 
     return quantizer
 

@@ -29,7 +29,8 @@ from nanovllm.quant.rtn import quantize
 
 CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
 ALPHAS = tuple(i / 10 for i in range(11))
-MAX_TOKENS = 512     # calibration tokens (the text is shorter for most tokenizers)
+MAX_TOKENS = 2048    # calibration tokens: GPTQ's Hessians need more tokens than a layer has inputs
+AWQ_TOKENS = 512     # of which the scale search and the importance take the first
 SAMPLE_ROWS = 256    # input rows the alpha search measures the output error on
 FOLDS = {"qkv_proj": "input_norm", "gate_up_proj": "post_norm"}  # weight -> the norm its input comes out of
 
@@ -60,7 +61,7 @@ class Calibration:
         def quantize_weight(name: str, weight: torch.Tensor):
             if (h := self.hessians.get(name)) is not None:
                 return gptq.quantize(weight, h.to(weight.device), spec.method, spec.weight_group_size,
-                                     spec.symmetric)
+                                     spec.symmetric, clip_search=True)
             importance = self.importance.get(name)
             return quantize(weight, spec.method, spec.weight_group_size, spec.symmetric, clip_search=True,
                             importance=None if importance is None else importance.to(weight.device))
@@ -161,14 +162,15 @@ def calibrate(model_path: Path, hf_config, spec: QuantSpec, ids: list[int] | Non
     inputs = layer_inputs(model, ids if ids is not None else calibration_ids(model_path))
     formats = spec.weight_formats(hf_config.num_hidden_layers)
     out = Calibration()
-    for name, x in inputs.items():
+    for name in list(inputs):
+        x = inputs.pop(name)  # each layer's inputs are freed once its statistics are taken
         if name not in formats:
             continue
         if spec.awq and name.rpartition(".")[2] in (*FOLDS, "down_proj"):
-            out.scales[name] = s = search_scale(x, weights[name], spec)
+            out.scales[name] = s = search_scale(x[:AWQ_TOKENS], weights[name], spec)
             x = x / s
         if spec.gptq:
             out.hessians[name] = gptq.hessian(x)
         else:
-            out.importance[name] = x.pow(2).mean(0)
+            out.importance[name] = x[:AWQ_TOKENS].pow(2).mean(0)
     return out

@@ -93,3 +93,43 @@ def test_engine_config_and_cli_take_the_method():
         EngineConfig(model="m", quantization_calibrate="gptq")
     assert "engine.quantization_calibrate=true" in to_hydra("run", ["--quantization-calibrate"]).argv
     assert "engine.quantization_calibrate=gptq" in to_hydra("run", ["--quantization-calibrate=gptq"]).argv
+
+
+def test_hydra_override_takes_the_method():
+    from tests.config.test_hydra_configs import compose_run
+
+    cfg = compose_run(["engine.quantization=int4", "engine.quantization_calibrate=awq+gptq"])
+    assert cfg.engine.quantization_calibrate == "awq+gptq"
+
+
+def test_calibration_gives_hessians_for_gptq(hf_model, tmp_path):
+    from nanovllm.quant.awq import calibrate
+
+    hf_model.save_pretrained(tmp_path)
+    spec = QuantSpec("int4", group_size=32, skip=frozenset({1}), calibrate="awq+gptq")
+    cal = calibrate(tmp_path, hf_model.config, spec, ids=list(range(3, 60)))
+    names = {f"layers.0.{w}" for w in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+    assert set(cal.hessians) == names and set(cal.scales) == names - {"layers.0.o_proj"}
+    w = torch.randn(8, hf_model.config.hidden_size)
+    assert cal.hessians["layers.0.qkv_proj"].shape == (w.shape[1], w.shape[1])
+    q = cal.quantizer(spec)("layers.0.qkv_proj", w)
+    assert (q.format, q.group_size, q.shape) == ("int4", 32, tuple(w.shape))
+
+
+def test_quantize_writer_rounds_with_gptq(hf_model, tmp_path, monkeypatch):
+    from nanovllm.quant import awq
+    from nanovllm.quant.checkpoints import quantized_tensors
+    from nanovllm.quantize import main
+
+    hf_model.save_pretrained(tmp_path / "dense")
+    (tmp_path / "dense" / "tokenizer_config.json").write_text("{}")
+    monkeypatch.setattr(awq, "calibration_ids", lambda path: list(range(3, 60)))  # the tiny model has no tokenizer
+    main([str(tmp_path / "dense"), str(tmp_path / "out"), "--method", "int4", "--group-size", "32", "--calibrate"])
+    got = dict(quantized_tensors(tmp_path / "out", None))
+    w = hf_model.state_dict()["model.layers.0.mlp.down_proj.weight"]
+    q = got["model.layers.0.mlp.down_proj.weight"]
+    nearest = rtn.quantize(w, "int4", 32, scale_dtype=torch.float16)
+    assert (q.format, q.group_size, q.shape) == ("int4", 32, tuple(w.shape))
+    assert not torch.equal(q.qweight, nearest.qweight)  # GPTQ's codes, not round to nearest
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "dense"), str(tmp_path / "out2"), "--method", "int4", "--calibrate", "awq"])
