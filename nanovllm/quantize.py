@@ -56,11 +56,11 @@ def calibrated_quantizer(folder: Path, method: str, group_size: int | None, scal
         raise ValueError(f"--calibrate {calibration}: the writer offers gptq only (AWQ scales fold into the norms, "
                          f"which it writes unchanged)")
     spec = QuantSpec(method, group_size or DEFAULT_GROUP["int4"], calibrate="gptq")
-    hessians = calibrate(folder, load_hf_config(folder), spec).hessians
+    calibration = calibrate(folder, load_hf_config(folder), spec)
     nearest = quantize_weight(method, group_size, scale_dtype)
 
     def quantizer(name: str, w: torch.Tensor) -> QuantizedWeight:
-        h = hessians.get(param_name(name) or "")
+        h = calibration.hessian(param_name(name) or "", w.device)
         if h is None:
             return nearest(name, w)
         group = group_size if group_size is not None and group_size < w.shape[1] else None

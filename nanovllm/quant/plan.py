@@ -20,7 +20,7 @@ LM_HEAD = "lm_head"
 GROUP_SIZES = (32, 64, 128)  # int4 group sizes
 # quantization_calibrate: what fits the weights to calibration activations before or while they round
 CALIBRATIONS = ("awq", "gptq", "awq+gptq")
-DEFAULT_CALIBRATION = {"fp8": "awq", "int8": "awq", "int4": "awq"}  # what `true` means per format
+DEFAULT_CALIBRATION = {"fp8": "awq", "int8": "awq", "int4": "awq+gptq"}  # what `true` means per format
 
 # a layer's linear weight in a Hugging Face checkpoint (any prefix: "model.", "model.language_model." ...)
 _HF_LINEAR = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")

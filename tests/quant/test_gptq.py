@@ -109,9 +109,10 @@ def test_calibration_gives_hessians_for_gptq(hf_model, tmp_path):
     spec = QuantSpec("int4", group_size=32, skip=frozenset({1}), calibrate="awq+gptq")
     cal = calibrate(tmp_path, hf_model.config, spec, ids=list(range(3, 60)))
     names = {f"layers.0.{w}" for w in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
-    assert set(cal.hessians) == names and set(cal.scales) == names - {"layers.0.o_proj"}
+    assert set(cal.hessians) | set(cal.gptq_inputs) == names and set(cal.scales) == names - {"layers.0.o_proj"}
     w = torch.randn(8, hf_model.config.hidden_size)
-    assert cal.hessians["layers.0.qkv_proj"].shape == (w.shape[1], w.shape[1])
+    assert cal.hessian("layers.0.qkv_proj", "cpu").shape == (w.shape[1], w.shape[1])
+    assert cal.hessian("layers.0.lm_head", "cpu") is None
     q = cal.quantizer(spec)("layers.0.qkv_proj", w)
     assert (q.format, q.group_size, q.shape) == ("int4", 32, tuple(w.shape))
 
