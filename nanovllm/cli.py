@@ -24,7 +24,8 @@ COMMANDS = ("run", "serve", "bench", "ops")
 class Flag:
     key: str                 # the Hydra key the value is written to
     help: str
-    kind: str = "value"      # value | switch (no value, writes `value`) | kernels | list | secret | secret-file
+    kind: str = "value"      # value | switch (no value, writes `value`) | optional (a switch that may take =VALUE)
+    #                          | kernels | list | secret | secret-file
     value: str = "true"      # what a switch writes
     serve_only: bool = False
 
@@ -57,7 +58,8 @@ FLAGS: dict[str, Flag] = {
     "--quantization-skip": Flag("engine.quantization_skip", "layers kept dense, e.g. first,last or 0-2,27"),
     "--quantize-lm-head": Flag("engine.quantization_lm_head", "quantize the LM head too", kind="switch"),
     "--quantization-calibrate": Flag("engine.quantization_calibrate",
-                                     "activation-aware scales from the shipped calibration text", kind="switch"),
+                                     "fit the weights to the shipped calibration text: alone, the format's default; "
+                                     "=awq | gptq | awq+gptq", kind="optional"),
     "--kernels": Flag("kernels", "kernel preset(s) from configs/kernels, e.g. all_fused or a,b", kind="kernels"),
     "--plugin-dir": Flag("kernels.plugin_dirs", "extra kernel plugin directory (repeatable)", kind="list"),
     "--host": Flag("server.host", "address to listen on (0.0.0.0: every interface)", serve_only=True),
@@ -117,6 +119,9 @@ def to_hydra(command: str, args: list[str], model_presets=(), kernel_presets=())
                                f"{', '.join(sorted(known))} (and Hydra's: {', '.join(sorted(HYDRA_FLAGS))}); "
                                f"any key=value is passed to Hydra as an override")
             flag = known[name]
+            if flag.kind == "optional" and not eq:
+                out.argv.append(f"{flag.key}={flag.value}")
+                continue
             if flag.kind == "switch":
                 if eq:
                     raise CliError(f"{name} takes no value")
@@ -197,6 +202,8 @@ def _target(flag: Flag) -> str:
         return f"env {flag.key}"
     if flag.kind == "kernels":
         return "+kernels=..."
+    if flag.kind == "optional":
+        return f"{flag.key}={flag.value}|..."
     return f"{flag.key}={flag.value if flag.kind == 'switch' else '...'}"
 
 

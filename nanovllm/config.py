@@ -100,13 +100,14 @@ class EngineConfig:
     # Weights quantized on load (docs/quantization.md): None (as the checkpoint has them) | fp8 | int8 | int4.
     # fp8 and int8 per output channel; int4 in groups of quantization_group_size (32, 64, 128), symmetric or with
     # a zero point. quantization_skip: layers kept dense ("first,last", "0-2,27"); lm_head stays dense unless
-    # quantization_lm_head; quantization_calibrate: activation-aware scales from a calibration text.
+    # quantization_lm_head; quantization_calibrate: fit the weights to a calibration text: awq (activation-aware
+    # scales), gptq (error-compensating rounding), awq+gptq, true (the format's default) or false (round to nearest).
     quantization: str | None = None
     quantization_group_size: int = 128
     quantization_symmetric: bool = True
     quantization_skip: str | None = None
     quantization_lm_head: bool = False
-    quantization_calibrate: bool = False
+    quantization_calibrate: bool | str = False
     kernels: KernelConfig = field(default_factory=KernelConfig)
     speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
@@ -156,18 +157,20 @@ class EngineConfig:
         self._check_quantization()
 
     def _check_quantization(self) -> None:
-        from nanovllm.quant.plan import QuantSpec
+        from nanovllm.quant.plan import QuantSpec, calibration_method
 
         if isinstance(self.quantization, str) and self.quantization.lower() in ("none", "dense", ""):
             self.quantization = None
         if self.quantization is None:
-            set_without = [name for name, default in (("quantization_skip", None), ("quantization_lm_head", False),
-                                                      ("quantization_calibrate", False))
+            set_without = [name for name, default in (("quantization_skip", None), ("quantization_lm_head", False))
                            if getattr(self, name) != default]
+            if calibration_method(self.quantization_calibrate, None):
+                set_without.append("quantization_calibrate")
             if set_without:
                 raise ValueError(f"{', '.join(set_without)} set without quantization; set quantization=fp8|int8|int4")
             return
-        QuantSpec(self.quantization, self.quantization_group_size, self.quantization_symmetric)  # checks the values
+        QuantSpec(self.quantization, self.quantization_group_size, self.quantization_symmetric,
+                  calibrate=self.quantization_calibrate)  # checks the values
         if self.quantization_skip is not None:
             from nanovllm.ops.resolver import parse_layers
 

@@ -1,4 +1,4 @@
-"""python -m nanovllm.quantize MODEL OUT --method int4|int8|fp8 [--group-size N] [--calibrate] [--layout L]
+"""python -m nanovllm.quantize MODEL OUT --method int4|int8|fp8 [--group-size N] [--calibrate [gptq]] [--layout L]
 
 Loads the dense checkpoint MODEL (any name nanovllm resolves: a folder, a catalog name, a repo id, a GGUF
 file, whose dequantized weights are requantized),
@@ -7,9 +7,10 @@ lm_head stay dense), and writes OUT: int4 as a GPTQ checkpoint (or `--layout com
 fp8 as compressed-tensors, with config.json's quantization_config and the tokenizer files, so the cost is paid
 once and transformers, vLLM and nanovllm read the result.
 
-The quantizer is `quantize_weight`: round-to-nearest (nanovllm.quant.rtn) by default; with --calibrate, the
-activation-aware scale search of `nanovllm.quant.calibrate` (its `calibrated_quantizer(folder, method,
-group_size)` returns a function of the same signature as quantize_weight).
+The quantizer is `quantize_weight`: round-to-nearest (nanovllm.quant.rtn) by default; with --calibrate,
+`calibrated_quantizer`: GPTQ rounding (nanovllm.quant.gptq) fitted to the shipped calibration text, a function
+of the same signature. AWQ-style scales are not offered here: they fold into the RMSNorm weights and up rows,
+which the writer copies as they are.
 """
 
 from __future__ import annotations
@@ -42,14 +43,30 @@ def quantize_weight(method: str, group_size: int | None, scale_dtype: torch.dtyp
     return quantizer
 
 
-def calibrated_quantizer(folder: Path, method: str, group_size: int | None) -> Quantizer:
-    """The activation-aware quantizer, from nanovllm.quant.calibrate when that module provides it."""
-    try:
-        from nanovllm.quant.calibrate import calibrated_quantizer as make
-    except ImportError as e:
-        raise SystemExit("--calibrate needs nanovllm.quant.calibrate.calibrated_quantizer (the activation-aware "
-                         f"scale search), which this installation lacks ({e})") from None
-    return make(folder, method, group_size)
+def calibrated_quantizer(folder: Path, method: str, group_size: int | None, scale_dtype: torch.dtype,
+                         calibration: str = "gptq") -> Quantizer:
+    """GPTQ rounding of every layer linear weight, with Hessians from the dense model at `folder` run over the
+    calibration text; other weights (MoE experts) round to nearest."""
+    from nanovllm.models.loader import load_hf_config
+    from nanovllm.quant import gptq
+    from nanovllm.quant.awq import calibrate
+    from nanovllm.quant.plan import QuantSpec, param_name
+
+    if calibration != "gptq":
+        raise ValueError(f"--calibrate {calibration}: the writer offers gptq only (AWQ scales fold into the norms, "
+                         f"which it writes unchanged)")
+    spec = QuantSpec(method, group_size or DEFAULT_GROUP["int4"], calibrate="gptq")
+    calibration = calibrate(folder, load_hf_config(folder), spec)
+    nearest = quantize_weight(method, group_size, scale_dtype)
+
+    def quantizer(name: str, w: torch.Tensor) -> QuantizedWeight:
+        h = calibration.hessian(param_name(name) or "", w.device)
+        if h is None:
+            return nearest(name, w)
+        group = group_size if group_size is not None and group_size < w.shape[1] else None
+        return gptq.quantize(w, h, method, group, scale_dtype=scale_dtype, clip_search=True)
+
+    return quantizer
 
 
 def should_quantize(name: str, w: torch.Tensor) -> bool:
@@ -58,9 +75,10 @@ def should_quantize(name: str, w: torch.Tensor) -> bool:
     return is_linear_weight(name) and name != "lm_head.weight" and w.dim() == 2
 
 
-def quantize_folder(folder: Path, out: Path, method: str, group_size: int | None = None, calibrate: bool = False,
-                    layout: str | None = None) -> Path:
-    """Quantize the dense Hugging Face folder `folder` into the checkpoint folder `out`."""
+def quantize_folder(folder: Path, out: Path, method: str, group_size: int | None = None,
+                    calibrate: bool | str = False, layout: str | None = None) -> Path:
+    """Quantize the dense Hugging Face folder `folder` into the checkpoint folder `out`; `calibrate`: "gptq"
+    (or True) for GPTQ rounding, False for round to nearest."""
     from nanovllm.quant.checkpoints import detect
     from nanovllm.quant.checkpoints.safetensors_folder import SafetensorsFolder
     from nanovllm.quant.checkpoints.writer import LAYOUTS, write_checkpoint
@@ -74,8 +92,8 @@ def quantize_folder(folder: Path, out: Path, method: str, group_size: int | None
     layout = layout or LAYOUTS[method][0]
     # GPTQ stores float16 scales: quantize with float16 scales so the file holds exactly these weights
     scale_dtype = torch.float16 if layout == "gptq" else torch.float32
-    quantizer = (calibrated_quantizer(folder, method, group) if calibrate
-                 else quantize_weight(method, group, scale_dtype))
+    quantizer = (calibrated_quantizer(folder, method, group, scale_dtype, "gptq" if calibrate is True else calibrate)
+                 if calibrate else quantize_weight(method, group, scale_dtype))
     tensors = SafetensorsFolder(folder)
     weights = {}
     for name in tensors.names():
@@ -98,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", required=True, choices=sorted(DEFAULT_GROUP))
     parser.add_argument("--group-size", type=int, default=None,
                         help="inputs per scale (default: 128 for int4, per output channel for int8 and fp8)")
-    parser.add_argument("--calibrate", action="store_true", help="activation-aware scale search instead of RTN")
+    parser.add_argument("--calibrate", nargs="?", const="gptq", default=False, choices=("gptq",),
+                        help="GPTQ rounding fitted to the shipped calibration text instead of round to nearest")
     parser.add_argument("--layout", choices=("gptq", "compressed-tensors"), default=None,
                         help="int4's checkpoint layout (default gptq); int8 and fp8 are compressed-tensors")
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hugging Face repo id")

@@ -23,12 +23,14 @@ from types import SimpleNamespace
 
 import torch
 
+from nanovllm.quant import gptq
 from nanovllm.quant.plan import LAYER_WEIGHTS, QuantSpec
 from nanovllm.quant.rtn import quantize
 
 CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
 ALPHAS = tuple(i / 10 for i in range(11))
-MAX_TOKENS = 512     # calibration tokens (the text is shorter for most tokenizers)
+MAX_TOKENS = 2048    # calibration tokens: GPTQ's Hessians need more tokens than a layer has inputs
+AWQ_TOKENS = 512     # of which the scale search and the importance take the first
 SAMPLE_ROWS = 256    # input rows the alpha search measures the output error on
 FOLDS = {"qkv_proj": "input_norm", "gate_up_proj": "post_norm"}  # weight -> the norm its input comes out of
 
@@ -36,10 +38,21 @@ FOLDS = {"qkv_proj": "input_norm", "gate_up_proj": "post_norm"}  # weight -> the
 @dataclass
 class Calibration:
     """scales[param]: the s each weight's columns are multiplied by (and its input divided by);
-    importance[param]: the mean square of each input column, after the division."""
+    importance[param]: the mean square of each input column, after the division; for the weights GPTQ rounds
+    (quant/gptq.py), hessians[param]: 2 X^T X / n of its inputs X after the division, or where X is the smaller
+    (fewer tokens than inputs), gptq_inputs[param]: X itself (`hessian` gives either as H)."""
 
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
     importance: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    gptq_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def hessian(self, name: str, device) -> torch.Tensor | None:
+        """GPTQ's H of weight `name` on `device`, or None where GPTQ does not round it."""
+        if (h := self.hessians.get(name)) is not None:
+            return h.to(device)
+        x = self.gptq_inputs.get(name)
+        return None if x is None else gptq.hessian(x.to(device))
 
     def transform(self, name: str, shard, tensor: torch.Tensor) -> torch.Tensor:
         """A checkpoint tensor with the scales folded in (called for every tensor as it loads)."""
@@ -55,6 +68,9 @@ class Calibration:
 
     def quantizer(self, spec: QuantSpec):
         def quantize_weight(name: str, weight: torch.Tensor):
+            if (h := self.hessian(name, weight.device)) is not None:
+                return gptq.quantize(weight, h, spec.method, spec.weight_group_size, spec.symmetric,
+                                     clip_search=True)
             importance = self.importance.get(name)
             return quantize(weight, spec.method, spec.weight_group_size, spec.symmetric, clip_search=True,
                             importance=None if importance is None else importance.to(weight.device))
@@ -148,18 +164,23 @@ def search_scale(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec) -> torch.Ten
 
 
 def calibrate(model_path: Path, hf_config, spec: QuantSpec, ids: list[int] | None = None) -> Calibration:
-    """Scales and input importance for every weight `spec` quantizes, from the checkpoint at `model_path` run
-    over `ids` (default: the calibration text)."""
+    """Scales (spec.awq), input importance and GPTQ's Hessians (spec.gptq) for every weight `spec` quantizes,
+    from the checkpoint at `model_path` run over `ids` (default: the calibration text)."""
     model = dense_cpu_model(model_path, hf_config)
     weights = {f"layers.{layer.idx}.{n}": w.data for layer in model.layers for n, w in quantizable(layer).items()}
     inputs = layer_inputs(model, ids if ids is not None else calibration_ids(model_path))
     formats = spec.weight_formats(hf_config.num_hidden_layers)
     out = Calibration()
-    for name, x in inputs.items():
+    for name in list(inputs):
+        x = inputs.pop(name)  # each layer's inputs are freed once its statistics are taken
         if name not in formats:
             continue
-        if name.rpartition(".")[2] in (*FOLDS, "down_proj"):
-            out.scales[name] = s = search_scale(x, weights[name], spec)
+        if spec.awq and name.rpartition(".")[2] in (*FOLDS, "down_proj"):
+            out.scales[name] = s = search_scale(x[:AWQ_TOKENS], weights[name], spec)
             x = x / s
-        out.importance[name] = x.pow(2).mean(0)
+        out.importance[name] = x[:AWQ_TOKENS].pow(2).mean(0)
+        if spec.gptq and len(x) < x.shape[1]:
+            out.gptq_inputs[name] = x
+        elif spec.gptq:
+            out.hessians[name] = gptq.hessian(x)
     return out

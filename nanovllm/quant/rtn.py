@@ -29,28 +29,44 @@ def _groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     return padded.view(out, groups, group_size), k
 
 
-def _quantize_groups(x: torch.Tensor, fmt: str, symmetric: bool, ratio: torch.Tensor | float = 1.0):
-    """(q, scale, offset) of grouped x (out, groups, g), each group's range shrunk by `ratio`."""
-    offset = None
+def group_params(x: torch.Tensor, fmt: str, symmetric: bool, ratio: torch.Tensor | float = 1.0):
+    """(scale, zero) of grouped x (out, groups, g), each group's range shrunk by `ratio`: the grid `round_to_grid`
+    rounds onto. zero is the asymmetric int4 zero point (None otherwise)."""
+    zero = None
     if fmt == "fp8":
         scale = (x.abs().amax(-1) * ratio / FP8_MAX).clamp_min(1e-12)
-        q = (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     elif fmt == "int8":
         scale = (x.abs().amax(-1) * ratio / 127).clamp_min(1e-12)
-        q = (x / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
     elif symmetric:  # int4, zero point 8: q - 8 in [-8, 7]
         scale = (x.abs().amax(-1) * ratio / 7).clamp_min(1e-12)
-        q = ((x / scale[..., None]).round() + 8).clamp(0, 15).to(torch.uint8)
     else:  # int4 with an offset per group: w = q * scale + offset, q in [0, 15]
         lo, hi = x.amin(-1).clamp_max(0) * ratio, x.amax(-1).clamp_min(0) * ratio
         scale = ((hi - lo) / 15).clamp_min(1e-12)
         zero = (-lo / scale).round()
-        q = ((x / scale[..., None]).round() + zero[..., None]).clamp(0, 15).to(torch.uint8)
-        offset = -zero * scale
-    return q, scale, offset
+    return scale, zero
 
 
-def _decoded(q, scale, offset, fmt: str, symmetric: bool) -> torch.Tensor:
+def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
+                  symmetric: bool) -> torch.Tensor:
+    """The codes of x (..., g) on the grid of (scale, zero) (...,): fp8, int8, or int4 as unsigned 0..15."""
+    if fmt == "fp8":
+        return (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    if fmt == "int8":
+        return (x / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
+    if symmetric:
+        return ((x / scale[..., None]).round() + 8).clamp(0, 15).to(torch.uint8)
+    return ((x / scale[..., None]).round() + zero[..., None]).clamp(0, 15).to(torch.uint8)
+
+
+def _quantize_groups(x: torch.Tensor, fmt: str, symmetric: bool, ratio: torch.Tensor | float = 1.0):
+    """(q, scale, offset) of grouped x (out, groups, g), each group's range shrunk by `ratio`."""
+    scale, zero = group_params(x, fmt, symmetric, ratio)
+    q = round_to_grid(x, scale, zero, fmt, symmetric)
+    return q, scale, None if zero is None else -zero * scale
+
+
+def decoded(q, scale, offset, fmt: str, symmetric: bool) -> torch.Tensor:
+    """The values of codes q (..., g) with their group's scale and offset (...,)."""
     v = q.float() - (8 if fmt == "int4" and symmetric else 0)
     return v * scale[..., None] + (0 if offset is None else offset[..., None])
 
@@ -64,7 +80,7 @@ def search_clip(x: torch.Tensor, fmt: str, symmetric: bool, importance: torch.Te
     for i in range(CLIP_STEPS + 1):
         ratio = 1.0 - CLIP_MAX_SHRINK * i / CLIP_STEPS
         q, scale, offset = _quantize_groups(x, fmt, symmetric, ratio)
-        err = ((_decoded(q, scale, offset, fmt, symmetric) - x) ** 2 * weight).sum(-1)
+        err = ((decoded(q, scale, offset, fmt, symmetric) - x) ** 2 * weight).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, ratio), best)
