@@ -15,7 +15,7 @@ tokens the offloaded run must repeat exactly, and its own tok/s against the HBM-
 --gpu-memory-gib caps the engine at that much of the card (gpu_memory_utilization = cap / card) and, unless
 --cpu-offload-gb is given, offloads what the engine's fit check would ask for plus --headroom-gib for the KV
 cache and activations. Prints a table; --out writes the JSON rows (model, cpu_offload_gb, decode_tok_s,
-fraction_of_bound, gpu, and the bandwidths).
+fraction_of_bound, gpu, and the bandwidths); --baseline folds them into a GPU baseline JSON.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.bench.baseline import merge  # noqa: E402
 from nanovllm.engine.weight_offload import GIB, offloadable_tensors, suggest_offload_gib, weight_bytes  # noqa: E402
+from nanovllm.provenance import git_sha, now, versions  # noqa: E402
 from nanovllm.roofline import device_bandwidth  # noqa: E402
 from nanovllm.speed import prompt_ids, stream_times  # noqa: E402
 
@@ -103,6 +105,14 @@ def run(model: str, offload_gib: float, utilization: float, tokens: int, bw: dic
                 decode_tokens=tokens, token_ids=ids)
 
 
+def fold_into_baseline(path: Path, rows: list[dict]) -> None:
+    """Writes `rows` into the baseline at `path` (created if missing) under `offload`, with this run's provenance."""
+    run = dict(gpu=rows[0]["gpu"], git_sha=git_sha(), date=now(), versions=versions(), command=" ".join(sys.argv),
+               offload=rows)
+    old = json.loads(path.read_text()) if path.is_file() else None
+    path.write_text(json.dumps(merge(old, run), indent=1) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="qwen3-8b-random")
@@ -114,6 +124,8 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--skip-resident", action="store_true", help="no resident run (no greedy check)")
     p.add_argument("--out", default=None, help="JSON file for the rows")
+    p.add_argument("--baseline", default=None, help="a GPU baseline JSON (benchmarks/baseline/<gpu>.json) to fold "
+                   "the rows into, under `offload`")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script (--model tiny)")
     a = p.parse_args()
     def memory() -> tuple[int, int]:  # (free, total) bytes of the card now
@@ -145,10 +157,12 @@ def main() -> None:
         same = {True: "same", False: "DIFF"}.get(r.get("greedy_identical"), "-")
         print(f"{r['cpu_offload_gb']:>15.2f}{cap:>9}{r['offloaded_gib']:>10.2f}G{len(r['offloaded_layers']):>8}"
               f"{r['decode_tok_s']:>9.2f}{r['bound_tok_s']:>9.2f}{r['fraction_of_bound']:>10.1%}{same:>8}")
+    for r in rows:
+        r.pop("token_ids")
     if a.out:
-        for r in rows:
-            r.pop("token_ids")
         Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+    if a.baseline:
+        fold_into_baseline(Path(a.baseline), rows)
     if any(r.get("greedy_identical") is False for r in rows):
         sys.exit("offloaded greedy tokens differ from the resident run's")
 

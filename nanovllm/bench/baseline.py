@@ -4,8 +4,8 @@ A baseline is a results file named after its GPU, `benchmarks/baseline/<gpu-slug
 `compare.entries` reads (latency, throughput, peers, ops, launches_per_token). Its rows may come from different
 runs, so every latency row, op row and the throughput entry carries the provenance of the run that measured it
 (git_sha, date, versions, command). `merge` folds a run into a baseline: a row replaces the row with the same key
-(preset and context for latency; op, backend, case and batch for ops; model, method, workload, k and batch
-for the speculative-decoding rows), every other row stays. Any preset name is
+(preset and context for latency; op, backend, case and batch for ops; KEYED_TABLES' fields for the
+speculative-decoding and weight-offloading rows), every other row stays. Any preset name is
 a valid key, `auto` included.
 """
 
@@ -18,6 +18,11 @@ from nanovllm.provenance import REPO
 
 BASELINE_SUBDIR = Path("benchmarks") / "baseline"
 PROVENANCE = ("git_sha", "date", "versions", "command")
+# tables of rows a run replaces by key: {table: (the key's fields, the field a measured row has)}
+KEYED_TABLES = {
+    "speculative": (("model", "method", "workload", "k", "batch"), "speedup"),
+    "offload": (("model", "cpu_offload_gb", "gpu_memory_utilization"), "decode_tok_s"),
+}
 
 
 def search_dirs() -> list[Path]:
@@ -50,6 +55,10 @@ def find(gpu: str) -> Path:
 def default_path(gpu: str) -> Path:
     """Where `merge` writes a new baseline of `gpu` when none exists yet."""
     return search_dirs()[0] / file_name(gpu)
+
+
+def _key(row: dict, fields: tuple[str, ...]) -> tuple:
+    return tuple(row.get(f) for f in fields)
 
 
 def _provenance(run: dict) -> dict:
@@ -88,8 +97,8 @@ def merge(baseline: dict | None, run: dict, presets: tuple[str, ...] | None = No
     op_key = lambda r: (r["op"], r["backend"], r["case"], r["batch"])  # noqa: E731
     new_keys = {op_key(r) for r in ops}
     out["ops"] = [r for r in out["ops"] if op_key(r) not in new_keys] + ops
-    spec = [dict(row, **prov) for row in run.get("speculative", []) if row.get("speedup")]
-    spec_key = lambda r: (r["model"], r["method"], r["workload"], r.get("k"), r.get("batch"))  # noqa: E731
-    spec_keys = {spec_key(r) for r in spec}
-    out["speculative"] = [r for r in base.get("speculative", []) if spec_key(r) not in spec_keys] + spec
+    for table, (fields, measured) in KEYED_TABLES.items():
+        rows = [dict(row, **prov) for row in run.get(table, []) if row.get(measured)]
+        new_keys = {_key(r, fields) for r in rows}
+        out[table] = [r for r in base.get(table, []) if _key(r, fields) not in new_keys] + rows
     return out

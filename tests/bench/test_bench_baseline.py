@@ -122,3 +122,13 @@ def test_shipped_h100_baseline_gates_itself(monkeypatch):
 def test_output_goes_to_a_relative_folder_outside_the_package():
     assert not DEFAULT_OUT_DIR.is_absolute() and DEFAULT_OUT_DIR == Path("bench-results")
     assert command_line(["/x/nanovllm/bench/__main__.py", "latency"]) == "python -m nanovllm.bench latency"
+
+
+def test_merge_replaces_offload_rows_by_model_and_budget():
+    row = dict(model="qwen3-8b-random", cpu_offload_gb=8.0, gpu_memory_utilization=0.9, decode_tok_s=6.0,
+               fraction_of_bound=0.99, gpu=GPU)
+    first = baseline.merge(None, dict(gpu=GPU, git_sha="a", offload=[row, dict(row, cpu_offload_gb=0.0)]))
+    second = baseline.merge(first, dict(gpu=GPU, git_sha="b", offload=[dict(row, decode_tok_s=7.0)]))
+    rows = {r["cpu_offload_gb"]: r for r in second["offload"]}
+    assert rows[8.0]["decode_tok_s"] == 7.0 and rows[8.0]["git_sha"] == "b"
+    assert rows[0.0]["git_sha"] == "a" and len(second["offload"]) == 2
