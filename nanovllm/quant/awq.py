@@ -34,8 +34,8 @@ from nanovllm.quant.rtn import quantize
 CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
 ALPHAS = tuple(i / 10 for i in range(11))
 MAX_TOKENS = 2048    # calibration tokens: GPTQ's Hessians need more tokens than a layer has inputs
-SEQUENCE_TOKENS = 2048  # the calibration tokens run as sequences of at most this many
 AWQ_TOKENS = 512     # of which the scale search and the importance take the first
+SEQUENCE_TOKENS = 2048  # the calibration tokens run as sequences of at most this many
 SAMPLE_ROWS = 256    # input rows the alpha search measures the output error on
 # GPTQ in act-order on static groups (gptq.quantize): off, as on SmolLM2-135M and Gemma 3 270M in INT4 groups of
 # 128 it gives a higher perplexity than rounding the columns in order
