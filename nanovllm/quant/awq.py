@@ -10,8 +10,12 @@ division of x by s is folded into what produces x, so no kernel sees it:
 o_proj's input comes out of attention, where no fold is exact under grouped KV heads: it keeps s = 1. Every
 weight then rounds with a clip search weighted by its input's mean square (rtn.quantize's `importance`).
 
-The statistics come from the dense model, built on the CPU in float32 from the same checkpoint and run once
-over the calibration text: the device never holds a dense copy of a weight that is quantized.
+The statistics come from a dense model, built on the CPU in float32 from the same checkpoint and run once
+over the calibration text: the device never holds a dense copy of a weight that is quantized. With GPTQ the
+pass is sequential (as GPTQ's authors calibrate): each weight is quantized the moment its inputs are taken and
+the rest of the pass runs with it, so every weight is fitted to the inputs it meets in the quantized model,
+the errors of the weights before it (in its own layer too) included. It then rounds a second time as it
+loads, from the same Hessian, to the same codes.
 """
 
 from __future__ import annotations
@@ -31,7 +35,12 @@ CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
 ALPHAS = tuple(i / 10 for i in range(11))
 MAX_TOKENS = 2048    # calibration tokens: GPTQ's Hessians need more tokens than a layer has inputs
 AWQ_TOKENS = 512     # of which the scale search and the importance take the first
+SEQUENCE_TOKENS = 2048  # the calibration tokens run as sequences of at most this many
 SAMPLE_ROWS = 256    # input rows the alpha search measures the output error on
+# GPTQ in act-order on static groups (gptq.quantize): off, as on SmolLM2-135M and Gemma 3 270M in INT4 groups of
+# 128 it gives a higher perplexity than rounding the columns in order
+ACT_ORDER = False
+SEQUENTIAL = True    # with GPTQ: fit each weight to the inputs the already quantized weights before it produce
 FOLDS = {"qkv_proj": "input_norm", "gate_up_proj": "post_norm"}  # weight -> the norm its input comes out of
 
 
@@ -70,7 +79,7 @@ class Calibration:
         def quantize_weight(name: str, weight: torch.Tensor):
             if (h := self.hessian(name, weight.device)) is not None:
                 return gptq.quantize(weight, h, spec.method, spec.weight_group_size, spec.symmetric,
-                                     clip_search=True)
+                                     clip_search=True, act_order=ACT_ORDER)
             importance = self.importance.get(name)
             return quantize(weight, spec.method, spec.weight_group_size, spec.symmetric, clip_search=True,
                             importance=None if importance is None else importance.to(weight.device))
@@ -103,31 +112,49 @@ def dense_cpu_model(model_path: Path, hf_config):
 def layer_inputs(model, ids: list[int]) -> dict[str, torch.Tensor]:
     """The inputs (tokens, in) every layer's linear weights meet on `ids`, from a dense CPU model (whose layers
     this rewires for the purpose: use it for nothing else)."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        inputs[name] = x
+
+    run_weights(model, ids, record)
+    return inputs
+
+
+def run_weights(model, ids: list[int], visit) -> None:
+    """One pass of a dense CPU model (whose layers this rewires for the purpose: use it for nothing else) over
+    `ids`, as sequences of at most SEQUENCE_TOKENS, calling visit(name, x) as each layer linear weight meets
+    its input x (tokens, in), in the order the forward pass reaches them; a tensor visit returns replaces that
+    weight in this product and in the rest of the pass."""
     from nanovllm.models.dense import layer_ops
     from nanovllm.ops.meta import build_metadata
 
-    inputs: dict[str, torch.Tensor] = {}
     names: dict[int, str] = {}
 
-    def recording_linear(x, weight, bias=None):
+    def visiting_linear(x, weight, bias=None):
         if id(weight) in names:
-            inputs[names[id(weight)]] = x.detach().reshape(-1, x.shape[-1]).float()
+            replaced = visit(names[id(weight)], x.detach().reshape(-1, x.shape[-1]).float())
+            if replaced is not None:
+                weight = replaced.to(weight)
         return torch.nn.functional.linear(x, weight, bias)
 
     block, a = 16, model.args
-    blocks = -(-len(ids) // block)
+    lens = [min(SEQUENCE_TOKENS, len(ids) - i) for i in range(0, len(ids), SEQUENCE_TOKENS)]
+    tables, blocks = [], 0
+    for n in lens:
+        tables.append(list(range(blocks, blocks + -(-n // block))))
+        blocks += len(tables[-1])
     for layer in model.layers:
         names.update({id(w): f"layers.{layer.idx}.{n}" for n, w in quantizable(layer).items()})
-        layer.ops = SimpleNamespace(**{op: _native(op, recording_linear) for op in layer_ops(a, layer.idx)})
+        layer.ops = SimpleNamespace(**{op: _native(op, visiting_linear) for op in layer_ops(a, layer.idx)})
         if not layer.moe:
             layer.mlp = layer.ops.gelu_mlp if a.activation == "gelu_tanh" else layer.ops.mlp
         layer.decode_weights = None
         shape = (blocks + 1, block, a.num_kv_heads, a.head_dim)
         layer.k_cache, layer.v_cache = torch.zeros(shape), torch.zeros(shape)
-    meta = build_metadata([list(range(blocks))], [len(ids)], block, q_lens=[len(ids)]).to_device("cpu")
+    meta = build_metadata(tables, lens, block, q_lens=lens).to_device("cpu")
     with torch.inference_mode():
         model(torch.tensor(ids), meta.positions, meta)
-    return inputs
 
 
 def quantizable(layer) -> dict[str, torch.Tensor]:
@@ -163,24 +190,39 @@ def search_scale(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec) -> torch.Ten
     return best
 
 
-def calibrate(model_path: Path, hf_config, spec: QuantSpec, ids: list[int] | None = None) -> Calibration:
+def calibrate(model_path: Path, hf_config, spec: QuantSpec, ids: list[int] | None = None,
+              sequential: bool = SEQUENTIAL) -> Calibration:
     """Scales (spec.awq), input importance and GPTQ's Hessians (spec.gptq) for every weight `spec` quantizes,
-    from the checkpoint at `model_path` run over `ids` (default: the calibration text)."""
+    from the checkpoint at `model_path` run over `ids` (default: the calibration text). sequential: each weight
+    is quantized as soon as its statistics are taken, and the rest of the pass runs with the quantized weight,
+    so every later weight is fitted to the inputs it meets in the quantized model (within a layer too: the
+    o projection's inputs come from the quantized qkv projection); otherwise all from the dense model. Only
+    with GPTQ: AWQ alone takes its statistics from the dense model."""
     model = dense_cpu_model(model_path, hf_config)
     weights = {f"layers.{layer.idx}.{n}": w.data for layer in model.layers for n, w in quantizable(layer).items()}
-    inputs = layer_inputs(model, ids if ids is not None else calibration_ids(model_path))
     formats = spec.weight_formats(hf_config.num_hidden_layers)
     out = Calibration()
-    for name in list(inputs):
-        x = inputs.pop(name)  # each layer's inputs are freed once its statistics are taken
+    quantize_weight = out.quantizer(spec)
+    ids = ids if ids is not None else calibration_ids(model_path)
+    sequential = sequential and spec.gptq
+
+    def fit(name: str, x: torch.Tensor) -> torch.Tensor | None:
         if name not in formats:
-            continue
+            return None
+        w = weights[name]
+        s = None
         if spec.awq and name.rpartition(".")[2] in (*FOLDS, "down_proj"):
-            out.scales[name] = s = search_scale(x[:AWQ_TOKENS], weights[name], spec)
-            x = x / s
+            out.scales[name] = s = search_scale(x[:AWQ_TOKENS], w, spec)
+            x, w = x / s, w * s
         out.importance[name] = x[:AWQ_TOKENS].pow(2).mean(0)
         if spec.gptq and len(x) < x.shape[1]:
             out.gptq_inputs[name] = x
         elif spec.gptq:
             out.hessians[name] = gptq.hessian(x)
+        if not sequential:
+            return None
+        q = quantize_weight(name, w).dequantize(torch.float32)  # (x / s) @ q.T = x @ (q / s).T
+        return q if s is None else q / s
+
+    run_weights(model, ids, fit)
     return out

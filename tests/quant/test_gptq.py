@@ -35,11 +35,12 @@ def test_gptq_beats_round_to_nearest_on_the_output(fmt, group, symmetric):
     assert output_error(x, w, q) < 0.9 * output_error(x, w, nearest)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("fmt, group, symmetric", [*CASES, ("int4", 128, True)])
-def test_gptq_result_is_a_regular_quantized_weight(fmt, group, symmetric):
+def test_gptq_result_is_a_regular_quantized_weight(fmt, group, symmetric, act_order):
     k = 200 if group == 128 else 192  # a partial last group too
     x, w = correlated_inputs(256, k), torch.randn(48, k, generator=torch.Generator().manual_seed(2))
-    q = gptq.quantize(w, gptq.hessian(x), fmt, group, symmetric)
+    q = gptq.quantize(w, gptq.hessian(x), fmt, group, symmetric, act_order=act_order)
     nearest = rtn.quantize(w, fmt, group, symmetric)
     assert q.shape == nearest.shape == (48, k)
     assert (q.format, q.group_size, q.in_features, q.perm) == (nearest.format, nearest.group_size, k, None)
@@ -58,12 +59,37 @@ def test_gptq_result_is_a_regular_quantized_weight(fmt, group, symmetric):
     torch.testing.assert_close(q.linear(x), x @ expected.T, rtol=1e-4, atol=1e-4)
 
 
+def hessian_error(w: torch.Tensor, q, h: torch.Tensor) -> float:
+    """The layer's mean squared output error on inputs with Hessian h: tr(D H D^T) / 2 of D = Q - W."""
+    d = q.dequantize(torch.float32) - w
+    return torch.einsum("oi,ij,oj->", d, h, d).item()
+
+
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_act_order_with_static_groups_lowers_the_output_error(clip_search):
+    """Columns in order of decreasing H diagonal on grids fixed up front: less output error than in order, and
+    still a plain weight (no permutation) whose groups are the original column order's."""
+    x = correlated_inputs(1024, 256)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * 0.05
+    h = gptq.hessian(x)
+    in_order = gptq.quantize(w, h, "int4", 128, False, clip_search=clip_search)
+    act_order = gptq.quantize(w, h, "int4", 128, False, clip_search=clip_search, act_order=True)
+    assert act_order.perm is None and act_order.scale.shape == in_order.scale.shape == (64, 2)
+    assert hessian_error(w, act_order, h) < 0.9 * hessian_error(w, in_order, h)
+    # static groups: each group's grid comes from the weight's own columns, before any error is spread
+    grid = rtn.quantize(w, "int4", 128, False) if not clip_search else None
+    if grid is not None:
+        torch.testing.assert_close(act_order.scale, grid.scale)
+        torch.testing.assert_close(act_order.offset, grid.offset)
+
+
 def test_dead_inputs_and_errors():
     x = correlated_inputs(128, 64)
     x[:, 5] = 0  # an input that is always zero: its column quantizes without spreading error
     w = torch.randn(16, 64)
-    q = gptq.quantize(w, gptq.hessian(x), "int4", 32, False)
-    assert q.dequantize(torch.float32)[:, 5].abs().max() <= q.scale.float().max()
+    for act_order in (False, True):
+        q = gptq.quantize(w, gptq.hessian(x), "int4", 32, False, act_order=act_order)
+        assert q.dequantize(torch.float32)[:, 5].abs().max() <= q.scale.float().max()
     with pytest.raises(ValueError, match="Hessian must be"):
         gptq.quantize(w, torch.eye(32), "int4", 32)
     with pytest.raises(ValueError, match="asymmetric"):
@@ -115,6 +141,33 @@ def test_calibration_gives_hessians_for_gptq(hf_model, tmp_path):
     assert cal.hessian("layers.0.lm_head", "cpu") is None
     q = cal.quantizer(spec)("layers.0.qkv_proj", w)
     assert (q.format, q.group_size, q.shape) == ("int4", 32, tuple(w.shape))
+
+
+def test_sequential_calibration_fits_each_weight_to_quantized_inputs(hf_model, tmp_path):
+    """Each weight's Hessian comes from the inputs the quantized weights before it produce, within a layer too:
+    the o projection's from the quantized qkv projection's output."""
+    from nanovllm.quant.awq import calibrate, dense_cpu_model, run_weights
+
+    hf_model.save_pretrained(tmp_path)
+    spec, ids = QuantSpec("int4", group_size=32, calibrate="gptq"), list(range(3, 60))
+    sequential = calibrate(tmp_path, hf_model.config, spec, ids=ids, sequential=True)
+    dense = calibrate(tmp_path, hf_model.config, spec, ids=ids, sequential=False)
+    first = "layers.0.qkv_proj"  # nothing quantized before it: the same inputs either way
+    torch.testing.assert_close(sequential.hessian(first, "cpu"), dense.hessian(first, "cpu"))
+    assert not torch.allclose(sequential.hessian("layers.0.o_proj", "cpu"), dense.hessian("layers.0.o_proj", "cpu"))
+
+    model, inputs = dense_cpu_model(tmp_path, hf_model.config), {}
+    weights = {name: w.data.clone() for name, w in
+               ((f"layers.{i}.{n}", getattr(layer, n)) for i, layer in enumerate(model.layers)
+                for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))}
+
+    def quantized_before(name, x):  # the weights quantized in turn, as calibration does
+        inputs[name] = x
+        return sequential.quantizer(spec)(name, weights[name]).dequantize(torch.float32)
+
+    run_weights(model, ids, quantized_before)
+    for name in ("layers.0.o_proj", "layers.1.qkv_proj", "layers.1.down_proj"):
+        torch.testing.assert_close(sequential.hessian(name, "cpu"), gptq.hessian(inputs[name]), rtol=1e-4, atol=1e-5)
 
 
 def test_quantize_writer_rounds_with_gptq(hf_model, tmp_path, monkeypatch):
