@@ -37,9 +37,6 @@ MAX_TOKENS = 2048    # calibration tokens: GPTQ's Hessians need more tokens than
 AWQ_TOKENS = 512     # of which the scale search and the importance take the first
 SEQUENCE_TOKENS = 2048  # the calibration tokens run as sequences of at most this many
 SAMPLE_ROWS = 256    # input rows the alpha search measures the output error on
-# GPTQ in act-order on static groups (gptq.quantize): off, as on SmolLM2-135M and Gemma 3 270M in INT4 groups of
-# 128 it gives a higher perplexity than rounding the columns in order
-ACT_ORDER = False
 SEQUENTIAL = True    # with GPTQ: fit each weight to the inputs the already quantized weights before it produce
 FOLDS = {"qkv_proj": "input_norm", "gate_up_proj": "post_norm"}  # weight -> the norm its input comes out of
 
@@ -79,7 +76,7 @@ class Calibration:
         def quantize_weight(name: str, weight: torch.Tensor):
             if (h := self.hessian(name, weight.device)) is not None:
                 return gptq.quantize(weight, h, spec.method, spec.weight_group_size, spec.symmetric,
-                                     clip_search=True, act_order=ACT_ORDER)
+                                     clip_search=True)
             importance = self.importance.get(name)
             return quantize(weight, spec.method, spec.weight_group_size, spec.symmetric, clip_search=True,
                             importance=None if importance is None else importance.to(weight.device))

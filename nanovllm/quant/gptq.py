@@ -7,10 +7,6 @@ the error of the columns before it, when its first column comes up; codes, scale
 result is a plain QuantizedWeight (no act-order permutation) that every kernel reads. Columns go in blocks of
 BLOCK (a multiple of the group size): within a block the error updates column by column, beyond it once per
 block. Everything is float32 on the weight's device.
-
-With act_order the columns go in order of decreasing H diagonal instead (AutoGPTQ's desc_act with
-static_groups): every group's scale and zero point are computed up front from the weight, in the original
-column order, and each column rounds onto its own group's grid, so the result keeps the same plain layout.
 """
 
 from __future__ import annotations
@@ -51,14 +47,11 @@ def inverse_hessian_factor(h: torch.Tensor, damping: float = DAMPING) -> torch.T
 
 def quantize(w: torch.Tensor, h: torch.Tensor, fmt: str, group_size: int | None = None, symmetric: bool = True,
              scale_dtype: torch.dtype = torch.float32, damping: float = DAMPING,
-             clip_search: bool = False, act_order: bool = False) -> QuantizedWeight:
+             clip_search: bool = False) -> QuantizedWeight:
     """GPTQ-quantize w (out, in) to `fmt` for inputs with Hessian h (in, in); group_size None means one group per
     output channel. The same format, grouping and grid conventions as rtn.quantize. clip_search: each group's
     range shrunk to its least squared rounding error, weighted per input column by H's diagonal (the inputs'
-    mean square), as rtn.quantize's. act_order: columns rounded in order of decreasing H diagonal (the inputs
-    that carry most output error first, while the most columns remain to absorb it), each on its group's grid
-    computed up front from the weight as it is (static groups): codes, scales and offsets stay in the original
-    column order, so the result is the same plain QuantizedWeight, with no input permutation."""
+    mean square), as rtn.quantize's."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; supported: {', '.join(FORMATS)}")
     if w.dim() != 2:
@@ -75,25 +68,13 @@ def quantize(w: torch.Tensor, h: torch.Tensor, fmt: str, group_size: int | None 
     weight[:, :k] = w.float()
     padded_h = torch.zeros(cols, cols, dtype=torch.float32, device=w.device)
     padded_h[:k, :k] = h.float().to(w.device)  # padding columns: zero inputs, zero weights, no error to spread
+    u = inverse_hessian_factor(padded_h, damping)
     weight[:, padded_h.diagonal() == 0] = 0
-    rounding = _quantize_act_order if act_order else _quantize_in_order
-    codes, scales, zeros = rounding(weight, padded_h, damping, fmt, g, symmetric, scale_dtype, clip_search)
-    q = codes[:, :k]
-    offset = None if zeros is None else (-zeros * scales).to(scale_dtype)
-    if fmt == "int4":
-        q = pack_int4(q)
-    return QuantizedWeight(fmt, q.contiguous(), scales.to(scale_dtype), g, k, offset, dtype=w.dtype)
 
-
-def _quantize_in_order(weight, h, damping, fmt, g, symmetric, scale_dtype, clip_search):
-    """GPTQ over columns in their own order; each group's grid set from its columns as updated by the error of
-    the columns before it when its first column comes up. (codes, scales, zeros) of the padded weight."""
-    out, cols = weight.shape
-    u = inverse_hessian_factor(h, damping)
     block = g * -(-BLOCK // g) if g < cols else cols  # whole groups per block; per-channel: one block
-    codes = torch.empty(out, cols, dtype=CODE_DTYPES[fmt], device=weight.device)
-    scales = torch.empty(out, cols // g, dtype=torch.float32, device=weight.device)
-    zeros = torch.empty(out, cols // g, dtype=torch.float32, device=weight.device) if not symmetric else None
+    codes = torch.empty(out, cols, dtype=CODE_DTYPES[fmt], device=w.device)
+    scales = torch.empty(out, cols // g, dtype=torch.float32, device=w.device)
+    zeros = torch.empty(out, cols // g, dtype=torch.float32, device=w.device) if not symmetric else None
     for start in range(0, cols, block):
         end = min(start + block, cols)
         part, u_part = weight[:, start:end].clone(), u[start:end, start:end]
@@ -102,7 +83,7 @@ def _quantize_in_order(weight, h, damping, fmt, g, symmetric, scale_dtype, clip_
             col = start + i
             if col % g == 0:
                 group = part[:, i: i + g].unsqueeze(1)
-                ratio = search_clip(group, fmt, symmetric, h.diagonal()[col: col + g]) if clip_search else 1.0
+                ratio = search_clip(group, fmt, symmetric, padded_h.diagonal()[col: col + g]) if clip_search else 1.0
                 scale, zero = group_params(group, fmt, symmetric, ratio)
                 scale = scale[:, 0].to(scale_dtype).float()  # the scale as stored is the grid the rest sees
                 zero = None if zero is None else zero[:, 0]
@@ -117,38 +98,8 @@ def _quantize_in_order(weight, h, damping, fmt, g, symmetric, scale_dtype, clip_
             part[:, i:] -= error[:, None] * u_part[i, i:][None, :]
             errors[:, i] = error
         weight[:, end:] -= errors @ u[start:end, end:]
-    return codes, scales, zeros
-
-
-def _quantize_act_order(weight, h, damping, fmt, g, symmetric, scale_dtype, clip_search):
-    """GPTQ over columns in order of decreasing H diagonal, each column on the grid of its own group of g
-    (original-order) columns, set up front from the weight. (codes, scales, zeros) of the padded weight, in
-    column order."""
-    out, cols = weight.shape
-    diag = h.diagonal()
-    grouped = weight.view(out, cols // g, g)
-    ratio = search_clip(grouped, fmt, symmetric, diag.view(cols // g, g)) if clip_search else 1.0
-    scales, zeros = group_params(grouped, fmt, symmetric, ratio)
-    scales = scales.to(scale_dtype).float()  # the scale as stored is the grid the columns round onto
-    perm = torch.argsort(diag, descending=True, stable=True)
-    u = inverse_hessian_factor(h[perm][:, perm], damping)
-    weight = weight[:, perm]
-    col_scale = scales[:, perm // g]
-    col_zero = None if zeros is None else zeros[:, perm // g]
-    offset = None if zeros is None else -col_zero * col_scale
-    codes = torch.empty(out, cols, dtype=CODE_DTYPES[fmt], device=weight.device)
-    for start in range(0, cols, BLOCK):
-        end = min(start + BLOCK, cols)
-        part, u_part = weight[:, start:end].clone(), u[start:end, start:end]
-        errors = torch.empty_like(part)
-        for i in range(end - start):
-            col = start + i
-            scale, zero = col_scale[:, col], None if col_zero is None else col_zero[:, col]
-            q = round_to_grid(part[:, i: i + 1], scale, zero, fmt, symmetric)
-            codes[:, perm[col]] = q[:, 0]
-            value = decoded(q, scale, None if offset is None else offset[:, col], fmt, symmetric)[:, 0]
-            error = (part[:, i] - value) / u_part[i, i]
-            part[:, i:] -= error[:, None] * u_part[i, i:][None, :]
-            errors[:, i] = error
-        weight[:, end:] -= errors @ u[start:end, end:]
-    return codes, scales, zeros
+    q = codes[:, :k]
+    offset = None if zeros is None else (-zeros * scales).to(scale_dtype)
+    if fmt == "int4":
+        q = pack_int4(q)
+    return QuantizedWeight(fmt, q.contiguous(), scales.to(scale_dtype), g, k, offset, dtype=w.dtype)

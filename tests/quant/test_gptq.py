@@ -35,12 +35,11 @@ def test_gptq_beats_round_to_nearest_on_the_output(fmt, group, symmetric):
     assert output_error(x, w, q) < 0.9 * output_error(x, w, nearest)
 
 
-@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("fmt, group, symmetric", [*CASES, ("int4", 128, True)])
-def test_gptq_result_is_a_regular_quantized_weight(fmt, group, symmetric, act_order):
+def test_gptq_result_is_a_regular_quantized_weight(fmt, group, symmetric):
     k = 200 if group == 128 else 192  # a partial last group too
     x, w = correlated_inputs(256, k), torch.randn(48, k, generator=torch.Generator().manual_seed(2))
-    q = gptq.quantize(w, gptq.hessian(x), fmt, group, symmetric, act_order=act_order)
+    q = gptq.quantize(w, gptq.hessian(x), fmt, group, symmetric)
     nearest = rtn.quantize(w, fmt, group, symmetric)
     assert q.shape == nearest.shape == (48, k)
     assert (q.format, q.group_size, q.in_features, q.perm) == (nearest.format, nearest.group_size, k, None)
@@ -59,37 +58,12 @@ def test_gptq_result_is_a_regular_quantized_weight(fmt, group, symmetric, act_or
     torch.testing.assert_close(q.linear(x), x @ expected.T, rtol=1e-4, atol=1e-4)
 
 
-def hessian_error(w: torch.Tensor, q, h: torch.Tensor) -> float:
-    """The layer's mean squared output error on inputs with Hessian h: tr(D H D^T) / 2 of D = Q - W."""
-    d = q.dequantize(torch.float32) - w
-    return torch.einsum("oi,ij,oj->", d, h, d).item()
-
-
-@pytest.mark.parametrize("clip_search", [False, True])
-def test_act_order_with_static_groups_lowers_the_output_error(clip_search):
-    """Columns in order of decreasing H diagonal on grids fixed up front: less output error than in order, and
-    still a plain weight (no permutation) whose groups are the original column order's."""
-    x = correlated_inputs(1024, 256)
-    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * 0.05
-    h = gptq.hessian(x)
-    in_order = gptq.quantize(w, h, "int4", 128, False, clip_search=clip_search)
-    act_order = gptq.quantize(w, h, "int4", 128, False, clip_search=clip_search, act_order=True)
-    assert act_order.perm is None and act_order.scale.shape == in_order.scale.shape == (64, 2)
-    assert hessian_error(w, act_order, h) < 0.9 * hessian_error(w, in_order, h)
-    # static groups: each group's grid comes from the weight's own columns, before any error is spread
-    grid = rtn.quantize(w, "int4", 128, False) if not clip_search else None
-    if grid is not None:
-        torch.testing.assert_close(act_order.scale, grid.scale)
-        torch.testing.assert_close(act_order.offset, grid.offset)
-
-
 def test_dead_inputs_and_errors():
     x = correlated_inputs(128, 64)
     x[:, 5] = 0  # an input that is always zero: its column quantizes without spreading error
     w = torch.randn(16, 64)
-    for act_order in (False, True):
-        q = gptq.quantize(w, gptq.hessian(x), "int4", 32, False, act_order=act_order)
-        assert q.dequantize(torch.float32)[:, 5].abs().max() <= q.scale.float().max()
+    q = gptq.quantize(w, gptq.hessian(x), "int4", 32, False)
+    assert q.dequantize(torch.float32)[:, 5].abs().max() <= q.scale.float().max()
     with pytest.raises(ValueError, match="Hessian must be"):
         gptq.quantize(w, torch.eye(32), "int4", 32)
     with pytest.raises(ValueError, match="asymmetric"):
