@@ -255,9 +255,21 @@ def baseline_command(args, console: Console) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # logs of a GPU run are read later: tables there get a wide page rather than a cut one
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 180)
+    try:
+        return dispatch(args, console)
+    except ValueError as e:
+        from nanovllm.bench.presets import BadOverrides
+
+        if not isinstance(e, BadOverrides):
+            raise
+        console.print(str(e), style="red", markup=False, highlight=False)  # Hydra's message, not its traceback
+        return 2
+
+
+def dispatch(args, console: Console) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "compare":
         return compare_command(args, console)
     if args.command == "paths":

@@ -39,15 +39,35 @@ def merge_overrides(defaults, user) -> list[str]:
     return [o for o in defaults if override_key(o) not in keys] + list(user)
 
 
+class BadOverrides(ValueError):
+    """Hydra could not compose the run config from these overrides; the message says why (and, for a
+    `group=option` whose option has no YAML, which options there are)."""
+
+    def __init__(self, overrides: list[str], error: Exception):
+        hint = ""
+        for o in overrides:
+            key, _, value = o.partition("=")
+            if key == "model" and not (CONFIGS / "model" / f"{value}.yaml").is_file():
+                hint = (f"\n{o!r}: configs/model has no {value}.yaml; a catalog name, a folder or a hub id goes in "
+                        f"model.name={value}")
+        reason = str(error).split("\nConfig search path")[0].strip()  # the search path says nothing of the typo
+        super().__init__(f"overrides {' '.join(overrides)}: {reason}{hint}")
+
+
 def compose_config(preset: str, overrides=()):
     """The run config of `python -m nanovllm.run +kernels=<preset> <overrides>`, checked like `run` checks it."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     from nanovllm.config import check_kernel_names, check_schema, register_configs
 
     register_configs()
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        cfg = compose("config", overrides=[*preset_overrides(preset), *overrides])
+    overrides = [*preset_overrides(preset), *overrides]
+    try:
+        with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    except HydraException as e:
+        raise BadOverrides(overrides, e) from None
     check_schema(cfg)
     check_kernel_names(cfg.kernels)
     return cfg

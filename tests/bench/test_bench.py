@@ -185,3 +185,12 @@ def test_decode_steps_keep_every_request_while_prefill_is_chunked(tiny_model):
             decode.step()
             assert len(llm.engine.scheduler.running) == 3
     assert not llm.engine.has_unfinished()
+
+
+def test_an_override_hydra_rejects_gets_its_reason_not_a_traceback(capsys):
+    assert bench_main(["spec", "--quick", "model=qwen3-8b-random"]) == 2
+    err = capsys.readouterr().out
+    assert "Could not find 'model/qwen3-8b-random'" in err and "model.name=qwen3-8b-random" in err
+    assert "Traceback" not in err and "Config search path" not in err
+    assert bench_main(["latency", "--quick", "engine.no_such_field=1"]) == 2
+    assert "engine.no_such_field" in capsys.readouterr().out
