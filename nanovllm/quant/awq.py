@@ -14,8 +14,9 @@ The statistics come from a dense model, built on the CPU in float32 from the sam
 over the calibration text: the device never holds a dense copy of a weight that is quantized. With GPTQ the
 pass is sequential (as GPTQ's authors calibrate): each weight is quantized the moment its inputs are taken and
 the rest of the pass runs with it, so every weight is fitted to the inputs it meets in the quantized model,
-the errors of the weights before it (in its own layer too) included. It then rounds a second time as it
-loads, from the same Hessian, to the same codes.
+the errors of the weights before it (in its own layer too) included. It rounds again as it loads, from the
+same Hessian: the pass's rounding cannot stand in for that one, because the up rows of gate_up_proj load
+divided by down_proj's scale, which is searched only after gate_up_proj has been rounded in the pass.
 """
 
 from __future__ import annotations
@@ -104,18 +105,6 @@ def dense_cpu_model(model_path: Path, hf_config):
     model.float()
     load_weights(model, iter_tensors(weight_files(model_path)), torch.float32)
     return model
-
-
-def layer_inputs(model, ids: list[int]) -> dict[str, torch.Tensor]:
-    """The inputs (tokens, in) every layer's linear weights meet on `ids`, from a dense CPU model (whose layers
-    this rewires for the purpose: use it for nothing else)."""
-    inputs: dict[str, torch.Tensor] = {}
-
-    def record(name: str, x: torch.Tensor) -> None:
-        inputs[name] = x
-
-    run_weights(model, ids, record)
-    return inputs
 
 
 def run_weights(model, ids: list[int], visit) -> None:

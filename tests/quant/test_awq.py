@@ -6,9 +6,16 @@ from __future__ import annotations
 import torch
 
 from nanovllm.models.loader import iter_tensors, load_weights, weight_files
-from nanovllm.quant.awq import Calibration, calibrate, dense_cpu_model, layer_inputs
+from nanovllm.quant.awq import Calibration, calibrate, dense_cpu_model, run_weights
 from nanovllm.quant.plan import QuantSpec
 from tests.quant.conftest import build
+
+
+def layer_inputs(model, ids: list[int]) -> dict[str, torch.Tensor]:
+    """The inputs (tokens, in) every layer linear weight meets on `ids` in a dense CPU model."""
+    inputs: dict[str, torch.Tensor] = {}
+    run_weights(model, ids, inputs.__setitem__)
+    return inputs
 
 
 def test_folded_scales_keep_the_function(hf_model, tmp_path):
