@@ -33,7 +33,7 @@ class PrefillPlanner:
     def __call__(self, meta, ctx) -> None:
         """The plan hook: once per step, outside any graph."""
         keys = [common.key(PREFIX, w, ctx.softcap) for w in ctx.windows]
-        if meta.is_decode or meta.verify:  # verify steps run attention_verify
+        if meta.is_decode:  # decode and verify steps run the decode attention
             common.forget(keys)
             return
         if meta.graph_batch is not None:

@@ -1,4 +1,4 @@
-"""attention_prefill, attention_verify and attention_decode on torch's scaled_dot_product_attention, backend `sdpa`.
+"""attention_prefill and attention_decode on torch's scaled_dot_product_attention, backend `sdpa`.
 
 Each request's pages are gathered into a padded (B, Hk, max_blocks * block_size, D) K/V in the cache's
 dtype (the native converts them to float32 and repeats them per query head first), and one batched SDPA
@@ -66,7 +66,6 @@ def decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: i
     return _grouped_sdpa(q.unsqueeze(2), k, v, mask, scale).squeeze(2)
 
 
-@register_impl("attention_verify", "sdpa", kv_dtypes=kv_quant.KV_CACHE_DTYPES)
 @register_impl("attention_prefill", "sdpa", kv_dtypes=kv_quant.KV_CACHE_DTYPES)
 def prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int = 0,
             softcap: float = 0.0, kv_scales: torch.Tensor | None = None) -> torch.Tensor:

@@ -275,3 +275,19 @@ def check_rope_attention(shapes: dict) -> str | None:
     """head_dim even and <= 256, heads a multiple of kv_heads"""
     d = shapes.get("head_dim", 128)
     return f"head_dim {d} is odd" if d % 2 else check_attention(shapes)
+
+
+def rope_attention(q, k, v, q_norm_w, k_norm_w, eps: float, positions, cos_sin, k_cache, v_cache, meta,
+                   scale: float, window: int, softcap: float, kv_scales=None) -> torch.Tensor:
+    """q/k norm + RoPE + KV write + split-KV decode attention of raw q, k, v: one kernel for a decode step. A
+    verify step's rows attend to the K/V that the rows before them write (AttentionMetadata.verify), which one
+    kernel's programs cannot order, so it writes every row's K/V in a launch of its own first."""
+    ops = torch.ops.nanovllm_triton
+    scale, window, softcap = float(scale), int(window), float(softcap)
+    if meta.verify:
+        q = ops.qk_norm_rope(q, k, v, q_norm_w, k_norm_w, float(eps), positions, cos_sin, k_cache, v_cache,
+                             meta.slot_mapping, kv_scales)
+        return ops.decode_attention(q, k_cache, v_cache, meta.block_tables, positions, scale, window, softcap, 0,
+                                    kv_scales)
+    return ops.rope_decode_attention(q, k, v, q_norm_w, k_norm_w, float(eps), positions, cos_sin, k_cache, v_cache,
+                                     meta.slot_mapping, meta.block_tables, scale, window, softcap, 0, kv_scales)

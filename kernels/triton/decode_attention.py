@@ -1,4 +1,4 @@
-"""Backend `triton` of `attention_decode` and `attention_verify`: split-KV flash decoding over the paged cache
+"""Backend `triton` of `attention_decode` and `rope_decode_attention`: split-KV flash decoding over the paged cache
 (one query per request).
 
 Kernel 1, grid (request, kv head, split): the program loads the GQA group's query heads as one tile,
@@ -7,10 +7,10 @@ writes its partial output and log-sum-exp. Kernel 2, grid (request, q head): mer
 with one split: kernel 1 writes the output).
 The split count depends only on shapes (batch, heads, block-table width), never on the step's lengths,
 so a captured CUDA graph stays valid as contexts grow; splits past a request's keys exit at once.
-`attention_verify` (a speculative verify step's k + 1 rows per request) runs every row as a request of its own
-over its request's block table: a row at position p sees keys 0..p, so causality within the drafts comes from
-the positions alone. Each row reads its request's K/V again, which costs little next to the weights at the few
-rows verification runs at, and keeps the step capturable in a CUDA graph.
+A speculative verify step is decode-shaped: each of a request's k + 1 rows is a request of its own over the
+same block table, and a row at position p sees keys 0..p, so causality within the drafts comes from the
+positions alone. Each row reads its request's K/V again, which costs little next to the weights at the few
+rows verification runs at.
 An fp8 cache (kv_scales given: the (2, kv_heads) K and V scales) is read and written through its per-head
 scales (_decode_core.py).
 """
@@ -137,25 +137,14 @@ def attention_decode(q, k_cache, v_cache, meta, scale: float, window: int = 0, s
                                                       float(scale), int(window), float(softcap), 0, kv_scales)
 
 
-def attention_verify(q, k_cache, v_cache, meta, scale: float, window: int = 0, softcap: float = 0.0,
-                     kv_scales=None):
-    """Each query row as a one-query request over its request's pages (row r of request s: pad_index[r] is
-    s * max_seqlen_q + its offset)."""
-    tables = meta.block_tables.index_select(0, meta.pad_index // meta.max_seqlen_q)
-    return torch.ops.nanovllm_triton.decode_attention(q, k_cache, v_cache, tables, meta.positions, float(scale),
-                                                      int(window), float(softcap), 0, kv_scales)
-
-
 def rope_decode_attention(q, k, v, q_norm_w, k_norm_w, eps: float, positions, cos_sin, k_cache, v_cache, meta,
                           scale: float, window: int = 0, softcap: float = 0.0, kv_scales=None, *, parts):
-    """q/k norm + RoPE + KV write inside the split-KV decode attention kernel."""
-    return torch.ops.nanovllm_triton.rope_decode_attention(
-        q, k, v, q_norm_w, k_norm_w, float(eps), positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
-        meta.block_tables, float(scale), int(window), float(softcap), 0, kv_scales)
+    """q/k norm + RoPE + KV write inside the split-KV decode attention kernel (a verify step: two launches)."""
+    return attn.rope_attention(q, k, v, q_norm_w, k_norm_w, eps, positions, cos_sin, k_cache, v_cache, meta, scale,
+                               window, softcap, kv_scales)
 
 
-for _op, _fn in (("attention_decode", attention_decode), ("attention_verify", attention_verify)):
-    register_impl(_op, "triton", devices=core.devices(), dtypes=core.DTYPES, check=attn.check_attention,
-                  kv_dtypes=kv_quant.KV_CACHE_DTYPES)(_fn)
+register_impl("attention_decode", "triton", devices=core.devices(), dtypes=core.DTYPES, check=attn.check_attention,
+              kv_dtypes=kv_quant.KV_CACHE_DTYPES)(attention_decode)
 core.register_site("rope_decode_attention", rope_decode_attention, check=attn.check_rope_attention, gemv_rows=False)
 declare_kv_dtypes("rope_decode_attention", "triton", kv_quant.KV_CACHE_DTYPES)

@@ -9,8 +9,6 @@ layer's sites.
 
 from __future__ import annotations
 
-import torch
-
 from nanovllm.ops import kv_quant
 from nanovllm.ops.plugins import load_builtin, load_sibling
 from nanovllm.ops.registry import declare_kv_dtypes
@@ -29,9 +27,8 @@ def decode_layer(x, weights, settings, positions, cos_sin, k_cache, v_cache, met
     eps = float(s.eps)
     qkv = qcore.gemv(x, w.qkv_w, w.qkv_b, None, w.input_norm, eps)
     q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv.split((w.qkv_w.shape[0] - 2 * kv, kv, kv), dim=-1))
-    o = torch.ops.nanovllm_triton.rope_decode_attention(
-        q, k, v, w.q_norm_w, w.k_norm_w, eps, positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
-        meta.block_tables, float(s.scale), int(s.window), float(s.softcap), 0, kv_scales)
+    o = attn.rope_attention(q, k, v, w.q_norm_w, w.k_norm_w, eps, positions, cos_sin, k_cache, v_cache, meta,
+                            s.scale, s.window, s.softcap, kv_scales)
     x = qcore.gemv(o.flatten(1), w.o_w, None, x)
     act = qmlp.gate_up_silu(x, w.gate_up_w, w.post_norm, eps)
     return qcore.gemv(act, w.down_w, None, x)

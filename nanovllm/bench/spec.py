@@ -3,8 +3,9 @@ verify step's cost (one k + 1-token verify step over one 1-token decode step), p
 
 Workloads: `grounded`, real text whose answers copy their input (code edits, summaries that quote their
 source: benchmarks/data/spec_grounded.jsonl) with the proposers named by --methods; and `oracle`, the same
-prompts with the oracle proposer, which proposes the target's own greedy continuation (recorded by the plain
-run) and so measures the mechanism's overhead apart from any proposer's quality.
+prompts with the oracle proposer, which proposes the target's own greedy continuation (as an untimed
+speculative run computes it: `record_oracle`) and so measures the mechanism's overhead apart from any proposer's
+quality.
 
 Plain and speculative runs share one engine (same weights, same kernels, same call): the plain run has the
 speculator switched off. A draft model gets an engine of its own (its memory is planned before the target's
@@ -138,6 +139,15 @@ def measure(llm, prompts, max_tokens: int, method: str, workload: str, plain: di
                 **verify_cost(llm, prompts[0], k, repeats))
 
 
+def record_oracle(llm, oracle, prompts, plain_outputs, max_tokens: int) -> None:
+    """Give the oracle the target's greedy continuations as verify steps compute them: a first speculative run
+    proposes the plain run's output (every step verifies, OracleProposer), and its own output is recorded."""
+    for prompt, out in zip(prompts, plain_outputs):
+        oracle.remember(prompt, out)
+    for prompt, out in zip(prompts, run_batch1(llm, prompts, max_tokens)[0]):
+        oracle.remember(prompt, out)
+
+
 def plain_run(llm, prompts, max_tokens: int) -> dict:
     saved, llm.engine.speculator = llm.engine.speculator, None
     try:
@@ -172,8 +182,7 @@ def bench(cfg, methods, k: int, max_tokens: int, num_prompts: int | None, draft_
         for method in [m for m in methods if m != "draft_model"]:
             spec = use_proposer(llm.engine, replace(base, method=method))
             if method == "oracle":
-                for prompt, out in zip(prompts, plain["outputs"]):
-                    spec.proposer.remember(prompt, out)
+                record_oracle(llm, spec.proposer, prompts, plain["outputs"], max_tokens)
             workload = "oracle" if method == "oracle" else "grounded"
             rows.append(measure(llm, prompts, max_tokens, method, workload, plain, model, gpu, repeats))
             report(describe(rows[-1]))

@@ -27,7 +27,7 @@ from nanovllm.ops.sites import AttentionSettings, LayerWeights
 from nanovllm.quant.plan import LAYER_WEIGHTS, LM_HEAD
 from nanovllm.quant.weights import is_quantized
 
-LAYER_OPS = ("norm_qkv", "qk_norm_rope", "attention_prefill", "attention_verify", "attention_decode",
+LAYER_OPS = ("norm_qkv", "qk_norm_rope", "attention_prefill", "attention_decode",
              "rope_decode_attention", "attn_out", "mlp", "decode_layer")
 MODEL_OPS = ("embedding", "rms_norm", "linear", "sample", "lm_head_sample")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -207,8 +207,7 @@ class DenseLayer(nn.Module):
         else:
             q = ops.qk_norm_rope(q, k, v, self.q_norm, self.k_norm, a.rms_norm_eps, positions, cos_sin,
                                  self.k_cache, self.v_cache, meta.slot_mapping, *kv)
-            attention = ops.attention_verify if meta.verify else ops.attention_prefill
-            o = attention(q, self.k_cache, self.v_cache, meta, self.scale, self.window, a.attn_softcap, *kv)
+            o = ops.attention_prefill(q, self.k_cache, self.v_cache, meta, self.scale, self.window, a.attn_softcap, *kv)
         if not a.sandwich_norms:
             h, x = ops.attn_out(o.flatten(1), self.o_proj, x, self.post_norm, a.rms_norm_eps)
             return self.feed_forward(h, x)

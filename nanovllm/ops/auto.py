@@ -23,8 +23,6 @@ RANKING: dict[str, dict[str, tuple[str, ...]]] = {
         "rope_decode_attention": _FUSED,
         "attention_decode": ("triton", "flashinfer", "sdpa"),
         "attention_prefill": ("flashinfer", "sdpa"),
-        # a verify step's few rows per request, inside the verify CUDA graphs
-        "attention_verify": ("triton", "sdpa"),
         # GEMV-shaped sites with their norms, activations and residual adds fused in
         "norm_qkv": _FUSED, "qk_norm_rope": _FUSED, "attn_out": _FUSED, "mlp": _FUSED, "lm_head_sample": _FUSED,
         "moe": _FUSED,

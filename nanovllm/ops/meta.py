@@ -24,8 +24,10 @@ class AttentionMetadata:
                    num_blocks per request), for plan hooks; never read inside the forward pass
     plans:         backend state planned once per step outside any graph (e.g. FlashInfer wrappers)
     graph_batch:   the captured batch size when this step replays a CUDA graph, else None
-    verify:        a speculative verify step: each request's rows are its last token and its drafts, at
-                   consecutive positions (layers run `attention_verify` instead of `attention_prefill`)
+    verify:        a speculative verify step, decode-shaped: each query row (a sequence's last token or one of
+                   its drafts) is a request of its own, and the rows of one sequence share its blocks, so a row
+                   attends to the K/V the rows before it write in this step. Every row's K/V must be written
+                   before any row attends: a backend that fuses the K/V write into its attention kernel splits it
     """
 
     positions: torch.Tensor

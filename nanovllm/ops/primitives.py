@@ -153,15 +153,6 @@ def attention_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
     return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap, kv_scales)
 
 
-@define_op("attention_verify", reads_kv=True)
-def attention_verify(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int = 0,
-                     softcap: float = 0.0, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention for a speculative verify step: a few query rows per request (its last token and drafts, at
-    consecutive positions), each seeing the keys up to its own position. Its own op so that the verify step
-    can run a CUDA-graph-capturable backend while prompt steps keep the fastest prefill one."""
-    return paged_attention(q, k_cache, v_cache, meta, scale, window, softcap, kv_scales)
-
-
 @define_op("sample")
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
            min_p: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:

@@ -137,8 +137,7 @@ def test_rope_matches_transformers_rotate_half():
 def random_args(op: str, dtype):
     n, h, d, inter, vocab = 7, 40, 12, 52, 97
     if "attention" in op:  # 4 query heads over 2 KV heads, requests on shuffled blocks of 4, a window of 3
-        q_lens, kv_lens = {"attention_prefill": ([7, 1, 13], [7, 9, 30]),
-                           "attention_verify": ([5, 1, 3], [9, 5, 30])}.get(op, ([1, 1, 1], [5, 17, 33]))
+        q_lens, kv_lens = {"attention_prefill": ([7, 1, 13], [7, 9, 30])}.get(op, ([1, 1, 1], [5, 17, 33]))
         meta, num_blocks = random_step(q_lens, kv_lens)
         kc, vc = torch.randn(2, num_blocks + 1, 4, 2, d, dtype=dtype)
         if op == "rope_decode_attention":  # raw q, k, v: strided views of one packed QKV row per request

@@ -22,6 +22,7 @@ import torch
 from nanovllm.ops import Target, get_op, load_plugins, native_site, resolve
 from nanovllm.ops.meta import build_metadata
 from nanovllm.ops.sites import AttentionSettings, LayerWeights
+from nanovllm.ops.testing import verify_step
 from tests.helpers import ROOT, marked_tests, run_under_the_interpreter
 
 pytest.importorskip("triton")
@@ -38,10 +39,12 @@ INTERPRETER_RUNS = {
     "elementwise": ("test_prefetch_only_when_every_weight_read_early_is_a_parameter",
                     "test_rms_norm_and_add_rms_norm", "test_rms_norm_reads_strided_head_views_in_place",
                     "test_silu_and_mul", "test_sample_race", "test_qk_norm_rope", "test_attention_decode",
-                    "test_attention_verify", "test_every_triton_backend_resolves_on_the_interpreter"),
+                    "test_rope_decode_attention_on_verify_rows",
+                    "test_every_triton_backend_resolves_on_the_interpreter"),
     "gemv": ("test_linear", "test_norm_qkv", "test_attn_out", "test_lm_head_sample"),
     "mlp": ("test_mlp", "test_rope_decode_attention"),
-    "layer": ("test_decode_layer", "test_interleaved_layout_is_applied_once_where_resolved",
+    "layer": ("test_decode_layer", "test_decode_layer_on_verify_rows",
+              "test_interleaved_layout_is_applied_once_where_resolved",
               "test_sites_sharing_a_weight_must_agree_on_its_layout"),
     "model": ("test_all_fused_tiny_model_matches_eager",),
 }
@@ -376,17 +379,29 @@ def test_attention_decode(core, dtype, window, softcap, splits):
 
 @inner
 @pytest.mark.parametrize("dtype,window", [(torch.float32, 0), (torch.bfloat16, 6)])
-def test_attention_verify(core, dtype, window):
-    """A verify step: 1, 5 and 3 rows at the end of 4, 17 and 70 keys (uneven, as eager verify steps are)."""
-    from nanovllm.ops.testing import random_step
+def test_rope_decode_attention_on_verify_rows(core, dtype, window):
+    """A verify step, 1, 5 and 3 rows at the end of 4, 17 and 70 keys, each row a request over its sequence's
+    blocks: the site writes every row's K/V before any row attends (a row sees the drafts before it), as the
+    native does (qk_norm_rope, then attention_decode). Output and both caches."""
+    from nanovllm.layers.rotary import cos_sin_table
+
+    class Rope:
+        rope_theta = 10000.0
 
     torch.manual_seed(7)
-    meta, num_blocks = random_step([1, 5, 3], [4, 17, 70], seed=3)
-    kc, vc = (torch.randn(num_blocks + 1, 4, 2, 12, dtype=dtype) for _ in range(2))
-    q = torch.randn(9, 6, 12, dtype=dtype)
-    got = triton_impl("attention_verify")(q, kc, vc, meta, 0.3, window, 0.0)
-    want = get_op("attention_verify").native(q, kc, vc, meta, 0.3, window, 0.0)
+    meta, num_blocks = verify_step([1, 5, 3], [4, 17, 70], seed=3)
+    hq, hk, d = 6, 2, 12
+    q, k, v = (t.view(9, -1, d) for t in torch.randn(9, (hq + 2 * hk) * d, dtype=dtype).split(
+        (hq * d, hk * d, hk * d), -1))
+    norms = (weight(d, dtype=dtype) + 1, weight(d, dtype=dtype) + 1)
+    kc, vc = (torch.randn(num_blocks + 1, 4, hk, d, dtype=dtype) for _ in range(2))
+    args = (q, k, v, *norms, 1e-6, meta.positions, cos_sin_table(Rope(), d, 128))
+    got_caches, want_caches = (kc.clone(), vc.clone()), (kc, vc)
+    got = triton_impl("rope_decode_attention")(*args, *got_caches, meta, 0.3, window, 0.0)
+    want = native_site("rope_decode_attention")(*args, *want_caches, meta, 0.3, window, 0.0)
     torch.testing.assert_close(got, want, **TOL[dtype])
+    torch.testing.assert_close(got_caches[0], want_caches[0], **TOL[dtype])
+    torch.testing.assert_close(got_caches[1], want_caches[1], atol=0, rtol=0)
 
 
 def rope_attention_case(dtype, qk_norm: bool, seed: int):
@@ -437,11 +452,12 @@ LAYER_CASES = [(torch.float32, [70], True, False, 0), (torch.float32, [150], Tru
 @inner
 @pytest.mark.parametrize("dtype,kv_lens,qk_norm,bias,window",
                          [*LAYER_CASES, (torch.float32, [70, 5, 33], True, False, 0)])
-def test_decode_layer(core, dtype, kv_lens, qk_norm, bias, window, backend="triton_chain"):
+def test_decode_layer(core, dtype, kv_lens, qk_norm, bias, window, backend="triton_chain", q_lens=None):
     """The five-launch chain (or `backend`) against the native composition of the layer's sites: the new
     residual stream and both caches. hidden 48, 4 query heads over 2 kv heads of 12 dims, intermediate 37 (odd:
     ragged last GEMV blocks); 70 keys in a 72-key table run one split (no merge), 150 keys two splits (the
-    merge), 9 a sliding window; three requests run the chain's tl.dot GEMVs."""
+    merge), 9 a sliding window; three requests run the chain's tl.dot GEMVs. q_lens: a verify step of that
+    many rows per request (ops.testing.verify_step)."""
     from nanovllm.layers.rotary import cos_sin_table
 
     class Rope:
@@ -449,11 +465,11 @@ def test_decode_layer(core, dtype, kv_lens, qk_norm, bias, window, backend="trit
 
     torch.manual_seed(sum(kv_lens) + qk_norm)
     hidden, hq, hk, d, inter = 48, 4, 2, 12, 37
-    meta = paged_meta(kv_lens, num_blocks=60)
+    meta = paged_meta(kv_lens, num_blocks=60) if q_lens is None else verify_step(q_lens, kv_lens)[0]
     norms = (weight(d, dtype=dtype) + 1, weight(d, dtype=dtype) + 1) if qk_norm else (None, None)
     qkv_w = weight((hq + 2 * hk) * d, hidden, dtype=dtype)
     gate_up, down = weight(2 * inter, hidden, dtype=dtype), weight(hidden, inter, dtype=dtype)
-    x = torch.randn(len(kv_lens), hidden, dtype=dtype)
+    x = torch.randn(meta.positions.shape[0], hidden, dtype=dtype)
     qkv_b = weight(qkv_w.shape[0], dtype=dtype) if bias else None
     weights = LayerWeights(weight(hidden, dtype=dtype) + 1, qkv_w, qkv_b, *norms, weight(hidden, hq * d, dtype=dtype),
                            weight(hidden, dtype=dtype) + 1, gate_up, down)
@@ -470,11 +486,18 @@ def test_decode_layer(core, dtype, kv_lens, qk_norm, bias, window, backend="trit
         torch.testing.assert_close(got_cache, want_cache, **TOL[dtype])
 
 
+@inner
+def test_decode_layer_on_verify_rows(core):
+    """A verify step through the chain: 3, 1 and 2 rows per request, each row seeing the K/V of the rows
+    before it (written in a launch of their own first)."""
+    test_decode_layer(core, torch.float32, [70, 5, 33], True, False, 0, q_lens=[3, 1, 2])
+
+
 # -- wiring: registry, presets, a whole model --------------------------------------------------------------
 @inner
 def test_every_triton_backend_resolves_on_the_interpreter(core):
     ops = ("linear", "norm_qkv", "qk_norm_rope", "attn_out", "mlp", "lm_head_sample", "attention_decode",
-           "attention_verify", "rope_decode_attention", "rms_norm", "add_rms_norm", "silu_and_mul", "sample",
+           "rope_decode_attention", "rms_norm", "add_rms_norm", "silu_and_mul", "sample",
            "decode_layer")
     for op in ops:
         parts = {p: get_op(p).native for p in get_op(op).parts}

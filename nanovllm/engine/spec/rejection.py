@@ -39,6 +39,17 @@ def target_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     return filtered.softmax(dim=-1)
 
 
+def greedy_accept(targets: torch.Tensor, drafts: torch.Tensor,
+                  num_drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drafts kept (B,), the token after them (B,)) of greedy rows: targets (B, k + 1) the argmax of each
+    row's logits, drafts (B, k), num_drafts (B,) (entries past it ignored). A draft is kept while it and every
+    draft before it equal the target's argmax at the row before."""
+    k = drafts.shape[1]
+    valid = torch.arange(k, device=drafts.device).unsqueeze(0) < num_drafts.unsqueeze(1)
+    kept = ((drafts == targets[:, :k]) & valid).long().cumprod(dim=1).sum(dim=1)
+    return kept, targets.gather(1, kept.unsqueeze(1)).squeeze(1)
+
+
 def accept(logits: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor, temperature: torch.Tensor,
            filters: tuple = (None, None, None), uniform: torch.Tensor | None = None,
            noise: torch.Tensor | None = None,
@@ -56,11 +67,7 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor,
     """
     b, k1, vocab = logits.shape
     k = k1 - 1
-    valid = torch.arange(k, device=logits.device).unsqueeze(0) < num_drafts.unsqueeze(1)
-    greedy_tokens = logits.argmax(dim=-1)  # (B, k + 1)
-    greedy_ok = (drafts == greedy_tokens[:, :k]) & valid
-    greedy_kept = greedy_ok.long().cumprod(dim=1).sum(dim=1)
-    greedy_next = greedy_tokens.gather(1, greedy_kept.unsqueeze(1)).squeeze(1)
+    greedy_kept, greedy_next = greedy_accept(logits.argmax(dim=-1), drafts, num_drafts)
     if uniform is None or bool((temperature == 0).all()):
         return greedy_kept, greedy_next
     top_k, top_p, min_p = filters
@@ -72,6 +79,7 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor,
                      per_position(top_p), per_position(min_p)).view(b, k1, vocab)
     p_draft = p[:, :k].gather(2, drafts.unsqueeze(2)).squeeze(2)  # (B, k)
     q_draft = torch.ones_like(p_draft) if draft_probs is None else draft_probs.gather(2, drafts.unsqueeze(2)).squeeze(2)
+    valid = torch.arange(k, device=logits.device).unsqueeze(0) < num_drafts.unsqueeze(1)
     ok = (uniform * q_draft < p_draft) & valid
     kept = ok.long().cumprod(dim=1).sum(dim=1)
     rows = torch.arange(b, device=logits.device)

@@ -67,6 +67,10 @@ class Speculator:
         self.graphs = None
         if self.runner.graphs is not None:
             self.graphs = VerifyGraphs(self.runner, self.k, self.config.max_batch_size)
+            try:  # batch size 1 now, as the decode graphs: a single user's first step pays no capture
+                log.info("captured the verify graph of batch size 1 (k=%d) in %.2f s", self.k, self.graphs.capture([1]))
+            except Exception as e:  # e.g. a backend whose plan cannot be captured
+                self._run_eagerly(e)
 
     def eligible(self, batch: list[ScheduledSeq]) -> bool:
         """Whether a scheduled batch speculates: a decode batch of at most max_batch_size rows, one of them at
@@ -108,20 +112,37 @@ class Speculator:
     def verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[Verified]:
         """Score the drafts with the target and keep those it accepts (greedy: equal to its argmax; sampled:
         rejection sampling). Updates the totals."""
-        runner = self.runner
-        dev = runner.device
-        logits = None
+        logits = greedy = None
         if self.graphs is not None and self.graphs.fits(seqs, drafts):
             try:
-                logits = self.graphs.run(seqs, drafts)
-            except Exception as e:  # e.g. an attention backend whose prefill plan cannot be captured
+                logits, greedy = self.graphs.run(seqs, drafts)
+            except Exception as e:  # capturing a new batch size failed
                 if not self.graphs.capture_graphs or self.graphs.size_for(len(seqs)) in self.graphs.graphs:
                     raise
-                log.warning("verify steps run eagerly: capturing their CUDA graph failed (%s: %s)",
-                            type(e).__name__, e)
-                self.graphs = None
+                self._run_eagerly(e)
         if logits is None:
-            logits = verify_logits_eager(runner, seqs, drafts)[0]
+            logits = verify_logits_eager(self.runner, seqs, drafts)
+        if greedy is not None and all(seq.params.greedy and not self.one_token_at_a_time(seq) for seq in seqs):
+            kept, following = greedy.tolist()  # the graph's own acceptance: one small read, no launch
+        else:
+            kept, following = self._accept(logits, seqs, drafts)
+        tokens = [d[:a] + [t] for d, a, t in zip(drafts, kept, following)]
+        logprobs = self._logprobs(logits, seqs, tokens)
+        out = [Verified(t, lp, len(d)) for t, lp, d in zip(tokens, logprobs, drafts)]
+        self._count(out)
+        self.proposer.observe(seqs, None)
+        return out
+
+    def _run_eagerly(self, error: Exception) -> None:
+        log.warning("verify steps run eagerly: capturing their CUDA graph failed (%s: %s)", type(error).__name__,
+                    error)
+        self.graphs = None
+
+    def _accept(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> tuple[list, list]:
+        """(drafts kept, the token after them) per sequence, from the verify logits: rejection sampling for the
+        sampled rows, the plain path's sampling for one-token-at-a-time rows."""
+        runner = self.runner
+        dev = runner.device
         k = logits.shape[1] - 1
         padded = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64).to(dev)
         num_drafts = torch.tensor([len(d) for d in drafts], dtype=torch.int64).to(dev)
@@ -134,13 +155,7 @@ class Speculator:
                     uniform[i] = torch.rand(k, generator=seq.generator, device=dev)
         kept, following = accept(logits, padded, num_drafts, temperature, (top_k, top_p, min_p), uniform, noise)
         self._sample_adjusted_rows(following, logits, seqs)
-        kept, following = kept.tolist(), following.tolist()
-        tokens = [d[:a] + [t] for d, a, t in zip(drafts, kept, following)]
-        logprobs = self._logprobs(logits, seqs, tokens)
-        out = [Verified(t, lp, len(d)) for t, lp, d in zip(tokens, logprobs, drafts)]
-        self._count(out)
-        self.proposer.observe(seqs, None)
-        return out
+        return torch.stack((kept, following)).tolist()
 
     def _sample_adjusted_rows(self, following: torch.Tensor, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Replace the token of each one-token-at-a-time row (no drafts: its token comes from logits row 0) by

@@ -1,12 +1,15 @@
 """The verify step: one forward pass that scores each sequence's last token and its drafts (k + 1 query rows
 per sequence) against the paged KV cache, writing their K/V, and returns the logits of every row.
 
-The rows of one sequence are a short prompt chunk at positions num_computed .. num_computed + n: the step's
-metadata is marked `verify`, so the layers run the registry's `attention_verify` op (a query sees keys up to its
-own position), whose backends capture in CUDA graphs; the GEMV-shaped sites run at k + 1 rows per sequence.
+The step is decode-shaped: every query row is a request of its own, at its own position, over its sequence's
+block table, so the layers run their decode sites (the decode-layer chain, the decode attention) at k + 1 rows
+per sequence and read each weight once for all of them. The metadata is marked `verify`: the rows of a sequence
+share its blocks, and a row sees the K/V the rows before it write in the same step, so a backend that fuses the
+K/V write into its attention kernel writes every row's K/V first (AttentionMetadata.verify).
 
 Eagerly each sequence has 1 + len(drafts) rows. `VerifyGraphs` captures the step per (batch size, k) with
-k + 1 rows for every sequence (short draft lists padded; padding batch rows write to the scratch block).
+k + 1 rows for every sequence (short draft lists padded; padding batch rows write to the scratch block), and
+the greedy acceptance inside the graph, so that an all-greedy step reads back 2 integers per sequence.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from nanovllm.engine.cuda_graphs import graph_batch_sizes
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.spec.rejection import greedy_accept
 from nanovllm.ops import AttentionMetadata
 from nanovllm.ops.meta import build_metadata
 
@@ -28,67 +32,68 @@ log = logging.getLogger("nanovllm")
 PAD_TOKEN = 0  # input id of the padded draft rows (their logits are ignored)
 
 
-def verify_inputs(seqs: list[Sequence], drafts: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
-    """(input ids, query lengths, KV lengths after the step) of a verify step: per sequence its uncomputed
-    last token, then its drafts."""
+def verify_rows(seqs: list[Sequence], drafts: list[list[int]]) -> tuple[list[int], list[list[int]], list[int]]:
+    """(input ids, block tables, KV lengths) of a verify step's rows: per sequence its uncomputed last token,
+    then its drafts, each a one-query request over the sequence's blocks that sees the keys up to itself."""
     ids = list(itertools.chain.from_iterable([seq.token_ids[-1], *d] for seq, d in zip(seqs, drafts)))
-    q_lens = [1 + len(d) for d in drafts]
-    return ids, q_lens, [seq.num_computed_tokens + q for seq, q in zip(seqs, q_lens)]
+    tables = [seq.block_table for seq, d in zip(seqs, drafts) for _ in range(1 + len(d))]
+    seq_lens = [seq.num_computed_tokens + 1 + j for seq, d in zip(seqs, drafts) for j in range(1 + len(d))]
+    return ids, tables, seq_lens
 
 
 @torch.inference_mode()
-def verify_logits_eager(runner, seqs: list[Sequence], drafts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, max_q, V), pad index) of an eager verify step: the logits of sequence i's row j at
-    [i, j], rows past 1 + len(drafts[i]) zero."""
-    ids, q_lens, seq_lens = verify_inputs(seqs, drafts)
-    step = build_metadata([seq.block_table for seq in seqs], seq_lens, runner.block_size, q_lens=q_lens)
+def verify_logits_eager(runner, seqs: list[Sequence], drafts: list[list[int]]) -> torch.Tensor:
+    """Logits (B, max_q, V) of an eager verify step: the logits of sequence i's row j at [i, j], rows past
+    1 + len(drafts[i]) zero."""
+    ids, tables, seq_lens = verify_rows(seqs, drafts)
+    step = build_metadata(tables, seq_lens, runner.block_size)
     meta = dataclasses.replace(step.to_device(runner.device), verify=True)
     for plan in runner.plans:
         plan(meta, runner.plan_context)
     input_ids = torch.tensor(ids, dtype=torch.int64).to(runner.device, non_blocking=True)
     logits = runner.model.compute_logits(runner.forward(input_ids, meta.positions, meta))
-    padded = logits.new_zeros(len(seqs) * step.max_seqlen_q, logits.shape[1]).index_copy_(0, meta.pad_index, logits)
-    return padded.view(len(seqs), step.max_seqlen_q, -1), meta.pad_index
+    max_q = 1 + max(len(d) for d in drafts)
+    pad_index = [i * max_q + j for i, d in enumerate(drafts) for j in range(1 + len(d))]
+    index = torch.tensor(pad_index, dtype=torch.int64).to(runner.device, non_blocking=True)
+    padded = logits.new_zeros(len(seqs) * max_q, logits.shape[1]).index_copy_(0, index, logits)
+    return padded.view(len(seqs), max_q, -1)
 
 
 class VerifyGraphs:
-    """Captured verify steps: forward pass and LM head over b sequences of k + 1 rows each, for the decode
-    graph batch sizes up to `max_batch_size`. Inputs live in one device buffer with a pinned host twin
-    (one copy per step); the step is synchronous (its tokens are read before the next is launched), so a
-    single buffer suffices. `capture_graphs=False` replays by running eagerly on the same padded buffers,
-    which tests the padding on machines without a GPU."""
+    """Captured verify steps: forward pass, LM head and greedy acceptance over b sequences of k + 1 rows
+    each, for the decode graph batch sizes up to `max_batch_size`. Inputs live in one device buffer with a
+    pinned host twin (one copy per step); the step is synchronous (its tokens are read before the next is
+    launched), so a single buffer suffices. `capture_graphs=False` replays by running eagerly on the same
+    padded buffers, which tests the padding on machines without a GPU."""
 
     def __init__(self, runner, k: int, max_batch_size: int, capture_graphs: bool = True):
         self.runner, self.k, self.capture_graphs = runner, k, capture_graphs
         self.rows_per_seq = k + 1
-        if self.rows_per_seq > runner.block_size:
-            raise ValueError(f"num_speculative_tokens={k} needs k + 1 <= kvcache_block_size={runner.block_size} "
-                             "for the verify graphs' padding rows")
         self.sizes = [b for b in graph_batch_sizes(runner.config.max_num_seqs) if b <= max_batch_size]
         self.max_bs = self.sizes[-1]
         self.max_blocks = -(-runner.config.max_model_len // runner.block_size)
         self.scratch_block = runner.num_blocks
         n = self.max_bs * self.rows_per_seq
-        self.layout = {"input_ids": n, "positions": n, "slot_mapping": n, "seq_lens": self.max_bs,
-                       "block_tables": self.max_bs * self.max_blocks}
+        self.layout = {"input_ids": n, "positions": n, "slot_mapping": n, "seq_lens": n, "num_drafts": self.max_bs,
+                       "block_tables": n * self.max_blocks}
         size = sum(self.layout.values())
         cuda = runner.device.type == "cuda"
         self.host = torch.zeros(size, dtype=torch.int64, pin_memory=cuda and capture_graphs)
         self.inputs = torch.zeros(size, dtype=torch.int64, device=runner.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.fixed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # b -> (cu_seqlens_q, pad_index)
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # b -> (logits, greedy (2, b))
+        self.arange = torch.arange(n + 1, device=runner.device)
         self.ready: list[int] = []
         self.pool = None
 
     def views(self, buf, b: int) -> dict:
         out, start = {}, 0
+        rows = b * self.rows_per_seq
         for name, size in self.layout.items():
-            used = b * self.max_blocks if name == "block_tables" else (
-                b if name == "seq_lens" else b * self.rows_per_seq)
+            used = {"block_tables": rows * self.max_blocks, "num_drafts": b}.get(name, rows)
             out[name] = buf[start:start + used]
             start += size
-        out["block_tables"] = out["block_tables"].reshape(b, self.max_blocks)
+        out["block_tables"] = out["block_tables"].reshape(rows, self.max_blocks)
         return out
 
     def size_for(self, n: int) -> int | None:
@@ -103,49 +108,47 @@ class VerifyGraphs:
                    for seq in seqs)
 
     def _fill(self, b: int, seqs: list[Sequence], drafts: list[list[int]]) -> dict:
-        """Fills the host buffer for b rows (the real sequences, then padding rows on the scratch block)."""
+        """Fills the host buffer for b sequences (the real ones, then padding rows on the scratch block)."""
         k1, n = self.rows_per_seq, len(seqs)
         v = self.views(self.host.numpy(), b)
         padded = [d + [PAD_TOKEN] * (self.k - len(d)) for d in drafts]
-        ids, _, seq_lens = verify_inputs(seqs, padded)
+        ids, tables, seq_lens = verify_rows(seqs, padded)
         v["input_ids"][:] = PAD_TOKEN
         v["input_ids"][:n * k1] = ids
-        tables = [seq.block_table for seq in seqs] + [[self.scratch_block]] * (b - n)
-        step = build_metadata(tables, seq_lens + [k1] * (b - n), self.runner.block_size, q_lens=[k1] * b,
-                              width=self.max_blocks, out=v)
+        v["num_drafts"][:] = 0
+        v["num_drafts"][:n] = [len(d) for d in drafts]
+        step = build_metadata(tables, seq_lens, self.runner.block_size, rows=b * k1, width=self.max_blocks,
+                              scratch_block=self.scratch_block, out=v)
         return step.host
 
     def _meta(self, b: int, host: dict) -> AttentionMetadata:
         v = self.views(self.inputs, b)
-        cu, pad = self.fixed[b]
+        rows = b * self.rows_per_seq
         return AttentionMetadata(positions=v["positions"], slot_mapping=v["slot_mapping"], seq_lens=v["seq_lens"],
-                                 block_tables=v["block_tables"], cu_seqlens_q=cu, pad_index=pad,
-                                 max_seqlen_q=self.rows_per_seq,
-                                 max_seqlen_k=self.max_blocks * self.runner.block_size, host=host, graph_batch=b,
+                                 block_tables=v["block_tables"], cu_seqlens_q=self.arange[:rows + 1],
+                                 pad_index=self.arange[:rows], max_seqlen_q=1,
+                                 max_seqlen_k=self.max_blocks * self.runner.block_size, host=host, graph_batch=rows,
                                  verify=True)
 
-    def _upload(self, b: int) -> None:
+    def _upload(self) -> None:
         end = sum(self.layout.values())
         self.inputs[:end].copy_(self.host[:end], non_blocking=True)
 
-    def _run(self, b: int, meta: AttentionMetadata) -> torch.Tensor:
+    def _run(self, b: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         v = self.views(self.inputs, b)
-        return self.runner.model.compute_logits(self.runner.forward(v["input_ids"], v["positions"], meta))
-
-    def _prepare(self, b: int) -> None:
-        if b not in self.fixed:
-            dev = self.runner.device
-            k1 = self.rows_per_seq
-            self.fixed[b] = (torch.arange(0, b * k1 + 1, k1, device=dev), torch.arange(b * k1, device=dev))
+        logits = self.runner.model.compute_logits(self.runner.forward(v["input_ids"], v["positions"], meta))
+        rows = logits.view(b, self.rows_per_seq, -1)
+        drafts = v["input_ids"].view(b, self.rows_per_seq)[:, 1:]
+        kept, following = greedy_accept(rows.argmax(dim=-1), drafts, v["num_drafts"])
+        return rows, torch.stack((kept, following))
 
     @torch.inference_mode()
     def capture(self, sizes=None) -> float:
         t0 = time.perf_counter()
         for b in sorted(set(sizes or self.sizes) - set(self.ready), reverse=True):
-            self._prepare(b)
             if self.capture_graphs:
                 meta = self._meta(b, self._fill(b, [], []))
-                self._upload(b)
+                self._upload()
                 for plan in self.runner.plans:
                     plan(meta, self.runner.plan_context)
                 for _ in range(2):
@@ -161,22 +164,20 @@ class VerifyGraphs:
         return time.perf_counter() - t0
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], drafts: list[list[int]]) -> torch.Tensor:
-        """Logits (n, k + 1, V) of the real sequences (rows past a sequence's drafts are padding)."""
+    def run(self, seqs: list[Sequence], drafts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (n, k + 1, V), greedy (2, n): drafts kept and the token after them, as greedy_accept) of the
+        real sequences; rows past a sequence's drafts are padding."""
         n = len(seqs)
         b = self.size_for(n)
         if b not in self.ready:
             log.info("captured the verify graph of batch size %d (k=%d) in %.2f s", b, self.k, self.capture([b]))
-        host = self._fill(b, seqs, drafts)
-        meta = self._meta(b, host)
-        self._upload(b)
+        meta = self._meta(b, self._fill(b, seqs, drafts))
+        self._upload()
         for plan in self.runner.plans:
             plan(meta, self.runner.plan_context)
         if self.capture_graphs:
             self.graphs[b].replay()
-            logits = self.outputs[b]
+            logits, greedy = self.outputs[b]
         else:
-            logits = self._run(b, meta)
-        return logits[:n * self.rows_per_seq].view(n, self.rows_per_seq, -1)
-
-
+            logits, greedy = self._run(b, meta)
+        return logits[:n], greedy[:, :n]
