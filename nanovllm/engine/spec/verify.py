@@ -83,6 +83,8 @@ class VerifyGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # b -> (logits, greedy (2, b))
         self.arange = torch.arange(n + 1, device=runner.device)
+        self.host_views: dict[int, dict] = {}  # b -> views of the host buffer's numpy twin (made once)
+        self.metas: dict[int, AttentionMetadata] = {}  # b -> the step's metadata over the device buffer
         self.ready: list[int] = []
         self.pool = None
 
@@ -110,7 +112,9 @@ class VerifyGraphs:
     def _fill(self, b: int, seqs: list[Sequence], drafts: list[list[int]]) -> dict:
         """Fills the host buffer for b sequences (the real ones, then padding rows on the scratch block)."""
         k1, n = self.rows_per_seq, len(seqs)
-        v = self.views(self.host.numpy(), b)
+        if b not in self.host_views:
+            self.host_views[b] = self.views(self.host.numpy(), b)
+        v = self.host_views[b]
         padded = [d + [PAD_TOKEN] * (self.k - len(d)) for d in drafts]
         ids, tables, seq_lens = verify_rows(seqs, padded)
         v["input_ids"][:] = PAD_TOKEN
@@ -122,13 +126,17 @@ class VerifyGraphs:
         return step.host
 
     def _meta(self, b: int, host: dict) -> AttentionMetadata:
-        v = self.views(self.inputs, b)
-        rows = b * self.rows_per_seq
-        return AttentionMetadata(positions=v["positions"], slot_mapping=v["slot_mapping"], seq_lens=v["seq_lens"],
-                                 block_tables=v["block_tables"], cu_seqlens_q=self.arange[:rows + 1],
-                                 pad_index=self.arange[:rows], max_seqlen_q=1,
-                                 max_seqlen_k=self.max_blocks * self.runner.block_size, host=host, graph_batch=rows,
-                                 verify=True)
+        """The step's metadata: views of the device buffer (the same tensors every step), with `host` set."""
+        if b not in self.metas:
+            v = self.views(self.inputs, b)
+            rows = b * self.rows_per_seq
+            self.metas[b] = AttentionMetadata(
+                positions=v["positions"], slot_mapping=v["slot_mapping"], seq_lens=v["seq_lens"],
+                block_tables=v["block_tables"], cu_seqlens_q=self.arange[:rows + 1], pad_index=self.arange[:rows],
+                max_seqlen_q=1, max_seqlen_k=self.max_blocks * self.runner.block_size, graph_batch=rows, verify=True)
+        meta = self.metas[b]
+        meta.host = host
+        return meta
 
     def _upload(self) -> None:
         end = sum(self.layout.values())
