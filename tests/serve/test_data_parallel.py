@@ -110,6 +110,7 @@ def test_metrics_per_replica_and_in_total(http):
     assert sum(routed.values()) >= 6
 
 
+@pytest.mark.slow  # the suite's time budget: tests/serve/test_chaos.py's mix and the replica tests here stay in it
 def test_chaos_mix_against_two_replicas(http, server):
     """tests/serve/test_chaos.py's request mix through the front: none hangs, every refused request gets its
     designed 4xx, every greedy one that was not cancelled the tokens it gets alone, no replica dies or leaks."""
@@ -124,7 +125,7 @@ def test_chaos_mix_against_two_replicas(http, server):
     assert metric(http, "nanovllm:dp_outstanding_requests") == {"0": 0.0, "1": 0.0}
 
 
-@pytest.mark.slow  # the suite's time budget: the chaos mix above and tests/serve/test_chaos.py's SIGTERM stay in it
+@pytest.mark.slow  # the suite's time budget: tests/serve/test_chaos.py's SIGTERM mix stays in it
 def test_chaos_then_sigterm_against_two_replicas(spawn_server):
     """tests/serve/test_chaos.py's chaos mix with a SIGTERM a third of the way, against a front over two replicas:
     every request comes back finished, refused as designed or with 503 / an error event, and the front exits 0."""
