@@ -35,6 +35,8 @@ from nanovllm.serve.state import ServeState
 from nanovllm.serve.utility_routes import add_utility_routes
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
+# generation also answers 501 to a constrained request when the grammar library does not import
+_GENERATION_ERRORS = {**_ERRORS, 501: {"model": ErrorResponse}}
 
 
 def _needs_key(path: str) -> bool:
@@ -157,13 +159,13 @@ def create_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/completions", response_model=None,
               responses={200: {"model": CompletionResponse, "description": "or an SSE stream when stream=true"},
-                         **_ERRORS})
+                         **_GENERATION_ERRORS})
     async def completions(req: CompletionRequest, request: Request):
         return await create_completion(req, request, state)
 
     @app.post("/v1/chat/completions", response_model=None,
               responses={200: {"model": ChatCompletionResponse, "description": "or an SSE stream of "
-                               "chat.completion.chunk when stream=true"}, **_ERRORS})
+                               "chat.completion.chunk when stream=true"}, **_GENERATION_ERRORS})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await create_chat_completion(req, request, state)
 

@@ -12,6 +12,7 @@ from nanovllm.serve.errors import APIError
 from nanovllm.serve.protocol import ChatCompletionRequest, SamplingFields
 from nanovllm.serve.state import ServeState
 from nanovllm.structured import StructuredOutput
+from nanovllm.structured.grammars import GrammarUnavailable
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
@@ -50,9 +51,11 @@ def requested_output(req: SamplingFields) -> tuple[StructuredOutput, str] | None
 
 async def check_grammar(state: ServeState, spec: StructuredOutput, param: str) -> None:
     """Compile `spec` on a worker thread (the engine later finds it in xgrammar's cache); a 400 naming `param`
-    when it does not compile."""
+    when it does not compile, a 501 when this server cannot compile grammars at all."""
     grammars = state.engine.engine.grammars
     try:
         await asyncio.get_running_loop().run_in_executor(None, grammars.compile, spec)
     except ValueError as e:
         raise APIError(400, f"{param}: {e}", param) from None
+    except GrammarUnavailable as e:
+        raise APIError(501, f"{param}: {e}", param, code="structured_outputs_unavailable") from None

@@ -16,6 +16,21 @@ def _ebnf_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+class GrammarUnavailable(RuntimeError):
+    """The grammar library does not import here: constrained requests cannot be served."""
+
+
+def xgrammar():
+    """The xgrammar module, or GrammarUnavailable naming why it does not import (it is an optional dependency,
+    and a wheel can miss a native dependency of its own)."""
+    try:
+        import xgrammar as xgr
+    except ImportError as e:
+        raise GrammarUnavailable("structured outputs need the xgrammar package, which does not import here "
+                                 f"({type(e).__name__}: {e}); pip install xgrammar") from None
+    return xgr
+
+
 class GrammarCompiler:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
@@ -27,17 +42,16 @@ class GrammarCompiler:
     def compiler(self):
         with self._lock:
             if self._compiler is None:
-                import xgrammar as xgr
-
+                xgr = xgrammar()
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_token_ids)
                 self._compiler = xgr.GrammarCompiler(info)
             return self._compiler
 
     def compile(self, spec: StructuredOutput):
-        """The compiled grammar of `spec`; ValueError naming the problem when it does not compile."""
-        import xgrammar as xgr
-
+        """The compiled grammar of `spec`; ValueError naming the problem when it does not compile,
+        GrammarUnavailable when xgrammar does not import."""
+        xgr = xgrammar()
         c = self.compiler
         try:
             if spec.kind == "json":
@@ -57,9 +71,7 @@ class GrammarCompiler:
             raise ValueError(f"the {spec.kind} grammar does not compile: {detail[0] if detail else e}") from None
 
     def matcher(self, spec: StructuredOutput):
-        import xgrammar as xgr
-
-        return xgr.GrammarMatcher(self.compile(spec))
+        return xgrammar().GrammarMatcher(self.compile(spec))
 
 
 def _tool_call_grammar(xgr, fmt):

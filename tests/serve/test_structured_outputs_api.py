@@ -102,3 +102,18 @@ def test_bad_constraints_are_400s_naming_the_field(http, fields, param):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.text
     assert http.get("/health").status_code == 200
+
+
+def test_missing_grammar_library_is_a_501_and_the_server_goes_on(http, monkeypatch):
+    """xgrammar that does not import (a wheel without its native dependency): a constrained request gets a 501
+    naming the field and the reason, and plain requests are served as before."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` raises ImportError
+    r = http.post("/v1/chat/completions", json=dict(messages=MESSAGES, response_format={"type": "json_object"}))
+    assert r.status_code == 501, r.text
+    error = r.json()["error"]
+    assert error["param"] == "response_format" and "xgrammar" in error["message"], r.text
+    assert error["code"] == "structured_outputs_unavailable"
+    ok = http.post("/v1/chat/completions", json=dict(messages=MESSAGES, max_tokens=3))
+    assert ok.status_code == 200 and http.get("/health").status_code == 200
