@@ -74,6 +74,15 @@ def kv_slots(block_tables: np.ndarray, rows: np.ndarray, positions: np.ndarray, 
     return block_tables[rows, positions // block_size] * block_size + positions % block_size
 
 
+def verify_requests(block_tables: Sequence[Sequence[int]], seq_lens: Sequence[int],
+                    q_lens: Sequence[int]) -> tuple[list, list[int]]:
+    """A verify step's rows as one-query requests (AttentionMetadata.verify): for the last q_lens[i] of request
+    i's seq_lens[i] tokens, each in order, request i's block table and the KV length that row sees (up to itself).
+    Returns (block tables, seq_lens) per row, for build_metadata."""
+    rows = [(table, n - q + 1 + j) for table, n, q in zip(block_tables, seq_lens, q_lens) for j in range(q)]
+    return [table for table, _ in rows], [n for _, n in rows]
+
+
 @dataclass
 class HostMetadata:
     """A step's attention metadata as host (numpy, int64) arrays; the fields mean what AttentionMetadata's do.

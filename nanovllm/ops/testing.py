@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from nanovllm.ops.meta import AttentionMetadata, build_metadata
+from nanovllm.ops.meta import AttentionMetadata, build_metadata, verify_requests
 
 
 def random_tables(kv_lens, block_size: int, shared_blocks: int, seed: int) -> tuple[list[list[int]], int]:
@@ -41,7 +41,5 @@ def verify_step(q_lens, kv_lens, *, block_size: int = 4, seed: int = 0,
     """A speculative verify step (AttentionMetadata.verify): the last q_lens[i] tokens of request i's
     kv_lens[i], each a one-query request over request i's blocks. Returns (meta, num_blocks) as random_step."""
     tables, num_blocks = random_tables(kv_lens, block_size, 0, seed)
-    rows = [(table, kv - q + 1 + j) for table, q, kv in zip(tables, q_lens, kv_lens) for j in range(q)]
-    step = build_metadata([t for t, _ in rows], [n for _, n in rows], block_size,
-                          width=max(map(len, tables)) + 1)
+    step = build_metadata(*verify_requests(tables, kv_lens, q_lens), block_size, width=max(map(len, tables)) + 1)
     return dataclasses.replace(step.to_device(device), verify=True), num_blocks

@@ -25,7 +25,7 @@ from nanovllm.engine.cuda_graphs import graph_batch_sizes
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.spec.rejection import greedy_accept
 from nanovllm.ops import AttentionMetadata
-from nanovllm.ops.meta import build_metadata
+from nanovllm.ops.meta import build_metadata, verify_requests
 
 log = logging.getLogger("nanovllm")
 
@@ -36,8 +36,9 @@ def verify_rows(seqs: list[Sequence], drafts: list[list[int]]) -> tuple[list[int
     """(input ids, block tables, KV lengths) of a verify step's rows: per sequence its uncomputed last token,
     then its drafts, each a one-query request over the sequence's blocks that sees the keys up to itself."""
     ids = list(itertools.chain.from_iterable([seq.token_ids[-1], *d] for seq, d in zip(seqs, drafts)))
-    tables = [seq.block_table for seq, d in zip(seqs, drafts) for _ in range(1 + len(d))]
-    seq_lens = [seq.num_computed_tokens + 1 + j for seq, d in zip(seqs, drafts) for j in range(1 + len(d))]
+    q_lens = [1 + len(d) for d in drafts]
+    tables, seq_lens = verify_requests([seq.block_table for seq in seqs],
+                                       [seq.num_computed_tokens + q for seq, q in zip(seqs, q_lens)], q_lens)
     return ids, tables, seq_lens
 
 
@@ -74,6 +75,7 @@ class VerifyGraphs:
         self.max_blocks = -(-runner.config.max_model_len // runner.block_size)
         self.scratch_block = runner.num_blocks
         n = self.max_bs * self.rows_per_seq
+        # the fields side by side, each sized for the largest batch; the block table last (_upload)
         self.layout = {"input_ids": n, "positions": n, "slot_mapping": n, "seq_lens": n, "num_drafts": self.max_bs,
                        "block_tables": n * self.max_blocks}
         size = sum(self.layout.values())
@@ -138,8 +140,9 @@ class VerifyGraphs:
         meta.host = host
         return meta
 
-    def _upload(self) -> None:
-        end = sum(self.layout.values())
+    def _upload(self, b: int) -> None:
+        """One copy of the used prefix: every field before the block table, then b sequences' table rows."""
+        end = sum(self.layout.values()) - self.layout["block_tables"] + b * self.rows_per_seq * self.max_blocks
         self.inputs[:end].copy_(self.host[:end], non_blocking=True)
 
     def _run(self, b: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +159,7 @@ class VerifyGraphs:
         for b in sorted(set(sizes or self.sizes) - set(self.ready), reverse=True):
             if self.capture_graphs:
                 meta = self._meta(b, self._fill(b, [], []))
-                self._upload()
+                self._upload(b)
                 for plan in self.runner.plans:
                     plan(meta, self.runner.plan_context)
                 for _ in range(2):
@@ -180,7 +183,7 @@ class VerifyGraphs:
         if b not in self.ready:
             log.info("captured the verify graph of batch size %d (k=%d) in %.2f s", b, self.k, self.capture([b]))
         meta = self._meta(b, self._fill(b, seqs, drafts))
-        self._upload()
+        self._upload(b)
         for plan in self.runner.plans:
             plan(meta, self.runner.plan_context)
         if self.capture_graphs:
