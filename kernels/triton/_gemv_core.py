@@ -375,11 +375,22 @@ def bencher(w: torch.Tensor, run):
     return make_bench
 
 
+def norm_apart(x: torch.Tensor, norm_w: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, norm_w) for a GEMV with an RMSNorm prologue. One row keeps the norm inside the GEMV (gemv_tile).
+    More rows (the tl.dot path) get it as a kernel of its own first, and the GEMV reads the normed rows (norm_w
+    None): applied to the dot's operand inside its loop, the norm keeps Triton from pipelining the loads, which
+    made the 16-row gate/up GEMV 1.6x (Qwen3-8B shape) to 3.2x (0.6B) slower than without it (benchmarks/RESULTS.md)."""
+    if norm_w is None or tuning.block_m(x.shape[0]) == 1:
+        return x, norm_w
+    return torch.ops.nanovllm_triton.rms_norm(x, norm_w, float(eps)), None
+
+
 @triton_op("nanovllm_triton::gemv", mutates_args=())
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
          norm_w: torch.Tensor | None, eps: float) -> torch.Tensor:
     """rms_norm(x) (if norm_w) @ w.T + bias (+ residual), for x with at most MAX_M rows, w (N, K) row-major."""
     x = x if x.stride(-1) == 1 else x.contiguous()
+    x, norm_w = norm_apart(x, norm_w, eps)
     (m, k), n = x.shape, w.shape[0]
 
     def run(cfg, weight):

@@ -45,6 +45,7 @@ def gate_up_silu(x: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor | None =
     """silu_and_mul(x @ [gate; up].T) for the row-interleaved weight w (2I, K) and at most MAX_M rows of x;
     with norm_w, of rms_norm(x, norm_w, eps) instead of x."""
     x = x if x.stride(-1) == 1 else x.contiguous()
+    x, norm_w = core.norm_apart(x, norm_w, eps)
     (m, k), n = x.shape, w.shape[0]
 
     def run(cfg, weight):

@@ -10,7 +10,7 @@ import pytest
 
 from nanovllm.config import EngineConfig, SpeculativeConfig
 from nanovllm.engine.spec import PROPOSERS, Proposer, make_proposer
-from nanovllm.engine.spec.ngram import lookup
+from nanovllm.engine.spec.ngram import NgramIndex
 
 
 def test_dict_and_defaults():
@@ -81,4 +81,26 @@ def test_register_rejects_non_proposers():
     ([3, 1, 2, 8, 0, 1, 2, 9, 4, 0, 1, 2], 2, [9, 4]),  # longer match [0, 1, 2] wins over [1, 2]
 ])
 def test_lookup(tokens, k, want):
-    assert lookup(np.asarray(tokens), k, 2, 4) == want
+    assert NgramIndex(2, 4).lookup(tokens, k) == want
+
+
+def scan(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """Prompt lookup by brute force: the latest earlier occurrence of the longest suffix n-gram."""
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        suffix = tokens[len(tokens) - n:]
+        starts = [i for i in range(len(tokens) - n) if tokens[i:i + n] == suffix]
+        if starts:
+            return tokens[starts[-1] + n:starts[-1] + n + k]
+    return []
+
+
+@pytest.mark.parametrize("n_min,n_max", [(1, 3), (2, 4)])
+def test_index_grown_step_by_step_matches_a_full_scan(n_min, n_max):
+    """The index extended with each step's new tokens (one, or a verify step's several) proposes what a scan
+    of the whole sequence finds, on a small alphabet where n-grams repeat often."""
+    rng = np.random.default_rng(n_min)
+    tokens = rng.integers(0, 6, 20).tolist()
+    index = NgramIndex(n_min, n_max)
+    while len(tokens) < 200:
+        assert index.lookup(tokens, 4) == scan(tokens, 4, n_min, n_max), len(tokens)
+        tokens += rng.integers(0, 6, int(rng.integers(1, 5))).tolist()

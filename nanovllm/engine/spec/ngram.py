@@ -1,34 +1,63 @@
 """Prompt lookup: the suffix n-gram of a sequence found earlier in its own tokens proposes what followed it.
 
-Vectorised over the sequence with numpy, one comparison per n-gram length: O(length x n) host work per row,
-small next to a verify step."""
+Each sequence keeps an index of its n-grams (one dict per length, n-gram -> where its latest occurrence
+ends), extended with the tokens appended since its last step: a step's host work is a few dict operations,
+whatever the sequence's length (a scan of the whole sequence costs a long prompt hundreds of µs a step, on
+the critical path of a synchronous speculative step)."""
 
 from __future__ import annotations
-
-import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.spec.proposer import Proposer, register_proposer
 
 
-def lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
-    """Up to k tokens that followed the most recent earlier occurrence of the longest suffix n-gram of
-    `tokens` (n from n_max down to n_min); [] when no suffix of those lengths occurred before."""
-    size = len(tokens)
-    for n in range(min(n_max, size - 1), n_min - 1, -1):
-        suffix = tokens[size - n:]
-        windows = sliding_window_view(tokens[:size - 1], n)  # starts 0 .. size - n - 1: each has a follower
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
-        if len(hits):
-            start = int(hits[-1]) + n
-            return tokens[start:start + k].tolist()
-    return []
+class NgramIndex:
+    """The n-grams of one token list (lengths n_min..n_max) that have a token after them, each mapped to the
+    end of its latest such occurrence (the position of that following token). Tokens are only ever appended."""
+
+    def __init__(self, n_min: int, n_max: int):
+        self.lengths = range(n_min, n_max + 1)
+        self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.lengths}
+        self.indexed = 0  # every n-gram ending at or before this position is in `ends`
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the most recent earlier occurrence of the longest suffix n-gram of
+        `tokens` (`tokens` extends the list of the call before); [] when no suffix n-gram occurred before."""
+        size = len(tokens)
+        for end in range(self.indexed + 1, size):  # the n-grams followed by tokens[end], the newest last
+            for n in self.lengths:
+                if end >= n:
+                    self.ends[n][tuple(tokens[end - n:end])] = end
+        self.indexed = max(self.indexed, size - 1)
+        for n in reversed(self.lengths):
+            if n < size:
+                end = self.ends[n].get(tuple(tokens[size - n:]))
+                if end is not None:
+                    return tokens[end:end + k]
+        return []
 
 
 @register_proposer("ngram")
 class NgramProposer(Proposer):
+    def __init__(self, config, engine):
+        super().__init__(config, engine)
+        self.indexes: dict[int, NgramIndex] = {}  # seq_id -> its index, from its first drafting step
+
     def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[list[int]]:
-        c = self.config
-        return [lookup(np.asarray(seq.token_ids, dtype=np.int64), k, c.prompt_lookup_min, c.prompt_lookup_max)
-                if k > 0 else [] for seq, k in zip(seqs, max_tokens)]
+        out = []
+        for seq, k in zip(seqs, max_tokens):
+            if k <= 0:
+                out.append([])
+                continue
+            index = self.indexes.get(seq.seq_id)
+            if index is None:
+                c = self.config
+                index = self.indexes[seq.seq_id] = NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max)
+            out.append(index.lookup(seq.token_ids, k))
+        return out
+
+    def release(self, seq: Sequence) -> None:
+        self.indexes.pop(seq.seq_id, None)
+
+    def close(self) -> None:
+        self.indexes.clear()
