@@ -161,7 +161,7 @@ class LLMEngine:
             if self.kv_tier is not None:
                 self.kv_tier.observe_step(batch, time.perf_counter() - t0)
         ahead = sched.schedule_ahead(lambda batch: self.runner.step_mode(batch).run_ahead
-                                     and not self.speculates(batch))
+                                     and (not self.speculates(batch) or self.speculator.nothing_to_draft(batch)))
         if ahead is not None:
             batch, keep = ahead
             self._run_kv_copies()
@@ -180,7 +180,7 @@ class LLMEngine:
 
     def speculates(self, batch) -> bool:
         """Whether a scheduled batch takes a speculative step (Speculator.eligible); then no step runs ahead
-        of it, since its drafts depend on its tokens."""
+        of it, since its drafts depend on its tokens, unless a cheap lookup finds none (nothing_to_draft)."""
         return self.speculator is not None and self.speculator.eligible(batch)
 
     def _speculative_step(self, batch) -> list[RequestOutput] | None:

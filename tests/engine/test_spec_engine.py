@@ -209,3 +209,25 @@ def test_long_mixed_run_leaks_nothing(tiny_model):
                     engine.abort_request(ids[5])
         assert engine.speculator.totals.num_drafts > 0
         assert_no_leak(llm)
+
+
+def test_steps_without_drafts_run_ahead(tiny_model, plain_llm):
+    """While prompt lookup finds nothing, plain decode steps run ahead of the tokens in flight (async scheduling
+    through the decode graphs, replayed eagerly here); once a lookup finds a draft the batch speculates again.
+    The tokens stay those of plain decoding."""
+    from nanovllm.engine.cuda_graphs import DecodeGraphs
+
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "max_batch_size": 4}
+    with LLM(str(tiny_model), speculative_config=spec, async_scheduling=True, **ENGINE) as llm:
+        runner, s = llm.engine.runner, llm.engine.speculator
+        runner.graphs = DecodeGraphs(runner, runner.forward, capture_graphs=False)
+        runner.graphs.capture()
+        s.graphs = VerifyGraphs(runner, s.k, 4, capture_graphs=False)
+        ahead = []
+        launch = runner.launch
+        runner.launch = lambda batch, prev=None: ahead.append(prev is not None) or launch(batch, prev)
+        prompts = [list(range(40 + 50 * i, 60 + 50 * i)) for i in range(3)]  # no n-gram repeats at first
+        p = greedy(max_tokens=40)
+        assert llm.generate(prompts, p) == plain_llm.generate(prompts, p)
+        assert any(ahead) and s.totals.num_drafts > 0
+        assert_no_leak(llm)

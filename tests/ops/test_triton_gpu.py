@@ -478,3 +478,20 @@ def test_torch_compile_fullgraph(core):
     got = compiled(dict(s, kc=s["kc"].clone(), vc=s["vc"].clone()), ops)
     torch.testing.assert_close(got[0], want[0], **BF16)
     assert torch.equal(got[1], want[1])
+
+
+def test_norm_apart_under_torch_compile(core):
+    """Five rows with an RMSNorm prologue: the norm runs as its own op before the GEMV (norm_apart), and a
+    fullgraph compile traces the op inside the op."""
+    torch.manual_seed(10)
+    x, nw = randn(5, H), randn(H, scale=0.1).add_(1)
+    qkv_w, gate_up_w = param(PROJ["qkv"][0], H), param(2 * INTER, H)
+
+    def f(x):
+        ops = torch.ops.nanovllm_triton
+        return ops.gemv(x, qkv_w, None, None, nw, EPS), ops.gate_up_silu(x, gate_up_w, nw, EPS)
+
+    want = f(x)
+    got = torch.compile(f, fullgraph=True)(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **BF16)

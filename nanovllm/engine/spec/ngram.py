@@ -39,6 +39,8 @@ class NgramIndex:
 
 @register_proposer("ngram")
 class NgramProposer(Proposer):
+    cheap = True
+
     def __init__(self, config, engine):
         super().__init__(config, engine)
         self.indexes: dict[int, NgramIndex] = {}  # seq_id -> its index, from its first drafting step

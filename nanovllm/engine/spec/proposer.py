@@ -29,7 +29,13 @@ PROPOSERS: dict[str, type[Proposer]] = {}
 
 class Proposer(ABC):
     """Guesses the next tokens of decoding sequences. `engine` is the LLMEngine (its runner, tokenizer and
-    config), for proposers that need a model of their own or the target's vocabulary."""
+    config), for proposers that need a model of their own or the target's vocabulary.
+
+    `cheap`: propose() costs microseconds and changes nothing the next call depends on (a lookup, no model).
+    The engine then asks it, while a batch finds no drafts, whether the next decode step may run ahead of the
+    tokens in flight (Speculator.nothing_to_draft); other proposers are asked only for the drafts of a step."""
+
+    cheap: bool = False
 
     def __init__(self, config: SpeculativeConfig, engine):
         self.config = config

@@ -91,11 +91,25 @@ class Speculator:
         """A request never drafted for: its logits are adjusted (ADJUSTED) or masked by a grammar."""
         return adjusts_logits(seq) or seq.params.structured is not None
 
-    def draft(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Each sequence's drafts, at most k, none past max_tokens or max_model_len, each with KV room."""
-        caps = [0 if self.one_token_at_a_time(seq) else
+    def caps(self, seqs: list[Sequence]) -> list[int]:
+        """How many drafts each sequence may take: at most k, none past max_tokens or max_model_len."""
+        return [0 if self.one_token_at_a_time(seq) else
                 max(0, min(self.k, self.max_model_len - seq.num_tokens,
                            seq.params.max_tokens - seq.num_completion_tokens - 1)) for seq in seqs]
+
+    def nothing_to_draft(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether a batch that may speculate has no drafts now, by a cheap proposer's lookup on the host's
+        tokens (which lag the step in flight by one). Its plain decode steps then run ahead, as a batch that does
+        not speculate does, until a lookup finds a draft and the next step speculates; a synchronous plain step
+        costs a small model about half again a step run ahead. Always False for a proposer that is not cheap."""
+        if not self.proposer.cheap:
+            return False
+        seqs = [item.seq for item in batch]
+        return not any(self.proposer.propose(seqs, self.caps(seqs)))
+
+    def draft(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Each sequence's drafts, at most k (caps), each with KV room."""
+        caps = self.caps(seqs)
         drafts = []
         for seq, cap, proposed in zip(seqs, caps, self.proposer.propose(seqs, caps)):
             d = [int(t) for t in proposed[:cap]]
