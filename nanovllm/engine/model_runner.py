@@ -15,12 +15,12 @@ import torch
 from nanovllm.config import EngineConfig
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.kv_scales import choose_scales
-from nanovllm.engine.logits_processing import LogitsAdjustment
+from nanovllm.engine.logits_processing import LogitsAdjustment, adjusts_logits
 from nanovllm.engine.memory_report import MemoryReport
 from nanovllm.engine.prompt_logprobs import record_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.step_mode import ADJUSTED, FILTERED, GREEDY, LOGPROBS, StepMode
+from nanovllm.engine.step_mode import FILTERED, GREEDY, LOGPROBS, SAMPLED, StepMode
 from nanovllm.engine.step_tokens import DeferredTokens, PendingTokens, ReadyTokens
 from nanovllm.engine.weight_offload import place_weights
 from nanovllm.models.dense import deferred_weights
@@ -245,9 +245,9 @@ class ModelRunner:
 
         return dev(ids), meta.positions, meta, dev(rows)
 
-    def sampling_tensors(self, seqs, noise_out: torch.Tensor | None = None):
+    def sampling_tensors(self, seqs, noise_out: torch.Tensor | None = None, draw: bool = True):
         """Per-row sampling tensors; a filter no row uses is None, so the sampler can skip it. The noise is
-        drawn into `noise_out` when given (the decode graphs' buffer)."""
+        drawn into `noise_out` when given (the decode graphs' buffer); without `draw`, none is (noise None)."""
         params = [s.params for s in seqs]
         dev = self.device
 
@@ -262,7 +262,7 @@ class ModelRunner:
         top_p = column([p.top_p for p in params], torch.float32, 1.0)
         min_p = column([p.min_p for p in params], torch.float32, 0.0)
         noise = None
-        if any(not p.greedy for p in params):
+        if draw and any(not p.greedy for p in params):
             noise = noise_out if noise_out is not None else self.workspaces.request(
                 "sampling_noise", (len(seqs), self.args.vocab_size), torch.float32)
             self._draw_noise(seqs, noise)
@@ -310,28 +310,20 @@ class ModelRunner:
         """One forward pass; returns the new token (and logprobs, if asked) of each completing sequence."""
         mode = mode or self.step_mode(batch)
         seqs = [item.seq for item in batch if item.completes]
-        if mode.graph and mode.sampling not in (LOGPROBS, ADJUSTED) and not mode.masked:  # the graph samples
-            return self._graph_decode(batch, None, mode).tolist(), [None] * len(seqs)
+        if mode.graph and mode.sampling != LOGPROBS:  # the graph samples; adjusted and masked rows again after it
+            hidden, tokens, sampling = self._graph_decode(batch, None, mode)
+            return self._resample_adjusted(tokens, hidden, seqs, mode, sampling).tolist(), [None] * len(seqs)
         hidden = self.graphs.run(batch)[0] if mode.graph else self.hidden_states(batch)
         if not seqs:
             return [], []
         if mode.sampling != LOGPROBS:
-            return self._sample_hidden(hidden, seqs, mode).tolist(), [None] * len(seqs)
+            sampling = self.sampling_tensors(seqs)
+            tokens = self.model.sample(hidden, *sampling)
+            return self._resample_adjusted(tokens, hidden, seqs, mode, sampling).tolist(), [None] * len(seqs)
         logits = self.model.compute_logits(hidden)
         tokens = self.model.ops.sample(self._adjusted_logits(logits, seqs, mode), *self.sampling_tensors(seqs))
         # Logprobs are the model's own (before penalties and biases), as vLLM returns them by default.
         return tokens.tolist(), self._logprobs(logits, tokens, [s.params.logprobs for s in seqs])
-
-    def _sample_hidden(self, hidden: torch.Tensor, seqs: list[Sequence], mode: StepMode) -> torch.Tensor:
-        """Device tokens of rows sampled outside the graph, from their hidden states, as `mode` says (no logprobs)."""
-        sampling = self.sampling_tensors(seqs)
-        if mode.sampling == ADJUSTED:
-            logits = self._adjusted_logits(self.model.compute_logits(hidden), seqs, mode)
-            return self.model.ops.sample(logits, *sampling)
-        tokens = self.model.sample(hidden, *sampling)
-        if mode.masked:
-            self._sample_constrained_rows(tokens, hidden, seqs, sampling)
-        return tokens
 
     def _adjusted_logits(self, logits: torch.Tensor, seqs: list[Sequence], mode: StepMode) -> torch.Tensor:
         """Logits after penalties, biases and min_tokens bans, and the grammar masks when the step is masked."""
@@ -341,18 +333,22 @@ class ModelRunner:
             apply_grammar_masks(adjusted, [_live_matcher(s) for s in seqs])
         return adjusted
 
-    def _sample_constrained_rows(self, tokens: torch.Tensor, hidden: torch.Tensor, seqs: list[Sequence],
-                                 sampling) -> None:
-        """Replace the tokens of the grammar-constrained rows by tokens sampled from their masked logits (with
-        the same temperature, filters and noise); the other rows keep the fused LM-head sampler's tokens."""
-        rows = [i for i, s in enumerate(seqs) if _live_matcher(s) is not None]
+    def _resample_adjusted(self, tokens: torch.Tensor, hidden: torch.Tensor, seqs: list[Sequence], mode: StepMode,
+                           sampling) -> torch.Tensor:
+        """`tokens` (every row sampled as if no logits were adjusted), with the rows whose logits are adjusted or
+        masked (ADJUSTED, masked steps) sampled again from their hidden states' logits, adjusted and masked,
+        under the same `sampling` tensors (per row of the batch, the noise included). The other rows keep their
+        tokens: the logits of the whole batch are never formed."""
+        if not mode.deferred:
+            return tokens
+        rows = [i for i, s in enumerate(seqs) if adjusts_logits(s) or _live_matcher(s) is not None]
         if not rows:
-            return
+            return tokens
         index = to_device(torch.tensor(rows), tokens.device)
-        logits = self.model.compute_logits(hidden.index_select(0, index))
-        apply_grammar_masks(logits, [seqs[i].matcher for i in rows])
-        picked = [None if t is None else t.index_select(0, index) for t in sampling]
-        tokens.index_copy_(0, index, self.model.ops.sample(logits, *picked))
+        picked = [seqs[i] for i in rows]
+        logits = self._adjusted_logits(self.model.compute_logits(hidden.index_select(0, index)), picked, mode)
+        picked_sampling = [None if t is None else t.index_select(0, index) for t in sampling]
+        return tokens.index_copy_(0, index, self.model.ops.sample(logits, *picked_sampling))
 
     @torch.inference_mode()
     def launch_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None = None,
@@ -360,34 +356,42 @@ class ModelRunner:
         """Start a decode step (no logprobs) through the CUDA graphs and return without waiting for it.
         With `prev` (device tokens of the step in flight, one per row of `batch`), the rows run one position
         ahead on those tokens (async scheduling). No host sync. A deferred step (StepMode.deferred) queues its
-        forward pass now and its sampling when the engine completes it, after reading the step before."""
+        forward pass and the graph's sampling now, and its adjusted and masked rows' sampling when the engine
+        completes it, after reading the step before."""
         mode = mode or self.step_mode(batch)
+        hidden, tokens, sampling = self._graph_decode(batch, prev, mode)
         if not mode.deferred:
-            return PendingTokens(self._graph_decode(batch, prev, mode), self.graphs)
-        hidden = self.graphs.run(batch, prev)[0]  # the graph's output buffer: the next replay follows the sampling
+            return PendingTokens(tokens, self.graphs)
         seqs = [item.seq for item in batch]
-        tokens = DeferredTokens(lambda: self._sample_hidden(hidden, seqs, mode), self.graphs)
+        deferred = DeferredTokens(lambda: self._resample_adjusted(tokens, hidden, seqs, mode, sampling), self.graphs)
         if prev is None:  # nothing in flight: the host already has every earlier token
-            tokens.complete()
-        return tokens
+            deferred.complete()
+        return deferred
 
-    def _graph_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None, mode: StepMode) -> torch.Tensor:
-        """Device tokens of a decode batch through the graphs, as `mode.sampling` says: the greedy graph, the
-        sampled graph (temperature and noise in its buffers), the filtered graph (FILTERED batches that
-        `filters_fit`: top-k, top-p and min-p in its buffers too), or for larger FILTERED batches the greedy
-        graph's hidden states sampled outside it. Steps replaying a sampling graph allocate no device memory;
-        a workspace too small for the step raises (ops/workspace.py)."""
+    def _graph_decode(self, batch: list[ScheduledSeq], prev: torch.Tensor | None, mode: StepMode):
+        """(hidden states, device tokens, sampling tensors) of a decode batch through the graphs, sampled as
+        `mode.sampling` says: the greedy graph, the sampled graph (temperature and noise in its buffers), the
+        filtered graph (FILTERED batches that `filters_fit`: top-k, top-p and min-p in its buffers too), or for
+        larger FILTERED batches the greedy graph's hidden states sampled outside it. An ADJUSTED or masked step
+        samples every row so, as its `unadjusted` mode says, and returns the sampling tensors it used (the noise
+        in the graphs' buffer) for _resample_adjusted; other steps return None for them. Steps replaying a
+        sampling graph allocate no device memory; a workspace too small for the step raises (ops/workspace.py)."""
         g, seqs = self.graphs, [item.seq for item in batch]
+        plain = mode.unadjusted([s.params for s in seqs]) if mode.deferred else mode
+        noise = None if plain.sampling == GREEDY else g.noise[:len(seqs)]
         with self.workspaces.strict():
-            if mode.sampling == GREEDY:
-                return g.run(batch, prev)[1]
-            filtered = mode.sampling == FILTERED
-            if not filtered or g.filters_fit(len(seqs)):
-                g.set_sampling([s.params for s in seqs], filters=filtered)
-                self._draw_noise(seqs, g.noise[:len(seqs)])
-                return (g.run(batch, prev, filtered=True) if filtered else g.run(batch, prev, sampled=True))[1]
-            temperature, *filters, _ = self.sampling_tensors(seqs, noise_out=g.noise[:len(seqs)])
-            return self.model.sample(g.run(batch, prev)[0], temperature, *filters, g.noise[:len(seqs)])
+            if plain.sampling == GREEDY:
+                hidden, tokens = g.run(batch, prev)
+            elif plain.sampling == SAMPLED or g.filters_fit(len(seqs)):
+                g.set_sampling([s.params for s in seqs], filters=plain.sampling == FILTERED)
+                self._draw_noise(seqs, noise)
+                hidden, tokens = g.run(batch, prev, sampled=True, filtered=plain.sampling == FILTERED)
+            else:
+                temperature, *filters, _ = self.sampling_tensors(seqs, noise_out=noise)
+                hidden = g.run(batch, prev)[0]
+                tokens = self.model.sample(hidden, temperature, *filters, noise)
+        sampling = (*self.sampling_tensors(seqs, draw=False)[:4], noise) if mode.deferred else None
+        return hidden, tokens, sampling
 
     @staticmethod
     def _logprobs(logits, tokens, want) -> list[dict | None]:

@@ -32,12 +32,12 @@ class StepMode:
                 LOGPROBS  a row asks for logprobs (checked first): the graph's hidden states give logits and
                           logprobs outside it, which need the host;
                 ADJUSTED  a row's logits change before sampling (penalties, logit_bias, min_tokens: see
-                          engine/logits_processing.py): the graph's hidden states give logits outside it,
-                          adjusted from the host's token lists.
-    masked:     a row's output is constrained by a grammar (SamplingParams.structured): the step's hidden
-                states are sampled outside the graph (as large FILTERED batches are), and the constrained rows
-                are sampled again from their logits under the grammar's token mask. Steps without such rows
-                are not affected.
+                          engine/logits_processing.py): the graph samples every row as if none were (the
+                          `unadjusted` mode), then the adjusted rows are sampled again outside it, from logits
+                          of their hidden states adjusted from the host's token lists.
+    masked:     a row's output is constrained by a grammar (SamplingParams.structured): as ADJUSTED, the graph
+                samples every row, then the constrained rows are sampled again from their logits under the
+                grammar's token mask. Steps without such rows are not affected.
     run_ahead:  the step may be launched before the step in flight is read, and the step after it launched on
                 its device tokens (async scheduling): a graph step that is not LOGPROBS, with `async_scheduling`
                 on. Otherwise the step runs synchronously.
@@ -66,12 +66,23 @@ class StepMode:
             sampling = LOGPROBS
         elif any(adjusts_logits(seq) for seq in seqs):
             sampling = ADJUSTED
-        elif all(p.greedy for p in params):
-            sampling = GREEDY
-        elif any(p.top_k > 0 or p.top_p != 1.0 or p.min_p != 0.0 for p in params):
-            sampling = FILTERED
         else:
-            sampling = SAMPLED
+            sampling = plain_sampling(params)
         masked = any(p.structured is not None for p in params)
         run_ahead = async_scheduling and graph and sampling != LOGPROBS
         return cls(graph, sampling, run_ahead, masked)
+
+    def unadjusted(self, params) -> StepMode:
+        """The mode of the same rows with nothing adjusting or masking their logits (`params`: their
+        SamplingParams): how a graph samples every row before the adjusted and masked ones are sampled again."""
+        return StepMode(self.graph, plain_sampling(params), self.run_ahead)
+
+
+def plain_sampling(params) -> str:
+    """GREEDY, FILTERED or SAMPLED: how rows with these SamplingParams are sampled when nothing adjusts their
+    logits and none asks for logprobs."""
+    if all(p.greedy for p in params):
+        return GREEDY
+    if any(p.top_k > 0 or p.top_p != 1.0 or p.min_p != 0.0 for p in params):
+        return FILTERED
+    return SAMPLED

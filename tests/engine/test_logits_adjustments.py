@@ -116,6 +116,18 @@ def test_penalties_and_bias_change_only_their_own_rows(tiny_llm):
     assert mixed[0]["token_ids"] == alone[0]
 
 
+def test_only_adjusted_rows_go_through_logits(tiny_llm, monkeypatch):
+    """The batch is sampled as if no row were adjusted; only the penalised row's logits are formed, adjusted
+    and sampled again."""
+    model = tiny_llm.engine.runner.model
+    real, rows = model.compute_logits, []
+    monkeypatch.setattr(model, "compute_logits", lambda hidden: rows.append(len(hidden)) or real(hidden))
+    plain = SamplingParams(**GREEDY, max_tokens=8)
+    tiny_llm.generate([PROMPT, "a b c d", PROMPT], [plain, SamplingParams(**GREEDY, max_tokens=8, presence_penalty=1.0),
+                                                    SamplingParams(temperature=1.0, seed=2, max_tokens=8)])
+    assert rows and set(rows) == {1}
+
+
 def test_penalties_with_sampling_and_seed_are_reproducible(tiny_llm):
     kw = dict(temperature=0.8, top_k=20, seed=7, ignore_eos=True, max_tokens=16, frequency_penalty=1.0,
               presence_penalty=0.5, repetition_penalty=1.2)
