@@ -31,7 +31,7 @@ class Proposer(ABC):
     """Guesses the next tokens of decoding sequences. `engine` is the LLMEngine (its runner, tokenizer and
     config), for proposers that need a model of their own or the target's vocabulary.
 
-    `cheap`: propose() costs microseconds and changes nothing the next call depends on (a lookup, no model).
+    `cheap`: propose() costs microseconds and its drafts depend only on the sequences' tokens (a lookup, no model).
     The engine then asks it, while a batch finds no drafts, whether the next decode step may run ahead of the
     tokens in flight (Speculator.nothing_to_draft); other proposers are asked only for the drafts of a step."""
 
