@@ -8,7 +8,8 @@ residual stream while it streams its weights.
 1. RMSNorm + QKV GEMV; 2. q/k norm + RoPE + KV write + split-KV attention (+ merge); 3. O projection +
 residual; 4. RMSNorm + gate/up GEMV + SiLU * up (gate/up rows interleaved, as the `mlp` site stores them);
 5. down projection + residual.
-Steps of more than MAX_M rows run the layer's sites.
+With 2 to MAX_M rows (small batches, a verify step's rows) the two RMSNorms run as kernels of their own before
+their GEMVs (_gemv_core.norm_apart); steps of more rows run the layer's sites.
 """
 
 from __future__ import annotations
