@@ -1,5 +1,6 @@
 """Speculative decoding bench: tok/s with and without speculation at batch 1, the mean accepted length, and the
-verify step's cost (one k + 1-token verify step over one 1-token decode step), per proposer and workload.
+verify step's cost (one k + 1-token verify step over one 1-token decode step, wall time, and on a GPU also
+the steps' kernel time alone), per proposer and workload.
 
 Workloads: `grounded`, real text whose answers copy their input (code edits, summaries that quote their
 source: benchmarks/data/spec_grounded.jsonl) with the proposers named by --methods; and `oracle`, the same
@@ -15,6 +16,7 @@ KV cache), with its own plain run. Rows carry model, method, workload, speedup a
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from dataclasses import replace
@@ -27,6 +29,7 @@ from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.provenance import REPO
 from nanovllm.sampling_params import SamplingParams
 
+log = logging.getLogger("nanovllm")
 WORKLOAD = REPO / "benchmarks" / "data" / "spec_grounded.jsonl"
 METHODS = ("ngram", "oracle", "draft_model")
 
@@ -106,10 +109,30 @@ def verify_cost(llm, prompt: list[int], k: int, repeats: int) -> dict:
 
         decode_s = timed(lambda: engine.runner.run(batch))
         verify_s = timed(lambda: spec.verify([seq], drafts))
+        gpu = dict(decode_gpu_ms=kernel_ms(lambda: engine.runner.run(batch), repeats),
+                   verify_gpu_ms=kernel_ms(lambda: spec.verify([seq], drafts), repeats))
     finally:
         engine.speculator = saved
         engine.abort_request(rid)
-    return dict(decode_step_ms=decode_s * 1e3, verify_step_ms=verify_s * 1e3, verify_cost=verify_s / decode_s)
+    return dict(decode_step_ms=decode_s * 1e3, verify_step_ms=verify_s * 1e3, verify_cost=verify_s / decode_s, **gpu)
+
+
+def kernel_ms(step, repeats: int) -> float | None:
+    """Milliseconds of GPU kernels per call of `step` (the profiler's kernel times, graph replays included):
+    the step's device time without the host's, which a synchronous step adds to its wall time. None on a CPU."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                step()
+            torch.cuda.synchronize()
+        return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / repeats
+    except RuntimeError as e:  # a profiler that cannot start (CUPTI in use elsewhere): the row goes without
+        log.warning("no kernel times for the spec bench: %s", e)
+        return None
 
 
 def use_proposer(engine, config: SpeculativeConfig):
@@ -211,4 +234,5 @@ def describe(row: dict) -> str:
     return (f"{row['method']:<11} {row['workload']:<8} k={row['k']} plain {row['plain_tok_s']:8.1f} tok/s  "
             f"spec {row['spec_tok_s']:8.1f} tok/s  speedup {row['speedup']:.2f}x  "
             f"accepted length {row['mean_accepted_length']:.2f}  verify cost {row['verify_cost']:.2f}x  "
-            f"identical {row['identical']}")
+            + (f"(GPU {row['verify_gpu_ms']:.3f} / {row['decode_gpu_ms']:.3f} ms)  " if row.get("verify_gpu_ms")
+               else "") + f"identical {row['identical']}")

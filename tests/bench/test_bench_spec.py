@@ -32,6 +32,7 @@ def test_rows(spec_run):
     for row in rows.values():
         assert {"model", "method", "workload", "speedup", "gpu"} <= set(row) and row["identical"]
         assert row["plain_tok_s"] > 0 and row["spec_tok_s"] > 0 and row["verify_cost"] > 0
+        assert row["verify_gpu_ms"] is None and row["decode_gpu_ms"] is None  # kernel time: on a GPU only
     assert rows["oracle"]["workload"] == "oracle" and rows["ngram"]["workload"] == "grounded"
     # every oracle draft is kept: k + 1 tokens per verify step but the last (cut short by max_tokens)
     assert rows["oracle"]["acceptance_rate"] == 1.0 and rows["oracle"]["mean_accepted_length"] >= 4
