@@ -321,16 +321,16 @@ class ModelRunner:
             tokens = self.model.sample(hidden, *sampling)
             return self._resample_adjusted(tokens, hidden, seqs, mode, sampling).tolist(), [None] * len(seqs)
         logits = self.model.compute_logits(hidden)
-        tokens = self.model.ops.sample(self._adjusted_logits(logits, seqs, mode), *self.sampling_tensors(seqs))
+        tokens = self.model.ops.sample(self.adjusted_logits(logits, seqs), *self.sampling_tensors(seqs))
         # Logprobs are the model's own (before penalties and biases), as vLLM returns them by default.
         return tokens.tolist(), self._logprobs(logits, tokens, [s.params.logprobs for s in seqs])
 
-    def _adjusted_logits(self, logits: torch.Tensor, seqs: list[Sequence], mode: StepMode) -> torch.Tensor:
-        """Logits after penalties, biases and min_tokens bans, and the grammar masks when the step is masked."""
+    def adjusted_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits (a row per sequence) after penalties, biases and min_tokens bans, then the grammar masks of the
+        rows that follow one (the plain path's and a verify step's one-token-at-a-time rows alike)."""
         adjustment = LogitsAdjustment.of(seqs, self.args.vocab_size, self.device)
         adjusted = logits if adjustment is None else adjustment.apply(logits)
-        if mode.masked:
-            apply_grammar_masks(adjusted, [_live_matcher(s) for s in seqs])
+        apply_grammar_masks(adjusted, [_live_matcher(s) for s in seqs])
         return adjusted
 
     def _resample_adjusted(self, tokens: torch.Tensor, hidden: torch.Tensor, seqs: list[Sequence], mode: StepMode,
@@ -346,7 +346,7 @@ class ModelRunner:
             return tokens
         index = to_device(torch.tensor(rows), tokens.device)
         picked = [seqs[i] for i in rows]
-        logits = self._adjusted_logits(self.model.compute_logits(hidden.index_select(0, index)), picked, mode)
+        logits = self.adjusted_logits(self.model.compute_logits(hidden.index_select(0, index)), picked)
         picked_sampling = [None if t is None else t.index_select(0, index) for t in sampling]
         return tokens.index_copy_(0, index, self.model.ops.sample(logits, *picked_sampling))
 

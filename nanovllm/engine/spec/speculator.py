@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanovllm.engine.logits_processing import LogitsAdjustment, adjusts_logits
+from nanovllm.engine.logits_processing import adjusts_logits
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.spec.proposer import Proposer
 from nanovllm.engine.spec.rejection import accept
 from nanovllm.engine.spec.verify import VerifyGraphs, verify_logits_eager
-from nanovllm.structured.masks import apply_grammar_masks
 
 log = logging.getLogger("nanovllm")
 
@@ -180,9 +179,7 @@ class Speculator:
         picked = [seqs[i] for i in rows]
         index = torch.tensor(rows, device=logits.device)
         first = logits[:, 0].index_select(0, index)
-        adjustment = LogitsAdjustment.of(picked, self.vocab_size, logits.device)
-        adjusted = first if adjustment is None else adjustment.apply(first)
-        apply_grammar_masks(adjusted, [seq.matcher for seq in picked])
+        adjusted = self.runner.adjusted_logits(first, picked)
         following.index_copy_(0, index, self.runner.model.ops.sample(adjusted, *self.runner.sampling_tensors(picked)))
 
     def _logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[list[int]]) -> list[list]:
