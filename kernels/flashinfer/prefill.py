@@ -17,6 +17,8 @@ PREFIX = "prefill"
 
 
 class PrefillPlanner:
+    plans_decode = False  # decode and verify steps are not its (they plan nothing here)
+
     def __init__(self):
         self.wrappers: dict[tuple, object] = {}
 

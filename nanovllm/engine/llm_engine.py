@@ -79,6 +79,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
         self.requests: dict[str, tuple[Sequence, Detokenizer]] = {}
         self._ids = count()
+        self.verify_in_flight = None  # a pipelined verify step launched and not yet read (LaunchedVerify)
         if proposer is not None:
             self.speculator = Speculator(self, proposer)
 
@@ -145,6 +146,8 @@ class LLMEngine:
         ahead (StepMode.run_ahead: async scheduling) is followed at once by its rows one token later, launched
         on its device tokens before it is read, so each call returns the tokens of the step before; a deferred
         step launched ahead (grammar masks, penalties) is sampled once those tokens are appended."""
+        if self.verify_in_flight is not None:
+            return self._read_verify()
         sched = self.scheduler
         if sched.in_flight is None:
             batch = sched.schedule()
@@ -185,26 +188,51 @@ class LLMEngine:
 
     def _speculative_step(self, batch) -> list[RequestOutput] | None:
         """Draft, verify and emit: each sequence gets its kept drafts and the target's next token. None (and
-        nothing changed) when no sequence has a draft: the batch then decodes plainly."""
+        nothing changed) when no sequence has a draft: the batch then decodes plainly. A pipelined batch
+        (Speculator.pipelines) launches its verify step and reads it through `_read_verify`."""
+        spec = self.speculator
         seqs = [item.seq for item in batch]
-        drafts = self.speculator.draft(seqs)
+        drafts = spec.draft(seqs)
         self._run_kv_copies()  # the blocks scheduled and grown for drafts, before the verify forward
         if not any(drafts):
             for seq in seqs:  # room grown for drafts that did not come
                 self.block_manager.trim(seq, seq.num_tokens)
             return None
+        if spec.pipelines(seqs):
+            self.verify_in_flight = spec.launch(seqs, drafts)
+            if self.verify_in_flight is not None:
+                return self._read_verify()
+        return self._emit_verified(seqs, spec.verify(seqs, drafts))
+
+    def _read_verify(self) -> list[RequestOutput]:
+        """Reads the verify step in flight, after launching the next one chained on it (Speculator.launch_after)
+        while the batch goes on unchanged: no request waits to be admitted, none finished or was aborted."""
+        step, spec, sched = self.verify_in_flight, self.speculator, self.scheduler
+        goes_on = spec is not None and not sched.waiting and sched.running == step.seqs and spec.pipelines(step.seqs)
+        self.verify_in_flight = spec.launch_after(step) if goes_on else None
+        outputs = self._emit_verified(step.seqs, spec.read(step), self.verify_in_flight)
+        if self.verify_in_flight is not None and all(seq.is_finished for seq in self.verify_in_flight.seqs):
+            self.verify_in_flight = None  # every request of the step just launched ended: nothing to read
+        return outputs
+
+    def _emit_verified(self, seqs, results, next_step=None) -> list[RequestOutput]:
+        """Emits each sequence's verified tokens. The K/V of its last token and of its kept drafts is in the
+        cache: those tokens count as computed, the full blocks they fill (kept tokens only) are hashed, and the
+        room of rejected drafts is freed, except the room of the k + 1 rows of `next_step` (chained, in flight).
+        A request that ended while its step was in flight gets nothing."""
+        chained = {id(seq) for seq in next_step.seqs} if next_step is not None else set()
         outputs = []
-        for seq, result in zip(seqs, self.speculator.verify(seqs, drafts)):
+        for seq, result in zip(seqs, results):
+            if seq.is_finished:
+                continue
             kept = result.tokens[:-1]
             seq.spec_steps += result.num_drafts > 0
             seq.spec_draft_tokens += result.num_drafts
             seq.spec_accepted_tokens += len(kept)
-            # The K/V of the last token and of the kept drafts is in the cache: count those tokens computed,
-            # hash the full blocks they fill (kept tokens only), and free the room of the rejected drafts.
             seq.token_ids.extend(kept)
             seq.num_computed_tokens = seq.num_tokens
             self.block_manager.commit(seq)
-            self.block_manager.trim(seq, seq.num_tokens + 1)
+            self.block_manager.trim(seq, seq.num_tokens + 1 + (self.speculator.k if id(seq) in chained else 0))
             del seq.token_ids[seq.num_tokens - len(kept):]
             outputs.append(self._append_tokens(seq, result.tokens, result.logprobs))
         return outputs

@@ -20,15 +20,17 @@ class NgramIndex:
         self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.lengths}
         self.indexed = 0  # every n-gram ending at or before this position is in `ends`
 
-    def lookup(self, tokens: list[int], k: int) -> list[int]:
+    def lookup(self, tokens: list[int], k: int, final: int | None = None) -> list[int]:
         """Up to k tokens that followed the most recent earlier occurrence of the longest suffix n-gram of
-        `tokens` (`tokens` extends the list of the call before); [] when no suffix n-gram occurred before."""
+        `tokens` (whose first `final` tokens, default all, extend the final tokens of the call before; the rest
+        are guesses, looked up from but never indexed); [] when no suffix n-gram occurred before."""
         size = len(tokens)
-        for end in range(self.indexed + 1, size):  # the n-grams followed by tokens[end], the newest last
+        final = size if final is None else final
+        for end in range(self.indexed + 1, final):  # the n-grams followed by tokens[end], the newest last
             for n in self.lengths:
                 if end >= n:
                     self.ends[n][tuple(tokens[end - n:end])] = end
-        self.indexed = max(self.indexed, size - 1)
+        self.indexed = max(self.indexed, final - 1)
         for n in reversed(self.lengths):
             if n < size:
                 end = self.ends[n].get(tuple(tokens[size - n:]))
@@ -46,17 +48,20 @@ class NgramProposer(Proposer):
         self.indexes: dict[int, NgramIndex] = {}  # seq_id -> its index, from its first drafting step
 
     def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[list[int]]:
-        out = []
-        for seq, k in zip(seqs, max_tokens):
-            if k <= 0:
-                out.append([])
-                continue
-            index = self.indexes.get(seq.seq_id)
-            if index is None:
-                c = self.config
-                index = self.indexes[seq.seq_id] = NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max)
-            out.append(index.lookup(seq.token_ids, k))
-        return out
+        return [self._index(seq).lookup(seq.token_ids, k) if k > 0 else [] for seq, k in zip(seqs, max_tokens)]
+
+    def propose_after(self, seqs: list[Sequence], assumed: list[list[int]],
+                      max_tokens: list[int]) -> list[list[int]]:
+        """Proposer.propose_after, with the assumed tokens kept out of the index (they may be rejected)."""
+        return [self._index(seq).lookup(seq.token_ids + extra, k + 1, final=seq.num_tokens)[1:] if k > 0 else []
+                for seq, extra, k in zip(seqs, assumed, max_tokens)]
+
+    def _index(self, seq: Sequence) -> NgramIndex:
+        index = self.indexes.get(seq.seq_id)
+        if index is None:
+            c = self.config
+            index = self.indexes[seq.seq_id] = NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max)
+        return index
 
     def release(self, seq: Sequence) -> None:
         self.indexes.pop(seq.seq_id, None)

@@ -33,7 +33,8 @@ class Proposer(ABC):
 
     `cheap`: propose() costs microseconds and its drafts depend only on the sequences' tokens (a lookup, no model).
     The engine then asks it, while a batch finds no drafts, whether the next decode step may run ahead of the
-    tokens in flight (Speculator.nothing_to_draft); other proposers are asked only for the drafts of a step."""
+    tokens in flight (Speculator.nothing_to_draft), and pipelines greedy verify steps with `propose_after`;
+    other proposers are asked only for the drafts of a step, once the step before is read."""
 
     cheap: bool = False
 
@@ -46,6 +47,22 @@ class Proposer(ABC):
         """Up to `max_tokens[i]` guessed tokens to follow `seqs[i].token_ids` (its last token is the one the
         target has not computed yet); an empty list when there is no good guess. Drafts are greedy guesses:
         the verifier treats each as proposed with probability one (see rejection.py)."""
+
+    def propose_after(self, seqs: list[Sequence], assumed: list[list[int]],
+                      max_tokens: list[int]) -> list[list[int]]:
+        """Drafts for the step after one in flight (cheap proposers): up to `max_tokens[i]` tokens to follow
+        `seqs[i].token_ids`, then `assumed[i]` (the drafts in flight, taken as kept), then the token the step in
+        flight gives after them, not known yet: the proposal's first token is the guess for it, and is dropped.
+        By default propose() on the tokens so extended."""
+        sizes = [len(seq.token_ids) for seq in seqs]
+        for seq, extra in zip(seqs, assumed):
+            seq.token_ids.extend(extra)
+        try:
+            proposed = self.propose(seqs, [m + 1 if m > 0 else 0 for m in max_tokens])
+        finally:
+            for seq, size in zip(seqs, sizes):
+                del seq.token_ids[size:]
+        return [list(p[1:]) for p in proposed]
 
     def observe(self, seqs: list[Sequence], hidden: torch.Tensor | None) -> None:
         """Called after each verify step with its sequences, once their kept tokens are known (a head's state;

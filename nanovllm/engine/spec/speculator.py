@@ -5,7 +5,13 @@ A decode batch speculates when it has at most `max_batch_size` sequences. A requ
 sampling (penalties, logit_bias, min_tokens: StepMode ADJUSTED) or that follows a grammar (StepMode masked) is
 never drafted for: each of its tokens needs the host's token list (or grammar state) after the token before.
 In a speculative step it is a one-row sequence whose token is sampled from its adjusted, masked logits, as the
-plain path samples it. Speculative steps run synchronously (the drafts depend on the tokens just kept).
+plain path samples it.
+
+An all-greedy batch with a cheap proposer (a lookup on the tokens: ngram, oracle) is pipelined: the next verify
+step is drafted and launched before the one in flight is read, as if it kept all its drafts, and the graph
+corrects the layout on the device (verify.py), so the host's work of a step (reading, emitting, drafting)
+overlaps the GPU's. Other speculative steps run synchronously: their drafts or their sampling depend on the
+tokens just kept.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.spec.proposer import Proposer
 from nanovllm.engine.spec.rejection import accept
-from nanovllm.engine.spec.verify import VerifyGraphs, verify_logits_eager
+from nanovllm.engine.spec.verify import LaunchedVerify, VerifyGraphs, verify_logits_eager
 
 log = logging.getLogger("nanovllm")
 
@@ -64,6 +70,9 @@ class Speculator:
         self.proposer = proposer
         self.totals = SpecTotals(accepted_per_position=[0] * self.k)
         self.graphs = None
+        # a plan hook that prepares decode steps on the host reads the KV lengths a chained step corrects
+        self.may_pipeline = (engine.config.async_scheduling
+                             and not any(getattr(plan, "plans_decode", True) for plan in self.runner.plans))
         if self.runner.graphs is not None:
             self.graphs = VerifyGraphs(self.runner, self.k, self.config.max_batch_size)
             try:  # batch size 1 now, as the decode graphs: a single user's first step pays no capture
@@ -90,11 +99,14 @@ class Speculator:
         """A request never drafted for: its logits are adjusted (ADJUSTED) or masked by a grammar."""
         return adjusts_logits(seq) or seq.params.structured is not None
 
-    def caps(self, seqs: list[Sequence]) -> list[int]:
-        """How many drafts each sequence may take: at most k, none past max_tokens or max_model_len."""
+    def caps(self, seqs: list[Sequence], ahead: list[int] | None = None) -> list[int]:
+        """How many drafts each sequence may take: at most k, none past max_tokens or max_model_len (after the
+        `ahead[i]` tokens the step in flight is taken to add)."""
+        ahead = ahead or [0] * len(seqs)
         return [0 if self.one_token_at_a_time(seq) else
-                max(0, min(self.k, self.max_model_len - seq.num_tokens,
-                           seq.params.max_tokens - seq.num_completion_tokens - 1)) for seq in seqs]
+                max(0, min(self.k, self.max_model_len - seq.num_tokens - a,
+                           seq.params.max_tokens - seq.num_completion_tokens - a - 1))
+                for seq, a in zip(seqs, ahead)]
 
     def nothing_to_draft(self, batch: list[ScheduledSeq]) -> bool:
         """Whether a batch that may speculate has no drafts now, by a cheap proposer's lookup on the host's
@@ -106,14 +118,18 @@ class Speculator:
         seqs = [item.seq for item in batch]
         return not any(self.proposer.propose(seqs, self.caps(seqs)))
 
+    def _valid(self, proposed, cap: int) -> list[int]:
+        """A proposal as drafts: at most `cap` tokens, up to the first outside the vocabulary."""
+        d = [int(t) for t in proposed[:cap]]
+        bad = next((i for i, t in enumerate(d) if not 0 <= t < self.vocab_size), None)
+        return d[:bad] if bad is not None else d
+
     def draft(self, seqs: list[Sequence]) -> list[list[int]]:
         """Each sequence's drafts, at most k (caps), each with KV room."""
         caps = self.caps(seqs)
         drafts = []
         for seq, cap, proposed in zip(seqs, caps, self.proposer.propose(seqs, caps)):
-            d = [int(t) for t in proposed[:cap]]
-            bad = next((i for i, t in enumerate(d) if not 0 <= t < self.vocab_size), None)
-            d = d[:bad] if bad is not None else d
+            d = self._valid(proposed, cap)
             # The verify graphs score k drafts per row (short lists padded): give them room when it is there.
             room = self.k if self.graphs is not None and seq.num_tokens + self.k <= self.max_model_len else len(d)
             if d and not self.block_manager.grow(seq, seq.num_tokens + room):
@@ -121,12 +137,52 @@ class Speculator:
             drafts.append(d)
         return drafts
 
+    def pipelines(self, seqs: list[Sequence]) -> bool:
+        """Whether the batch's verify steps are pipelined (see the module's docstring): captured verify steps,
+        a cheap proposer, greedy rows that want no logprobs, and no plan hook that reads decode steps' lengths."""
+        return (self.may_pipeline and self.graphs is not None and self.proposer.cheap
+                and all(seq.params.greedy and seq.params.logprobs is None and not self.one_token_at_a_time(seq)
+                        for seq in seqs))
+
+    @torch.inference_mode()
+    def launch(self, seqs: list[Sequence], drafts: list[list[int]]) -> LaunchedVerify | None:
+        """Launches the verify step of a pipelined batch (`pipelines`) without waiting for it; None when the
+        graphs do not fit it (the caller verifies synchronously)."""
+        if not self.graphs.fits(seqs):
+            return None
+        return self.graphs.launch(seqs, drafts)
+
+    @torch.inference_mode()
+    def launch_after(self, step: LaunchedVerify) -> LaunchedVerify | None:
+        """Drafts and launches the step after `step` (in flight, not read), chained on it: each sequence is taken
+        to keep all its drafts and gain the token after them, which the proposer guesses and the graph reads from
+        the device. None when no sequence has a draft then, or its KV room is short (nothing launched)."""
+        seqs = step.seqs
+        ahead = [len(d) + 1 for d in step.drafts]
+        caps = self.caps(seqs, ahead)
+        drafts = [self._valid(p, cap) for p, cap in zip(self.proposer.propose_after(seqs, step.drafts, caps), caps)]
+        if not any(drafts):
+            return None
+        # room for k + 1 rows after the tokens taken as gained; the step in flight's read trims what is not used
+        if not (all(self.block_manager.grow(seq, seq.num_tokens + a + self.k) for seq, a in zip(seqs, ahead))
+                and self.graphs.fits(seqs, ahead)):
+            return None
+        return self.graphs.launch(seqs, drafts, ahead)
+
+    def read(self, step: LaunchedVerify) -> list[Verified]:
+        """A launched step's results (greedy rows, no logprobs), its totals counted."""
+        kept, following = step.read()
+        out = [Verified(d[:a] + [t], [None] * (a + 1), len(d)) for d, a, t in zip(step.drafts, kept, following)]
+        self._count(out)
+        self.proposer.observe(step.seqs, None)
+        return out
+
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> list[Verified]:
         """Score the drafts with the target and keep those it accepts (greedy: equal to its argmax; sampled:
         rejection sampling). Updates the totals."""
         logits = greedy = None
-        if self.graphs is not None and self.graphs.fits(seqs, drafts):
+        if self.graphs is not None and self.graphs.fits(seqs):
             try:
                 logits, greedy = self.graphs.run(seqs, drafts)
             except Exception as e:  # capturing a new batch size failed

@@ -10,6 +10,11 @@ K/V write into its attention kernel writes every row's K/V first (AttentionMetad
 Eagerly each sequence has 1 + len(drafts) rows. `VerifyGraphs` captures the step per (batch size, k) with
 k + 1 rows for every sequence (short draft lists padded; padding batch rows write to the scratch block), and
 the greedy acceptance inside the graph, so that an all-greedy step reads back 2 integers per sequence.
+
+A step may be *chained*: launched before the step before it is read, with its rows laid out as if that step
+kept all its drafts. The graph then moves each sequence's rows back by the drafts the step before rejected and
+takes that step's next token as the first input, both read on the device from what the step before left
+(`last`), so the host never waits between steps (Speculator.launch_after).
 """
 
 from __future__ import annotations
@@ -25,20 +30,25 @@ from nanovllm.engine.cuda_graphs import graph_batch_sizes
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.spec.rejection import greedy_accept
 from nanovllm.ops import AttentionMetadata
-from nanovllm.ops.meta import build_metadata, verify_requests
+from nanovllm.ops.meta import build_metadata, kv_slots, verify_requests
 
 log = logging.getLogger("nanovllm")
 
 PAD_TOKEN = 0  # input id of the padded draft rows (their logits are ignored)
 
 
-def verify_rows(seqs: list[Sequence], drafts: list[list[int]]) -> tuple[list[int], list[list[int]], list[int]]:
+def verify_rows(seqs: list[Sequence], drafts: list[list[int]],
+                ahead: list[int] | None = None) -> tuple[list[int], list[list[int]], list[int]]:
     """(input ids, block tables, KV lengths) of a verify step's rows: per sequence its uncomputed last token,
-    then its drafts, each a one-query request over the sequence's blocks that sees the keys up to itself."""
+    then its drafts, each a one-query request over the sequence's blocks that sees the keys up to itself.
+    `ahead[i]`: tokens sequence i is taken to gain from the step in flight (a chained step; its first input is
+    then a placeholder, which the graph replaces)."""
+    ahead = ahead or [0] * len(seqs)
     ids = list(itertools.chain.from_iterable([seq.token_ids[-1], *d] for seq, d in zip(seqs, drafts)))
     q_lens = [1 + len(d) for d in drafts]
     tables, seq_lens = verify_requests([seq.block_table for seq in seqs],
-                                       [seq.num_computed_tokens + q for seq, q in zip(seqs, q_lens)], q_lens)
+                                       [seq.num_computed_tokens + a + q for seq, a, q in zip(seqs, ahead, q_lens)],
+                                       q_lens)
     return ids, tables, seq_lens
 
 
@@ -60,12 +70,33 @@ def verify_logits_eager(runner, seqs: list[Sequence], drafts: list[list[int]]) -
     return padded.view(len(seqs), max_q, -1)
 
 
+@dataclasses.dataclass
+class LaunchedVerify:
+    """A verify step launched and not yet read: its sequences, their drafts, and its greedy result (2, n) on
+    its way to pinned host memory (`event` completes when it is there; None: already there)."""
+
+    seqs: list[Sequence]
+    drafts: list[list[int]]
+    greedy: torch.Tensor
+    event: torch.cuda.Event | None
+
+    def read(self) -> tuple[list[int], list[int]]:
+        """(drafts kept, the token after them) per sequence; waits for the step."""
+        if self.event is not None:
+            self.event.synchronize()
+        kept, following = self.greedy.tolist()
+        return kept, following
+
+
 class VerifyGraphs:
     """Captured verify steps: forward pass, LM head and greedy acceptance over b sequences of k + 1 rows
-    each, for the decode graph batch sizes up to `max_batch_size`. Inputs live in one device buffer with a
-    pinned host twin (one copy per step); the step is synchronous (its tokens are read before the next is
-    launched), so a single buffer suffices. `capture_graphs=False` replays by running eagerly on the same
-    padded buffers, which tests the padding on machines without a GPU."""
+    each, for the decode graph batch sizes up to `max_batch_size`. Inputs live in one device buffer, filled
+    by one copy per step from one of two pinned host buffers used in turn (a step is filled while the step
+    before it may still be copying in). `capture_graphs=False` replays by running eagerly on the same padded
+    buffers, which tests the padding and chaining on machines without a GPU.
+
+    `last` (3, max batch) holds what the latest replay left: drafts kept, the token after them, and the number
+    of drafts, per sequence; a chained step reads it (see the module's docstring)."""
 
     def __init__(self, runner, k: int, max_batch_size: int, capture_graphs: bool = True):
         self.runner, self.k, self.capture_graphs = runner, k, capture_graphs
@@ -77,15 +108,19 @@ class VerifyGraphs:
         n = self.max_bs * self.rows_per_seq
         # the fields side by side, each sized for the largest batch; the block table last (_upload)
         self.layout = {"input_ids": n, "positions": n, "slot_mapping": n, "seq_lens": n, "num_drafts": self.max_bs,
-                       "block_tables": n * self.max_blocks}
+                       "chained": self.max_bs, "block_tables": n * self.max_blocks}
         size = sum(self.layout.values())
         cuda = runner.device.type == "cuda"
-        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=cuda and capture_graphs)
+        pin = cuda and capture_graphs
+        self.hosts = [torch.zeros(size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.turn = 0  # the host buffer of the latest step
         self.inputs = torch.zeros(size, dtype=torch.int64, device=runner.device)
+        self.last = torch.zeros(3, self.max_bs, dtype=torch.int64, device=runner.device)
+        self.greedy_hosts = [torch.zeros(2 * self.max_bs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # b -> (logits, greedy (2, b))
         self.arange = torch.arange(n + 1, device=runner.device)
-        self.host_views: dict[int, dict] = {}  # b -> views of the host buffer's numpy twin (made once)
+        self.host_views: dict[tuple[int, int], dict] = {}  # (turn, b) -> views of a host buffer's numpy twin
         self.metas: dict[int, AttentionMetadata] = {}  # b -> the step's metadata over the device buffer
         self.ready: list[int] = []
         self.pool = None
@@ -94,7 +129,7 @@ class VerifyGraphs:
         out, start = {}, 0
         rows = b * self.rows_per_seq
         for name, size in self.layout.items():
-            used = {"block_tables": rows * self.max_blocks, "num_drafts": b}.get(name, rows)
+            used = {"block_tables": rows * self.max_blocks, "num_drafts": b, "chained": b}.get(name, rows)
             out[name] = buf[start:start + used]
             start += size
         out["block_tables"] = out["block_tables"].reshape(rows, self.max_blocks)
@@ -103,26 +138,33 @@ class VerifyGraphs:
     def size_for(self, n: int) -> int | None:
         return next((b for b in self.sizes if b >= n), None)
 
-    def fits(self, seqs: list[Sequence], drafts: list[list[int]]) -> bool:
-        """Every sequence has blocks for k + 1 rows within max_model_len, and a batch size holds them."""
+    def fits(self, seqs: list[Sequence], ahead: list[int] | None = None) -> bool:
+        """Every sequence has blocks for k + 1 rows within max_model_len (after the `ahead[i]` tokens the step in
+        flight is taken to add), and a batch size holds them."""
         if self.size_for(len(seqs)) is None:
             return False
         limit = self.runner.config.max_model_len
-        return all(seq.num_tokens + self.k <= min(limit, len(seq.block_table) * self.runner.block_size)
-                   for seq in seqs)
+        ahead = ahead or [0] * len(seqs)
+        return all(seq.num_tokens + a + self.k <= min(limit, len(seq.block_table) * self.runner.block_size)
+                   for seq, a in zip(seqs, ahead))
 
-    def _fill(self, b: int, seqs: list[Sequence], drafts: list[list[int]]) -> dict:
-        """Fills the host buffer for b sequences (the real ones, then padding rows on the scratch block)."""
+    def _fill(self, b: int, seqs: list[Sequence], drafts: list[list[int]], ahead: list[int] | None) -> dict:
+        """Fills the next host buffer for b sequences (the real ones, then padding rows on the scratch block)."""
         k1, n = self.rows_per_seq, len(seqs)
-        if b not in self.host_views:
-            self.host_views[b] = self.views(self.host.numpy(), b)
-        v = self.host_views[b]
+        self.turn ^= 1
+        key = (self.turn, b)
+        if key not in self.host_views:
+            self.host_views[key] = self.views(self.hosts[self.turn].numpy(), b)
+        v = self.host_views[key]
         padded = [d + [PAD_TOKEN] * (self.k - len(d)) for d in drafts]
-        ids, tables, seq_lens = verify_rows(seqs, padded)
+        ids, tables, seq_lens = verify_rows(seqs, padded, ahead)
         v["input_ids"][:] = PAD_TOKEN
         v["input_ids"][:n * k1] = ids
         v["num_drafts"][:] = 0
         v["num_drafts"][:n] = [len(d) for d in drafts]
+        v["chained"][:] = 0
+        if ahead:
+            v["chained"][:n] = [int(a > 0) for a in ahead]
         step = build_metadata(tables, seq_lens, self.runner.block_size, rows=b * k1, width=self.max_blocks,
                               scratch_block=self.scratch_block, out=v)
         return step.host
@@ -143,22 +185,38 @@ class VerifyGraphs:
     def _upload(self, b: int) -> None:
         """One copy of the used prefix: every field before the block table, then b sequences' table rows."""
         end = sum(self.layout.values()) - self.layout["block_tables"] + b * self.rows_per_seq * self.max_blocks
-        self.inputs[:end].copy_(self.host[:end], non_blocking=True)
+        self.inputs[:end].copy_(self.hosts[self.turn][:end], non_blocking=True)
+
+    def _shift_chained(self, b: int, v: dict) -> None:
+        """Lay a chained sequence's rows out as the step before actually left it: back by the drafts that step
+        rejected (positions, KV lengths, and the slots they give), its next token as the first input."""
+        k1, block_size = self.rows_per_seq, self.runner.block_size
+        chained = v["chained"].bool()
+        kept, following, num_drafts = self.last[:, :b]
+        shift = torch.where(chained, kept - num_drafts, 0)[:, None].expand(b, k1).reshape(-1)
+        positions = v["positions"].add_(shift)
+        v["seq_lens"].add_(shift)
+        v["slot_mapping"].copy_(kv_slots(v["block_tables"], self.arange[:b * k1], positions, block_size))
+        first = v["input_ids"].view(b, k1)[:, 0]
+        first.copy_(torch.where(chained, following, first))
 
     def _run(self, b: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         v = self.views(self.inputs, b)
+        self._shift_chained(b, v)
         logits = self.runner.model.compute_logits(self.runner.forward(v["input_ids"], v["positions"], meta))
         rows = logits.view(b, self.rows_per_seq, -1)
         drafts = v["input_ids"].view(b, self.rows_per_seq)[:, 1:]
         kept, following = greedy_accept(rows.argmax(dim=-1), drafts, v["num_drafts"])
-        return rows, torch.stack((kept, following))
+        last = torch.stack((kept, following, v["num_drafts"]))
+        self.last[:, :b] = last
+        return rows, last[:2]
 
     @torch.inference_mode()
     def capture(self, sizes=None) -> float:
         t0 = time.perf_counter()
         for b in sorted(set(sizes or self.sizes) - set(self.ready), reverse=True):
             if self.capture_graphs:
-                meta = self._meta(b, self._fill(b, [], []))
+                meta = self._meta(b, self._fill(b, [], [], None))
                 self._upload(b)
                 for plan in self.runner.plans:
                     plan(meta, self.runner.plan_context)
@@ -177,18 +235,36 @@ class VerifyGraphs:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], drafts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (n, k + 1, V), greedy (2, n): drafts kept and the token after them, as greedy_accept) of the
-        real sequences; rows past a sequence's drafts are padding."""
+        real sequences, on the device; rows past a sequence's drafts are padding."""
         n = len(seqs)
-        b = self.size_for(n)
+        logits, greedy = self._replay(seqs, drafts, None)
+        return logits[:n], greedy[:, :n]
+
+    @torch.inference_mode()
+    def launch(self, seqs: list[Sequence], drafts: list[list[int]],
+               ahead: list[int] | None = None) -> LaunchedVerify:
+        """Launches the step without waiting for it; its greedy result starts for the host at once (an all-greedy
+        step's only read). With `ahead` (tokens each sequence is taken to gain from the step in flight) it is
+        chained on the step in flight."""
+        _, greedy = self._replay(seqs, drafts, ahead)
+        b = greedy.shape[1]
+        host = self.greedy_hosts[self.turn][:2 * b].view(2, b)
+        host.copy_(greedy, non_blocking=host.is_pinned())
+        event = torch.cuda.current_stream().record_event() if greedy.is_cuda else None
+        return LaunchedVerify(seqs, drafts, host[:, :len(seqs)], event)
+
+    def _replay(self, seqs: list[Sequence], drafts: list[list[int]],
+                ahead: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fills, uploads and replays the step of the batch size that holds the sequences: its (logits, greedy)
+        for every row of that batch size, padding included."""
+        b = self.size_for(len(seqs))
         if b not in self.ready:
             log.info("captured the verify graph of batch size %d (k=%d) in %.2f s", b, self.k, self.capture([b]))
-        meta = self._meta(b, self._fill(b, seqs, drafts))
+        meta = self._meta(b, self._fill(b, seqs, drafts, ahead))
         self._upload(b)
         for plan in self.runner.plans:
             plan(meta, self.runner.plan_context)
         if self.capture_graphs:
             self.graphs[b].replay()
-            logits, greedy = self.outputs[b]
-        else:
-            logits, greedy = self._run(b, meta)
-        return logits[:n], greedy[:, :n]
+            return self.outputs[b]
+        return self._run(b, meta)
