@@ -118,18 +118,23 @@ def verify_cost(llm, prompt: list[int], k: int, repeats: int) -> dict:
 
 
 def kernel_ms(step, repeats: int) -> float | None:
-    """Milliseconds of GPU kernels per call of `step` (the profiler's kernel times, graph replays included):
-    the step's device time without the host's, which a synchronous step adds to its wall time. None on a CPU."""
+    """Milliseconds of GPU work per call of `step` (graph replays included): the time the device's kernels and
+    copies cover, overlaps counted once (kernels launched with PDL overlap their predecessors), the step's
+    device time without the host's, which a synchronous step adds to its wall time. None on a CPU."""
     if not torch.cuda.is_available():
         return None
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+
+    from nanovllm.bench.profiling import critical_us
 
     try:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(repeats):
                 step()
             torch.cuda.synchronize()
-        return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / repeats
+        device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        return sum(critical_us(device).values()) / 1e3 / repeats
     except RuntimeError as e:  # a profiler that cannot start (CUPTI in use elsewhere): the row goes without
         log.warning("no kernel times for the spec bench: %s", e)
         return None

@@ -45,13 +45,18 @@ def assert_no_leak(llm: LLM) -> None:
         assert bm.blocks[b].hash == h
 
 
-def test_ngram_steps_chain_through_rejections(tiny_model, plain_llm):
-    """Prompt lookup on a random model: many drafts are rejected, so many chained steps are moved back."""
+@pytest.mark.parametrize("always_chain", [False, True])
+def test_ngram_steps_chain_through_rejections(tiny_model, plain_llm, always_chain):
+    """Prompt lookup on a random model: many drafts are rejected. A step is chained only after one that kept
+    every draft; forced to chain after every step, most chained steps are moved back on the device."""
     p = greedy()
     want = plain_llm.generate(PROMPTS[:4], p)
     llm, launches = pipelined(tiny_model, "ngram", prompt_lookup_min=1)
     with llm:
         s = llm.engine.speculator
+        if always_chain:
+            launch_after = s.launch_after
+            s.launch_after = lambda step: setattr(s, "kept_all", True) or launch_after(step)
         assert llm.generate(PROMPTS[:4], p) == want  # batch 4: one pipelined batch
         assert [llm.generate([prompt], p)[0] for prompt in PROMPTS[:2]] == want[:2]
         assert sum(a is not None for a in launches) > 5

@@ -69,6 +69,7 @@ class Speculator:
         self.vocab_size = engine.vocab_size
         self.proposer = proposer
         self.totals = SpecTotals(accepted_per_position=[0] * self.k)
+        self.kept_all = True  # the last step read kept every draft of every sequence
         self.graphs = None
         # a plan hook that prepares decode steps on the host reads the KV lengths a chained step corrects
         self.may_pipeline = (engine.config.async_scheduling
@@ -156,7 +157,10 @@ class Speculator:
     def launch_after(self, step: LaunchedVerify) -> LaunchedVerify | None:
         """Drafts and launches the step after `step` (in flight, not read), chained on it: each sequence is taken
         to keep all its drafts and gain the token after them, which the proposer guesses and the graph reads from
-        the device. None when no sequence has a draft then, or its KV room is short (nothing launched)."""
+        the device. None (nothing launched) when the last step read rejected a draft (the guess is then likely
+        wrong again: the next drafts wait for the tokens), no sequence has a draft, or the KV room is short."""
+        if not self.kept_all:
+            return None
         seqs = step.seqs
         ahead = [len(d) + 1 for d in step.drafts]
         caps = self.caps(seqs, ahead)
@@ -254,6 +258,7 @@ class Speculator:
         return out
 
     def _count(self, results: list[Verified]) -> None:
+        self.kept_all = all(r.num_accepted == r.num_drafts for r in results)
         t = self.totals
         for r in results:
             if r.num_drafts:
