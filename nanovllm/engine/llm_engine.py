@@ -12,6 +12,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import NO_TEXT, Detokenizer
 from nanovllm.engine.kv_host_tier import KVHostTier
+from nanovllm.engine.logits_processing import needs_host_state
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.prompts import encode_prompt
 from nanovllm.engine.scheduler import Scheduler
@@ -171,10 +172,9 @@ class LLMEngine:
             sched.add_launched(batch, self.runner.launch(batch, sched.in_flight.tokens.rows(keep)))
         step = sched.take_oldest()
         tokens, logprobs = step.tokens.read()  # with a step launched ahead, the GPU already has it queued
-        outputs = self._finish_step(step.batch, tokens, logprobs)
-        if sched.in_flight is not None:  # a deferred step's sampling, now that the host has the tokens before it
-            sched.in_flight.tokens.complete()
-        return outputs
+        # a deferred step in flight samples once the host has the tokens before it: those of its rows first
+        complete = sched.in_flight.tokens.complete if sched.in_flight is not None else None
+        return self._finish_step(step.batch, tokens, logprobs, complete)
 
     def _run_kv_copies(self) -> None:
         """Have the host tier run the block copies the scheduler recorded, before the next forward."""
@@ -237,11 +237,19 @@ class LLMEngine:
             outputs.append(self._append_tokens(seq, result.tokens, result.logprobs))
         return outputs
 
-    def _finish_step(self, batch, tokens, logprobs) -> list[RequestOutput]:
+    def _finish_step(self, batch, tokens, logprobs, then=None) -> list[RequestOutput]:
+        """Appends a step's tokens. `then` (the sampling of a deferred step in flight, StepMode.deferred) runs
+        as soon as the rows whose sampling reads the host's state (needs_host_state) have theirs, before the
+        other rows are appended (detokenized, stop-checked): the GPU samples while the host goes on."""
         live = [(item, tok, lp) for item, tok, lp in zip([i for i in batch if i.completes], tokens, logprobs)
                 if not item.seq.is_finished]  # a request aborted or stopped while its step was in flight
         self.scheduler.advance([item for item in batch if not item.seq.is_finished])
-        return [self._append(item.seq, tok, lp) for item, tok, lp in live]
+        first = {i for i, (item, _, _) in enumerate(live) if then is not None and needs_host_state(item.seq)}
+        outputs = {i: self._append(live[i][0].seq, *live[i][1:]) for i in sorted(first)}
+        if then is not None:
+            then()
+        outputs.update((i, self._append(item.seq, tok, lp)) for i, (item, tok, lp) in enumerate(live) if i not in first)
+        return [outputs[i] for i in range(len(live))]
 
     def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> RequestOutput:
         return self._append_tokens(seq, [token], [logprobs])

@@ -23,6 +23,12 @@ def adjusts_logits(seq) -> bool:
         p.min_tokens > seq.num_completion_tokens and bool(seq.min_tokens_stop_ids))
 
 
+def needs_host_state(seq) -> bool:
+    """Whether sampling the next token of `seq` reads the host's view of its tokens so far: logits adjusted from
+    its token list (adjusts_logits) or masked by its grammar's state."""
+    return adjusts_logits(seq) or seq.params.structured is not None
+
+
 def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor | None,
                     presence: torch.Tensor | None, frequency: torch.Tensor | None,
                     repetition: torch.Tensor | None) -> torch.Tensor:

@@ -74,3 +74,21 @@ def test_penalized_rows_through_the_graphs_match_eager(tiny_model, tiny_llm):
     got = [r["token_ids"] for r in llm.generate(prompts, plain)]
     assert got == [r["token_ids"] for r in tiny_llm.generate(prompts, plain)]
     assert ahead, "plain greedy decode steps go on running ahead through the graph"
+
+
+def test_deferred_sampling_is_queued_before_the_other_rows_are_appended(tiny_model, tiny_llm):
+    """Reading a step, the engine appends the penalised row's token first, queues the deferred sampling of the
+    step in flight (which reads that row's tokens), and only then appends (detokenizes, stop-checks) the rest:
+    the GPU samples while the host works."""
+    llm = emulated(tiny_model, max_num_seqs=4, async_scheduling=True)
+    engine, runner = llm.engine, llm.engine.runner
+    prompts = [[5, 6, 7] * 3, [9] * 7, [11, 12] * 5]
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, frequency_penalty=1.5)
+              if i == 1 else SamplingParams(temperature=0, max_tokens=10, ignore_eos=True) for i in range(3)]
+    events = []
+    append, resample = engine._append, runner._resample_adjusted
+    engine._append = lambda seq, token, lp: events.append(seq.params.penalized) or append(seq, token, lp)
+    runner._resample_adjusted = lambda *a: events.append("sample") or resample(*a)
+    got = [r["token_ids"] for r in llm.generate(prompts, params)]
+    assert got == [r["token_ids"] for r in tiny_llm.generate(prompts, params)]
+    assert any(events[i - 1:i + 2] == [True, "sample", False] for i in range(1, len(events) - 1))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanovllm.engine.logits_processing import adjusts_logits
+from nanovllm.engine.logits_processing import needs_host_state
 from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.spec.proposer import Proposer
@@ -98,7 +98,7 @@ class Speculator:
     @staticmethod
     def one_token_at_a_time(seq: Sequence) -> bool:
         """A request never drafted for: its logits are adjusted (ADJUSTED) or masked by a grammar."""
-        return adjusts_logits(seq) or seq.params.structured is not None
+        return needs_host_state(seq)
 
     def caps(self, seqs: list[Sequence], ahead: list[int] | None = None) -> list[int]:
         """How many drafts each sequence may take: at most k, none past max_tokens or max_model_len (after the
