@@ -5,7 +5,8 @@ A baseline is a results file named after its GPU, `benchmarks/baseline/<gpu-slug
 runs, so every latency row, op row and the throughput entry carries the provenance of the run that measured it
 (git_sha, date, versions, command). `merge` folds a run into a baseline: a row replaces the row with the same key
 (preset and context for latency; op, backend, case and batch for ops; KEYED_TABLES' fields for the
-speculative-decoding and weight-offloading rows), every other row stays. Any preset name is
+speculative-decoding, weight-offloading and quantized-decode rows, the last taken from the run's latency rows
+that name a quantization), every other row stays. Any preset name is
 a valid key, `auto` included.
 """
 
@@ -22,6 +23,7 @@ PROVENANCE = ("git_sha", "date", "versions", "command")
 KEYED_TABLES = {
     "speculative": (("model", "method", "workload", "k", "batch"), "speedup"),
     "offload": (("model", "cpu_offload_gb", "gpu_memory_utilization"), "decode_tok_s"),
+    "quantized": (("model", "quantization", "preset", "context"), "decode_tok_s"),
 }
 
 
@@ -97,8 +99,11 @@ def merge(baseline: dict | None, run: dict, presets: tuple[str, ...] | None = No
     op_key = lambda r: (r["op"], r["backend"], r["case"], r["batch"])  # noqa: E731
     new_keys = {op_key(r) for r in ops}
     out["ops"] = [r for r in out["ops"] if op_key(r) not in new_keys] + ops
+    # batch-1 decode of quantized weights, per model (the latency table holds the default model's presets)
+    quantized = [dict(row, gpu=out["gpu"]) for row in run.get("latency", []) if row.get("quantization")]
     for table, (fields, measured) in KEYED_TABLES.items():
-        rows = [dict(row, **prov) for row in run.get(table, []) if row.get(measured)]
+        source = quantized if table == "quantized" else run.get(table, [])
+        rows = [dict(row, **prov) for row in source if row.get(measured)]
         new_keys = {_key(r, fields) for r in rows}
         out[table] = [r for r in base.get(table, []) if _key(r, fields) not in new_keys] + rows
     return out

@@ -132,3 +132,15 @@ def test_merge_replaces_offload_rows_by_model_and_budget():
     rows = {r["cpu_offload_gb"]: r for r in second["offload"]}
     assert rows[8.0]["decode_tok_s"] == 7.0 and rows[8.0]["git_sha"] == "b"
     assert rows[0.0]["git_sha"] == "a" and len(second["offload"]) == 2
+
+
+def test_merge_keeps_quantized_decode_rows_per_model_and_format():
+    row = dict(model="qwen3-8b-random", preset="int4", quantization="int4", context=128, decode_tok_s=350.0)
+    dense = dict(row, preset="auto", quantization=None, decode_tok_s=194.0)
+    first = baseline.merge(None, dict(gpu=GPU, git_sha="a", latency=[row, dense, dict(row, preset="fp8",
+                                                                                       quantization="fp8")]))
+    assert {r["quantization"] for r in first["quantized"]} == {"int4", "fp8"}
+    assert all(r["gpu"] == GPU and r["git_sha"] == "a" for r in first["quantized"])
+    second = baseline.merge(first, dict(gpu=GPU, git_sha="b", latency=[dict(row, decode_tok_s=360.0)]))
+    rows = {r["quantization"]: r for r in second["quantized"]}
+    assert rows["int4"]["decode_tok_s"] == 360.0 and rows["fp8"]["git_sha"] == "a" and len(rows) == 2
