@@ -7,15 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM
 from nanovllm.engine.spec.verify import VerifyGraphs
-
-ENGINE = dict(dtype="float64", max_model_len=128, num_kvcache_blocks=96, kvcache_block_size=16, max_num_seqs=16)
-PROMPTS = [[(7 * i + j) % 900 + 3 for j in range(12)] * 2 for i in range(6)]
-
-
-def greedy(**kw) -> SamplingParams:
-    return SamplingParams(**{"temperature": 0.0, "max_tokens": 40, "ignore_eos": True, **kw})
+from tests.engine.test_spec_engine import ENGINE, PROMPTS, greedy
 
 
 @pytest.fixture(scope="module")
