@@ -146,7 +146,8 @@ class LLMEngine:
         """One forward pass's worth of new tokens: schedule, launch, read, append. A step whose mode may run
         ahead (StepMode.run_ahead: async scheduling) is followed at once by its rows one token later, launched
         on its device tokens before it is read, so each call returns the tokens of the step before; a deferred
-        step launched ahead (grammar masks, penalties) is sampled once those tokens are appended."""
+        step launched ahead (grammar masks, penalties) is sampled once those tokens are appended. A pipelined
+        verify step in flight (Speculator.pipelines) is read likewise, after the next one is launched."""
         if self.verify_in_flight is not None:
             return self._read_verify()
         sched = self.scheduler

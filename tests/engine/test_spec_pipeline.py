@@ -52,7 +52,8 @@ def test_ngram_steps_chain_through_rejections(tiny_model, plain_llm, always_chai
             launch_after = s.launch_after
             s.launch_after = lambda step: setattr(s, "kept_all", True) or launch_after(step)
         assert llm.generate(PROMPTS[:4], p) == want  # batch 4: one pipelined batch
-        assert [llm.generate([prompt], p)[0] for prompt in PROMPTS[:2]] == want[:2]
+        if not always_chain:
+            assert [llm.generate([prompt], p)[0] for prompt in PROMPTS[:2]] == want[:2]
         assert sum(a is not None for a in launches) > 5
         assert 0 < s.totals.num_accepted_tokens < s.totals.num_draft_tokens
         assert_no_leak(llm)
