@@ -211,7 +211,7 @@ class LLMEngine:
         step, spec, sched = self.verify_in_flight, self.speculator, self.scheduler
         goes_on = spec is not None and not sched.waiting and sched.running == step.seqs and spec.pipelines(step.seqs)
         self.verify_in_flight = spec.launch_after(step) if goes_on else None
-        outputs = self._emit_verified(step.seqs, spec.read(step), self.verify_in_flight)
+        outputs = self._emit_verified(step.seqs, spec.read(step, self.verify_in_flight), self.verify_in_flight)
         if self.verify_in_flight is not None and all(seq.is_finished for seq in self.verify_in_flight.seqs):
             self.verify_in_flight = None  # every request of the step just launched ended: nothing to read
         return outputs

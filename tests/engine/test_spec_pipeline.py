@@ -39,23 +39,37 @@ def assert_no_leak(llm: LLM) -> None:
         assert bm.blocks[b].hash == h
 
 
-@pytest.mark.parametrize("always_chain", [False, True])
-def test_ngram_steps_chain_through_rejections(tiny_model, plain_llm, always_chain):
-    """Prompt lookup on a random model: many drafts are rejected. A step is chained only after one that kept
-    every draft; forced to chain after every step, most chained steps are moved back on the device."""
+@pytest.mark.parametrize("method", ["ngram", "oracle"])
+def test_chained_rows_move_back_and_forward(tiny_model, plain_llm, method):
+    """Steps are chained on the step in flight, taken to keep all its drafts, or none when they rest on a refuted
+    guess. n-gram on a random model: many drafts are rejected, so rows move back (fewer kept than taken). The
+    oracle, every step forced to take none as kept: all are kept, so rows move forward."""
     p = greedy()
     want = plain_llm.generate(PROMPTS[:4], p)
-    llm, launches = pipelined(tiny_model, "ngram", prompt_lookup_min=1)
+    llm, launches = pipelined(tiny_model, method, prompt_lookup_min=1)
     with llm:
         s = llm.engine.speculator
-        if always_chain:
+        shifts = []
+        read = s.read
+
+        def record(step, successor=None):
+            out = read(step, successor)
+            if successor is not None:
+                shifts.extend(r.num_accepted - a for r, a in zip(out, successor.assumed))
+            return out
+
+        s.read = record
+        if method == "oracle":
+            for prompt, out in zip(PROMPTS, want):
+                s.proposer.remember(prompt, out["token_ids"])
             launch_after = s.launch_after
-            s.launch_after = lambda step: setattr(s, "kept_all", True) or launch_after(step)
+            s.launch_after = lambda step: setattr(step, "grounded", [False] * len(step.seqs)) or launch_after(step)
         assert llm.generate(PROMPTS[:4], p) == want  # batch 4: one pipelined batch
-        if not always_chain:
-            assert [llm.generate([prompt], p)[0] for prompt in PROMPTS[:2]] == want[:2]
+        assert [llm.generate([prompt], p)[0] for prompt in PROMPTS[:2]] == want[:2]
         assert sum(a is not None for a in launches) > 5
-        assert 0 < s.totals.num_accepted_tokens < s.totals.num_draft_tokens
+        assert max(shifts) > 0 if method == "oracle" else min(shifts) < 0
+        if method == "ngram":
+            assert 0 < s.totals.num_accepted_tokens < s.totals.num_draft_tokens
         assert_no_leak(llm)
 
 

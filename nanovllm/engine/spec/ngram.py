@@ -53,7 +53,7 @@ class NgramProposer(Proposer):
     def propose_after(self, seqs: list[Sequence], assumed: list[list[int]],
                       max_tokens: list[int]) -> list[list[int]]:
         """Proposer.propose_after, with the assumed tokens kept out of the index (they may be rejected)."""
-        return [self._index(seq).lookup(seq.token_ids + extra, k + 1, final=seq.num_tokens)[1:] if k > 0 else []
+        return [self._index(seq).lookup(seq.token_ids + extra, k + 1, final=seq.num_tokens) if k > 0 else []
                 for seq, extra, k in zip(seqs, assumed, max_tokens)]
 
     def _index(self, seq: Sequence) -> NgramIndex:

@@ -50,19 +50,18 @@ class Proposer(ABC):
 
     def propose_after(self, seqs: list[Sequence], assumed: list[list[int]],
                       max_tokens: list[int]) -> list[list[int]]:
-        """Drafts for the step after one in flight (cheap proposers): up to `max_tokens[i]` tokens to follow
-        `seqs[i].token_ids`, then `assumed[i]` (the drafts in flight, taken as kept), then the token the step in
-        flight gives after them, not known yet: the proposal's first token is the guess for it, and is dropped.
+        """For the step after one in flight (cheap proposers): a guess of the next token the step in flight gives
+        after `assumed[i]` (those of its drafts taken as kept), then up to `max_tokens[i]` drafts to follow that
+        guess; the history is `seqs[i].token_ids` followed by `assumed[i]`. An empty list when there is no guess.
         By default propose() on the tokens so extended."""
         sizes = [len(seq.token_ids) for seq in seqs]
         for seq, extra in zip(seqs, assumed):
             seq.token_ids.extend(extra)
         try:
-            proposed = self.propose(seqs, [m + 1 if m > 0 else 0 for m in max_tokens])
+            return [list(p) for p in self.propose(seqs, [m + 1 if m > 0 else 0 for m in max_tokens])]
         finally:
             for seq, size in zip(seqs, sizes):
                 del seq.token_ids[size:]
-        return [list(p[1:]) for p in proposed]
 
     def observe(self, seqs: list[Sequence], hidden: torch.Tensor | None) -> None:
         """Called after each verify step with its sequences, once their kept tokens are known (a head's state;

@@ -8,10 +8,10 @@ In a speculative step it is a one-row sequence whose token is sampled from its a
 plain path samples it.
 
 An all-greedy batch with a cheap proposer (a lookup on the tokens: ngram, oracle) is pipelined: the next verify
-step is drafted and launched before the one in flight is read, as if it kept all its drafts, and the graph
-corrects the layout on the device (verify.py), so the host's work of a step (reading, emitting, drafting)
-overlaps the GPU's. Other speculative steps run synchronously: their drafts or their sampling depend on the
-tokens just kept.
+step is drafted and launched before the one in flight is read, as if it kept all its drafts (none, when they
+were proposed from a history the reads since have refuted), and the graph corrects the layout on the device
+(verify.py), so the host's work of a step (reading, emitting, drafting) overlaps the GPU's. Other speculative
+steps run synchronously: their drafts or their sampling depend on the tokens just kept.
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ class Speculator:
         self.vocab_size = engine.vocab_size
         self.proposer = proposer
         self.totals = SpecTotals(accepted_per_position=[0] * self.k)
-        self.kept_all = True  # the last step read kept every draft of every sequence
         self.graphs = None
         # a plan hook that prepares decode steps on the host reads the KV lengths a chained step corrects
         self.may_pipeline = (engine.config.async_scheduling
@@ -155,27 +154,35 @@ class Speculator:
 
     @torch.inference_mode()
     def launch_after(self, step: LaunchedVerify) -> LaunchedVerify | None:
-        """Drafts and launches the step after `step` (in flight, not read), chained on it: each sequence is taken
-        to keep all its drafts and gain the token after them, which the proposer guesses and the graph reads from
-        the device. None (nothing launched) when the last step read rejected a draft (the guess is then likely
-        wrong again: the next drafts wait for the tokens), no sequence has a draft, or the KV room is short."""
-        if not self.kept_all:
-            return None
+        """Drafts and launches the step after `step` (in flight, not read), chained on it. Each sequence is taken
+        to keep all of `step`'s drafts when they are grounded (proposed from a history the reads since have
+        confirmed), else none of them, and then to gain `step`'s next token, which the proposer guesses; the graph
+        corrects the layout on the device. So a rejected draft costs one step of one token, not a run of them.
+        None (nothing launched) when no sequence has a draft, or the KV room is short."""
         seqs = step.seqs
-        ahead = [len(d) + 1 for d in step.drafts]
-        caps = self.caps(seqs, ahead)
-        drafts = [self._valid(p, cap) for p, cap in zip(self.proposer.propose_after(seqs, step.drafts, caps), caps)]
+        grounded = step.grounded or [True] * len(seqs)
+        assumed = [d if ok else [] for d, ok in zip(step.drafts, grounded)]
+        most = [len(d) + 1 for d in step.drafts]  # tokens `step` may add: the layout moves by up to that much
+        caps = self.caps(seqs, most)
+        proposed = self.proposer.propose_after(seqs, assumed, caps)
+        drafts = [self._valid(p[1:], cap) for p, cap in zip(proposed, caps)]
         if not any(drafts):
             return None
-        # room for k + 1 rows after the tokens taken as gained; the step in flight's read trims what is not used
-        if not (all(self.block_manager.grow(seq, seq.num_tokens + a + self.k) for seq, a in zip(seqs, ahead))
-                and self.graphs.fits(seqs, ahead)):
-            return None
-        return self.graphs.launch(seqs, drafts, ahead)
+        if not (all(self.block_manager.grow(seq, seq.num_tokens + m + self.k) for seq, m in zip(seqs, most))
+                and self.graphs.fits(seqs, most)):
+            return None  # the step in flight's read trims the room
+        launched = self.graphs.launch(seqs, drafts, [len(a) for a in assumed])
+        launched.guesses = [p[0] if p else None for p in proposed]
+        return launched
 
-    def read(self, step: LaunchedVerify) -> list[Verified]:
-        """A launched step's results (greedy rows, no logprobs), its totals counted."""
+    def read(self, step: LaunchedVerify, successor: LaunchedVerify | None = None) -> list[Verified]:
+        """A launched step's results (greedy rows, no logprobs), its totals counted. `successor`, the step
+        chained on it (in flight), learns which of its sequences' drafts are grounded: those whose assumption
+        about this step (drafts kept, next token) was right."""
         kept, following = step.read()
+        if successor is not None:
+            successor.grounded = [k == a and t == g for k, t, a, g in
+                                  zip(kept, following, successor.assumed, successor.guesses)]
         out = [Verified(d[:a] + [t], [None] * (a + 1), len(d)) for d, a, t in zip(step.drafts, kept, following)]
         self._count(out)
         self.proposer.observe(step.seqs, None)
@@ -258,7 +265,6 @@ class Speculator:
         return out
 
     def _count(self, results: list[Verified]) -> None:
-        self.kept_all = all(r.num_accepted == r.num_drafts for r in results)
         t = self.totals
         for r in results:
             if r.num_drafts:

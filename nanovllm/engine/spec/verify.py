@@ -12,9 +12,10 @@ k + 1 rows for every sequence (short draft lists padded; padding batch rows writ
 the greedy acceptance inside the graph, so that an all-greedy step reads back 2 integers per sequence.
 
 A step may be *chained*: launched before the step before it is read, with its rows laid out as if that step
-kept all its drafts. The graph then moves each sequence's rows back by the drafts the step before rejected and
-takes that step's next token as the first input, both read on the device from what the step before left
-(`last`), so the host never waits between steps (Speculator.launch_after).
+kept `assumed[i]` of its drafts. The graph then moves each sequence's rows by the difference between the drafts
+the step before kept and those assumed, and takes that step's next token as the first input, both read on the
+device from what the step before left (`last`), so the host never waits between steps
+(Speculator.launch_after).
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ PAD_TOKEN = 0  # input id of the padded draft rows (their logits are ignored)
 
 
 def verify_rows(seqs: list[Sequence], drafts: list[list[int]],
-                ahead: list[int] | None = None) -> tuple[list[int], list[list[int]], list[int]]:
+                assumed: list[int] | None = None) -> tuple[list[int], list[list[int]], list[int]]:
     """(input ids, block tables, KV lengths) of a verify step's rows: per sequence its uncomputed last token,
     then its drafts, each a one-query request over the sequence's blocks that sees the keys up to itself.
-    `ahead[i]`: tokens sequence i is taken to gain from the step in flight (a chained step; its first input is
-    then a placeholder, which the graph replaces)."""
-    ahead = ahead or [0] * len(seqs)
+    `assumed[i]`: a chained step's sequence is taken to gain that many kept drafts and a next token from the step
+    in flight (its first input is then a placeholder, which the graph replaces)."""
+    ahead = [a + 1 for a in assumed] if assumed is not None else [0] * len(seqs)
     ids = list(itertools.chain.from_iterable([seq.token_ids[-1], *d] for seq, d in zip(seqs, drafts)))
     q_lens = [1 + len(d) for d in drafts]
     tables, seq_lens = verify_requests([seq.block_table for seq in seqs],
@@ -73,12 +74,18 @@ def verify_logits_eager(runner, seqs: list[Sequence], drafts: list[list[int]]) -
 @dataclasses.dataclass
 class LaunchedVerify:
     """A verify step launched and not yet read: its sequences, their drafts, and its greedy result (2, n) on
-    its way to pinned host memory (`event` completes when it is there; None: already there)."""
+    its way to pinned host memory (`event` completes when it is there; None: already there). A chained step also
+    has, per sequence, the drafts of the step before that it took as kept (`assumed`) and the proposer's guess of
+    that step's next token (`guesses`); `grounded` says, once the step before is read, whether both were right:
+    only then are its own drafts likely to be kept."""
 
     seqs: list[Sequence]
     drafts: list[list[int]]
     greedy: torch.Tensor
     event: torch.cuda.Event | None
+    assumed: list[int] | None = None
+    guesses: list[int | None] | None = None
+    grounded: list[bool] | None = None
 
     def read(self) -> tuple[list[int], list[int]]:
         """(drafts kept, the token after them) per sequence; waits for the step."""
@@ -95,8 +102,8 @@ class VerifyGraphs:
     before it may still be copying in). `capture_graphs=False` replays by running eagerly on the same padded
     buffers, which tests the padding and chaining on machines without a GPU.
 
-    `last` (3, max batch) holds what the latest replay left: drafts kept, the token after them, and the number
-    of drafts, per sequence; a chained step reads it (see the module's docstring)."""
+    `last` (2, max batch) holds what the latest replay left: drafts kept and the token after them, per sequence;
+    a chained step reads it (see the module's docstring)."""
 
     def __init__(self, runner, k: int, max_batch_size: int, capture_graphs: bool = True):
         self.runner, self.k, self.capture_graphs = runner, k, capture_graphs
@@ -108,14 +115,14 @@ class VerifyGraphs:
         n = self.max_bs * self.rows_per_seq
         # the fields side by side, each sized for the largest batch; the block table last (_upload)
         self.layout = {"input_ids": n, "positions": n, "slot_mapping": n, "seq_lens": n, "num_drafts": self.max_bs,
-                       "chained": self.max_bs, "block_tables": n * self.max_blocks}
+                       "chained": self.max_bs, "assumed": self.max_bs, "block_tables": n * self.max_blocks}
         size = sum(self.layout.values())
         cuda = runner.device.type == "cuda"
         pin = cuda and capture_graphs
         self.hosts = [torch.zeros(size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self.turn = 0  # the host buffer of the latest step
         self.inputs = torch.zeros(size, dtype=torch.int64, device=runner.device)
-        self.last = torch.zeros(3, self.max_bs, dtype=torch.int64, device=runner.device)
+        self.last = torch.zeros(2, self.max_bs, dtype=torch.int64, device=runner.device)
         self.greedy_hosts = [torch.zeros(2 * self.max_bs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # b -> (logits, greedy (2, b))
@@ -129,7 +136,7 @@ class VerifyGraphs:
         out, start = {}, 0
         rows = b * self.rows_per_seq
         for name, size in self.layout.items():
-            used = {"block_tables": rows * self.max_blocks, "num_drafts": b, "chained": b}.get(name, rows)
+            used = {"block_tables": rows * self.max_blocks, "num_drafts": b, "chained": b, "assumed": b}.get(name, rows)
             out[name] = buf[start:start + used]
             start += size
         out["block_tables"] = out["block_tables"].reshape(rows, self.max_blocks)
@@ -140,7 +147,7 @@ class VerifyGraphs:
 
     def fits(self, seqs: list[Sequence], ahead: list[int] | None = None) -> bool:
         """Every sequence has blocks for k + 1 rows within max_model_len (after the `ahead[i]` tokens the step in
-        flight is taken to add), and a batch size holds them."""
+        flight may add), and a batch size holds them."""
         if self.size_for(len(seqs)) is None:
             return False
         limit = self.runner.config.max_model_len
@@ -148,7 +155,7 @@ class VerifyGraphs:
         return all(seq.num_tokens + a + self.k <= min(limit, len(seq.block_table) * self.runner.block_size)
                    for seq, a in zip(seqs, ahead))
 
-    def _fill(self, b: int, seqs: list[Sequence], drafts: list[list[int]], ahead: list[int] | None) -> dict:
+    def _fill(self, b: int, seqs: list[Sequence], drafts: list[list[int]], assumed: list[int] | None) -> dict:
         """Fills the next host buffer for b sequences (the real ones, then padding rows on the scratch block)."""
         k1, n = self.rows_per_seq, len(seqs)
         self.turn ^= 1
@@ -157,14 +164,16 @@ class VerifyGraphs:
             self.host_views[key] = self.views(self.hosts[self.turn].numpy(), b)
         v = self.host_views[key]
         padded = [d + [PAD_TOKEN] * (self.k - len(d)) for d in drafts]
-        ids, tables, seq_lens = verify_rows(seqs, padded, ahead)
+        ids, tables, seq_lens = verify_rows(seqs, padded, assumed)
         v["input_ids"][:] = PAD_TOKEN
         v["input_ids"][:n * k1] = ids
         v["num_drafts"][:] = 0
         v["num_drafts"][:n] = [len(d) for d in drafts]
         v["chained"][:] = 0
-        if ahead:
-            v["chained"][:n] = [int(a > 0) for a in ahead]
+        v["assumed"][:] = 0
+        if assumed is not None:
+            v["chained"][:n] = 1
+            v["assumed"][:n] = assumed
         step = build_metadata(tables, seq_lens, self.runner.block_size, rows=b * k1, width=self.max_blocks,
                               scratch_block=self.scratch_block, out=v)
         return step.host
@@ -188,12 +197,12 @@ class VerifyGraphs:
         self.inputs[:end].copy_(self.hosts[self.turn][:end], non_blocking=True)
 
     def _shift_chained(self, b: int, v: dict) -> None:
-        """Lay a chained sequence's rows out as the step before actually left it: back by the drafts that step
-        rejected (positions, KV lengths, and the slots they give), its next token as the first input."""
+        """Lay a chained sequence's rows out as the step before actually left it: moved by the drafts it kept less
+        those assumed (positions, KV lengths, and the slots they give), its next token as the first input."""
         k1, block_size = self.rows_per_seq, self.runner.block_size
         chained = v["chained"].bool()
-        kept, following, num_drafts = self.last[:, :b]
-        shift = torch.where(chained, kept - num_drafts, 0)[:, None].expand(b, k1).reshape(-1)
+        kept, following = self.last[:, :b]
+        shift = torch.where(chained, kept - v["assumed"], 0)[:, None].expand(b, k1).reshape(-1)
         positions = v["positions"].add_(shift)
         v["seq_lens"].add_(shift)
         v["slot_mapping"].copy_(kv_slots(v["block_tables"], self.arange[:b * k1], positions, block_size))
@@ -207,9 +216,9 @@ class VerifyGraphs:
         rows = logits.view(b, self.rows_per_seq, -1)
         drafts = v["input_ids"].view(b, self.rows_per_seq)[:, 1:]
         kept, following = greedy_accept(rows.argmax(dim=-1), drafts, v["num_drafts"])
-        last = torch.stack((kept, following, v["num_drafts"]))
+        last = torch.stack((kept, following))
         self.last[:, :b] = last
-        return rows, last[:2]
+        return rows, last
 
     @torch.inference_mode()
     def capture(self, sizes=None) -> float:
@@ -242,25 +251,25 @@ class VerifyGraphs:
 
     @torch.inference_mode()
     def launch(self, seqs: list[Sequence], drafts: list[list[int]],
-               ahead: list[int] | None = None) -> LaunchedVerify:
+               assumed: list[int] | None = None) -> LaunchedVerify:
         """Launches the step without waiting for it; its greedy result starts for the host at once (an all-greedy
-        step's only read). With `ahead` (tokens each sequence is taken to gain from the step in flight) it is
+        step's only read). With `assumed` (the drafts of the step in flight each sequence is taken to keep) it is
         chained on the step in flight."""
-        _, greedy = self._replay(seqs, drafts, ahead)
+        _, greedy = self._replay(seqs, drafts, assumed)
         b = greedy.shape[1]
         host = self.greedy_hosts[self.turn][:2 * b].view(2, b)
         host.copy_(greedy, non_blocking=host.is_pinned())
         event = torch.cuda.current_stream().record_event() if greedy.is_cuda else None
-        return LaunchedVerify(seqs, drafts, host[:, :len(seqs)], event)
+        return LaunchedVerify(seqs, drafts, host[:, :len(seqs)], event, assumed)
 
     def _replay(self, seqs: list[Sequence], drafts: list[list[int]],
-                ahead: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                assumed: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fills, uploads and replays the step of the batch size that holds the sequences: its (logits, greedy)
         for every row of that batch size, padding included."""
         b = self.size_for(len(seqs))
         if b not in self.ready:
             log.info("captured the verify graph of batch size %d (k=%d) in %.2f s", b, self.k, self.capture([b]))
-        meta = self._meta(b, self._fill(b, seqs, drafts, ahead))
+        meta = self._meta(b, self._fill(b, seqs, drafts, assumed))
         self._upload(b)
         for plan in self.runner.plans:
             plan(meta, self.runner.plan_context)
