@@ -1,7 +1,7 @@
 """Pipelined verify steps (greedy rows, a cheap proposer, captured verify steps: replayed eagerly here): each step
-is launched before the one in flight is read, laid out as if that one kept all its drafts, and moved back on the
-device by the drafts it rejected. The tokens stay those of plain decoding, at the request's edges too, and no KV
-block is left behind."""
+is launched before the one in flight is read, laid out as if that one kept all its drafts (or none, where they
+rest on a refuted guess), and moved on the device by the drafts it actually kept. The tokens stay those of plain
+decoding, at the request's edges too, and no KV block is left behind."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def plain_llm(tiny_model):
 
 
 def pipelined(tiny_model, method: str, **spec):
-    """An engine whose verify steps replay eagerly through VerifyGraphs, and a list of the `ahead` argument of
+    """An engine whose verify steps replay eagerly through VerifyGraphs, and a list of the `assumed` argument of
     each verify launch (None: a step launched after the one before was read)."""
     config = {"method": method, "num_speculative_tokens": 3, "max_batch_size": 4, **spec}
     llm = LLM(str(tiny_model), speculative_config=config, **ENGINE)
@@ -27,7 +27,7 @@ def pipelined(tiny_model, method: str, **spec):
     s.graphs = VerifyGraphs(llm.engine.runner, s.k, 4, capture_graphs=False)
     launches = []
     launch = s.graphs.launch
-    s.graphs.launch = lambda seqs, drafts, ahead=None: launches.append(ahead) or launch(seqs, drafts, ahead)
+    s.graphs.launch = lambda seqs, drafts, assumed=None: launches.append(assumed) or launch(seqs, drafts, assumed)
     return llm, launches
 
 
