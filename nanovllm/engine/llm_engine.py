@@ -209,7 +209,7 @@ class LLMEngine:
         """Reads the verify step in flight, after launching the next one chained on it (Speculator.launch_after)
         while the batch goes on unchanged: no request waits to be admitted, none finished or was aborted."""
         step, spec, sched = self.verify_in_flight, self.speculator, self.scheduler
-        goes_on = spec is not None and not sched.waiting and sched.running == step.seqs and spec.pipelines(step.seqs)
+        goes_on = not sched.waiting and sched.running == step.seqs and spec.pipelines(step.seqs)
         self.verify_in_flight = spec.launch_after(step) if goes_on else None
         outputs = self._emit_verified(step.seqs, spec.read(step, self.verify_in_flight), self.verify_in_flight)
         if self.verify_in_flight is not None and all(seq.is_finished for seq in self.verify_in_flight.seqs):
@@ -221,7 +221,7 @@ class LLMEngine:
         cache: those tokens count as computed, the full blocks they fill (kept tokens only) are hashed, and the
         room of rejected drafts is freed, except the room of the k + 1 rows of `next_step` (chained, in flight).
         A request that ended while its step was in flight gets nothing."""
-        chained = {id(seq) for seq in next_step.seqs} if next_step is not None else set()
+        chained = {seq.seq_id for seq in next_step.seqs} if next_step is not None else set()
         outputs = []
         for seq, result in zip(seqs, results):
             if seq.is_finished:
@@ -233,7 +233,7 @@ class LLMEngine:
             seq.token_ids.extend(kept)
             seq.num_computed_tokens = seq.num_tokens
             self.block_manager.commit(seq)
-            self.block_manager.trim(seq, seq.num_tokens + 1 + (self.speculator.k if id(seq) in chained else 0))
+            self.block_manager.trim(seq, seq.num_tokens + 1 + (self.speculator.k if seq.seq_id in chained else 0))
             del seq.token_ids[seq.num_tokens - len(kept):]
             outputs.append(self._append_tokens(seq, result.tokens, result.logprobs))
         return outputs

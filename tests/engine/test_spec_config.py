@@ -104,3 +104,13 @@ def test_index_grown_step_by_step_matches_a_full_scan(n_min, n_max):
     while len(tokens) < 200:
         assert index.lookup(tokens, 4) == scan(tokens, 4, n_min, n_max), len(tokens)
         tokens += rng.integers(0, 6, int(rng.integers(1, 5))).tolist()
+
+
+def test_lookup_after_guessed_tokens():
+    """Guessed tokens (drafts in flight) extend the suffix looked up and the continuation, and are never indexed."""
+    index = NgramIndex(2, 4)
+    tokens = [1, 2, 3, 4, 5, 9, 1, 2]
+    assert index.lookup(tokens, 4, [3]) == [4, 5, 9, 1]  # [1, 2, 3] seen at the start
+    assert index.indexed == len(tokens) - 1  # nothing indexed from the guess
+    assert NgramIndex(2, 4).lookup([7, 8, 9, 7, 8], 4, [9, 7]) == [8, 9, 7]  # the continuation runs into it
+    assert index.lookup(tokens + [6, 6], 2) == scan(tokens + [6, 6], 2, 2, 4)

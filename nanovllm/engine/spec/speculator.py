@@ -87,23 +87,18 @@ class Speculator:
         return (0 < len(batch) <= self.config.max_batch_size
                 and all(item.num_new_tokens == 1 and item.completes and not self.prompt_logprobs_pending(item.seq)
                         for item in batch)
-                and not all(self.one_token_at_a_time(item.seq) for item in batch))
+                and not all(needs_host_state(item.seq) for item in batch))
 
     @staticmethod
     def prompt_logprobs_pending(seq: Sequence) -> bool:
         """The row is a prompt's last chunk whose prompt logprobs the plain path still records."""
         return seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens
 
-    @staticmethod
-    def one_token_at_a_time(seq: Sequence) -> bool:
-        """A request never drafted for: its logits are adjusted (ADJUSTED) or masked by a grammar."""
-        return needs_host_state(seq)
-
     def caps(self, seqs: list[Sequence], ahead: list[int] | None = None) -> list[int]:
         """How many drafts each sequence may take: at most k, none past max_tokens or max_model_len (after the
         `ahead[i]` tokens the step in flight is taken to add)."""
         ahead = ahead or [0] * len(seqs)
-        return [0 if self.one_token_at_a_time(seq) else
+        return [0 if needs_host_state(seq) else
                 max(0, min(self.k, self.max_model_len - seq.num_tokens - a,
                            seq.params.max_tokens - seq.num_completion_tokens - a - 1))
                 for seq, a in zip(seqs, ahead)]
@@ -141,7 +136,7 @@ class Speculator:
         """Whether the batch's verify steps are pipelined (see the module's docstring): captured verify steps,
         a cheap proposer, greedy rows that want no logprobs, and no plan hook that reads decode steps' lengths."""
         return (self.may_pipeline and self.graphs is not None and self.proposer.cheap
-                and all(seq.params.greedy and seq.params.logprobs is None and not self.one_token_at_a_time(seq)
+                and all(seq.params.greedy and seq.params.logprobs is None and not needs_host_state(seq)
                         for seq in seqs))
 
     @torch.inference_mode()
@@ -202,7 +197,7 @@ class Speculator:
                 self._run_eagerly(e)
         if logits is None:
             logits = verify_logits_eager(self.runner, seqs, drafts)
-        if greedy is not None and all(seq.params.greedy and not self.one_token_at_a_time(seq) for seq in seqs):
+        if greedy is not None and all(seq.params.greedy and not needs_host_state(seq) for seq in seqs):
             kept, following = greedy.tolist()  # the graph's own acceptance: one small read, no launch
         else:
             kept, following = self._accept(logits, seqs, drafts)
@@ -240,7 +235,7 @@ class Speculator:
     def _sample_adjusted_rows(self, following: torch.Tensor, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Replace the token of each one-token-at-a-time row (no drafts: its token comes from logits row 0) by
         one sampled as the plain path does: penalties and biases applied, then the grammar's mask."""
-        rows = [i for i, seq in enumerate(seqs) if self.one_token_at_a_time(seq)]
+        rows = [i for i, seq in enumerate(seqs) if needs_host_state(seq)]
         if not rows:
             return
         picked = [seqs[i] for i in rows]
