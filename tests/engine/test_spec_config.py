@@ -7,10 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from nanovllm.config import EngineConfig, SpeculativeConfig
 from nanovllm.engine.spec import PROPOSERS, Proposer, make_proposer
 from nanovllm.engine.spec.ngram import NgramIndex
+from nanovllm.ops.primitives import ngram_lookup
 
 
 def test_dict_and_defaults():
@@ -104,6 +106,21 @@ def test_index_grown_step_by_step_matches_a_full_scan(n_min, n_max):
     while len(tokens) < 200:
         assert index.lookup(tokens, 4) == scan(tokens, 4, n_min, n_max), len(tokens)
         tokens += rng.integers(0, 6, int(rng.integers(1, 5))).tolist()
+
+
+@pytest.mark.parametrize("n_min,n_max", [(1, 3), (2, 4)])
+def test_lookup_on_device_matches_a_full_scan(n_min, n_max):
+    """The device lookup, a batch of rows of any length at once, proposes what a scan of each row's tokens finds,
+    at most each row's cap (which may be under 0 or over k)."""
+    rng = np.random.default_rng(n_max)
+    b, width, k = 6, 48, 4
+    for _ in range(30):
+        history = torch.from_numpy(rng.integers(0, 4, (b, width)))
+        lengths = torch.from_numpy(rng.integers(0, width + 1, b))
+        caps = torch.from_numpy(rng.integers(-1, k + 3, b))
+        drafts, counts = ngram_lookup(history, lengths, caps, k, n_min, n_max)
+        for row, length, cap, d, c in zip(history.tolist(), lengths.tolist(), caps.tolist(), drafts, counts):
+            assert d[:c].tolist() == scan(row[:length], max(0, min(k, cap)), n_min, n_max)
 
 
 def test_lookup_after_guessed_tokens():

@@ -178,7 +178,7 @@ def test_verify_graph_padding(tiny_model, plain_llm):
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "max_batch_size": 4}
     with LLM(str(tiny_model), speculative_config=spec, **ENGINE) as llm:
         s = llm.engine.speculator
-        s.graphs = VerifyGraphs(llm.engine.runner, s.k, 4, capture_graphs=False)
+        s.graphs = VerifyGraphs(llm.engine.runner, s.k, 4, capture_graphs=False, proposer=s.proposer)
         p = greedy(max_tokens=30)
         assert llm.generate(PROMPTS[:3], p) == plain_llm.generate(PROMPTS[:3], p)
         assert s.graphs.ready and s.totals.num_drafts > 0
@@ -222,7 +222,7 @@ def test_steps_without_drafts_run_ahead(tiny_model, plain_llm):
         runner, s = llm.engine.runner, llm.engine.speculator
         runner.graphs = DecodeGraphs(runner, runner.forward, capture_graphs=False)
         runner.graphs.capture()
-        s.graphs = VerifyGraphs(runner, s.k, 4, capture_graphs=False)
+        s.graphs = VerifyGraphs(runner, s.k, 4, capture_graphs=False, proposer=s.proposer)
         ahead = []
         launch = runner.launch
         runner.launch = lambda batch, prev=None: ahead.append(prev is not None) or launch(batch, prev)

@@ -1,7 +1,8 @@
 """Pipelined verify steps (greedy rows, a cheap proposer, captured verify steps: replayed eagerly here): each step
-is launched before the one in flight is read, laid out as if that one kept all its drafts (or none, where they
-rest on a refuted guess), and moved on the device by the drafts it actually kept. The tokens stay those of plain
-decoding, at the request's edges too, and no KV block is left behind."""
+is launched before the one in flight is read and moved on the device by the drafts that one actually kept. Its
+drafts come from the device proposer (n-gram), after the tokens kept, or from the host (the oracle), which takes
+the step in flight to keep all its drafts (or none, where they rest on a refuted guess). The tokens stay those of
+plain decoding, at the request's edges too, and no KV block is left behind."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from nanovllm import LLM
 from nanovllm.engine.spec.verify import VerifyGraphs
+from tests.engine.test_spec_config import scan
 from tests.engine.test_spec_engine import ENGINE, PROMPTS, greedy
 
 
@@ -19,16 +21,22 @@ def plain_llm(tiny_model):
 
 
 def pipelined(tiny_model, method: str, **spec):
-    """An engine whose verify steps replay eagerly through VerifyGraphs, and a list of the `assumed` argument of
-    each verify launch (None: a step launched after the one before was read)."""
+    """An engine whose verify steps replay eagerly through VerifyGraphs, and a list of the (assumed, drafts)
+    arguments of each verify launch (assumed None: a step launched after the one before was read; drafts None:
+    drafted on the device)."""
     config = {"method": method, "num_speculative_tokens": 3, "max_batch_size": 4, **spec}
     llm = LLM(str(tiny_model), speculative_config=config, **ENGINE)
     s = llm.engine.speculator
-    s.graphs = VerifyGraphs(llm.engine.runner, s.k, 4, capture_graphs=False)
+    s.graphs = VerifyGraphs(llm.engine.runner, s.k, 4, capture_graphs=False, proposer=s.proposer)
     launches = []
     launch = s.graphs.launch
-    s.graphs.launch = lambda seqs, drafts, assumed=None: launches.append(assumed) or launch(seqs, drafts, assumed)
+    s.graphs.launch = lambda seqs, drafts, assumed=None: (launches.append((assumed, drafts))
+                                                          or launch(seqs, drafts, assumed))
     return llm, launches
+
+
+def chained(launches) -> int:
+    return sum(assumed is not None for assumed, _ in launches)
 
 
 def assert_no_leak(llm: LLM) -> None:
@@ -39,14 +47,43 @@ def assert_no_leak(llm: LLM) -> None:
         assert bm.blocks[b].hash == h
 
 
-@pytest.mark.parametrize("method", ["ngram", "oracle"])
-def test_chained_rows_move_back_and_forward(tiny_model, plain_llm, method):
-    """Steps are chained on the step in flight, taken to keep all its drafts, or none when they rest on a refuted
-    guess. n-gram on a random model: many drafts are rejected, so rows move back (fewer kept than taken). The
-    oracle, every step forced to take none as kept: all are kept, so rows move forward."""
+def test_device_drafted_steps_follow_the_kept_tokens(tiny_model, plain_llm):
+    """n-gram drafts chained steps on the device, after the tokens the step before kept: each step's drafts are
+    what a lookup on the sequence's tokens then gives (on a random model, where most drafts are rejected), and
+    the output is that of plain decoding."""
     p = greedy()
     want = plain_llm.generate(PROMPTS[:4], p)
-    llm, launches = pipelined(tiny_model, method, prompt_lookup_min=1)
+    llm, launches = pipelined(tiny_model, "ngram", prompt_lookup_min=1)
+    with llm:
+        s = llm.engine.speculator
+        checked = []
+        read = s.read
+
+        def check(step, successor=None):
+            tokens, caps, on_device = [list(q.token_ids) for q in step.seqs], s.caps(step.seqs), step.drafts is None
+            out = read(step, successor)
+            for seq, t, cap, drafts in zip(step.seqs, tokens, caps, step.drafts):
+                if on_device and not seq.is_finished:
+                    checked.append(drafts == scan(t, cap, 1, s.config.prompt_lookup_max))
+            return out
+
+        s.read = check
+        assert llm.generate(PROMPTS[:4], p) == want  # batch 4: one pipelined batch
+        assert [llm.generate([prompt], p)[0] for prompt in PROMPTS[:2]] == want[:2]
+        assert len(checked) > 10 and all(checked)
+        assert sum(drafts is None for _, drafts in launches) > 5
+        assert 0 < s.totals.num_accepted_tokens < s.totals.num_draft_tokens
+        assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("direction", ["back", "forward"])
+def test_host_drafted_rows_move_back_and_forward(tiny_model, plain_llm, direction):
+    """The oracle drafts chained steps on the host, taking the step in flight to keep all its drafts, or none when
+    they rest on a refuted guess. Remembering a continuation with every fourth token wrong, drafts taken as kept
+    are rejected, so rows move back; forced to take none as kept, all are kept, so rows move forward."""
+    p = greedy()
+    want = plain_llm.generate(PROMPTS[:4], p)
+    llm, launches = pipelined(tiny_model, "oracle")
     with llm:
         s = llm.engine.speculator
         shifts = []
@@ -59,18 +96,17 @@ def test_chained_rows_move_back_and_forward(tiny_model, plain_llm, method):
             return out
 
         s.read = record
-        if method == "oracle":
-            for prompt, out in zip(PROMPTS, want):
-                s.proposer.remember(prompt, out["token_ids"])
+        for prompt, out in zip(PROMPTS, want):
+            tokens = out["token_ids"]
+            if direction == "back":
+                tokens = [t + 1 if i % 4 == 3 else t for i, t in enumerate(tokens)]
+            s.proposer.remember(prompt, tokens)
+        if direction == "forward":
             launch_after = s.launch_after
             s.launch_after = lambda step: setattr(step, "grounded", [False] * len(step.seqs)) or launch_after(step)
-        assert llm.generate(PROMPTS[:4], p) == want  # batch 4: one pipelined batch
-        if method == "ngram":
-            assert [llm.generate([prompt], p)[0] for prompt in PROMPTS[:2]] == want[:2]
-        assert sum(a is not None for a in launches) > 5
-        assert max(shifts) > 0 if method == "oracle" else min(shifts) < 0
-        if method == "ngram":
-            assert 0 < s.totals.num_accepted_tokens < s.totals.num_draft_tokens
+        assert llm.generate(PROMPTS[:4], p) == want
+        assert chained(launches) > 5
+        assert max(shifts) > 0 if direction == "forward" else min(shifts) < 0
         assert_no_leak(llm)
 
 
@@ -92,7 +128,7 @@ def test_oracle_chain_ends_where_plain_decoding_does(tiny_model, plain_llm, edge
         llm.engine.speculator.proposer.remember(prompt, tokens)
         got = llm.generate([prompt], p)
         assert got == plain_llm.generate([prompt], p)
-        assert sum(a is not None for a in launches) >= 2
+        assert chained(launches) >= 2
         assert_no_leak(llm)
 
 

@@ -177,6 +177,9 @@ def random_args(op: str, dtype):
         "moe": (r(n, h), w(8, 2 * inter, h), w(8, h, inter), torch.rand(n, 2, dtype=dtype),
                 torch.randint(0, 8, (n, 2))),
         "moe_mlp": (r(n, h), w(8, h), w(8, 2 * inter, h), w(8, h, inter), r(n, h), 2, True),
+        # token ids from a small alphabet (n-grams repeat), rows of every length, caps below 0 and above k
+        "ngram_lookup": (torch.randint(0, 3, (n, 29)), torch.tensor([0, 1, 2, 9, 17, 28, 29]),
+                         torch.tensor([4, 4, -1, 2, 4, 9, 4]), 4, 1, 3),
     }[op]
 
 

@@ -38,8 +38,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 INTERPRETER_RUNS = {
     "elementwise": ("test_prefetch_only_when_every_weight_read_early_is_a_parameter",
                     "test_rms_norm_and_add_rms_norm", "test_rms_norm_reads_strided_head_views_in_place",
-                    "test_silu_and_mul", "test_sample_race", "test_qk_norm_rope", "test_attention_decode",
-                    "test_rope_decode_attention_on_verify_rows",
+                    "test_silu_and_mul", "test_sample_race", "test_ngram_lookup", "test_qk_norm_rope",
+                    "test_attention_decode", "test_rope_decode_attention_on_verify_rows",
                     "test_every_triton_backend_resolves_on_the_interpreter"),
     "gemv": ("test_linear", "test_norm_qkv", "test_attn_out", "test_lm_head_sample"),
     "mlp": ("test_mlp", "test_rope_decode_attention"),
@@ -312,6 +312,24 @@ def test_sample_race(core, dtype, vocab):
     filtered = triton_impl("sample")(logits, temperature, top_k, None, None, noise)
     assert filtered.tolist() == native(logits, temperature, top_k, None, None, noise).tolist()
     assert triton_impl("sample")(logits, temperature, None, None, None, None).tolist() == logits.argmax(-1).tolist()
+
+
+@inner
+@pytest.mark.parametrize("n_min,n_max", [(1, 3), (2, 4)])
+def test_ngram_lookup(core, n_min, n_max):
+    """The prompt lookup of each row: rows of every length over several blocks of 8 end positions, a small
+    alphabet (n-grams repeat), caps below 0 and above k."""
+    torch.manual_seed(n_max)
+    k, width = 4, 29
+    history = torch.randint(0, 3, (7, width))
+    lengths = torch.tensor([0, 1, 2, 9, 17, 28, 29])
+    caps = torch.tensor([4, 4, -1, 2, 4, 9, 4])
+    want = get_op("ngram_lookup").native(history, lengths, caps, k, n_min, n_max)
+    got = torch.ops.nanovllm_triton.ngram_lookup(history, lengths, caps, k, n_min, n_max, 8)
+    assert got[:, :k].tolist() == want[0].tolist() and got[:, k].tolist() == want[1].tolist()
+    assert want[1].sum() > 0
+    drafts, counts = triton_impl("ngram_lookup")(history, lengths, caps, k, n_min, n_max)
+    assert drafts.tolist() == want[0].tolist() and counts.tolist() == want[1].tolist()
 
 
 @inner

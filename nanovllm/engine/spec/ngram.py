@@ -1,11 +1,17 @@
 """Prompt lookup: the suffix n-gram of a sequence found earlier in its own tokens proposes what followed it.
 
-Each sequence keeps an index of its n-grams (one dict per length, n-gram -> where its latest occurrence
-ends), extended with the tokens appended since its last step: a step's host work is a few dict operations,
-whatever the sequence's length (a scan of the whole sequence costs a long prompt hundreds of µs a step, on
-the critical path of a synchronous speculative step)."""
+On the host each sequence keeps an index of its n-grams (one dict per length, n-gram -> where its latest
+occurrence ends), extended with the tokens appended since its last step: a step's host work is a few dict
+operations, whatever the sequence's length (a scan of the whole sequence costs a long prompt hundreds of µs a
+step, on the critical path of a synchronous speculative step).
+
+Inside pipelined verify steps the same lookup runs on the device (the op `ngram_lookup`, resolved with the model's
+ops), over a copy of each sequence's tokens that the verify graph extends with the tokens it keeps: the drafts
+of the next step then follow the tokens actually kept, which the host learns only a step later."""
 
 from __future__ import annotations
+
+import torch
 
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.spec.proposer import Proposer, register_proposer
@@ -43,6 +49,7 @@ class NgramIndex:
 @register_proposer("ngram")
 class NgramProposer(Proposer):
     cheap = True
+    on_device = True
 
     def __init__(self, config, engine):
         super().__init__(config, engine)
@@ -56,6 +63,12 @@ class NgramProposer(Proposer):
         """Proposer.propose_after, with the assumed tokens kept out of the index (they may be rejected)."""
         return [self._index(seq).lookup(seq.token_ids, k + 1, extra) if k > 0 else []
                 for seq, extra, k in zip(seqs, assumed, max_tokens)]
+
+    def propose_on_device(self, history: torch.Tensor, lengths: torch.Tensor,
+                          caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        return self.engine.runner.model.ops.ngram_lookup(history, lengths, caps, c.num_speculative_tokens,
+                                                         c.prompt_lookup_min, c.prompt_lookup_max)
 
     def _index(self, seq: Sequence) -> NgramIndex:
         index = self.indexes.get(seq.seq_id)

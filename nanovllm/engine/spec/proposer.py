@@ -34,9 +34,13 @@ class Proposer(ABC):
     `cheap`: propose() costs microseconds and its drafts depend only on the sequences' tokens (a lookup, no model).
     The engine then asks it, while a batch finds no drafts, whether the next decode step may run ahead of the
     tokens in flight (Speculator.nothing_to_draft), and pipelines greedy verify steps with `propose_after`;
-    other proposers are asked only for the drafts of a step, once the step before is read."""
+    other proposers are asked only for the drafts of a step, once the step before is read.
+
+    `on_device`: a cheap proposer that can also propose inside the verify graph (`propose_on_device`): a pipelined
+    step's drafts then follow the tokens the step before actually kept, not the host's guess of them."""
 
     cheap: bool = False
+    on_device: bool = False
 
     def __init__(self, config: SpeculativeConfig, engine):
         self.config = config
@@ -62,6 +66,13 @@ class Proposer(ABC):
         finally:
             for seq, size in zip(seqs, sizes):
                 del seq.token_ids[size:]
+
+    def propose_on_device(self, history: torch.Tensor, lengths: torch.Tensor,
+                          caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For `on_device` proposers, inside a captured verify step (fixed shapes, no host reads): row i's tokens
+        are history[i, :lengths[i]], its last one the next step's first input. Returns (drafts (b, k), counts
+        (b,)): row i's drafts are drafts[i, :counts[i]], at most caps[i] (clamped to [0, k])."""
+        raise NotImplementedError(f"{type(self).__name__} does not propose on the device")
 
     def observe(self, seqs: list[Sequence], hidden: torch.Tensor | None) -> None:
         """Called after each verify step with its sequences, once their kept tokens are known (a head's state;

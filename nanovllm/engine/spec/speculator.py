@@ -8,10 +8,12 @@ In a speculative step it is a one-row sequence whose token is sampled from its a
 plain path samples it.
 
 An all-greedy batch with a cheap proposer (a lookup on the tokens: ngram, oracle) is pipelined: the next verify
-step is drafted and launched before the one in flight is read, as if it kept all its drafts (none, when they
-were proposed from a history the reads since have refuted), and the graph corrects the layout on the device
-(verify.py), so the host's work of a step (reading, emitting, drafting) overlaps the GPU's. Other speculative
-steps run synchronously: their drafts or their sampling depend on the tokens just kept.
+step is launched before the one in flight is read, and the graph corrects the layout on the device (verify.py),
+so the host's work of a step (reading, emitting, drafting) overlaps the GPU's. A proposer that proposes on the
+device (ngram) drafts the next step inside the graph, after the tokens actually kept; another (the oracle)
+drafts on the host, as if the step in flight kept all its drafts (none, when they were proposed from a history
+the reads since have refuted). Other speculative steps run synchronously: their drafts or their sampling depend
+on the tokens just kept.
 """
 
 from __future__ import annotations
@@ -70,11 +72,12 @@ class Speculator:
         self.proposer = proposer
         self.totals = SpecTotals(accepted_per_position=[0] * self.k)
         self.graphs = None
+        self.drafting = False  # the latest verify step read had drafts (a device-drafted chain goes on)
         # a plan hook that prepares decode steps on the host reads the KV lengths a chained step corrects
         self.may_pipeline = (engine.config.async_scheduling
                              and not any(getattr(plan, "plans_decode", True) for plan in self.runner.plans))
         if self.runner.graphs is not None:
-            self.graphs = VerifyGraphs(self.runner, self.k, self.config.max_batch_size)
+            self.graphs = VerifyGraphs(self.runner, self.k, self.config.max_batch_size, proposer=proposer)
             try:  # batch size 1 now, as the decode graphs: a single user's first step pays no capture
                 log.info("captured the verify graph of batch size 1 (k=%d) in %.2f s", self.k, self.graphs.capture([1]))
             except Exception as e:  # e.g. a backend whose plan cannot be captured
@@ -145,15 +148,35 @@ class Speculator:
         graphs do not fit it (the caller verifies synchronously)."""
         if not self.graphs.fits(seqs):
             return None
+        self.drafting = True
         return self.graphs.launch(seqs, drafts)
 
     @torch.inference_mode()
     def launch_after(self, step: LaunchedVerify) -> LaunchedVerify | None:
-        """Drafts and launches the step after `step` (in flight, not read), chained on it. Each sequence is taken
-        to keep all of `step`'s drafts when they are grounded (proposed from a history the reads since have
-        confirmed), else none of them, and then to gain `step`'s next token, which the proposer guesses; the graph
-        corrects the layout on the device. So a rejected draft costs one step of one token, not a run of them.
-        None (nothing launched) when no sequence has a draft, or the KV room is short."""
+        """Launches the step after `step` (in flight, not read), chained on it; None (nothing launched) when the KV
+        room is short or there are no drafts. A device proposer drafts it in the graph, after the tokens `step`
+        keeps; the chain ends once a step read had none. Otherwise the host drafts it (`_draft_after`)."""
+        if self.graphs.propose is None:
+            return self._draft_after(step)
+        seqs = step.seqs
+        if not self.drafting:
+            return None
+        # tokens `step` may add: all its rows, when its drafts are still on the device
+        most = [len(d) + 1 for d in step.drafts] if step.drafts is not None else [self.k + 1] * len(seqs)
+        if not self._room(seqs, most):
+            return None
+        return self.graphs.launch(seqs, None, [0] * len(seqs))
+
+    def _room(self, seqs: list[Sequence], most: list[int]) -> bool:
+        """KV room for a chained step's k + 1 rows after the `most[i]` tokens the step in flight may add."""
+        return (all(self.block_manager.grow(seq, seq.num_tokens + m + self.k) for seq, m in zip(seqs, most))
+                and self.graphs.fits(seqs, most))
+
+    def _draft_after(self, step: LaunchedVerify) -> LaunchedVerify | None:
+        """Drafts the step after `step` on the host. Each sequence is taken to keep all of `step`'s drafts when
+        they are grounded (proposed from a history the reads since have confirmed), else none of them, and then to
+        gain `step`'s next token, which the proposer guesses; the graph corrects the layout on the device. So a
+        rejected draft costs one step of one token, not a run of them."""
         seqs = step.seqs
         grounded = step.grounded or [True] * len(seqs)
         assumed = [d if ok else [] for d, ok in zip(step.drafts, grounded)]
@@ -161,10 +184,7 @@ class Speculator:
         caps = self.caps(seqs, most)
         proposed = self.proposer.propose_after(seqs, assumed, caps)
         drafts = [self._valid(p[1:], cap) for p, cap in zip(proposed, caps)]
-        if not any(drafts):
-            return None
-        if not (all(self.block_manager.grow(seq, seq.num_tokens + m + self.k) for seq, m in zip(seqs, most))
-                and self.graphs.fits(seqs, most)):
+        if not any(drafts) or not self._room(seqs, most):
             return None  # the step in flight's read trims the room
         launched = self.graphs.launch(seqs, drafts, [len(a) for a in assumed])
         launched.guesses = [p[0] if p else None for p in proposed]
@@ -175,9 +195,10 @@ class Speculator:
         chained on it (in flight), learns which of its sequences' drafts are grounded: those whose assumption
         about this step (drafts kept, next token) was right."""
         kept, following = step.read()
-        if successor is not None:
+        if successor is not None and successor.guesses is not None:
             successor.grounded = [k == a and t == g for k, t, a, g in
                                   zip(kept, following, successor.assumed, successor.guesses)]
+        self.drafting = any(step.drafts)
         out = [Verified(d[:a] + [t], [None] * (a + 1), len(d)) for d, a, t in zip(step.drafts, kept, following)]
         self._count(out)
         self.proposer.observe(step.seqs, None)

@@ -9,13 +9,15 @@ K/V write into its attention kernel writes every row's K/V first (AttentionMetad
 
 Eagerly each sequence has 1 + len(drafts) rows. `VerifyGraphs` captures the step per (batch size, k) with
 k + 1 rows for every sequence (short draft lists padded; padding batch rows write to the scratch block), and
-the greedy acceptance inside the graph, so that an all-greedy step reads back 2 integers per sequence.
+the greedy acceptance inside the graph, so that an all-greedy step reads back a few integers per sequence.
 
 A step may be *chained*: launched before the step before it is read, with its rows laid out as if that step
 kept `assumed[i]` of its drafts. The graph then moves each sequence's rows by the difference between the drafts
 the step before kept and those assumed, and takes that step's next token as the first input, both read on the
 device from what the step before left (`last`), so the host never waits between steps
-(Speculator.launch_after).
+(Speculator.launch_after). With a proposer that proposes on the device (Proposer.on_device), the graph also
+appends the tokens each sequence keeps to a device copy of its tokens (`history`, uploaded when a chain starts)
+and proposes the next step's drafts from it, so a chained step's drafts follow what was actually kept.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from nanovllm.ops.meta import build_metadata, kv_slots, verify_requests
 log = logging.getLogger("nanovllm")
 
 PAD_TOKEN = 0  # input id of the padded draft rows (their logits are ignored)
+PER_SEQ = ("num_drafts", "chained", "assumed", "limit")  # the input fields of one value per sequence
 
 
 def verify_rows(seqs: list[Sequence], drafts: list[list[int]],
@@ -73,25 +76,28 @@ def verify_logits_eager(runner, seqs: list[Sequence], drafts: list[list[int]]) -
 
 @dataclasses.dataclass
 class LaunchedVerify:
-    """A verify step launched and not yet read: its sequences, their drafts, and its greedy result (2, n) on
-    its way to pinned host memory (`event` completes when it is there; None: already there). A chained step also
+    """A verify step launched and not yet read: its sequences, their drafts (None: proposed on the device, known
+    once read), and its result (VerifyGraphs.last's rows, n columns) on its way to pinned host memory (`event`
+    completes when it is there; None: already there). A chained step also
     has, per sequence, the drafts of the step before that it took as kept (`assumed`) and the proposer's guess of
     that step's next token (`guesses`); `grounded` says, once the step before is read, whether both were right:
     only then are its own drafts likely to be kept."""
 
     seqs: list[Sequence]
-    drafts: list[list[int]]
-    greedy: torch.Tensor
+    drafts: list[list[int]] | None
+    result: torch.Tensor
     event: torch.cuda.Event | None
     assumed: list[int] | None = None
     guesses: list[int | None] | None = None
     grounded: list[bool] | None = None
 
     def read(self) -> tuple[list[int], list[int]]:
-        """(drafts kept, the token after them) per sequence; waits for the step."""
+        """(drafts kept, the token after them) per sequence, `drafts` filled in; waits for the step."""
         if self.event is not None:
             self.event.synchronize()
-        kept, following = self.greedy.tolist()
+        kept, following, num_drafts, *drafts = self.result.tolist()
+        if self.drafts is None:
+            self.drafts = [[row[i] for row in drafts[:n]] for i, n in enumerate(num_drafts)]
         return kept, following
 
 
@@ -102,11 +108,13 @@ class VerifyGraphs:
     before it may still be copying in). `capture_graphs=False` replays by running eagerly on the same padded
     buffers, which tests the padding and chaining on machines without a GPU.
 
-    `last` (2, max batch) holds what the latest replay left: drafts kept and the token after them, per sequence;
-    a chained step reads it (see the module's docstring)."""
+    `last` (3 + k, max batch) holds what the latest replay left, per sequence: drafts kept, the token after them,
+    the number of drafts and the drafts; a chained step reads the first two (see the module's docstring).
+    `proposer`: with one that proposes on the device, chained steps take their drafts from it (`history`)."""
 
-    def __init__(self, runner, k: int, max_batch_size: int, capture_graphs: bool = True):
+    def __init__(self, runner, k: int, max_batch_size: int, capture_graphs: bool = True, proposer=None):
         self.runner, self.k, self.capture_graphs = runner, k, capture_graphs
+        self.propose = proposer.propose_on_device if proposer is not None and proposer.on_device else None
         self.rows_per_seq = k + 1
         self.sizes = [b for b in graph_batch_sizes(runner.config.max_num_seqs) if b <= max_batch_size]
         self.max_bs = self.sizes[-1]
@@ -114,18 +122,25 @@ class VerifyGraphs:
         self.scratch_block = runner.num_blocks
         n = self.max_bs * self.rows_per_seq
         # the fields side by side, each sized for the largest batch; the block table last (_upload)
-        self.layout = {"input_ids": n, "positions": n, "slot_mapping": n, "seq_lens": n, "num_drafts": self.max_bs,
-                       "chained": self.max_bs, "assumed": self.max_bs, "block_tables": n * self.max_blocks}
+        self.layout = {"input_ids": n, "positions": n, "slot_mapping": n, "seq_lens": n,
+                       **dict.fromkeys(PER_SEQ, self.max_bs), "block_tables": n * self.max_blocks}
         size = sum(self.layout.values())
         cuda = runner.device.type == "cuda"
         pin = cuda and capture_graphs
         self.hosts = [torch.zeros(size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self.turn = 0  # the host buffer of the latest step
         self.inputs = torch.zeros(size, dtype=torch.int64, device=runner.device)
-        self.last = torch.zeros(2, self.max_bs, dtype=torch.int64, device=runner.device)
-        self.greedy_hosts = [torch.zeros(2 * self.max_bs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.last = torch.zeros(3 + k, self.max_bs, dtype=torch.int64, device=runner.device)
+        self.result_hosts = [torch.zeros((3 + k) * self.max_bs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        if self.propose is not None:  # each sequence's tokens, room for a step's k + 1 past max_model_len
+            width = runner.config.max_model_len + k + 1
+            self.history = torch.zeros(self.max_bs, width, dtype=torch.int64, device=runner.device)
+            self.history_host = torch.zeros(self.max_bs, width, dtype=torch.int64, pin_memory=pin)
+            self.history_copied: torch.cuda.Event | None = None
+            self.proposed = torch.zeros(self.max_bs, k, dtype=torch.int64, device=runner.device)
+            self.proposed_counts = torch.zeros(self.max_bs, dtype=torch.int64, device=runner.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # b -> (logits, greedy (2, b))
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # b -> (logits, last's (3 + k, b))
         self.arange = torch.arange(n + 1, device=runner.device)
         self.host_views: dict[tuple[int, int], dict] = {}  # (turn, b) -> views of a host buffer's numpy twin
         self.metas: dict[int, AttentionMetadata] = {}  # b -> the step's metadata over the device buffer
@@ -136,7 +151,7 @@ class VerifyGraphs:
         out, start = {}, 0
         rows = b * self.rows_per_seq
         for name, size in self.layout.items():
-            used = {"block_tables": rows * self.max_blocks, "num_drafts": b, "chained": b, "assumed": b}.get(name, rows)
+            used = {"block_tables": rows * self.max_blocks, **dict.fromkeys(PER_SEQ, b)}.get(name, rows)
             out[name] = buf[start:start + used]
             start += size
         out["block_tables"] = out["block_tables"].reshape(rows, self.max_blocks)
@@ -155,9 +170,12 @@ class VerifyGraphs:
         return all(seq.num_tokens + a + self.k <= min(limit, len(seq.block_table) * self.runner.block_size)
                    for seq, a in zip(seqs, ahead))
 
-    def _fill(self, b: int, seqs: list[Sequence], drafts: list[list[int]], assumed: list[int] | None) -> dict:
-        """Fills the next host buffer for b sequences (the real ones, then padding rows on the scratch block)."""
+    def _fill(self, b: int, seqs: list[Sequence], drafts: list[list[int]] | None,
+              assumed: list[int] | None) -> dict:
+        """Fills the next host buffer for b sequences (the real ones, then padding rows on the scratch block).
+        drafts None: the graph takes them from the device proposer."""
         k1, n = self.rows_per_seq, len(seqs)
+        drafts = [[]] * n if drafts is None else drafts
         self.turn ^= 1
         key = (self.turn, b)
         if key not in self.host_views:
@@ -174,6 +192,10 @@ class VerifyGraphs:
         if assumed is not None:
             v["chained"][:n] = 1
             v["assumed"][:n] = assumed
+        # the most tokens a sequence may have once a step's drafts are kept (Speculator.caps)
+        v["limit"][:] = 0
+        v["limit"][:n] = [min(self.runner.config.max_model_len, seq.num_prompt_tokens + seq.params.max_tokens - 1)
+                          for seq in seqs]
         step = build_metadata(tables, seq_lens, self.runner.block_size, rows=b * k1, width=self.max_blocks,
                               scratch_block=self.scratch_block, out=v)
         return step.host
@@ -198,16 +220,35 @@ class VerifyGraphs:
 
     def _shift_chained(self, b: int, v: dict) -> None:
         """Lay a chained sequence's rows out as the step before actually left it: moved by the drafts it kept less
-        those assumed (positions, KV lengths, and the slots they give), its next token as the first input."""
+        those assumed (positions, KV lengths, and the slots they give), its next token as the first input, and
+        with a device proposer, the drafts it proposed after them."""
         k1, block_size = self.rows_per_seq, self.runner.block_size
         chained = v["chained"].bool()
-        kept, following = self.last[:, :b]
+        kept, following = self.last[:2, :b]
         shift = torch.where(chained, kept - v["assumed"], 0)[:, None].expand(b, k1).reshape(-1)
         positions = v["positions"].add_(shift)
         v["seq_lens"].add_(shift)
         v["slot_mapping"].copy_(kv_slots(v["block_tables"], self.arange[:b * k1], positions, block_size))
-        first = v["input_ids"].view(b, k1)[:, 0]
-        first.copy_(torch.where(chained, following, first))
+        ids = v["input_ids"].view(b, k1)
+        ids[:, 0].copy_(torch.where(chained, following, ids[:, 0]))
+        if self.propose is not None:
+            ids[:, 1:].copy_(torch.where(chained[:, None], self.proposed[:b], ids[:, 1:]))
+            v["num_drafts"].copy_(torch.where(chained, self.proposed_counts[:b], v["num_drafts"]))
+
+    def _propose_next(self, b: int, v: dict, kept: torch.Tensor, following: torch.Tensor) -> None:
+        """Append the tokens each sequence keeps (its kept drafts, then the next token) to its `history`, and
+        propose the drafts of the step after from it."""
+        k1 = self.rows_per_seq
+        ids = v["input_ids"].view(b, k1)
+        length = v["positions"].view(b, k1)[:, 0] + 1  # the tokens before the step, its first input the last
+        j = self.arange[:k1]
+        tokens = torch.where(j < kept[:, None], ids.roll(-1, dims=1), following[:, None])  # drafts[j] or the next
+        history = self.history[:b]
+        history.scatter_(1, (length[:, None] + j).clamp(max=history.shape[1] - 1), tokens)
+        length = length + kept + 1
+        drafts, counts = self.propose(history, length, v["limit"] - length)
+        self.proposed[:b] = drafts
+        self.proposed_counts[:b] = counts
 
     def _run(self, b: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         v = self.views(self.inputs, b)
@@ -216,7 +257,9 @@ class VerifyGraphs:
         rows = logits.view(b, self.rows_per_seq, -1)
         drafts = v["input_ids"].view(b, self.rows_per_seq)[:, 1:]
         kept, following = greedy_accept(rows.argmax(dim=-1), drafts, v["num_drafts"])
-        last = torch.stack((kept, following))
+        if self.propose is not None:
+            self._propose_next(b, v, kept, following)
+        last = torch.cat((torch.stack((kept, following, v["num_drafts"])), drafts.T))
         self.last[:, :b] = last
         return rows, last
 
@@ -246,25 +289,40 @@ class VerifyGraphs:
         """(logits (n, k + 1, V), greedy (2, n): drafts kept and the token after them, as greedy_accept) of the
         real sequences, on the device; rows past a sequence's drafts are padding."""
         n = len(seqs)
-        logits, greedy = self._replay(seqs, drafts, None)
-        return logits[:n], greedy[:, :n]
+        logits, last = self._replay(seqs, drafts, None)
+        return logits[:n], last[:2, :n]
 
     @torch.inference_mode()
-    def launch(self, seqs: list[Sequence], drafts: list[list[int]],
+    def launch(self, seqs: list[Sequence], drafts: list[list[int]] | None,
                assumed: list[int] | None = None) -> LaunchedVerify:
-        """Launches the step without waiting for it; its greedy result starts for the host at once (an all-greedy
-        step's only read). With `assumed` (the drafts of the step in flight each sequence is taken to keep) it is
-        chained on the step in flight."""
-        _, greedy = self._replay(seqs, drafts, assumed)
-        b = greedy.shape[1]
-        host = self.greedy_hosts[self.turn][:2 * b].view(2, b)
-        host.copy_(greedy, non_blocking=host.is_pinned())
-        event = torch.cuda.current_stream().record_event() if greedy.is_cuda else None
+        """Launches the step without waiting for it; its result starts for the host at once (an all-greedy step's
+        only read). With `assumed` (the drafts of the step in flight each sequence is taken to keep) it is chained
+        on the step in flight; drafts None: chained, with the device proposer's drafts. A step that starts a
+        chain uploads its sequences' tokens for the device proposer."""
+        if assumed is None and self.propose is not None:
+            self._upload_history(seqs)
+        _, last = self._replay(seqs, drafts, assumed)
+        b = last.shape[1]
+        host = self.result_hosts[self.turn][:last.numel()].view(-1, b)
+        host.copy_(last, non_blocking=host.is_pinned())
+        event = torch.cuda.current_stream().record_event() if last.is_cuda else None
         return LaunchedVerify(seqs, drafts, host[:, :len(seqs)], event, assumed)
+
+    def _upload_history(self, seqs: list[Sequence]) -> None:
+        """Copies each sequence's tokens into its row of `history`, through the pinned host copy (free again once
+        the copy before is done)."""
+        if self.history_copied is not None:
+            self.history_copied.synchronize()
+        host = self.history_host.numpy()
+        for i, seq in enumerate(seqs):
+            host[i, :seq.num_tokens] = seq.token_ids
+        width = max(seq.num_tokens for seq in seqs)
+        self.history[:len(seqs), :width].copy_(self.history_host[:len(seqs), :width], non_blocking=True)
+        self.history_copied = torch.cuda.current_stream().record_event() if self.history.is_cuda else None
 
     def _replay(self, seqs: list[Sequence], drafts: list[list[int]],
                 assumed: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fills, uploads and replays the step of the batch size that holds the sequences: its (logits, greedy)
+        """Fills, uploads and replays the step of the batch size that holds the sequences: its (logits, last)
         for every row of that batch size, padding included."""
         b = self.size_for(len(seqs))
         if b not in self.ready:
