@@ -56,7 +56,7 @@ def run_batch1(llm, prompts: list[list[int]], max_tokens: int) -> tuple[list[lis
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outputs, tokens, seconds = [], 0, 0.0
-    steps = drafted = kept = 0
+    steps = drafted = kept = forward_steps = 0
     for prompt in prompts:
         rid = engine.add_request(prompt, params)
         got, t0 = [], None
@@ -67,6 +67,8 @@ def run_batch1(llm, prompts: list[list[int]], max_tokens: int) -> tuple[list[lis
                 if t0 is None:
                     sync(engine.runner.device)
                     t0, first = time.perf_counter(), len(out.token_ids)
+                else:
+                    forward_steps += 1  # each later output is one step's tokens
                 got += out.token_ids
                 if out.finished:
                     steps, drafted, kept = (steps + out.spec_steps, drafted + out.spec_draft_tokens,
@@ -75,9 +77,12 @@ def run_batch1(llm, prompts: list[list[int]], max_tokens: int) -> tuple[list[lis
         seconds += time.perf_counter() - t0
         tokens += len(got) - first
         outputs.append(got)
+    # tokens_per_step: decode tokens per forward step (one token and its kept drafts), the speed-up a verify step
+    # as cheap as a decode step would give: the ceiling the proposer and the workload set
     accept = dict(verify_steps=steps, draft_tokens=drafted, accepted_tokens=kept,
                   mean_accepted_length=1 + kept / steps if steps else 1.0,
-                  acceptance_rate=kept / drafted if drafted else 0.0)
+                  acceptance_rate=kept / drafted if drafted else 0.0,
+                  tokens_per_step=tokens / forward_steps if forward_steps else 1.0)
     return outputs, tokens / seconds if seconds else 0.0, accept
 
 
@@ -238,6 +243,7 @@ def set_speculative(cfg, config: SpeculativeConfig) -> None:
 def describe(row: dict) -> str:
     return (f"{row['method']:<11} {row['workload']:<8} k={row['k']} plain {row['plain_tok_s']:8.1f} tok/s  "
             f"spec {row['spec_tok_s']:8.1f} tok/s  speedup {row['speedup']:.2f}x  "
-            f"accepted length {row['mean_accepted_length']:.2f}  verify cost {row['verify_cost']:.2f}x  "
+            f"accepted length {row['mean_accepted_length']:.2f}  tokens/step {row['tokens_per_step']:.2f}  "
+            f"verify cost {row['verify_cost']:.2f}x  "
             + (f"(GPU {row['verify_gpu_ms']:.3f} / {row['decode_gpu_ms']:.3f} ms)  " if row.get("verify_gpu_ms")
                else "") + f"identical {row['identical']}")

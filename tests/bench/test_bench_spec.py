@@ -36,6 +36,7 @@ def test_rows(spec_run):
     assert rows["oracle"]["workload"] == "oracle" and rows["ngram"]["workload"] == "grounded"
     # every oracle draft is kept: k + 1 tokens per verify step but the last (cut short by max_tokens)
     assert rows["oracle"]["acceptance_rate"] == 1.0 and rows["oracle"]["mean_accepted_length"] >= 4
+    assert rows["oracle"]["tokens_per_step"] >= 3.5 and 1.0 <= rows["ngram"]["tokens_per_step"] < 4.0
 
 
 def test_baseline_folds_rows(spec_run):
