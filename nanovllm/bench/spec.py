@@ -51,10 +51,11 @@ def sync(device) -> None:
 
 
 def run_batch1(llm, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float, dict]:
-    """Each prompt alone, greedy: (completions, decode tok/s over the tokens after the first, acceptance). The
-    clock starts after each request's first token (its prefill), so tok/s is decode speed."""
+    """Each prompt alone, greedy, ending at EOS or max_tokens as a real request does (a small model's text after
+    its EOS is a new, ungrounded conversation): (completions, decode tok/s over the tokens after the first,
+    acceptance). The clock starts after each request's first token (its prefill), so tok/s is decode speed."""
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     outputs, tokens, seconds = [], 0, 0.0
     steps = drafted = kept = forward_steps = 0
     for prompt in prompts:
