@@ -29,7 +29,8 @@ from nanovllm.quant.weights import is_quantized
 
 LAYER_OPS = ("norm_qkv", "qk_norm_rope", "attention_prefill", "attention_decode",
              "rope_decode_attention", "attn_out", "mlp", "decode_layer")
-MODEL_OPS = ("embedding", "rms_norm", "linear", "sample", "lm_head_sample", "ngram_lookup")
+MODEL_OPS = ("embedding", "rms_norm", "linear", "sample", "lm_head_sample", "verify_layout", "verify_accept",
+             "ngram_lookup")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 

@@ -1,7 +1,7 @@
 """The op registry. Importing this package defines every built-in op (primitives and fusion sites)."""
 
 # define the ops (family_ops imports the rest)
-from nanovllm.ops import family_ops, primitives, sites  # noqa: F401
+from nanovllm.ops import family_ops, primitives, sites, verify_ops  # noqa: F401
 from nanovllm.ops.meta import AttentionMetadata, PlanContext
 from nanovllm.ops.plugins import load_plugins
 from nanovllm.ops.registry import (

@@ -28,8 +28,8 @@ RANKING: dict[str, dict[str, tuple[str, ...]]] = {
         "moe": _FUSED,
         # the parts that steps of more rows (prefill, large batches) run
         "linear": _FUSED, "rms_norm": _FUSED, "add_rms_norm": _FUSED, "silu_and_mul": _FUSED, "sample": _FUSED,
-        # the n-gram proposer's lookup inside pipelined verify steps: one launch, not some thirty
-        "ngram_lookup": _FUSED,
+        # a verify step's bookkeeping and the n-gram proposer's lookup: one launch each, not some twenty
+        "verify_layout": _FUSED, "verify_accept": _FUSED, "ngram_lookup": _FUSED,
     },
 }
 

@@ -183,33 +183,6 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor 
     return torch.where(temperature == 0, greedy, sampled)
 
 
-@define_op("ngram_lookup")
-def ngram_lookup(history: torch.Tensor, lengths: torch.Tensor, caps: torch.Tensor, k: int, n_min: int,
-                 n_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt lookup per row of token ids (CUDA-graph safe): row i's tokens are history[i, :lengths[i]] (b, S).
-    Returns (drafts (b, k), counts (b,)): row i proposes drafts[i, :counts[i]] (0 after them), at most caps[i]
-    (clamped to [0, k]) tokens, those after the latest earlier occurrence of its longest suffix n-gram
-    (n_min <= n <= n_max), or none (the n-gram proposer's NgramIndex.lookup, for every row at once)."""
-    b, width = history.shape
-    back = lengths[:, None] - 1 - torch.arange(n_max, device=history.device)  # the suffix, newest token first
-    suffix = torch.where(back >= 0, history.gather(1, back.clamp(min=0)), -2)
-    padded = F.pad(history, (n_max, 0), value=-1)  # padded[:, n_max + p] = history[:, p]
-    # run[:, e]: how many of the suffix's tokens (at most n_max) the tokens before position e repeat
-    alive = torch.ones_like(history, dtype=torch.bool)
-    run = torch.zeros_like(history)
-    for i in range(n_max):
-        alive &= padded[:, n_max - 1 - i:n_max - 1 - i + width] == suffix[:, i:i + 1]
-        run += alive
-    ends = torch.arange(width, device=history.device)
-    # the longest run, then the latest, among those followed by a token (e < length; e = length is the suffix)
-    score = torch.where((run >= n_min) & (ends < lengths[:, None]), run * width + ends, -1).amax(dim=1)
-    start = score.remainder(width)
-    counts = torch.where(score >= 0, torch.minimum(caps.clamp(0, k), lengths - start), 0)
-    j = torch.arange(k, device=history.device)
-    drafts = history.gather(1, (start[:, None] + j).clamp(max=width - 1))
-    return torch.where(j < counts[:, None], drafts, 0), counts
-
-
 def filters_or_off(top_k, top_p, min_p, like: torch.Tensor):
     """The three sampling filters with None replaced by per-row tensors that switch the filter off."""
     return (torch.full_like(like, -1, dtype=torch.int64) if top_k is None else top_k,

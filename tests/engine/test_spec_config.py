@@ -12,7 +12,7 @@ import torch
 from nanovllm.config import EngineConfig, SpeculativeConfig
 from nanovllm.engine.spec import PROPOSERS, Proposer, make_proposer
 from nanovllm.engine.spec.ngram import NgramIndex
-from nanovllm.ops.primitives import ngram_lookup
+from nanovllm.ops.verify_ops import ngram_lookup
 
 
 def test_dict_and_defaults():

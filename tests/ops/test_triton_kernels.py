@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanovllm.ops import Target, get_op, load_plugins, native_site, resolve
+from nanovllm.ops import MODEL_SCOPE, Target, get_op, load_plugins, native_site, resolve
 from nanovllm.ops.meta import build_metadata
 from nanovllm.ops.sites import AttentionSettings, LayerWeights
 from nanovllm.ops.testing import verify_step
@@ -38,7 +38,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 INTERPRETER_RUNS = {
     "elementwise": ("test_prefetch_only_when_every_weight_read_early_is_a_parameter",
                     "test_rms_norm_and_add_rms_norm", "test_rms_norm_reads_strided_head_views_in_place",
-                    "test_silu_and_mul", "test_sample_race", "test_ngram_lookup", "test_qk_norm_rope",
+                    "test_silu_and_mul", "test_sample_race", "test_ngram_lookup", "test_verify_layout",
+                    "test_verify_accept", "test_pipelined_verify_steps_through_the_kernels", "test_qk_norm_rope",
                     "test_attention_decode", "test_rope_decode_attention_on_verify_rows",
                     "test_every_triton_backend_resolves_on_the_interpreter"),
     "gemv": ("test_linear", "test_norm_qkv", "test_attn_out", "test_lm_head_sample"),
@@ -330,6 +331,84 @@ def test_ngram_lookup(core, n_min, n_max):
     assert want[1].sum() > 0
     drafts, counts = triton_impl("ngram_lookup")(history, lengths, caps, k, n_min, n_max)
     assert drafts.tolist() == want[0].tolist() and counts.tolist() == want[1].tolist()
+
+
+def verify_state(b: int = 5, k: int = 3, blocks: int = 6, block_size: int = 4, seed: int = 0) -> dict:
+    """A verify step's buffers: b sequences of k + 1 rows, some chained, drafts proposed on the device."""
+    g = torch.Generator().manual_seed(seed)
+    k1 = k + 1
+    r = lambda hi, *shape: torch.randint(0, hi, shape, generator=g)  # noqa: E731
+    tables = r(40, b, blocks).repeat_interleave(k1, dim=0)  # each row over its sequence's blocks
+    start = k1 + r(blocks * block_size - 3 * k1, b)  # room for k + 1 rows after a shift of -(k + 1) to k + 1
+    positions = (start[:, None] + torch.arange(k1)).reshape(-1)
+    return dict(ids=r(50, b, k1), positions=positions, seq_lens=positions + 1, slot_mapping=torch.zeros(b * k1,
+                dtype=torch.int64), num_drafts=r(k1, b), chained=torch.tensor([1, 0, 1, 1, 0][:b]),
+                assumed=r(k1, b), block_tables=tables, last=torch.cat((r(k1, 2, b), r(50, 1 + k, b))),
+                proposed=r(50, b, k), proposed_counts=r(k1, b), block_size=block_size)
+
+
+@inner
+@pytest.mark.parametrize("proposed", [False, True])
+def test_verify_layout(core, proposed):
+    """Chained rows moved by the drafts kept less those assumed (up or down), every row's slot recomputed, a
+    chained sequence's inputs from the step before (and the device proposer); other sequences untouched."""
+    want, got = verify_state(), verify_state()
+    for state in (want, got):
+        if not proposed:
+            state["proposed"] = state["proposed_counts"] = None
+        state["assumed"] = torch.where(torch.arange(5) % 2 == 0, state["assumed"], state["last"][0] + 1)
+    get_op("verify_layout").native(*want.values())
+    triton_impl("verify_layout")(*got.values())
+    for name in ("ids", "positions", "seq_lens", "slot_mapping", "num_drafts"):
+        assert got[name].tolist() == want[name].tolist(), name
+
+
+@inner
+@pytest.mark.parametrize("history", [False, True])
+def test_verify_accept(core, history):
+    """Drafts kept while each equals the target before it (none, some, all), the token after them, the result
+    columns, lengths and caps, and the kept tokens appended to each sequence's history."""
+    state = verify_state()
+    b, k1 = state["ids"].shape
+    targets = state["ids"].roll(-1, dims=1).clone()  # every draft right ...
+    targets[1, 0] += 1  # ... but sequence 1's first
+    targets[3, 2] += 1  # ... and sequence 3's third
+    num_drafts = torch.tensor([3, 3, 0, 3, 2])
+    limit = torch.full((b,), 40)
+    hist = [torch.randint(0, 50, (b, 40)) if history else None for _ in range(2)]
+    if history:
+        hist[1].copy_(hist[0])
+    want = get_op("verify_accept").native(targets, state["ids"], num_drafts, state["positions"], limit, hist[0])
+    got = triton_impl("verify_accept")(targets, state["ids"], num_drafts, state["positions"], limit, hist[1])
+    assert [t.tolist() for t in got] == [t.tolist() for t in want]
+    assert want[0][0].tolist() == [3, 0, 0, 2, 2]
+    if history:
+        assert torch.equal(hist[1], hist[0])
+
+
+@inner
+def test_pipelined_verify_steps_through_the_kernels(core, make_checkpoint):
+    """n-gram speculation whose verify steps (replayed eagerly, chained, drafted on the device) run the
+    bookkeeping kernels: greedy output is that of plain decoding, and drafts were kept."""
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.engine.spec.verify import VerifyGraphs
+
+    path = make_checkpoint(seed=3, vocab_size=512)
+    common = dict(device="cpu", dtype="float32", max_model_len=96, num_kvcache_blocks=24, kvcache_block_size=4,
+                  max_num_seqs=2)
+    kernels = {"ops": dict.fromkeys(("verify_layout", "verify_accept", "ngram_lookup"), "triton")}
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "max_batch_size": 2, "prompt_lookup_min": 1}
+    prompts = [[5, 77, 301, 12, 9, 5, 77, 301] * 3, [40, 41, 42, 43] * 5]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(str(path), **common) as ref, LLM(str(path), kernels=kernels, speculative_config=spec, **common) as llm:
+        assert set(llm.engine.runner.resolver.table[MODEL_SCOPE][op] for op in kernels["ops"]) == {"triton"}
+        s = llm.engine.speculator
+        s.graphs = VerifyGraphs(llm.engine.runner, s.k, 2, capture_graphs=False, proposer=s.proposer)
+        on_device, launch = [], s.graphs.launch
+        s.graphs.launch = lambda seqs, drafts, assumed=None: (on_device.append(drafts is None)
+                                                              or launch(seqs, drafts, assumed))
+        assert llm.generate(prompts, greedy) == ref.generate(prompts, greedy)
+        assert s.totals.num_accepted_tokens > 0 and sum(on_device) > 2
 
 
 @inner

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.ops.verify_ops import greedy_accept
+
 
 def target_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
                  top_p: torch.Tensor | None, min_p: torch.Tensor | None) -> torch.Tensor:
@@ -37,17 +39,6 @@ def target_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     drop |= probs < min_p.unsqueeze(1) * probs[:, :1]
     filtered = torch.empty_like(scaled).scatter_(1, sorted_idx, sorted_logits.masked_fill(drop, float("-inf")))
     return filtered.softmax(dim=-1)
-
-
-def greedy_accept(targets: torch.Tensor, drafts: torch.Tensor,
-                  num_drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(drafts kept (B,), the token after them (B,)) of greedy rows: targets (B, k + 1) the argmax of each
-    row's logits, drafts (B, k), num_drafts (B,) (entries past it ignored). A draft is kept while it and every
-    draft before it equal the target's argmax at the row before."""
-    k = drafts.shape[1]
-    valid = torch.arange(k, device=drafts.device).unsqueeze(0) < num_drafts.unsqueeze(1)
-    kept = ((drafts == targets[:, :k]) & valid).long().cumprod(dim=1).sum(dim=1)
-    return kept, targets.gather(1, kept.unsqueeze(1)).squeeze(1)
 
 
 def accept(logits: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor, temperature: torch.Tensor,

@@ -31,9 +31,8 @@ import torch
 
 from nanovllm.engine.cuda_graphs import graph_batch_sizes
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.spec.rejection import greedy_accept
 from nanovllm.ops import AttentionMetadata
-from nanovllm.ops.meta import build_metadata, kv_slots, verify_requests
+from nanovllm.ops.meta import build_metadata, verify_requests
 
 log = logging.getLogger("nanovllm")
 
@@ -218,48 +217,26 @@ class VerifyGraphs:
         end = sum(self.layout.values()) - self.layout["block_tables"] + b * self.rows_per_seq * self.max_blocks
         self.inputs[:end].copy_(self.hosts[self.turn][:end], non_blocking=True)
 
-    def _shift_chained(self, b: int, v: dict) -> None:
-        """Lay a chained sequence's rows out as the step before actually left it: moved by the drafts it kept less
-        those assumed (positions, KV lengths, and the slots they give), its next token as the first input, and
-        with a device proposer, the drafts it proposed after them."""
-        k1, block_size = self.rows_per_seq, self.runner.block_size
-        chained = v["chained"].bool()
-        kept, following = self.last[:2, :b]
-        shift = torch.where(chained, kept - v["assumed"], 0)[:, None].expand(b, k1).reshape(-1)
-        positions = v["positions"].add_(shift)
-        v["seq_lens"].add_(shift)
-        v["slot_mapping"].copy_(kv_slots(v["block_tables"], self.arange[:b * k1], positions, block_size))
-        ids = v["input_ids"].view(b, k1)
-        ids[:, 0].copy_(torch.where(chained, following, ids[:, 0]))
-        if self.propose is not None:
-            ids[:, 1:].copy_(torch.where(chained[:, None], self.proposed[:b], ids[:, 1:]))
-            v["num_drafts"].copy_(torch.where(chained, self.proposed_counts[:b], v["num_drafts"]))
-
-    def _propose_next(self, b: int, v: dict, kept: torch.Tensor, following: torch.Tensor) -> None:
-        """Append the tokens each sequence keeps (its kept drafts, then the next token) to its `history`, and
-        propose the drafts of the step after from it."""
-        k1 = self.rows_per_seq
-        ids = v["input_ids"].view(b, k1)
-        length = v["positions"].view(b, k1)[:, 0] + 1  # the tokens before the step, its first input the last
-        j = self.arange[:k1]
-        tokens = torch.where(j < kept[:, None], ids.roll(-1, dims=1), following[:, None])  # drafts[j] or the next
-        history = self.history[:b]
-        history.scatter_(1, (length[:, None] + j).clamp(max=history.shape[1] - 1), tokens)
-        length = length + kept + 1
-        drafts, counts = self.propose(history, length, v["limit"] - length)
-        self.proposed[:b] = drafts
-        self.proposed_counts[:b] = counts
-
     def _run(self, b: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step on the device buffers: the chained rows laid out as the step before left them (its drafts kept,
+        its next token, with a device proposer the drafts it proposed), the forward pass and LM head, greedy
+        acceptance into `last`, and with a device proposer, the kept tokens appended to `history` and the next
+        step's drafts proposed from it."""
+        ops, k1 = self.runner.model.ops, self.rows_per_seq
         v = self.views(self.inputs, b)
-        self._shift_chained(b, v)
+        ids = v["input_ids"].view(b, k1)
+        device_drafts = self.propose is not None
+        ops.verify_layout(ids, v["positions"], v["seq_lens"], v["slot_mapping"], v["num_drafts"], v["chained"],
+                          v["assumed"], v["block_tables"], self.last, self.proposed[:b] if device_drafts else None,
+                          self.proposed_counts[:b] if device_drafts else None, self.runner.block_size)
         logits = self.runner.model.compute_logits(self.runner.forward(v["input_ids"], v["positions"], meta))
-        rows = logits.view(b, self.rows_per_seq, -1)
-        drafts = v["input_ids"].view(b, self.rows_per_seq)[:, 1:]
-        kept, following = greedy_accept(rows.argmax(dim=-1), drafts, v["num_drafts"])
-        if self.propose is not None:
-            self._propose_next(b, v, kept, following)
-        last = torch.cat((torch.stack((kept, following, v["num_drafts"])), drafts.T))
+        rows = logits.view(b, k1, -1)
+        last, lengths, caps = ops.verify_accept(rows.argmax(dim=-1), ids, v["num_drafts"], v["positions"], v["limit"],
+                                                self.history[:b] if device_drafts else None)
+        if device_drafts:
+            drafts, counts = self.propose(self.history[:b], lengths, caps)
+            self.proposed[:b] = drafts
+            self.proposed_counts[:b] = counts
         self.last[:, :b] = last
         return rows, last
 
@@ -286,7 +263,7 @@ class VerifyGraphs:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], drafts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (n, k + 1, V), greedy (2, n): drafts kept and the token after them, as greedy_accept) of the
+        """(logits (n, k + 1, V), greedy (2, n): drafts kept and the token after them, as verify_accept) of the
         real sequences, on the device; rows past a sequence's drafts are padding."""
         n = len(seqs)
         logits, last = self._replay(seqs, drafts, None)
