@@ -363,9 +363,13 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 def split_counters(like: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """The device's split-K tile counters (reduce_if_last): zeros, and every launch leaves them so. Allocated
-    at a GEMV's first launch, which runs before any CUDA-graph capture (warm-up, the tuner's first run)."""
-    if grid[0] * grid[2] > MAX_TILES:
+    at a GEMV's first launch, which runs before any CUDA-graph capture (warm-up, the tuner's first run); traced
+    (torch.compile, fake tensors), a zeroed allocation of the launch's own."""
+    tiles = grid[0] * grid[2]
+    if tiles > MAX_TILES:
         raise ValueError(f"a split-K GEMV of {grid[0]} x {grid[2]} tiles: more than {MAX_TILES} counters")
+    if torch.compiler.is_compiling() or torch._subclasses.fake_tensor.is_fake(like):
+        return torch.zeros(tiles, dtype=torch.int32, device=like.device)
     counters = _COUNTERS.get(like.device)
     if counters is None:
         counters = _COUNTERS[like.device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=like.device)

@@ -50,13 +50,13 @@ def assert_no_leak(llm: LLM) -> None:
 def test_device_drafted_steps_follow_the_kept_tokens(tiny_model, plain_llm):
     """n-gram drafts chained steps on the device, after the tokens the step before kept: each step's drafts are
     what a lookup on the sequence's tokens then gives (on a random model, where most drafts are rejected), and
-    the output is that of plain decoding."""
+    the output is that of plain decoding. A chain ends at its first step without drafts."""
     p = greedy()
     want = plain_llm.generate(PROMPTS[:4], p)
     llm, launches = pipelined(tiny_model, "ngram", prompt_lookup_min=1)
     with llm:
         s = llm.engine.speculator
-        checked = []
+        checked, undrafted = [], []
         read = s.read
 
         def check(step, successor=None):
@@ -65,6 +65,7 @@ def test_device_drafted_steps_follow_the_kept_tokens(tiny_model, plain_llm):
             for seq, t, cap, drafts in zip(step.seqs, tokens, caps, step.drafts):
                 if on_device and not seq.is_finished:
                     checked.append(drafts == scan(t, cap, 1, s.config.prompt_lookup_max))
+            undrafted.append(not any(step.drafts))
             return out
 
         s.read = check
@@ -72,6 +73,7 @@ def test_device_drafted_steps_follow_the_kept_tokens(tiny_model, plain_llm):
         assert [llm.generate([prompt], p)[0] for prompt in PROMPTS[:2]] == want[:2]
         assert len(checked) > 10 and all(checked)
         assert sum(drafts is None for _, drafts in launches) > 5
+        assert sum(undrafted) <= sum(assumed is None for assumed, _ in launches)  # one at most per chain
         assert 0 < s.totals.num_accepted_tokens < s.totals.num_draft_tokens
         assert_no_leak(llm)
 

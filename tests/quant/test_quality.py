@@ -43,15 +43,18 @@ def all_cores():
 
 
 def test_int8_weights_installed_in_place_keep_perplexity(all_cores):
-    """The short default-suite check: SmolLM2's linear weights swapped for INT8 ones in the built engine."""
+    """The short default-suite check: SmolLM2's linear weights swapped for INT8 ones in the built engine (from
+    the weights it loaded: its GGUF file's, read natively)."""
     from nanovllm.quant.plan import LAYER_WEIGHTS
     from nanovllm.quant.rtn import quantize
+    from nanovllm.quant.weights import is_quantized
 
     with build("smollm2-135m") as llm:
         dense = perplexity(llm, 256)
         for layer in llm.engine.runner.model.layers:
             for name in LAYER_WEIGHTS:
-                layer.install_weight(name, quantize(getattr(layer, name).data, "int8"))
+                w = getattr(layer, name)
+                layer.install_weight(name, quantize(w.dequantize() if is_quantized(w) else w.data, "int8"))
         quantized = perplexity(llm, 256)
     print(f"\nsmollm2-135m, 256 tokens: perplexity {dense:.4f} dense, {quantized:.4f} int8")
     assert abs(quantized - dense) / dense < BARS["int8"]

@@ -72,7 +72,7 @@ class Speculator:
         self.proposer = proposer
         self.totals = SpecTotals(accepted_per_position=[0] * self.k)
         self.graphs = None
-        self.drafting = False  # the latest verify step read had drafts (a device-drafted chain goes on)
+        self.drafting = False  # the device proposer found drafts for the step after the latest one read
         # a plan hook that prepares decode steps on the host reads the KV lengths a chained step corrects
         self.may_pipeline = (engine.config.async_scheduling
                              and not any(getattr(plan, "plans_decode", True) for plan in self.runner.plans))
@@ -155,7 +155,8 @@ class Speculator:
     def launch_after(self, step: LaunchedVerify) -> LaunchedVerify | None:
         """Launches the step after `step` (in flight, not read), chained on it; None (nothing launched) when the KV
         room is short or there are no drafts. A device proposer drafts it in the graph, after the tokens `step`
-        keeps; the chain ends once a step read had none. Otherwise the host drafts it (`_draft_after`)."""
+        keeps; the chain ends once the step after the latest one read has none (likely, then, the next too).
+        Otherwise the host drafts it (`_draft_after`)."""
         if self.graphs.propose is None:
             return self._draft_after(step)
         seqs = step.seqs
@@ -198,7 +199,7 @@ class Speculator:
         if successor is not None and successor.guesses is not None:
             successor.grounded = [k == a and t == g for k, t, a, g in
                                   zip(kept, following, successor.assumed, successor.guesses)]
-        self.drafting = any(step.drafts)
+        self.drafting = step.next_drafted
         out = [Verified(d[:a] + [t], [None] * (a + 1), len(d)) for d, a, t in zip(step.drafts, kept, following)]
         self._count(out)
         self.proposer.observe(step.seqs, None)

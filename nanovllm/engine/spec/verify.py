@@ -89,14 +89,17 @@ class LaunchedVerify:
     assumed: list[int] | None = None
     guesses: list[int | None] | None = None
     grounded: list[bool] | None = None
+    next_drafted: bool = False  # once read: the device proposer found drafts for the step after this one
 
     def read(self) -> tuple[list[int], list[int]]:
-        """(drafts kept, the token after them) per sequence, `drafts` filled in; waits for the step."""
+        """(drafts kept, the token after them) per sequence, `drafts` and `next_drafted` filled in; waits for the
+        step."""
         if self.event is not None:
             self.event.synchronize()
-        kept, following, num_drafts, *drafts = self.result.tolist()
+        kept, following, num_drafts, *drafts, next_counts = self.result.tolist()
         if self.drafts is None:
             self.drafts = [[row[i] for row in drafts[:n]] for i, n in enumerate(num_drafts)]
+        self.next_drafted = any(next_counts)
         return kept, following
 
 
@@ -107,8 +110,9 @@ class VerifyGraphs:
     before it may still be copying in). `capture_graphs=False` replays by running eagerly on the same padded
     buffers, which tests the padding and chaining on machines without a GPU.
 
-    `last` (3 + k, max batch) holds what the latest replay left, per sequence: drafts kept, the token after them,
-    the number of drafts and the drafts; a chained step reads the first two (see the module's docstring).
+    `last` (4 + k, max batch) holds what the latest replay left, per sequence: drafts kept, the token after them,
+    the number of drafts, the drafts, and the number the device proposer proposed for the step after; a chained
+    step reads the first two (see the module's docstring).
     `proposer`: with one that proposes on the device, chained steps take their drafts from it (`history`)."""
 
     def __init__(self, runner, k: int, max_batch_size: int, capture_graphs: bool = True, proposer=None):
@@ -129,17 +133,17 @@ class VerifyGraphs:
         self.hosts = [torch.zeros(size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self.turn = 0  # the host buffer of the latest step
         self.inputs = torch.zeros(size, dtype=torch.int64, device=runner.device)
-        self.last = torch.zeros(3 + k, self.max_bs, dtype=torch.int64, device=runner.device)
-        self.result_hosts = [torch.zeros((3 + k) * self.max_bs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.last = torch.zeros(4 + k, self.max_bs, dtype=torch.int64, device=runner.device)
+        self.result_hosts = [torch.zeros((4 + k) * self.max_bs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         if self.propose is not None:  # each sequence's tokens, room for a step's k + 1 past max_model_len
             width = runner.config.max_model_len + k + 1
             self.history = torch.zeros(self.max_bs, width, dtype=torch.int64, device=runner.device)
             self.history_host = torch.zeros(self.max_bs, width, dtype=torch.int64, pin_memory=pin)
             self.history_copied: torch.cuda.Event | None = None
             self.proposed = torch.zeros(self.max_bs, k, dtype=torch.int64, device=runner.device)
-            self.proposed_counts = torch.zeros(self.max_bs, dtype=torch.int64, device=runner.device)
+            self.proposed_counts = self.last[3 + k]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # b -> (logits, last's (3 + k, b))
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # b -> (logits, last[:, :b])
         self.arange = torch.arange(n + 1, device=runner.device)
         self.host_views: dict[tuple[int, int], dict] = {}  # (turn, b) -> views of a host buffer's numpy twin
         self.metas: dict[int, AttentionMetadata] = {}  # b -> the step's metadata over the device buffer
@@ -233,12 +237,12 @@ class VerifyGraphs:
         rows = logits.view(b, k1, -1)
         last, lengths, caps = ops.verify_accept(rows.argmax(dim=-1), ids, v["num_drafts"], v["positions"], v["limit"],
                                                 self.history[:b] if device_drafts else None)
+        self.last[:3 + self.k, :b] = last
         if device_drafts:
             drafts, counts = self.propose(self.history[:b], lengths, caps)
             self.proposed[:b] = drafts
             self.proposed_counts[:b] = counts
-        self.last[:, :b] = last
-        return rows, last
+        return rows, self.last[:, :b]
 
     @torch.inference_mode()
     def capture(self, sizes=None) -> float:
