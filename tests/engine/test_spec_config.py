@@ -121,13 +121,3 @@ def test_lookup_on_device_matches_a_full_scan(n_min, n_max):
         drafts, counts = ngram_lookup(history, lengths, caps, k, n_min, n_max)
         for row, length, cap, d, c in zip(history.tolist(), lengths.tolist(), caps.tolist(), drafts, counts):
             assert d[:c].tolist() == scan(row[:length], max(0, min(k, cap)), n_min, n_max)
-
-
-def test_lookup_after_guessed_tokens():
-    """Guessed tokens (drafts in flight) extend the suffix looked up and the continuation, and are never indexed."""
-    index = NgramIndex(2, 4)
-    tokens = [1, 2, 3, 4, 5, 9, 1, 2]
-    assert index.lookup(tokens, 4, [3]) == [4, 5, 9, 1]  # [1, 2, 3] seen at the start
-    assert index.indexed == len(tokens) - 1  # nothing indexed from the guess
-    assert NgramIndex(2, 4).lookup([7, 8, 9, 7, 8], 4, [9, 7]) == [8, 9, 7]  # the continuation runs into it
-    assert index.lookup(tokens + [6, 6], 2) == scan(tokens + [6, 6], 2, 2, 4)

@@ -26,23 +26,20 @@ class NgramIndex:
         self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.lengths}
         self.indexed = 0  # every n-gram ending at or before this position is in `ends`
 
-    def lookup(self, tokens: list[int], k: int, guessed: list[int] = ()) -> list[int]:
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens that followed the most recent earlier occurrence of the longest suffix n-gram of `tokens`
-        then `guessed` (`tokens` extends the list of the call before; `guessed`, tokens that may yet be rejected,
-        is looked up from and may be proposed again, but never indexed); [] when no suffix n-gram occurred before."""
+        (which extends the list of the call before); [] when no suffix n-gram occurred before."""
         final = len(tokens)
         for end in range(self.indexed + 1, final):  # the n-grams followed by tokens[end], the newest last
             for n in self.lengths:
                 if end >= n:
                     self.ends[n][tuple(tokens[end - n:end])] = end
         self.indexed = max(self.indexed, final - 1)
-        recent = tokens[max(0, final - self.lengths[-1]):] + list(guessed)  # the longest suffix looked up
-        size = final + len(guessed)
         for n in reversed(self.lengths):
-            if n < size:
-                end = self.ends[n].get(tuple(recent[len(recent) - n:]))
+            if n < final:
+                end = self.ends[n].get(tuple(tokens[final - n:]))
                 if end is not None:
-                    return (tokens[end:end + k] + list(guessed))[:k]
+                    return tokens[end:end + k]
         return []
 
 
@@ -57,12 +54,6 @@ class NgramProposer(Proposer):
 
     def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[list[int]]:
         return [self._index(seq).lookup(seq.token_ids, k) if k > 0 else [] for seq, k in zip(seqs, max_tokens)]
-
-    def propose_after(self, seqs: list[Sequence], assumed: list[list[int]],
-                      max_tokens: list[int]) -> list[list[int]]:
-        """Proposer.propose_after, with the assumed tokens kept out of the index (they may be rejected)."""
-        return [self._index(seq).lookup(seq.token_ids, k + 1, extra) if k > 0 else []
-                for seq, extra, k in zip(seqs, assumed, max_tokens)]
 
     def propose_on_device(self, history: torch.Tensor, lengths: torch.Tensor,
                           caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

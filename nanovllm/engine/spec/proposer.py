@@ -33,11 +33,10 @@ class Proposer(ABC):
 
     `cheap`: propose() costs microseconds and its drafts depend only on the sequences' tokens (a lookup, no model).
     The engine then asks it, while a batch finds no drafts, whether the next decode step may run ahead of the
-    tokens in flight (Speculator.nothing_to_draft), and pipelines greedy verify steps with `propose_after`;
-    other proposers are asked only for the drafts of a step, once the step before is read.
-
-    `on_device`: a cheap proposer that can also propose inside the verify graph (`propose_on_device`): a pipelined
-    step's drafts then follow the tokens the step before actually kept, not the host's guess of them."""
+    tokens in flight (Speculator.nothing_to_draft), and pipelines greedy verify steps: with `propose_on_device`
+    when it is `on_device` (it then proposes inside the verify graph, after the tokens the step before actually
+    kept), else with `propose_after` (a guess of what the step in flight keeps); other proposers are asked only
+    for the drafts of a step, once the step before is read."""
 
     cheap: bool = False
     on_device: bool = False
