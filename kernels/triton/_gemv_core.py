@@ -1,5 +1,5 @@
 """Shared GEMV machinery for the Triton plugins: the weight-streaming tile loop, the general GEMV kernel
-(optional RMSNorm prologue, bias and residual epilogues, split-K reduced in the same launch), and registration helpers.
+(optional RMSNorm prologue, bias and residual epilogues, split-K), and registration helpers.
 
 Weights stay in Hugging Face's (out, in) row-major layout: each program streams BLOCK_N contiguous rows
 over its K range, which is the coalesced order for a GEMV. One row of x (batch 1) runs elementwise FMAs;
@@ -267,10 +267,10 @@ def store_partial(ws_ptr, acc, pid_k, offs_m, offs_n, M, N):
 @triton.jit
 def reduce_if_last(ws_ptr, cnt_ptr, acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, pid_k, offs_m, offs_n, M, N,
                    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-    """Split-K in one launch: each program stores its fp32 partial and counts itself in at its tile's counter;
-    the last of the tile's SPLIT_K programs to arrive sums the partials in a fixed order (deterministic, whatever
-    the arrival order), applies the epilogue and resets the counter to 0 for the next launch. A sum kernel of
-    its own would cost a launch per GEMV."""
+    """Split-K in one launch (Config.SERIAL): each program stores its fp32 partial and counts itself in at its
+    tile's counter; the last of the tile's SPLIT_K programs to arrive sums the partials in a fixed order (the sum
+    kernel's: the same bits, whatever the arrival order), applies the epilogue and resets the counter to 0 for the
+    next launch. It saves the sum kernel's launch and costs every program an atomic at its end."""
     store_partial(ws_ptr, acc, pid_k, offs_m, offs_n, M, N)
     tl.debug_barrier()  # every thread's share of the partial is stored before the counter says so
     tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
@@ -290,24 +290,51 @@ def reduce_if_last(ws_ptr, cnt_ptr, acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, b_ptr, r_ptr, nw_ptr, M, N, K, stride_xm, stride_wn,
                  stride_ym, stride_rm, eps, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
-                 PARTIAL: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                 PARTIAL: tl.constexpr, SERIAL: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """Grid (N blocks, SPLIT_K, M blocks). PARTIAL: y is an fp32 (SPLIT_K, M, N) workspace of partial sums, which
-    the caller reduces. Else, with SPLIT_K > 1, the tile's last program reduces the partials in ws
-    (reduce_if_last, counters at cnt)."""
+    a kernel after it reduces. SERIAL: the tile's last program reduces the partials in ws (reduce_if_last,
+    counters at cnt)."""
     # split-K partials leave the residual to the reduction
     acc, r, offs_m, offs_n, pid_k = program_tile(x_ptr, w_ptr, nw_ptr, r_ptr, M, N, K, stride_xm, stride_wn,
-                                                 stride_rm, eps, HAS_NORM, HAS_RES and SPLIT_K == 1 and not PARTIAL,
+                                                 stride_rm, eps, HAS_NORM, HAS_RES and not (PARTIAL or SERIAL),
                                                  SPLIT_K, EVEN_K, ONE_TILE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PDL,
                                                  PREFETCH)
     if PARTIAL:
         store_partial(y_ptr, acc, pid_k, offs_m, offs_n, M, N)
-    elif SPLIT_K > 1:
+    elif SERIAL:
         reduce_if_last(ws_ptr, cnt_ptr, acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, pid_k, offs_m, offs_n, M, N,
                        SPLIT_K, HAS_BIAS, HAS_RES)
     else:
         store_out(acc, y_ptr, stride_ym, b_ptr, r, offs_m, offs_n, M, N, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def _splitk_sum_kernel(ws_ptr, y_ptr, b_ptr, r_ptr, M, N, stride_ym, stride_rm, SPLIT_K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Grid (M, N blocks): sum the split-K partials (fixed order, deterministic), then the epilogue."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    offs_m = tl.program_id(0) + tl.arange(0, 1)
+    offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs_n[None, :] < N
+    acc = tl.zeros((1, BLOCK), tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0)
+    r = load_rows(r_ptr, stride_rm, offs_m, offs_n, M, N) if HAS_RES else acc  # acc: unread without HAS_RES
+    store_out(acc, y_ptr, stride_ym, b_ptr, r, offs_m, offs_n, M, N, HAS_BIAS, HAS_RES)
+
+
+def launch_split_sum(ws, out, bias, residual, use_pdl: bool) -> None:
+    """The sum kernel of a split-K GEMV that wrote its partials into ws (SPLIT_K, M, N)."""
+    sk, m, n = ws.shape
+    block = min(1024, triton.next_power_of_2(n))
+    wrap_triton(_splitk_sum_kernel)[(m, triton.cdiv(n, block))](
+        ws, out, bias, residual, m, n, out.stride(0), residual.stride(0) if residual is not None else 0,
+        SPLIT_K=sk, HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK=block, PDL=use_pdl, num_warps=4,
+        **launch_opts(use_pdl))
 
 
 @triton.jit
@@ -382,14 +409,18 @@ def launch_gemv(x, w, out, cfg, bias=None, residual=None, norm_w=None, eps=0.0, 
     bm, sk = tuning.block_m(m), cfg.SPLIT_K
     check_config(cfg, m)
     grid = (triton.cdiv(n, cfg.BLOCK_N), sk, triton.cdiv(m, bm))
-    counters = split_counters(x, grid) if sk > 1 and not partial else None
+    serial = sk > 1 and not partial and cfg.SERIAL
+    summed = sk > 1 and not partial and not serial
     res_stride = residual.stride(0) if residual is not None else 0
     use_pdl = pdl(x, w)
     wrap_triton(_gemv_kernel)[grid](
-        x, w, out, ws, counters, bias, residual, norm_w, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-        res_stride, eps, HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_NORM=norm_w is not None,
-        PARTIAL=partial, SPLIT_K=sk, EVEN_K=k % (sk * cfg.BLOCK_K) == 0, ONE_TILE=one_tile(k, cfg), BLOCK_M=bm,
-        DOT_F32=dot_f32(x), PDL=use_pdl, PREFETCH=prefetch(use_pdl, w, norm_w), **cfg.meta(), **launch_opts(use_pdl))
+        x, w, ws if summed else out, ws, split_counters(x, grid) if serial else None, bias, residual, norm_w, m, n, k,
+        x.stride(0), w.stride(0), out.stride(0), res_stride, eps, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, HAS_NORM=norm_w is not None, PARTIAL=partial or summed, SERIAL=serial,
+        SPLIT_K=sk, EVEN_K=k % (sk * cfg.BLOCK_K) == 0, ONE_TILE=one_tile(k, cfg), BLOCK_M=bm, DOT_F32=dot_f32(x),
+        PDL=use_pdl, PREFETCH=prefetch(use_pdl, w, norm_w), **cfg.meta(), **launch_opts(use_pdl))
+    if summed:
+        launch_split_sum(ws, out, bias, residual, use_pdl)
 
 
 def bencher(w: torch.Tensor, run):

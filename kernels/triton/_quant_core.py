@@ -337,14 +337,14 @@ def qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm
 
 @triton.jit
 def _qgemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, perm_ptr, y_ptr, ws_ptr, cnt_ptr, b_ptr, r_ptr, nw_ptr, M, N, K, KB,
-                  group, stride_xm,
-                  stride_wn, stride_sn, stride_ym, stride_rm, eps, FORMAT: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                  HAS_PERM: tl.constexpr, SCALE_LAST: tl.constexpr, SUB: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, PARTIAL: tl.constexpr, SPLIT_K: tl.constexpr,
-                  ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  DOT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                  group, stride_xm, stride_wn, stride_sn, stride_ym, stride_rm, eps, FORMAT: tl.constexpr,
+                  HAS_OFFSET: tl.constexpr, HAS_PERM: tl.constexpr, SCALE_LAST: tl.constexpr, SUB: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, PARTIAL: tl.constexpr,
+                  SERIAL: tl.constexpr, SPLIT_K: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+                  PREFETCH: tl.constexpr):
     """Grid (N blocks, SPLIT_K, M blocks), as _gemv_core._gemv_kernel; KB: stored elements per row of w.
-    PARTIAL: y is an fp32 (SPLIT_K, M, N) workspace of partial sums; else a split K is reduced in the launch
+    PARTIAL: y is an fp32 (SPLIT_K, M, N) workspace of partial sums; SERIAL: the tile's last program reduces them
     (reduce_if_last, partials in ws, counters at cnt)."""
     PACK: tl.constexpr = 8 if FORMAT == 3 else (2 if FORMAT == 2 else 1)
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -354,13 +354,13 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, perm_ptr, y_ptr, ws_ptr, cnt_ptr, 
     kb_hi = tl.minimum(KB, (k_lo + span) // PACK)
     acc, r = qgemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, o_ptr, stride_sn, perm_ptr, group, nw_ptr, r_ptr,
                         stride_rm, M, N, K, k_lo, k_hi, kb_hi, eps, pid_m, pid_n, FORMAT, HAS_OFFSET, HAS_PERM,
-                        SCALE_LAST, SUB, HAS_NORM, HAS_RES and SPLIT_K == 1 and not PARTIAL, ONE_TILE, BLOCK_M,
+                        SCALE_LAST, SUB, HAS_NORM, HAS_RES and not (PARTIAL or SERIAL), ONE_TILE, BLOCK_M,
                         BLOCK_N, BLOCK_K, DOT_F32, PDL, PREFETCH)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if PARTIAL:
         store_partial(y_ptr, acc, pid_k, offs_m, offs_n, M, N)
-    elif SPLIT_K > 1:
+    elif SERIAL:
         reduce_if_last(ws_ptr, cnt_ptr, acc, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, pid_k, offs_m, offs_n, M, N,
                        SPLIT_K, HAS_BIAS, HAS_RES)
     else:
@@ -439,17 +439,21 @@ def launch_qgemv(x, qw: QW, out, cfg, bias=None, residual=None, norm_w=None, eps
     bm, sk = rows_per_program(m), cfg.SPLIT_K
     check_qconfig(cfg, m, qw)
     grid = (triton.cdiv(n, cfg.BLOCK_N), sk, triton.cdiv(m, bm))
-    counters = core.split_counters(x, grid) if sk > 1 and not partial else None
+    serial = sk > 1 and not partial and cfg.SERIAL
+    summed = sk > 1 and not partial and not serial
     res_stride = residual.stride(0) if residual is not None else 0
     use_pdl = core.pdl(x, qw.qweight)
     q, kb = stored(qw, m)
     wrap_triton(_qgemv_kernel)[grid](
-        x, q, qw.scale, qw.offset, qw.perm, out, ws, counters, bias, residual, norm_w, m, n, k, kb,
+        x, q, qw.scale, qw.offset, qw.perm, ws if summed else out, ws, core.split_counters(x, grid) if serial else None,
+        bias, residual, norm_w, m, n, k, kb,
         qw.group, x.stride(0), q.stride(0), qw.scale.stride(0), out.stride(0), res_stride, eps,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_NORM=norm_w is not None,
-        PARTIAL=partial, SPLIT_K=sk, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm, DOT_F32=core.dot_f32(x),
-        PDL=use_pdl, PREFETCH=prefetch(use_pdl, norm_w), **kernel_args(qw, cfg, m), **cfg.meta(),
-        **core.launch_opts(use_pdl))
+        PARTIAL=partial or summed, SERIAL=serial, SPLIT_K=sk, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm,
+        DOT_F32=core.dot_f32(x), PDL=use_pdl, PREFETCH=prefetch(use_pdl, norm_w), **kernel_args(qw, cfg, m),
+        **cfg.meta(), **core.launch_opts(use_pdl))
+    if summed:
+        core.launch_split_sum(ws, out, bias, residual, use_pdl)
 
 
 def rows_per_program(m: int) -> int:
@@ -483,7 +487,7 @@ def candidates(n: int, k: int, m: int, sms: int, qw: QW, split: bool = True) -> 
                     blocks = triton.cdiv(n, bn)
                     for sk in (1, 2, 4) if split else (1,):
                         if sk == 1 or (blocks < 2 * sms and blocks * sk <= 8 * sms and k >= sk * bk):
-                            out.append(tuning.Config(bn, bk, sk, nw, 1))
+                            out += tuning.Config(bn, bk, sk, nw, 1).with_serial_twins()
     valid = []
     for c in dict.fromkeys(out):
         try:
@@ -518,7 +522,7 @@ def choose(op: str, x: torch.Tensor, qw: QW, run, split: bool = True):
     key = f"{name}:{str(x.dtype).removeprefix('torch.')}:N{n}:K{k}:M{tuning.m_bucket(m)}"
     hit = tuning._table(slug).get(key)
     if hit is not None:
-        tuning._memo[memo] = tuning.Config(**{f: hit[f] for f in tuning.Config.__dataclass_fields__})
+        tuning._memo[memo] = tuning.Config.of(hit)
         return tuning._memo[memo]
     if not tuning._can_tune(x, *qw.tensors[:2]):
         return heuristic(n, k, m, sms, qw, split)

@@ -22,7 +22,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,11 +40,23 @@ SHIPPED = Path(__file__).with_name("tuned")
 
 @dataclass(frozen=True)
 class Config:
+    """A GEMV launch. SERIAL (with SPLIT_K > 1): the tile's last program sums the partials in the same launch
+    (_gemv_core.reduce_if_last) instead of a sum kernel after it; the tuner times both."""
     BLOCK_N: int
     BLOCK_K: int
     SPLIT_K: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    SERIAL: bool = False
+
+    @classmethod
+    def of(cls, entry: dict) -> Config:
+        """The config of a table entry (an entry written before a field existed takes its default)."""
+        return cls(**{f: entry[f] for f in cls.__dataclass_fields__ if f in entry})
+
+    def with_serial_twins(self) -> list[Config]:
+        """This config, and with a split K also its twin that reduces in the same launch."""
+        return [self, replace(self, SERIAL=True)] if self.SPLIT_K > 1 else [self]
 
     def meta(self) -> dict:
         return dict(BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K, num_warps=self.num_warps,
@@ -93,7 +105,7 @@ def candidates(n: int, k: int, m: int, sms: int, split: bool = True) -> list[Con
         blocks = triton.cdiv(n, bn)
         for sk in (1, 2, 4) if split else (1,):
             if sk == 1 or (blocks < waves * sms and blocks * sk <= 8 * sms and k >= sk * bk):
-                out.append(Config(bn, bk, sk, nw, stages))
+                out += Config(bn, bk, sk, nw, stages).with_serial_twins()
     return list(dict.fromkeys(out))
 
 
@@ -194,7 +206,7 @@ def choose(op: str, n: int, k: int, m: int, x: torch.Tensor, w: torch.Tensor,
     key = f"{op}:{str(w.dtype).removeprefix('torch.')}:N{n}:K{k}:M{m_bucket(m)}"
     hit = _table(slug).get(key)
     if hit is not None:
-        _memo[memo] = Config(**{f: hit[f] for f in Config.__dataclass_fields__})
+        _memo[memo] = Config.of(hit)
         return _memo[memo]
     if make_bench is None or not _can_tune(x, w):  # not memoized: a later eager call may still tune
         return heuristic(n, k, m, sms, split)

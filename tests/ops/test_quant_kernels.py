@@ -112,7 +112,7 @@ def config(qcore, cfg):
 @inner
 @pytest.mark.parametrize("spec", WEIGHTS, ids=WEIGHT_IDS)
 @pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (1, (8, 128, 1)), (3, None), (3, (16, 32, 3)),
-                                      (20, None), (70, None), (600, None)])
+                                      (3, (16, 32, 3, 4, 1, True)), (20, None), (70, None), (600, None)])
 def test_linear(qcore, spec, rows, cfg):
     """Rows 1: the FMA path over two tiles (the default), split-K 2, one tile; rows 3: tl.dot, split-K 3
     (uneven K ranges); 20 and 70: the GEMM (64 and 128 rows per program); 600: dequantize then matmul. Bias

@@ -73,15 +73,16 @@ def test_linear(core, proj, rows, untuned):
     torch.testing.assert_close(got, want, **BF16)
 
 
+@pytest.mark.parametrize("serial", [False, True])
 @pytest.mark.parametrize("cfg", [(8, 1024, 2, 4, 1), (4, 512, 4, 2, 1), (32, 128, 4, 4, 3)])
-def test_linear_split_k(core, cfg):
-    """Split-K reduced in the launch by each tile's last program, on both paths (one row: FMA; four rows: tl.dot):
-    right, and the same bits over many back-to-back launches (a program that read a partial before it was
-    stored, or a counter left unreset, would show), the counters back at 0."""
+def test_linear_split_k(core, cfg, serial):
+    """Split-K, reduced by the sum kernel or (serial) in the launch by each tile's last program, on both paths
+    (one row: FMA; four rows: tl.dot): right, and the same bits over many back-to-back launches (a program that
+    read a partial before it was stored, or a counter left unreset, would show), the counters back at 0."""
     torch.manual_seed(1)
     rows = 1 if cfg[0] < 16 else 4
     x, w, res = randn(rows, INTER), randn(H, INTER, scale=0.02), randn(rows, H)
-    with core.tuning.forced(core.tuning.Config(*cfg)):
+    with core.tuning.forced(core.tuning.Config(*cfg, SERIAL=serial)):
         runs = [torch.ops.nanovllm_triton.gemv(x, w, None, res, None, 0.0) for _ in range(50)]
     torch.testing.assert_close(runs[0], res + F.linear(x, w), **BF16)
     assert all(torch.equal(r, runs[0]) for r in runs)

@@ -78,7 +78,7 @@ def test_shipped_tables_hold_valid_configs():
     for path in tables:
         for key, entry in json.loads(path.read_text()).items():
             _, k, m = map(int, re.fullmatch(r"\w+:\w+:N(\d+):K(\d+):M(\d+)", key).groups())
-            cfg = Config(**{f: entry[f] for f in Config.__dataclass_fields__})
+            cfg = Config.of(entry)
             assert all(v & (v - 1) == 0 for v in (cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_warps)), (path.name, key)
             assert cfg.SPLIT_K >= 1 and cfg.num_stages >= 1, (path.name, key)
             assert m > 1 or cfg.SPLIT_K * cfg.BLOCK_K >= k, (path.name, key)
@@ -145,7 +145,8 @@ def paged_meta(kv_lens, block_size=4, num_blocks=40, seed=0):
 @inner
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cfg", [(1, None), (1, (16, 32, 2)), (1, (16, 128, 1)), (1, (8, 64, 2)), (3, None),
-                                      (3, (16, 32, 3)), (20, None)])
+                                      (3, (16, 32, 3)), (1, (16, 32, 2, 4, 1, True)), (3, (16, 32, 3, 4, 1, True)),
+                                      (20, None)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(core, dtype, rows, cfg, bias):
     """Rows 1: FMA path, K in several tiles or in one (whole, or per split: 64 + 7 columns); 3: tl.dot path;
