@@ -28,7 +28,7 @@ from nanovllm.engine.scheduler import ScheduledSeq
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.spec.proposer import Proposer
 from nanovllm.engine.spec.rejection import accept
-from nanovllm.engine.spec.verify import LaunchedVerify, VerifyGraphs, verify_logits_eager
+from nanovllm.engine.spec.verify import LaunchedVerify, VerifyGraphs, token_limit, verify_logits_eager
 
 log = logging.getLogger("nanovllm")
 
@@ -102,8 +102,7 @@ class Speculator:
         `ahead[i]` tokens the step in flight is taken to add)."""
         ahead = ahead or [0] * len(seqs)
         return [0 if needs_host_state(seq) else
-                max(0, min(self.k, self.max_model_len - seq.num_tokens - a,
-                           seq.params.max_tokens - seq.num_completion_tokens - a - 1))
+                max(0, min(self.k, token_limit(seq, self.max_model_len) - seq.num_tokens - a))
                 for seq, a in zip(seqs, ahead)]
 
     def nothing_to_draft(self, batch: list[ScheduledSeq]) -> bool:

@@ -40,6 +40,12 @@ PAD_TOKEN = 0  # input id of the padded draft rows (their logits are ignored)
 PER_SEQ = ("num_drafts", "chained", "assumed", "limit")  # the input fields of one value per sequence
 
 
+def token_limit(seq: Sequence, max_model_len: int) -> int:
+    """The most tokens `seq` may hold once a verify step's drafts are kept: the step's own next token then still
+    fits max_tokens, and no draft lies past max_model_len."""
+    return min(max_model_len, seq.num_prompt_tokens + seq.params.max_tokens - 1)
+
+
 def verify_rows(seqs: list[Sequence], drafts: list[list[int]],
                 assumed: list[int] | None = None) -> tuple[list[int], list[list[int]], list[int]]:
     """(input ids, block tables, KV lengths) of a verify step's rows: per sequence its uncomputed last token,
@@ -195,10 +201,9 @@ class VerifyGraphs:
         if assumed is not None:
             v["chained"][:n] = 1
             v["assumed"][:n] = assumed
-        # the most tokens a sequence may have once a step's drafts are kept (Speculator.caps)
-        v["limit"][:] = 0
-        v["limit"][:n] = [min(self.runner.config.max_model_len, seq.num_prompt_tokens + seq.params.max_tokens - 1)
-                          for seq in seqs]
+        if self.propose is not None:  # the device proposer's caps
+            v["limit"][:] = 0
+            v["limit"][:n] = [token_limit(seq, self.runner.config.max_model_len) for seq in seqs]
         step = build_metadata(tables, seq_lens, self.runner.block_size, rows=b * k1, width=self.max_blocks,
                               scratch_block=self.scratch_block, out=v)
         return step.host
