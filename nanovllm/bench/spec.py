@@ -5,7 +5,7 @@ the steps' kernel time alone), per proposer and workload.
 Workloads: `grounded`, real text whose answers copy their input (code edits, summaries that quote their
 source: benchmarks/data/spec_grounded.jsonl) with the proposers named by --methods; and `oracle`, the same
 prompts with the oracle proposer, which proposes the target's own greedy continuation (as an untimed
-speculative run computes it: `record_oracle`) and so measures the mechanism's overhead apart from any proposer's
+speculative runs compute it: `record_oracle`) and so measures the mechanism's overhead apart from any proposer's
 quality.
 
 Plain and speculative runs share one engine (same weights, same kernels, same call): the plain run has the
@@ -115,20 +115,23 @@ def verify_cost(llm, prompt: list[int], k: int, repeats: int) -> dict:
 
         decode_s = timed(lambda: engine.runner.run(batch))
         verify_s = timed(lambda: spec.verify([seq], drafts))
-        gpu = dict(decode_gpu_ms=kernel_ms(lambda: engine.runner.run(batch), repeats),
-                   verify_gpu_ms=kernel_ms(lambda: spec.verify([seq], drafts), repeats))
+        gpu = {}
+        for name, step in (("decode", lambda: engine.runner.run(batch)),
+                           ("verify", lambda: spec.verify([seq], drafts))):
+            gpu[f"{name}_gpu_ms"], gpu[f"{name}_kernels"] = kernel_ms(step, repeats)
     finally:
         engine.speculator = saved
         engine.abort_request(rid)
     return dict(decode_step_ms=decode_s * 1e3, verify_step_ms=verify_s * 1e3, verify_cost=verify_s / decode_s, **gpu)
 
 
-def kernel_ms(step, repeats: int) -> float | None:
+def kernel_ms(step, repeats: int, top: int = 12) -> tuple[float | None, dict]:
     """Milliseconds of GPU work per call of `step` (graph replays included): the time the device's kernels and
     copies cover, overlaps counted once (kernels launched with PDL overlap their predecessors), the step's
-    device time without the host's, which a synchronous step adds to its wall time. None on a CPU."""
+    device time without the host's, which a synchronous step adds to its wall time. With it, the `top` kernels
+    by that time: name -> [launches, µs] per call. (None, {}) on a CPU."""
     if not torch.cuda.is_available():
-        return None
+        return None, {}
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -139,11 +142,18 @@ def kernel_ms(step, repeats: int) -> float | None:
             for _ in range(repeats):
                 step()
             torch.cuda.synchronize()
-        device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-        return sum(critical_us(device).values()) / 1e3 / repeats
     except RuntimeError as e:  # a profiler that cannot start (CUPTI in use elsewhere): the row goes without
         log.warning("no kernel times for the spec bench: %s", e)
-        return None
+        return None, {}
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    critical = critical_us(device)
+    kernels: dict[str, list[float]] = {}
+    for e in device:
+        entry = kernels.setdefault(e.name[:80], [0, 0.0])
+        entry[0] += 1 / repeats
+        entry[1] += critical[id(e)] / repeats
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
+    return sum(critical.values()) / 1e3 / repeats, {name: [round(n, 2), round(us, 2)] for name, (n, us) in ranked}
 
 
 def use_proposer(engine, config: SpeculativeConfig):
@@ -173,13 +183,23 @@ def measure(llm, prompts, max_tokens: int, method: str, workload: str, plain: di
                 **verify_cost(llm, prompts[0], k, repeats))
 
 
-def record_oracle(llm, oracle, prompts, plain_outputs, max_tokens: int) -> None:
-    """Give the oracle the target's greedy continuations as verify steps compute them: a first speculative run
-    proposes the plain run's output (every step verifies, OracleProposer), and its own output is recorded."""
-    for prompt, out in zip(prompts, plain_outputs):
+def record_oracle(llm, oracle, prompts, plain_outputs, max_tokens: int, rounds: int = 8) -> int:
+    """Give the oracle the target's greedy continuations as verify steps compute them. In bf16 a token scored in a
+    verify row and one decoded alone can differ at near-ties, so the continuation depends on where the steps fall:
+    speculative runs propose the previous run's output (the plain run's first) until a run gives back what it was
+    proposed, each run agreeing with the one before at least up to its first rejection. Returns the runs taken."""
+    proposed = plain_outputs
+    for done in range(1, rounds + 1):
+        for prompt, out in zip(prompts, proposed):
+            oracle.remember(prompt, out)
+        outputs = run_batch1(llm, prompts, max_tokens)[0]
+        if outputs == proposed:
+            return done
+        proposed = outputs
+    for prompt, out in zip(prompts, proposed):
         oracle.remember(prompt, out)
-    for prompt, out in zip(prompts, run_batch1(llm, prompts, max_tokens)[0]):
-        oracle.remember(prompt, out)
+    log.warning("the oracle's continuation had not settled after %d speculative runs", rounds)
+    return rounds
 
 
 def plain_run(llm, prompts, max_tokens: int) -> dict:
@@ -215,10 +235,12 @@ def bench(cfg, methods, k: int, max_tokens: int, num_prompts: int | None, draft_
         report(f"plain: {plain['tok_s']:.1f} tok/s")
         for method in [m for m in methods if m != "draft_model"]:
             spec = use_proposer(llm.engine, replace(base, method=method))
-            if method == "oracle":
-                record_oracle(llm, spec.proposer, prompts, plain["outputs"], max_tokens)
+            oracle_runs = (record_oracle(llm, spec.proposer, prompts, plain["outputs"], max_tokens)
+                           if method == "oracle" else None)
             workload = "oracle" if method == "oracle" else "grounded"
             rows.append(measure(llm, prompts, max_tokens, method, workload, plain, model, gpu, repeats))
+            if oracle_runs:
+                rows[-1]["oracle_runs"] = oracle_runs
             report(describe(rows[-1]))
     finally:
         presets.release(llm)

@@ -33,6 +33,7 @@ def test_rows(spec_run):
         assert {"model", "method", "workload", "speedup", "gpu"} <= set(row) and row["identical"]
         assert row["plain_tok_s"] > 0 and row["spec_tok_s"] > 0 and row["verify_cost"] > 0
         assert row["verify_gpu_ms"] is None and row["decode_gpu_ms"] is None  # kernel time: on a GPU only
+        assert row["verify_kernels"] == row["decode_kernels"] == {}
     assert rows["oracle"]["workload"] == "oracle" and rows["ngram"]["workload"] == "grounded"
     # every oracle draft is kept: k + 1 tokens per verify step but the last (cut short by max_tokens)
     assert rows["oracle"]["acceptance_rate"] == 1.0 and rows["oracle"]["mean_accepted_length"] >= 4
@@ -44,3 +45,26 @@ def test_baseline_folds_rows(spec_run):
     assert len(merged["speculative"]) == 2
     again = baseline.merge(merged, spec_run)
     assert len(again["speculative"]) == 2 and again["speculative"][0]["git_sha"] == spec_run["git_sha"]
+
+
+def test_oracle_reruns_until_its_continuation_settles(monkeypatch):
+    """Each speculative run agrees with the continuation it was proposed up to a later point than the run before
+    (a stand-in for bf16 near-ties that fall with the steps): the oracle keeps the run that gave back its input."""
+    from nanovllm.bench import spec
+    from nanovllm.engine.spec.oracle import OracleProposer
+
+    settled = [5, 6, 7, 8]
+    runs = []
+
+    def run_batch1(llm, prompts, max_tokens):
+        proposed = oracle.continuations[tuple(prompts[0])]
+        agree = next((i for i, (a, b) in enumerate(zip(proposed, settled)) if a != b), len(settled))
+        runs.append(agree)
+        return [settled[:agree + 1] + [0] * (len(settled) - agree - 1)], 0.0, {}
+
+    monkeypatch.setattr(spec, "run_batch1", run_batch1)
+    oracle = OracleProposer.__new__(OracleProposer)
+    oracle.continuations = {}
+    assert spec.record_oracle(None, oracle, [[1, 2]], [[9, 9, 9, 9]], 4) == 5
+    assert oracle.continuations[(1, 2)] == settled and runs == [0, 1, 2, 3, 4]
+    assert spec.record_oracle(None, oracle, [[1, 2]], [[9, 9, 9, 9]], 4, rounds=2) == 2  # gives up, warns
