@@ -157,18 +157,17 @@ def kernel_ms(step, repeats: int, top: int = 12) -> tuple[float | None, dict]:
 
 
 def use_proposer(engine, config: SpeculativeConfig):
-    """Switch the engine's speculator to a proposer without a model (ngram, oracle), totals reset."""
+    """Switch the engine to a speculator with a proposer without a model (ngram, oracle), totals reset. A new
+    Speculator, not a new proposer in the old one: its verify graphs are captured for its proposer (a device
+    proposer's lookup runs inside them)."""
     from nanovllm.engine.spec import make_proposer
-    from nanovllm.engine.spec.speculator import SpecTotals, Speculator
+    from nanovllm.engine.spec.speculator import Speculator
 
-    spec = engine.speculator
     engine.config.speculative_config = config
-    if spec is None:
-        spec = engine.speculator = Speculator(engine, make_proposer(config, engine))
-    else:
-        spec.proposer = make_proposer(config, engine)
-        spec.totals = SpecTotals(accepted_per_position=[0] * spec.k)
-    return spec
+    if engine.speculator is not None:
+        engine.speculator.close()
+    engine.speculator = Speculator(engine, make_proposer(config, engine))
+    return engine.speculator
 
 
 def measure(llm, prompts, max_tokens: int, method: str, workload: str, plain: dict, model: str, gpu: str,

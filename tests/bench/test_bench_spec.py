@@ -68,3 +68,21 @@ def test_oracle_reruns_until_its_continuation_settles(monkeypatch):
     assert spec.record_oracle(None, oracle, [[1, 2]], [[9, 9, 9, 9]], 4) == 5
     assert oracle.continuations[(1, 2)] == settled and runs == [0, 1, 2, 3, 4]
     assert spec.record_oracle(None, oracle, [[1, 2]], [[9, 9, 9, 9]], 4, rounds=2) == 2  # gives up, warns
+
+
+def test_switching_proposer_drops_graphs_captured_for_the_old_one(tiny_model):
+    """The oracle after n-gram: verify graphs captured with the n-gram's device lookup must not draft its steps."""
+    from nanovllm import LLM
+    from nanovllm.bench.spec import use_proposer
+    from nanovllm.config import SpeculativeConfig
+    from nanovllm.engine.spec.verify import VerifyGraphs
+
+    config = SpeculativeConfig(method="ngram", num_speculative_tokens=3, max_batch_size=1)
+    with LLM(str(tiny_model), device="cpu", max_model_len=64, speculative_config=vars(config)) as llm:
+        old = llm.engine.speculator
+        old.graphs = VerifyGraphs(llm.engine.runner, old.k, 1, capture_graphs=False, proposer=old.proposer)
+        assert old.graphs.propose is not None
+        spec = use_proposer(llm.engine, SpeculativeConfig(method="oracle", num_speculative_tokens=3,
+                                                          max_batch_size=1))
+        assert llm.engine.speculator is spec and type(spec.proposer).__name__ == "OracleProposer"
+        assert spec.graphs is None or spec.graphs.propose is None
