@@ -180,3 +180,21 @@ def test_weight_report(hf_model):
     assert stats["num_params"] == sum(p.numel() for p in hf_model.parameters())
     line = weights_line(stats, spec.describe())
     assert "int4 (group 32, symmetric): 8 matrices" in line and "unquantized" in line
+
+
+def test_cpu_linear_keeps_the_dense_weight_until_the_quantized_one_changes():
+    """The CPU's native linear dequantizes once, not per call; a weight changed in place, or replaced, is
+    dequantized again, and the output always equals dequantize-then-matmul."""
+    torch.manual_seed(0)
+    w = quantize(torch.randn(24, 40), "int4", group_size=8, symmetric=False)
+    x = torch.randn(3, 40)
+    want = lambda: x @ w.dequantize(torch.float32).T  # noqa: E731
+    y = w.linear(x)
+    dense = w._dense[1]
+    assert torch.equal(y, want()) and w.linear(x) is not y and w._dense[1] is dense  # kept
+    w.scale.mul_(2)  # in place: its version moves on
+    assert torch.equal(w.linear(x), want()) and w._dense[1] is not dense
+    dense = w._dense[1]
+    w.qweight = w.qweight.clone().bitwise_xor_(0x11)  # a new tensor (version 0 again)
+    assert torch.equal(w.linear(x), want()) and w._dense[1] is not dense
+    assert w.linear(x.double()).dtype == torch.float64  # one dense weight per dtype asked for
