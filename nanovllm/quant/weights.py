@@ -15,9 +15,9 @@ Scales and offsets are float32 or the compute dtype; kernels read them as float3
 checkpoints) is the input permutation the columns were stored in: y = x[..., perm] @ W.T, where W is the
 stored matrix. The dense reference of each op (`dequantize`, `linear`) is the semantics every kernel matches.
 
-On the CPU, `linear` keeps each weight's dense form after its first use (until its quantized tensors change in
-place): dequantized at every call, a CPU decode step was mostly dequantization (SmolLM2-135M from its Q4_1 GGUF:
-1.6 tok/s). The CPU path is the reference and the test bed, so it trades the memory of a dense copy for that.
+On the CPU, `linear` keeps each weight's dense form after its first use, until its quantized tensors change or
+are replaced: dequantized at every call, a CPU decode step was mostly dequantization (SmolLM2-135M from its Q4_1
+GGUF). The CPU path is the reference and the test bed, so it trades the memory of a dense copy for that.
 """
 
 from __future__ import annotations
