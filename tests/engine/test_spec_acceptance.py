@@ -1,6 +1,7 @@
 """Acceptance and speed-up of n-gram speculation on the input-grounded workload (benchmarks/data), in CI size:
-the tiny random model on the CPU (fast), and SmolLM2-135M's real weights (slow: its answers copy their
-prompts, so prompt lookup drafts what it writes). Greedy output identical to plain decoding throughout."""
+the tiny random model on the CPU, and SmolLM2-135M's real weights (its answers copy their prompts, so prompt
+lookup drafts what it writes; slow: about two minutes on two cores, mostly the 32 prompts' prefills). Greedy
+output identical to plain decoding throughout."""
 
 from __future__ import annotations
 
@@ -54,33 +55,46 @@ def chat_prompts(llm, n: int) -> list[str]:
             for p in load_prompts(limit=n)]
 
 
-@pytest.mark.slow
-def test_smollm2_greedy_identical_and_faster(smollm2):
-    """32 prompts (the 24 grounded ones and 8 again, batched), n-gram and the model as its own draft, against
-    plain decoding; and batch-1 n-gram on grounded prompts accepts more than one token per step."""
-    engine = dict(dtype="float32", max_model_len=1024, num_kvcache_blocks=2200, max_num_seqs=32)
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    with LLM(smollm2, speculative_config={**NGRAM, "max_batch_size": 32}, **engine) as llm:
+ENGINE = dict(dtype="float32", max_model_len=1024, num_kvcache_blocks=2200, max_num_seqs=32)
+SHORT = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2_plain(smollm2):
+    """32 chat prompts (the 24 grounded ones and 8 again, batched) and their plain greedy outputs."""
+    with LLM(smollm2, **ENGINE) as llm:
         texts = chat_prompts(llm, 24)
         prompts = texts + texts[:8]
-        spec_out, _ = timed_generate(llm, prompts, params)
+        return prompts, timed_generate(llm, prompts, SHORT)[0]
+
+
+@pytest.mark.slow
+def test_smollm2_ngram_greedy_identical_and_faster(smollm2, smollm2_plain):
+    """n-gram on the 32 prompts gives plain decoding's output; at batch 1, the regime speculation is for, it
+    accepts more than one token per step."""
+    prompts, plain_out = smollm2_plain
+    with LLM(smollm2, speculative_config={**NGRAM, "max_batch_size": 32}, **ENGINE) as llm:
+        assert timed_generate(llm, prompts, SHORT)[0] == plain_out
         ngram = llm.engine.speculator
-        llm.engine.speculator = None
-        plain_out, _ = timed_generate(llm, prompts, params)
-        assert spec_out == plain_out
         assert ngram.totals.mean_accepted_length > 1
-        # batch 1: the regime speculation is for
         one = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-        plain_s = sum(timed_generate(llm, [p], one)[1] for p in texts[:4])
+        llm.engine.speculator = None
+        plain_s = sum(timed_generate(llm, [p], one)[1] for p in prompts[:3])
         llm.engine.speculator = ngram
         before = ngram.totals.num_drafts, ngram.totals.num_accepted_tokens
-        spec_s = sum(timed_generate(llm, [p], one)[1] for p in texts[:4])
+        spec_s = sum(timed_generate(llm, [p], one)[1] for p in prompts[:3])
         drafts, kept = ngram.totals.num_drafts - before[0], ngram.totals.num_accepted_tokens - before[1]
         print(f"\nSmolLM2-135M batch 1, n-gram k=4: accepted length {1 + kept / max(drafts, 1):.2f}, "
               f"speed-up {plain_s / spec_s:.2f}x")
         assert 1 + kept / max(drafts, 1) > 1
+
+
+@pytest.mark.slow
+def test_smollm2_draft_model_greedy_identical(smollm2, smollm2_plain):
+    """The model as its own draft on the 32 prompts: plain decoding's output, every draft kept."""
+    prompts, plain_out = smollm2_plain
     draft = {"method": "draft_model", "model": smollm2, "num_speculative_tokens": 3, "max_batch_size": 32}
-    with LLM(smollm2, speculative_config=draft, **engine) as llm:
-        assert timed_generate(llm, prompts, params)[0] == plain_out
+    with LLM(smollm2, speculative_config=draft, **ENGINE) as llm:
+        assert timed_generate(llm, prompts, SHORT)[0] == plain_out
         totals = llm.engine.speculator.totals
         assert totals.num_accepted_tokens == totals.num_draft_tokens > 0
