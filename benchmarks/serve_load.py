@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -69,6 +70,8 @@ def parse_args(argv=None):
         p.error("--concurrency, --requests and --max-tokens must be >= 1")
     if not 0 <= args.constrained_fraction <= 1:
         p.error("--constrained-fraction must be between 0 and 1")
+    if args.spawn and args.constrained_fraction > 0 and importlib.util.find_spec("xgrammar") is None:
+        p.error("--constrained-fraction: the server's JSON-schema outputs need xgrammar (pip install xgrammar)")
     return args
 
 

@@ -95,6 +95,21 @@ def test_spawned_server_load_benchmark(tiny_model, tmp_path):
     assert "throughput" in p.stdout and "TTFT" in p.stdout
 
 
+def test_load_benchmark_refuses_constrained_requests_without_xgrammar(monkeypatch, capsys):
+    """--spawn with constrained requests checks for xgrammar before starting a server whose JSON-schema outputs
+    would all fail."""
+    import importlib.util
+
+    parse_args = runpy.run_path(str(ROOT / "benchmarks" / "serve_load.py"))["parse_args"]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "xgrammar" else find_spec(name, *a))
+    with pytest.raises(SystemExit):
+        parse_args(["--spawn", "--constrained-fraction", "0.1"])
+    assert "xgrammar" in capsys.readouterr().err
+    assert parse_args(["--spawn"]).constrained_fraction == 0
+
+
 @pytest.fixture(scope="module")
 def example_server(tiny_model):
     """Served as `python -m nanovllm.serve model=tiny` serves it: under the name "tiny", no API key."""
