@@ -403,19 +403,26 @@ def split_counters(like: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tens
     return counters
 
 
+def split_reduction(cfg, partial: bool, x: torch.Tensor, grid) -> tuple[bool, bool, torch.Tensor | None]:
+    """How a launch's split-K partials are reduced, when the caller does not take them (`partial`): (summed by the
+    sum kernel after it, SERIAL: in the launch, the tile counters SERIAL counts on)."""
+    split = cfg.SPLIT_K > 1 and not partial
+    serial = split and cfg.SERIAL
+    return split and not serial, serial, split_counters(x, grid) if serial else None
+
+
 def launch_gemv(x, w, out, cfg, bias=None, residual=None, norm_w=None, eps=0.0, partial=False, ws=None):
     """out = epilogue(x @ w.T) (or fp32 partials into `out` if partial). ws: (SPLIT_K, M, N) fp32 when split."""
     (m, k), n = x.shape, w.shape[0]
     bm, sk = tuning.block_m(m), cfg.SPLIT_K
     check_config(cfg, m)
     grid = (triton.cdiv(n, cfg.BLOCK_N), sk, triton.cdiv(m, bm))
-    serial = sk > 1 and not partial and cfg.SERIAL
-    summed = sk > 1 and not partial and not serial
+    summed, serial, counters = split_reduction(cfg, partial, x, grid)
     res_stride = residual.stride(0) if residual is not None else 0
     use_pdl = pdl(x, w)
     wrap_triton(_gemv_kernel)[grid](
-        x, w, ws if summed else out, ws, split_counters(x, grid) if serial else None, bias, residual, norm_w, m, n, k,
-        x.stride(0), w.stride(0), out.stride(0), res_stride, eps, HAS_BIAS=bias is not None,
+        x, w, ws if summed else out, ws, counters, bias, residual, norm_w, m, n, k, x.stride(0), w.stride(0),
+        out.stride(0), res_stride, eps, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, HAS_NORM=norm_w is not None, PARTIAL=partial or summed, SERIAL=serial,
         SPLIT_K=sk, EVEN_K=k % (sk * cfg.BLOCK_K) == 0, ONE_TILE=one_tile(k, cfg), BLOCK_M=bm, DOT_F32=dot_f32(x),
         PDL=use_pdl, PREFETCH=prefetch(use_pdl, w, norm_w), **cfg.meta(), **launch_opts(use_pdl))

@@ -439,14 +439,12 @@ def launch_qgemv(x, qw: QW, out, cfg, bias=None, residual=None, norm_w=None, eps
     bm, sk = rows_per_program(m), cfg.SPLIT_K
     check_qconfig(cfg, m, qw)
     grid = (triton.cdiv(n, cfg.BLOCK_N), sk, triton.cdiv(m, bm))
-    serial = sk > 1 and not partial and cfg.SERIAL
-    summed = sk > 1 and not partial and not serial
+    summed, serial, counters = core.split_reduction(cfg, partial, x, grid)
     res_stride = residual.stride(0) if residual is not None else 0
     use_pdl = core.pdl(x, qw.qweight)
     q, kb = stored(qw, m)
     wrap_triton(_qgemv_kernel)[grid](
-        x, q, qw.scale, qw.offset, qw.perm, ws if summed else out, ws, core.split_counters(x, grid) if serial else None,
-        bias, residual, norm_w, m, n, k, kb,
+        x, q, qw.scale, qw.offset, qw.perm, ws if summed else out, ws, counters, bias, residual, norm_w, m, n, k, kb,
         qw.group, x.stride(0), q.stride(0), qw.scale.stride(0), out.stride(0), res_stride, eps,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_NORM=norm_w is not None,
         PARTIAL=partial or summed, SERIAL=serial, SPLIT_K=sk, ONE_TILE=core.one_tile(k, cfg), BLOCK_M=bm,
