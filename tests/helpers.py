@@ -1,6 +1,6 @@
 """Helpers shared by every test area: the repository's root, the tiny Qwen3 shape and how its checkpoints are
 drawn, the environment a test gives the project's entry points when it runs them in a subprocess, and the
-subprocess that runs Triton kernel tests under the interpreter."""
+subprocess that runs Triton kernel tests under the interpreter, and Triton's compile for Hopper without a GPU."""
 
 from __future__ import annotations
 
@@ -68,3 +68,30 @@ def marked_tests(namespace: dict, mark) -> list[str]:
     """The names of the test functions in `namespace` (a test module's globals()) that carry `mark`."""
     return [name for name, fn in namespace.items()
             if name.startswith("test_") and mark in getattr(fn, "pytestmark", [])]
+
+
+def compile_for_hopper(kernel, const: dict, pointers: dict[str, str], num_warps: int = 4):
+    """`kernel` (a @triton.jit function) compiled to sm_90 machine code with the constexprs `const`: every other
+    `*_ptr` argument a 16-byte aligned pointer (as the JIT specializes them) of the type `pointers` names (bf16
+    when unnamed), `eps` an fp32 scalar, the rest int32. The interpreter runs any Python; the GPU compiler is
+    stricter (constexpr control flow, layouts, vector loads). Skips the test when no sm_90 compiler is here."""
+    import pytest
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in const:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name], attrs[(i,)] = pointers.get(name, "*bf16"), [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    try:
+        return triton.compile(ASTSource(kernel, signature, constexprs=const, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=3))
+    except (RuntimeError, FileNotFoundError) as e:
+        if "ptxas" in str(e) or "backend" in str(e).lower():
+            pytest.skip(f"no sm_90 compiler here: {e}")
+        raise

@@ -99,6 +99,13 @@ def load_rows(r_ptr, stride_rm, offs_m, offs_n, M, N):
 
 
 @triton.jit
+def load_weight_tile(w_ptrs, k, k_hi, offs_k, mask_n):
+    """The (BLOCK_N, BLOCK_K) weight tile at column k, zeros past k_hi or outside the rows."""
+    mask = mask_n[:, None] & ((k + offs_k) < k_hi)[None, :]
+    return tl.load(w_ptrs + k, mask=mask, other=0.0, eviction_policy=WEIGHTS_POLICY)
+
+
+@triton.jit
 def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, r_ptr, stride_rm, M, N, K, k_lo, k_hi, eps, pid_m, pid_n,
               HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
@@ -117,7 +124,8 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, r_ptr, stride_rm, M, N
     One row: ONE_TILE (k_hi - k_lo <= BLOCK_K) loads the weights once and reduces them at once, holding
     nothing but the tile, so more programs stay resident and prefetch during the kernel before; otherwise
     the weight tiles are double-buffered (the next tile's loads in flight during the FMAs) into a
-    (BLOCK_N, BLOCK_K) accumulator. More rows leave the pipelining of the tl.dot operands to Triton.
+    (BLOCK_N, BLOCK_K) accumulator. More rows (tl.dot) leave the pipelining of the operands to Triton, except
+    with PREFETCH: the first weight tile is loaded before the wait, and each next one a step ahead of its dot.
     HAS_RES loads the residual (the epilogue's) right after the wait, with x: loaded after the reduction it
     would be a second round trip after the wait (a cross-warp reduction's barriers keep ptxas from hoisting
     it), on the critical path of the decode chain."""
@@ -170,6 +178,9 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, r_ptr, stride_rm, M, N
     else:
         if PDL:
             gdc_launch_dependents()
+        if PREFETCH:  # the first weight tile before the wait; then each tile's loads go out one step ahead
+            w = load_weight_tile(w_ptrs, k_lo, k_hi, offs_k, mask_n)
+        if PDL:
             gdc_wait()
         if HAS_RES:
             r = load_rows(r_ptr, stride_rm, offs_m, offs_n, M, N)
@@ -183,12 +194,16 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, r_ptr, stride_rm, M, N
                 xf = x.to(tl.float32)
                 ss += xf * xf
                 x = (xf * nw[None, :]).to(x.dtype)
-            if EVEN_K:
-                w = tl.load(w_ptrs + k, mask=mask_n[:, None], other=0.0, eviction_policy=WEIGHTS_POLICY)
+            if PREFETCH:
+                w_next = load_weight_tile(w_ptrs, k + BLOCK_K, k_hi, offs_k, mask_n)  # all masked on the last step
+                acc = dot_acc(acc, x, w, DOT_F32)
+                w = w_next
             else:
-                w = tl.load(w_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0,
-                            eviction_policy=WEIGHTS_POLICY)
-            acc = dot_acc(acc, x, w, DOT_F32)
+                if EVEN_K:
+                    w = tl.load(w_ptrs + k, mask=mask_n[:, None], other=0.0, eviction_policy=WEIGHTS_POLICY)
+                else:
+                    w = load_weight_tile(w_ptrs, k, k_hi, offs_k, mask_n)
+                acc = dot_acc(acc, x, w, DOT_F32)
         out = acc
         if HAS_NORM:
             out = out * tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]

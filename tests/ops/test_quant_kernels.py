@@ -21,7 +21,7 @@ from nanovllm.ops.meta import build_metadata
 from nanovllm.ops.sites import AttentionSettings, LayerWeights
 from nanovllm.quant.rtn import quantize
 from nanovllm.quant.weights import FORMATS, QuantizedWeight
-from tests.helpers import marked_tests, run_under_the_interpreter
+from tests.helpers import compile_for_hopper, marked_tests, run_under_the_interpreter
 
 pytest.importorskip("triton")
 
@@ -310,15 +310,9 @@ HOPPER_VARIANTS = {  # name: (FORMAT, HAS_OFFSET, HAS_PERM, SCALE_LAST, SUB, BLO
 
 @pytest.mark.parametrize("variant", HOPPER_VARIANTS)
 def test_kernels_compile_for_hopper(variant):
-    """The interpreter runs any Python; the GPU compiler is stricter (constexpr control flow, layouts, vector
-    loads). Each variant compiles to sm_90 machine code here, its pointers 16-byte aligned as the JIT specializes
-    them; a compiler that cannot target sm_90 without a GPU skips."""
+    """Each variant compiles to sm_90 machine code (compile_for_hopper)."""
     if INTERPRETED:
         pytest.skip("interpreted kernels do not compile")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     load_plugins()
     kernel = sys.modules["nanovllm_plugins.triton._quant_core"]._qgemv_kernel
     fmt, offset, perm, scale_last, sub, bm, bn, bk, warps, extra = HOPPER_VARIANTS[variant]
@@ -327,19 +321,5 @@ def test_kernels_compile_for_hopper(variant):
                     BLOCK_K=bk, DOT_F32=False, PDL=True, PREFETCH=True), **extra}
     pointers = dict(w_ptr={1: "*i8", 3: "*i32"}.get(fmt, "*u8"), s_ptr="*fp32", o_ptr="*fp32", perm_ptr="*i64",
                     y_ptr="*fp32" if const["PARTIAL"] else "*bf16")
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in const:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name], attrs[(i,)] = pointers.get(name, "*bf16"), [["tt.divisibility", 16]]
-        else:
-            signature[name] = "fp32" if name == "eps" else "i32"
-    try:
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs=const, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
-    except (RuntimeError, FileNotFoundError) as e:
-        if "ptxas" in str(e) or "backend" in str(e).lower():
-            pytest.skip(f"no sm_90 compiler here: {e}")
-        raise
+    compiled = compile_for_hopper(kernel, const, pointers, warps)
     assert compiled.asm["cubin"]

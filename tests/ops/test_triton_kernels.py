@@ -23,7 +23,7 @@ from nanovllm.ops import MODEL_SCOPE, Target, get_op, load_plugins, native_site,
 from nanovllm.ops.meta import build_metadata
 from nanovllm.ops.sites import AttentionSettings, LayerWeights
 from nanovllm.ops.testing import verify_step
-from tests.helpers import ROOT, marked_tests, run_under_the_interpreter
+from tests.helpers import ROOT, compile_for_hopper, marked_tests, run_under_the_interpreter
 
 pytest.importorskip("triton")
 
@@ -42,7 +42,8 @@ INTERPRETER_RUNS = {
                     "test_verify_accept", "test_pipelined_verify_steps_through_the_kernels", "test_qk_norm_rope",
                     "test_attention_decode", "test_rope_decode_attention_on_verify_rows",
                     "test_every_triton_backend_resolves_on_the_interpreter"),
-    "gemv": ("test_linear", "test_norm_qkv", "test_attn_out", "test_lm_head_sample"),
+    "gemv": ("test_linear", "test_linear_with_weights_read_before_the_wait", "test_norm_qkv", "test_attn_out",
+             "test_lm_head_sample"),
     "mlp": ("test_mlp", "test_rope_decode_attention"),
     "layer": ("test_decode_layer", "test_decode_layer_on_verify_rows",
               "test_interleaved_layout_is_applied_once_where_resolved",
@@ -61,6 +62,23 @@ def test_kernels_under_the_interpreter(run):
 def test_interpreter_runs_hold_every_inner_test_once():
     runs = [name for names in INTERPRETER_RUNS.values() for name in names]
     assert sorted(runs) == sorted(marked_tests(globals(), inner.mark))
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("split", ["whole", "sum kernel", "in-launch", "norm"])
+def test_gemv_rows_compile_for_hopper(split, prefetch):
+    """The 2-16-row (tl.dot) GEMV compiles to sm_90 machine code with and without its weight prefetch before the
+    PDL wait, K whole, split for the sum kernel (uneven K) or reduced in the launch, and with the norm inside."""
+    if INTERPRETED:
+        pytest.skip("interpreted kernels do not compile")
+    load_plugins()
+    kernel = sys.modules["nanovllm_plugins.triton._gemv_core"]._gemv_kernel
+    const = dict(HAS_BIAS=True, HAS_RES=True, HAS_NORM=split == "norm", PARTIAL=split == "sum kernel",
+                 SERIAL=split == "in-launch", SPLIT_K=1 if split in ("whole", "norm") else 2,
+                 EVEN_K=split != "sum kernel", ONE_TILE=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, DOT_F32=False,
+                 PDL=True, PREFETCH=prefetch)
+    pointers = dict(y_ptr="*fp32" if const["PARTIAL"] else "*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
+    assert compile_for_hopper(kernel, const, pointers).asm["cubin"]
 
 
 def test_shipped_tables_hold_valid_configs():
@@ -157,6 +175,20 @@ def test_linear(core, dtype, rows, cfg, bias):
     with config(core, cfg):
         got = triton_impl("linear")(x, w, b)
     torch.testing.assert_close(got, get_op("linear").native(x, w, b), **TOL[dtype])
+
+
+@inner
+@pytest.mark.parametrize("rows,cfg", [(1, (16, 32, 2)), (1, (16, 128, 1)), (3, (16, 32, 1)), (3, (16, 32, 3)),
+                                      (3, (16, 32, 3, 4, 1, True))])
+def test_linear_with_weights_read_before_the_wait(core, rows, cfg, monkeypatch):
+    """The prefetching path (Parameters under PDL on sm90+, so never taken by the interpreter by itself): the
+    first weight tile loaded ahead, then one tile ahead of the dot; K in several tiles, uneven splits."""
+    monkeypatch.setattr(core, "prefetch", lambda use_pdl, *weights: True)
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 71), weight(37, 71, dtype=torch.float32)
+    with config(core, cfg):
+        got = triton_impl("linear")(x, w, None)
+    torch.testing.assert_close(got, get_op("linear").native(x, w, None), **TOL[torch.float32])
 
 
 @inner
