@@ -3,7 +3,8 @@ batch of greedy requests plain, then with every `1 / fraction`-th request given 
 penalties (`penalties`), a JSON-schema output (`grammar`) or both (`both`, what `serve_load.py
 --constrained-fraction` sends). Each kind runs once to warm up (graph captures, kernel compiles, the grammar's
 compile), then the kinds take turns `--repeat` times; the median output tok/s of each and its loss against
-plain are printed, and written as JSON with --out.
+plain are printed, and written as JSON with --out. `--profile DIR` then runs each kind once more under
+torch.profiler: DIR gets its trace (chrome://tracing, Perfetto) and a table of the ops by host and device time.
 
     python benchmarks/constrained_decode.py [--num-prompts 32 --max-tokens 128 --fraction 0.1 --repeat 3]
 
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each kind, taking turns")
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace and table per kind here")
     args = p.parse_args(argv)
     args.kinds = args.kinds.split(",")
     if unknown := [k for k in args.kinds if k not in KINDS]:
@@ -69,6 +71,24 @@ def run(llm, kind: str, args) -> float:
     return sum(len(o["token_ids"]) for o in outputs) / (time.perf_counter() - start)
 
 
+def profile(llm, kind: str, args) -> None:
+    """One run of `kind` under torch.profiler: args.profile / f"{kind}.json" (the trace) and f"{kind}.txt" (the
+    ops by self host time, then by device time)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    args.profile.mkdir(parents=True, exist_ok=True)
+    with torch.profiler.profile(activities=activities) as prof:
+        run(llm, kind, args)
+    prof.export_chrome_trace(str(args.profile / f"{kind}.json"))
+    ops = prof.key_averages()
+    tables = [ops.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80)]
+    if torch.cuda.is_available():
+        tables.append(ops.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=80))
+    (args.profile / f"{kind}.txt").write_text("\n\n".join(tables))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from nanovllm import LLM
@@ -81,6 +101,9 @@ def main(argv=None) -> dict:
         for _ in range(args.repeat):
             for kind in args.kinds:
                 timed[kind].append(run(llm, kind, args))
+        if args.profile:
+            for kind in args.kinds:
+                profile(llm, kind, args)
     finally:
         llm.close()
     median = {kind: statistics.median(v) for kind, v in timed.items()}

@@ -6,7 +6,7 @@
 #   spec-8b     the same for the Qwen3-8B shape (oracle)
 #   quant       batch-1 decode at context 128, presets auto,fp8,int8,int4: Qwen3-8B and Qwen3-0.6B shapes
 #   load        the server under 32 streaming clients, plain, then 10% JSON-schema + penalty requests; the
-#               engine alone on the same mix (benchmarks/constrained_decode.py)
+#               engine alone on the same mix, with a profile of each kind (benchmarks/constrained_decode.py)
 # The Qwen3-8B random checkpoint (16 GB) is written on first use; `PARTS=ckpt` writes it alone (a few minutes).
 # Results (JSON) and logs go to $OUT (default ./bench-results/gpu_bars, git-ignored); the last lines of each log
 # are printed. Exit status: non-zero when a part failed.
@@ -47,7 +47,8 @@ for part in $PARTS; do
         run "load-$fraction" python benchmarks/serve_load.py --spawn -c 32 -n 256 --max-tokens 128 \
           --constrained-fraction "$fraction" --out "$OUT/load-$fraction.json"
       done
-      run constrained-decode python benchmarks/constrained_decode.py --out "$OUT/constrained-decode.json" ;;
+      run constrained-decode python benchmarks/constrained_decode.py --out "$OUT/constrained-decode.json" \
+        --profile "$OUT/constrained-profile" ;;
     *) echo "unknown part $part (ckpt, spec-small, spec-8b, quant, load)"; status=1 ;;
   esac
 done

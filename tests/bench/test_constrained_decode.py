@@ -1,5 +1,5 @@
 """benchmarks/constrained_decode.py on the CPU with the tiny model: which requests each kind changes, and a
-whole run's table and JSON."""
+whole run's table, JSON and profiles."""
 
 from __future__ import annotations
 
@@ -33,7 +33,10 @@ def test_bad_arguments_are_named(capsys):
 def test_a_run_prints_and_writes_each_kind(tmp_path, capsys):
     out = tmp_path / "r.json"
     result = SCRIPT["main"](["--model", "tiny", "--device", "cpu", "--num-prompts", "4", "--max-tokens", "4",
-                             "--fraction", "0.5", "--kinds", "plain,both", "--repeat", "1", "--out", str(out)])
+                             "--fraction", "0.5", "--kinds", "plain,both", "--repeat", "1", "--out", str(out),
+                             "--profile", str(tmp_path / "prof")])
     assert set(result["tok_s"]) == {"plain", "both"} and all(v > 0 for v in result["tok_s"].values())
     assert json.loads(out.read_text())["config"]["fraction"] == 0.5
     assert "both" in capsys.readouterr().out
+    assert json.loads((tmp_path / "prof" / "both.json").read_text())["traceEvents"]
+    assert "Self CPU" in (tmp_path / "prof" / "plain.txt").read_text()
