@@ -56,6 +56,9 @@ def weight_source(model_path: Path, hf_config, config, readers=None) -> WeightSo
 
     readers = readers if readers is not None else checkpoint_readers()
     method = readers.detect(model_path, hf_config)
+    if method == "gguf" and config.quantization is not None and model_path.is_dir() and any(
+            model_path.glob("*.safetensors")):
+        method = None  # a converted GGUF folder also holds the dequantized weights: those are quantized as asked
     if method is not None:
         if config.quantization is not None:
             raise ValueError(f"the checkpoint at {str(model_path)!r} is already quantized ({method}); "

@@ -201,6 +201,28 @@ def test_converted_folder_keeps_the_gguf_file(tmp_path):
         assert torch.equal(value, dense[name]), name
 
 
+def test_quantization_asked_of_a_converted_folder_quantizes_its_dequantized_weights(tmp_path):
+    """quantization=int8 on a converted GGUF folder rounds the dense conversion it holds (how the quality bars
+    compare formats on the real GGUF models); a folder with nothing but the GGUF file refuses, naming why."""
+    from safetensors.torch import save_file
+
+    from nanovllm.quant.source import weight_source
+
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    config = types.SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    write_file(folder / "model.gguf", {"blk.0.ffn_up.weight": (quantize(np.ones((64, 256), np.float32), T.Q8_0),
+                                                              T.Q8_0)})
+    asked = types.SimpleNamespace(quantization="int8", quantization_group_size=None, quantization_symmetric=True,
+                            quantization_skip=None, quantization_lm_head=False, quantization_calibrate=False)
+    with pytest.raises(ValueError, match=r"already quantized \(gguf\); leave quantization unset"):
+        weight_source(folder, config, asked)
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.ones(64, 256)}, str(folder / "model.safetensors"))
+    source = weight_source(folder, config, asked)
+    assert source.spec is not None and source.spec.method == "int8" and "gguf" not in source.description
+    assert weight_source(folder, config, types.SimpleNamespace(quantization=None)).description == "gguf checkpoint"
+
+
 @pytest.mark.slow
 def test_smollm2_native_equals_the_dequantizing_conversion():
     """The whole real llama file (Q/K permuted by llama.cpp): every tensor read natively dequantizes to exactly
