@@ -3,7 +3,7 @@ batch of greedy requests plain, then with every `1 / fraction`-th request given 
 penalties (`penalties`), a JSON-schema output (`grammar`) or both (`both`, what `serve_load.py
 --constrained-fraction` sends). Each kind runs once to warm up (graph captures, kernel compiles, the grammar's
 compile), then the kinds take turns `--repeat` times; the median output tok/s of each and its loss against
-plain are printed, and written as JSON with --out. `--profile DIR` then runs each kind once more under
+plain are printed, and written as JSON with --out. `--profile DIR` then runs each kind once more (32 tokens) under
 torch.profiler: DIR gets its trace (chrome://tracing, Perfetto) and a table of the ops by host and device time.
 
     python benchmarks/constrained_decode.py [--num-prompts 32 --max-tokens 128 --fraction 0.1 --repeat 3]
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 KINDS = ("plain", "penalties", "grammar", "both")
+PROFILED_TOKENS = 32
 # strings that can run to max_tokens, so constrained requests are as long as the others
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "notes": {"type": "string"}},
           "required": ["name", "notes"]}
@@ -72,15 +73,16 @@ def run(llm, kind: str, args) -> float:
 
 
 def profile(llm, kind: str, args) -> None:
-    """One run of `kind` under torch.profiler: args.profile / f"{kind}.json" (the trace) and f"{kind}.txt" (the
-    ops by self host time, then by device time)."""
+    """One run of `kind`, at most PROFILED_TOKENS new tokens (a trace of every step would be large), under
+    torch.profiler: args.profile / f"{kind}.json" (the trace) and f"{kind}.txt" (the ops by self host time, then
+    by device time)."""
     import torch
     from torch.profiler import ProfilerActivity
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     args.profile.mkdir(parents=True, exist_ok=True)
     with torch.profiler.profile(activities=activities) as prof:
-        run(llm, kind, args)
+        run(llm, kind, argparse.Namespace(**{**vars(args), "max_tokens": min(args.max_tokens, PROFILED_TOKENS)}))
     prof.export_chrome_trace(str(args.profile / f"{kind}.json"))
     ops = prof.key_averages()
     tables = [ops.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80)]
