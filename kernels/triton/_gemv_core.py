@@ -143,7 +143,7 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, r_ptr, stride_rm, M, N
         if PDL and not PREFETCH:
             gdc_wait()
         mask_k = (k_lo + offs_k) < k_hi  # the first (with ONE_TILE the only) tile's columns
-        w = tl.load(w_ptrs + k_lo, mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy=WEIGHTS_POLICY)
+        w = load_weight_tile(w_ptrs, k_lo, k_hi, offs_k, mask_n)
         if PDL and late:
             w = launch_dependents_after(w)
         if ONE_TILE and HAS_NORM:  # a per-layer weight: a DRAM miss, best issued before the wait too
@@ -168,8 +168,7 @@ def gemv_tile(x_ptr, stride_xm, w_ptr, stride_wn, nw_ptr, r_ptr, stride_rm, M, N
                     nw = tl.load(nw_ptr + k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                     ss += x * x
                     x = x * nw
-                nxt = mask_n[:, None] & ((k + BLOCK_K + offs_k) < k_hi)[None, :]  # all false on the last step
-                w_next = tl.load(w_ptrs + k + BLOCK_K, mask=nxt, other=0.0, eviction_policy=WEIGHTS_POLICY)
+                w_next = load_weight_tile(w_ptrs, k + BLOCK_K, k_hi, offs_k, mask_n)  # all masked on the last step
                 acc += w.to(tl.float32) * x[None, :]
                 w = w_next
             out = tl.sum(acc, axis=1)[None, :]
