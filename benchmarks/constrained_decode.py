@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import runpy
 import statistics
 import time
 from pathlib import Path
 
 KINDS = ("plain", "penalties", "grammar", "both")
 PROFILED_TOKENS = 32
-# strings that can run to max_tokens, so constrained requests are as long as the others
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "notes": {"type": "string"}},
-          "required": ["name", "notes"]}
+# the server load's mix: its JSON schema, its penalties and which requests get them
+LOAD = runpy.run_path(str(Path(__file__).with_name("serve_load.py")))
 
 
 def parse_args(argv=None):
@@ -46,16 +46,16 @@ def parse_args(argv=None):
 
 
 def sampling_params(kind: str, i: int, args):
-    """Request i's SamplingParams: changed when the running count of fraction * i steps up (an exact share)."""
+    """Request i's SamplingParams, changed as serve_load.py changes its constrained requests (an exact share)."""
     from nanovllm import SamplingParams
     from nanovllm.structured import StructuredOutput
 
-    changed = kind != "plain" and int((i + 1) * args.fraction) > int(i * args.fraction)
-    extra = {}
+    changed = kind != "plain" and LOAD["is_constrained"](i, args.fraction)
+    constrained, extra = LOAD["CONSTRAINED"], {}
     if changed and kind in ("penalties", "both"):
-        extra.update(presence_penalty=0.5, frequency_penalty=0.5)
+        extra.update({k: v for k, v in constrained.items() if k.endswith("_penalty")})
     if changed and kind in ("grammar", "both"):
-        extra.update(structured=StructuredOutput(json=SCHEMA))
+        extra.update(structured=StructuredOutput(json=constrained["structured_outputs"]["json"]))
     return SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, **extra)
 
 
